@@ -1,0 +1,60 @@
+"""Typed errors of medusa_jax.
+
+Every error a caller can cause is a subclass of :class:`MedusaError`, itself a
+``ValueError``, and its message names the field, tensor, file or request at
+fault together with what was expected and what came.
+"""
+
+from __future__ import annotations
+
+
+class MedusaError(ValueError):
+  """Base class of every error medusa_jax raises on bad input."""
+
+
+class ConfigError(MedusaError):
+  """A Medusa ``config.json`` (or dict) is missing a field or has a bad value."""
+
+
+class ArchitectureError(MedusaError):
+  """The requested head architecture cannot be built (e.g. V2 with L > 1)."""
+
+
+class WeightsError(MedusaError):
+  """Base class of adapter weight-file errors."""
+
+
+class WeightsNotFoundError(WeightsError):
+  """No weight file was found where one was expected."""
+
+
+class MissingTensorError(WeightsError):
+  """A tensor the heads need is absent from the weight files."""
+
+
+class TensorShapeError(WeightsError):
+  """A tensor has the wrong shape."""
+
+
+class CorruptWeightsError(WeightsError):
+  """A weight file is truncated, corrupt or unreadable."""
+
+
+class AdapterLoadError(MedusaError):
+  """An adapter violates the static/dynamic adapter loading rules."""
+
+
+class SegmentError(MedusaError):
+  """Bad segment layout or segmented-matmul arguments."""
+
+
+class RequestError(MedusaError):
+  """A generation request is malformed (empty prompt, bad ids, bad options)."""
+
+
+class ShardingError(MedusaError):
+  """A size does not divide the mesh axis it is sharded over."""
+
+
+class AssetError(MedusaError):
+  """A model or data package could not be fetched, verified or converted."""
