@@ -1,0 +1,1 @@
+"""Decoding: tree buffers, acceptance rules, the jitted decode step and the engine."""

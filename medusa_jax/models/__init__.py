@@ -1,0 +1,1 @@
+"""Base models: the Flax NNX Llama family, GGUF conversion and the tokenizer."""

@@ -1,0 +1,1 @@
+"""Medusa head training: data (ShareGPT, self-distillation) and the optax/orbax loop."""
