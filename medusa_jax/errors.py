@@ -36,8 +36,20 @@ class TensorShapeError(WeightsError):
   """A tensor has the wrong shape."""
 
 
+class TensorDtypeError(WeightsError):
+  """A tensor has a dtype the heads cannot use (e.g. an integer tensor)."""
+
+
 class CorruptWeightsError(WeightsError):
   """A weight file is truncated, corrupt or unreadable."""
+
+
+class NonFiniteWeightsError(CorruptWeightsError):
+  """A tensor holds NaN or infinite values."""
+
+
+class WeightsFormatError(WeightsError):
+  """A weight file has an unsupported format, or needs a package that is not installed."""
 
 
 class AdapterLoadError(MedusaError):

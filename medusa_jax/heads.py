@@ -100,6 +100,11 @@ def _dense(x: Array, w: Array) -> Array:
   return jnp.matmul(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
+def _add_bias(y: Array, b: Array) -> Array:
+  """y [..., M] float32 + b [M], broadcast explicitly (rank promotion may be off)."""
+  return y + b.astype(jnp.float32).reshape((1,) * (y.ndim - 1) + b.shape)
+
+
 def resblock_math(x: Array, w: Array, b: Array) -> Array:
   """``x + silu(x @ w + b)`` in f32, cast back to ``x.dtype``.
 
@@ -108,7 +113,7 @@ def resblock_math(x: Array, w: Array, b: Array) -> Array:
     w: [H, H] ([in, out]).
     b: [H].
   """
-  y = _dense(x, w) + b.astype(jnp.float32)
+  y = _add_bias(_dense(x, w), b)
   return (x.astype(jnp.float32) + jax.nn.silu(y)).astype(x.dtype)
 
 
@@ -159,6 +164,8 @@ class MedusaV1(nnx.Module):
   def __init__(self, hidden: int, vocab: int, num_heads: int, num_layers: int, *,
                rngs: nnx.Rngs, param_dtype=jnp.float32,
                shd: HeadsSharding = HeadsSharding()):
+    self.hidden = hidden
+    self.vocab = vocab
     self.num_heads = num_heads
     self.num_layers = num_layers
     self.heads = nnx.List([
@@ -220,7 +227,7 @@ class MedusaV2(nnx.Module):
     """
     n_rows, hidden = x.shape
     if segments is None:
-      y_NxM = _dense(x, self.kernel[...]) + self.bias[...].astype(jnp.float32)
+      y_NxM = _add_bias(_dense(x, self.kernel[...]), self.bias[...])
       x_NxnxH = x.astype(jnp.float32)[:, None, :]
       h_NxnxH = x_NxnxH + jax.nn.silu(y_NxM.reshape(n_rows, self.num_heads, hidden))
       return h_NxnxH.astype(x.dtype)
@@ -279,6 +286,15 @@ class MedusaModel(nnx.Module):
   @property
   def num_heads(self) -> int:
     return self.config.medusa_num_heads
+
+  @property
+  def hidden_size(self) -> int:
+    return self.medusa.hidden
+
+  @property
+  def vocab_size(self) -> int | None:
+    """V of the per-head output projections (V1); None for V2, which uses the base lm_head."""
+    return self.medusa.vocab if isinstance(self.medusa, MedusaV1) else None
 
   def __call__(self, x: Array, lm_head: LMHead, segments: HeadSegments | None = None
                ) -> tuple[Array, Array | None]:
