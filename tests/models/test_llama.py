@@ -1,0 +1,421 @@
+"""Tiny-config Llama against a float64 NumPy reference; cache, masks, jit, loading."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from medusa_jax.errors import (ConfigError, CorruptWeightsError, MissingTensorError,
+                               RequestError, TensorShapeError, WeightsNotFoundError)
+from medusa_jax.models.llama import KVCache, Llama, LlamaConfig, causal_mask, load_llama
+
+
+# ----------------------------------------------------------------- reference
+
+
+def _params_np(model: Llama) -> dict:
+  """The model's parameters as float64 NumPy, in HF names and [out, in] layout."""
+  cfg = model.cfg
+  p = {"embed": np.asarray(model.embed_tokens[...], np.float64),
+       "norm": np.asarray(model.norm.weight[...], np.float64), "layers": []}
+  for layer in model.layers:
+    a, m = layer.self_attn, layer.mlp
+    p["layers"].append({
+        "ln1": np.asarray(layer.input_layernorm.weight[...], np.float64),
+        "ln2": np.asarray(layer.post_attention_layernorm.weight[...], np.float64),
+        **{n: np.asarray(getattr(a, n).kernel[...], np.float64).T
+           for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+        **{n: np.asarray(getattr(m, n).kernel[...], np.float64).T
+           for n in ("gate_proj", "up_proj", "down_proj")},
+    })
+  p["lm_head"] = (p["embed"] if cfg.tie_word_embeddings
+                  else np.asarray(model.lm_head_kernel[...], np.float64).T)
+  return p
+
+
+def _ref_rms(x, w, eps):
+  return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w
+
+
+def _ref_rope(x, pos, theta):  # x [S, N, D], pos [S]
+  D = x.shape[-1]
+  inv = 1.0 / theta ** (np.arange(0, D, 2) / D)
+  f = pos[:, None].astype(np.float64) * inv[None]
+  cos, sin = np.cos(f)[:, None], np.sin(f)[:, None]
+  x1, x2 = x[..., :D // 2], x[..., D // 2:]
+  return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+def _ref_forward(p, cfg, tokens, positions, visible):
+  """One row, no cache: every token sees the tokens `visible[t]` marks.
+
+  tokens, positions: [S]; visible: [S, S] bool. Returns hidden [S, H], logits [S, V].
+  """
+  Q, G, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  x = p["embed"][tokens]
+  S = len(tokens)
+  for lp in p["layers"]:
+    h = _ref_rms(x, lp["ln1"], cfg.rms_norm_eps)
+    q = _ref_rope((h @ lp["q_proj"].T).reshape(S, Q, D), positions, cfg.rope_theta)
+    k = _ref_rope((h @ lp["k_proj"].T).reshape(S, G, D), positions, cfg.rope_theta)
+    v = (h @ lp["v_proj"].T).reshape(S, G, D)
+    out = np.zeros((S, Q, D))
+    for i in range(Q):
+      g = i // (Q // G)
+      s = q[:, i] @ k[:, g].T / np.sqrt(D)
+      s = np.where(visible, s, -np.inf)
+      s = np.exp(s - s.max(-1, keepdims=True))
+      out[:, i] = (s / s.sum(-1, keepdims=True)) @ v[:, g]
+    x = x + out.reshape(S, Q * D) @ lp["o_proj"].T
+    h = _ref_rms(x, lp["ln2"], cfg.rms_norm_eps)
+    gate = h @ lp["gate_proj"].T
+    x = x + ((gate / (1 + np.exp(-gate))) * (h @ lp["up_proj"].T)) @ lp["down_proj"].T
+  h = _ref_rms(x, p["norm"], cfg.rms_norm_eps)
+  return h, h @ p["lm_head"].T
+
+
+def _randomize(model: Llama, seed: int, scale: float = 0.3):
+  """Replaces every parameter (norm weights included) by fresh random values."""
+  rng = np.random.default_rng(seed)
+  _, state = nnx.split(model)
+  for path, var in nnx.to_flat_state(state):
+    shape = var[...].shape
+    if path[-1] == "weight":  # norm weights: around 1, never exactly 1
+      new = 1.0 + 0.2 * rng.standard_normal(shape)
+    else:
+      new = scale * rng.standard_normal(shape)
+    var[...] = jnp.asarray(new, var[...].dtype)
+  nnx.update(model, state)
+  return model
+
+
+def _model(seed=0, **overrides) -> Llama:
+  cfg = LlamaConfig.tiny(**overrides)
+  return _randomize(Llama(cfg, rngs=nnx.Rngs(seed)), seed + 100)
+
+
+# ----------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_prefill_then_decode_matches_reference(tied, use_jit):
+  model = _model(seed=1, tie_word_embeddings=tied)
+  cfg = model.cfg
+  rng = np.random.default_rng(2)
+  B, P, L, steps = 3, 7, 16, 4
+  lengths = np.array([7, 4, 5])  # left-aligned prompts of different lengths
+  tokens = rng.integers(0, cfg.vocab_size, (B, P + steps))
+
+  def fwd(model, tok, pos, cache, idx, mask):
+    return model(tok, pos, cache, idx, mask)
+  call = nnx.jit(fwd) if use_jit else fwd
+
+  cache = KVCache.init(cfg, B, L)
+  idx = jnp.zeros((B,), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+  h, cache = call(model, jnp.asarray(tokens[:, :P], jnp.int32), pos, cache, idx,
+                  causal_mask(idx, P, L))
+  p = _params_np(model)
+  for b in range(B):
+    n = lengths[b]
+    ref_h, _ = _ref_forward(p, cfg, tokens[b, :n], np.arange(n), np.tril(np.ones((n, n), bool)))
+    np.testing.assert_allclose(np.asarray(h[b, :n]), ref_h, rtol=2e-5, atol=2e-5)
+  # Decode: each row continues right after its own prompt (padding slots get overwritten).
+  cur = lengths.copy()
+  for s in range(steps):
+    tok = np.array([tokens[b, cur[b]] for b in range(B)])[:, None]
+    idx = jnp.asarray(cur, jnp.int32)
+    h, cache = call(model, jnp.asarray(tok, jnp.int32), idx[:, None], cache, idx,
+                    causal_mask(idx, 1, L))
+    logits = np.asarray(model.lm_head(h[:, 0]))
+    assert logits.dtype == np.float32
+    for b in range(B):
+      seq = tokens[b, :cur[b] + 1]
+      n = len(seq)
+      ref_h, ref_logits = _ref_forward(p, cfg, seq, np.arange(n), np.tril(np.ones((n, n), bool)))
+      np.testing.assert_allclose(np.asarray(h[b, 0]), ref_h[-1], rtol=2e-5, atol=2e-5)
+      np.testing.assert_allclose(logits[b], ref_logits[-1], rtol=1e-4, atol=1e-4)
+    cur += 1
+
+
+def test_tree_mask_branches_are_independent():
+  """A tree [root, a1, a2 | b1, b2] after a cached prefix: perturbing branch b
+  leaves branch a's outputs unchanged, and each node matches the reference
+  forward over its own root-to-node path."""
+  model = _model(seed=3)
+  cfg = model.cfg
+  rng = np.random.default_rng(4)
+  B, P, L = 2, 5, 24
+  prefix = rng.integers(0, cfg.vocab_size, (B, P))
+  cache = KVCache.init(cfg, B, L)
+  idx = jnp.zeros((B,), jnp.int32)
+  _, cache = model(jnp.asarray(prefix, jnp.int32),
+                   jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P)), cache, idx,
+                   causal_mask(idx, P, L))
+  parent = [-1, 0, 1, 0, 3]  # node -> parent (root, a1, a2, b1, b2)
+  depth = np.array([0, 1, 2, 1, 2])
+  T = len(parent)
+  anc = np.zeros((T, T), bool)
+  for t in range(T):
+    j = t
+    while j >= 0:
+      anc[t, j] = True
+      j = parent[j]
+  mask = np.zeros((B, T, L), bool)
+  mask[:, :, :P] = True
+  mask[:, :, P:P + T] = anc
+  idx = jnp.full((B,), P, jnp.int32)
+  pos = jnp.asarray(np.broadcast_to(P + depth, (B, T)), jnp.int32)
+  tree = rng.integers(0, cfg.vocab_size, (B, T))
+  h1, _ = model(jnp.asarray(tree, jnp.int32), pos, cache, idx, jnp.asarray(mask))
+  perturbed = tree.copy()
+  perturbed[:, 3:] = (tree[:, 3:] + 1 + rng.integers(0, cfg.vocab_size - 1, (B, 2))) % cfg.vocab_size
+  h2, _ = model(jnp.asarray(perturbed, jnp.int32), pos, cache, idx, jnp.asarray(mask))
+  np.testing.assert_array_equal(np.asarray(h1[:, :3]), np.asarray(h2[:, :3]))
+  assert np.abs(np.asarray(h1[:, 3:]) - np.asarray(h2[:, 3:])).max() > 1e-3
+  p = _params_np(model)
+  for b in range(B):
+    for t in range(T):
+      path = [j for j in range(T) if anc[t, j]]
+      seq = np.concatenate([prefix[b], tree[b, path]])
+      n = len(seq)
+      ref_h, _ = _ref_forward(p, cfg, seq, np.arange(n), np.tril(np.ones((n, n), bool)))
+      np.testing.assert_allclose(np.asarray(h1[b, t]), ref_h[-1], rtol=2e-5, atol=2e-5)
+
+
+def test_cache_writes_at_per_row_offsets_and_masked_rows_are_finite():
+  model = _model(seed=5)
+  cfg = model.cfg
+  rng = np.random.default_rng(6)
+  B, T, L = 3, 2, 10
+  cache = KVCache.init(cfg, B, L)
+  old = [jnp.asarray(rng.standard_normal(c.shape), jnp.float32) for c in cache.k]
+  cache = KVCache(k=tuple(old), v=tuple(old))
+  offsets = np.array([0, 3, 8])
+  idx = jnp.asarray(offsets, jnp.int32)
+  mask = np.asarray(causal_mask(idx, T, L)).copy()
+  mask[2] = False  # a padding row: no visible slot at all
+  tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
+  h, new = model(tokens, idx[:, None] + jnp.arange(T, dtype=jnp.int32)[None], cache, idx,
+                 jnp.asarray(mask))
+  assert np.isfinite(np.asarray(h)).all()
+  for layer in range(cfg.num_hidden_layers):
+    k_old, k_new = np.asarray(old[layer]), np.asarray(new.k[layer])
+    for b, o in enumerate(offsets):
+      keep = np.ones(L, bool)
+      keep[o:o + T] = False
+      np.testing.assert_array_equal(k_new[b, keep], k_old[b, keep])
+      assert not np.allclose(k_new[b, o:o + T], k_old[b, o:o + T])
+
+
+def test_jit_with_donated_cache_matches_eager():
+  model = _model(seed=7)
+  cfg = model.cfg
+  rng = np.random.default_rng(8)
+  B, T, L = 2, 3, 8
+  graphdef, state = nnx.split(model)
+
+  def step(state, cache, tokens, pos, idx, mask):
+    m = nnx.merge(graphdef, state)
+    return m(tokens, pos, cache, idx, mask)
+
+  jstep = jax.jit(step, donate_argnames=("cache",))
+  tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
+  idx = jnp.asarray([0, 2], jnp.int32)
+  pos = idx[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+  mask = causal_mask(idx, T, L)
+  h_eager, c_eager = model(tokens, pos, KVCache.init(cfg, B, L), idx, mask)
+  cache = KVCache.init(cfg, B, L)
+  h_jit, c_jit = jstep(state, cache, tokens, pos, idx, mask)
+  assert cache.k[0].is_deleted()  # the donated buffers were consumed
+  np.testing.assert_allclose(np.asarray(h_jit), np.asarray(h_eager), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(c_jit.v[1]), np.asarray(c_eager.v[1]), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_bfloat16_compute_is_close_to_float32():
+  cfg = LlamaConfig.tiny()
+  m32 = _randomize(Llama(cfg, rngs=nnx.Rngs(0)), 9)
+  m16 = Llama(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  nnx.update(m16, jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(m32)))
+  rng = np.random.default_rng(10)
+  B, T, L = 2, 6, 8
+  tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
+  idx = jnp.zeros((B,), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  mask = causal_mask(idx, T, L)
+  h32, _ = m32(tokens, pos, KVCache.init(cfg, B, L), idx, mask)
+  h16, c16 = m16(tokens, pos, KVCache.init(cfg, B, L, jnp.bfloat16), idx, mask)
+  assert h16.dtype == jnp.bfloat16 and c16.k[0].dtype == jnp.bfloat16
+  l32, l16 = m32.lm_head(h32), m16.lm_head(h16)
+  assert l16.dtype == jnp.float32
+  err = np.abs(np.asarray(l16) - np.asarray(l32)).max() / np.abs(np.asarray(l32)).max()
+  assert err < 5e-2, err
+
+
+def test_causal_mask():
+  m = np.asarray(causal_mask(jnp.asarray([0, 2], jnp.int32), 2, 5))
+  np.testing.assert_array_equal(m[0], [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0]])
+  np.testing.assert_array_equal(m[1], [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+
+
+def test_bad_call_shapes_raise():
+  model = _model(seed=11)
+  cfg = model.cfg
+  tokens = jnp.zeros((2, 3), jnp.int32) + 5
+  idx = jnp.zeros((2,), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(3, dtype=jnp.int32), (2, 3))
+  cache = KVCache.init(cfg, 2, 8)
+  with pytest.raises(RequestError, match="positions"):
+    model(tokens, pos[:, :2], cache, idx, causal_mask(idx, 3, 8))
+  with pytest.raises(RequestError, match="cache_index"):
+    model(tokens, pos, cache, idx[:1], causal_mask(idx, 3, 8))
+  with pytest.raises(RequestError, match="attn_mask"):
+    model(tokens, pos, cache, idx, causal_mask(idx, 3, 9))
+  with pytest.raises(RequestError, match="cache"):
+    model(tokens, pos, KVCache.init(cfg, 3, 8), idx, causal_mask(idx, 3, 8))
+  with pytest.raises(ConfigError, match="batch"):
+    KVCache.init(cfg, 0, 8)
+
+
+# ----------------------------------------------------------------- config
+
+
+def _hf_config(**over):
+  d = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 97,
+       "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+       "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+       "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"},
+       "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": [2, 7],
+       "max_position_embeddings": 128}
+  d.update(over)
+  return {k: v for k, v in d.items() if v is not None}
+
+
+def test_config_from_hf(tmp_path):
+  cfg = LlamaConfig.from_hf(_hf_config())
+  assert (cfg.head_dim, cfg.rope_theta, cfg.eos_token_ids, cfg.rms_norm_eps) == (8, 5e5, (2, 7), 1e-6)
+  assert cfg.tie_word_embeddings and cfg.pad_token_id is None and cfg.num_groups == 2
+  (tmp_path / "config.json").write_text(json.dumps(_hf_config(
+      rope_parameters=None, rope_theta=1e4, eos_token_id=2, head_dim=16, num_key_value_heads=None)))
+  for src in (tmp_path, tmp_path / "config.json", str(tmp_path)):
+    cfg = LlamaConfig.from_hf(src)
+    assert (cfg.head_dim, cfg.rope_theta, cfg.eos_token_ids, cfg.num_key_value_heads) == (
+        16, 1e4, (2,), 4)
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"hidden_size": None}, "hidden_size"),
+    ({"vocab_size": "97"}, "vocab_size"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads"),
+    ({"hidden_size": 30}, "hidden_size"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_scaling"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"eos_token_id": "2"}, "eos_token_id"),
+    ({"rms_norm_eps": -1.0}, "rms_norm_eps"),
+])
+def test_config_errors(over, match):
+  with pytest.raises(ConfigError, match=match):
+    LlamaConfig.from_hf(_hf_config(**over))
+
+
+def test_config_file_errors(tmp_path):
+  with pytest.raises(ConfigError, match="no such config"):
+    LlamaConfig.from_hf(tmp_path)
+  (tmp_path / "config.json").write_text("{not json")
+  with pytest.raises(ConfigError, match="JSON"):
+    LlamaConfig.from_hf(tmp_path)
+
+
+def test_tiny_overrides_and_validation():
+  assert LlamaConfig.tiny(num_hidden_layers=3).num_hidden_layers == 3
+  with pytest.raises(ConfigError, match="head_dim"):
+    LlamaConfig.tiny(head_dim=7)
+  with pytest.raises(ConfigError, match="eos_token_ids"):
+    LlamaConfig.tiny(eos_token_ids=[2])
+
+
+# ----------------------------------------------------------------- loading
+
+
+def _save_hf(model: Llama, out, shards: int = 1):
+  from safetensors.numpy import save_file
+  cfg = model.cfg
+  p = _params_np(model)
+  t = {"model.embed_tokens.weight": p["embed"], "model.norm.weight": p["norm"]}
+  if not cfg.tie_word_embeddings:
+    t["lm_head.weight"] = p["lm_head"]
+  for i, lp in enumerate(p["layers"]):
+    for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+      t[f"model.layers.{i}.self_attn.{n}.weight"] = lp[n]
+    for n in ("gate_proj", "up_proj", "down_proj"):
+      t[f"model.layers.{i}.mlp.{n}.weight"] = lp[n]
+    t[f"model.layers.{i}.input_layernorm.weight"] = lp["ln1"]
+    t[f"model.layers.{i}.post_attention_layernorm.weight"] = lp["ln2"]
+  t = {k: np.ascontiguousarray(v, np.float32) for k, v in t.items()}
+  out.mkdir(exist_ok=True)
+  hf = {"vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+        "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings}
+  (out / "config.json").write_text(json.dumps(hf))
+  names = sorted(t)
+  if shards == 1:
+    save_file(t, str(out / "model.safetensors"))
+  else:
+    weight_map = {}
+    for s in range(shards):
+      fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+      part = {n: t[n] for n in names[s::shards]}
+      save_file(part, str(out / fname))
+      weight_map.update({n: fname for n in part})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  return t
+
+
+@pytest.mark.parametrize("tied,shards", [(True, 1), (False, 3)])
+def test_load_llama_round_trip(tmp_path, tied, shards):
+  model = _model(seed=12, tie_word_embeddings=tied, rope_theta=5e4)
+  _save_hf(model, tmp_path / "m", shards)
+  loaded = load_llama(tmp_path / "m")
+  assert loaded.cfg == dataclasses.replace(model.cfg, max_position_embeddings=4096,
+                                           bos_token_id=None, eos_token_ids=(), pad_token_id=None)
+  for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(loaded))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  l16 = load_llama(tmp_path / "m", dtype=jnp.bfloat16)
+  assert l16.embed_tokens[...].dtype == jnp.bfloat16
+  l32 = load_llama(tmp_path / "m", dtype=jnp.bfloat16, param_dtype=jnp.float32)
+  assert l32.embed_tokens[...].dtype == jnp.float32 and l32.dtype == jnp.bfloat16
+
+
+def test_load_llama_errors(tmp_path):
+  from safetensors.numpy import save_file
+  model = _model(seed=13)
+  t = _save_hf(model, tmp_path / "m")
+  with pytest.raises(WeightsNotFoundError):
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "config.json").write_text((tmp_path / "m" / "config.json").read_text())
+    load_llama(tmp_path / "e")
+  bad = dict(t)
+  del bad["model.layers.1.mlp.up_proj.weight"]
+  save_file(bad, str(tmp_path / "m" / "model.safetensors"))
+  with pytest.raises(MissingTensorError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+    load_llama(tmp_path / "m")
+  bad = dict(t)
+  bad["model.layers.0.self_attn.k_proj.weight"] = np.ones((8, 32), np.float32)
+  save_file(bad, str(tmp_path / "m" / "model.safetensors"))
+  with pytest.raises(TensorShapeError, match=r"k_proj.weight: expected shape \(16, 32\), got \(8, 32\)"):
+    load_llama(tmp_path / "m")
+  (tmp_path / "m" / "model.safetensors").write_bytes(b"\x10\x00junk")
+  with pytest.raises(CorruptWeightsError):
+    load_llama(tmp_path / "m")
