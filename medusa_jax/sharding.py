@@ -1,0 +1,602 @@
+"""Device meshes, partition rules and tensor-parallel Medusa heads.
+
+The mesh has two axes: ``data`` splits batches (rows), ``model`` splits
+weights. The layout follows LoRAX's tensor-parallel Medusa:
+
+* **V2 fused heads.** The fused ``[H, n*H]`` weight (head-major columns) is
+  held as its free reshape ``[H, n, H]`` (``[in, head, out]``) and split on
+  the last axis, ``P(None, None, "model")``: device ``d`` of ``W`` holds
+  columns ``d*H/W:(d+1)*H/W`` of *every* head (LoRAX's per-rank
+  ``[n*H/W, H]`` block, transposed). A plain ``P(None, "model")`` on
+  ``[H, n*H]`` would give device 0 whole heads instead. No column is
+  permuted: ``kernel.reshape(H, n*H)`` is the file layout again. Each device
+  computes ``x + silu(x @ W_d + b_d)`` for its slice, taking the residual
+  from its own slice of ``x``, and one ``all_gather`` over ``model`` rebuilds
+  ``[N, n, H]``.
+* **LM head** ``[H, V]`` is split over the vocabulary, ``P(None, "model")``;
+  logits come out vocabulary-sharded and stay so (an argmax over them needs
+  only a small reduction, not LoRAX's all-gather of ``[N, n+1, V]``).
+* **V1 heads** (not sharded by LoRAX) split their ResBlocks on the output
+  dim and their output projections over the vocabulary; GSPMD inserts the
+  gathers.
+* **Base model** (Megatron): q/k/v/gate/up column-parallel, o/down
+  row-parallel, embeddings and lm_head over the vocabulary, norms replicated,
+  the KV cache over batch (``data``) and kv heads (``model``).
+
+Sizes that do not divide their mesh axis are refused with
+:class:`~medusa_jax.errors.ShardingError` (never silently replicated).
+
+Opaque kernels (Pallas ``segmented_matmul``) are never partitioned by XLA:
+they run under :func:`jax.shard_map` with ``check_vma=False``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import os
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from medusa_jax.config import MedusaConfig
+from medusa_jax.errors import MissingTensorError, ShardingError, WeightsNotFoundError
+from medusa_jax.heads import MedusaModel, speculation_max_batch_size
+
+Array = jax.Array
+LMHead = Callable[[Array], Array]
+
+DATA = "data"
+MODEL = "model"
+
+
+# --------------------------------------------------------------------------- mesh
+
+
+def make_mesh(data: int = 1, model: int | None = None, *,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ``(data, model)`` mesh over ``devices`` (default: every device of every host).
+
+  Both axes are ``AxisType.Auto``: the base model, heads and engine are written
+  without per-op sharding annotations, and Auto lets GSPMD propagate from the
+  parameter and batch shardings alone. ``Explicit`` axes would make every
+  ambiguous op (a matmul contracting a sharded dim, a gather from a
+  vocabulary-split table) demand an ``out_sharding=``, i.e. sharding-aware model
+  code. The places where the collective pattern matters (the V2 heads, opaque
+  kernels) are pinned by :func:`jax.shard_map` instead.
+
+  Args:
+    data: size of the ``data`` axis.
+    model: size of the ``model`` axis; None takes every remaining device.
+    devices: the devices to use, in mesh order; None = ``jax.devices()``.
+
+  Raises:
+    ShardingError: ``data * model`` differs from the number of devices.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if data < 1 or (model is not None and model < 1):
+    raise ShardingError(f"mesh shape (data={data}, model={model}): expected positive sizes")
+  if model is None:
+    if len(devices) % data:
+      raise ShardingError(f"mesh axis 'data' of size {data} does not divide the"
+                          f" {len(devices)} devices")
+    model = len(devices) // data
+  if data * model != len(devices):
+    raise ShardingError(f"mesh shape (data={data}, model={model}) needs {data * model}"
+                        f" devices, got {len(devices)}")
+  return jax.make_mesh((data, model), (DATA, MODEL), axis_types=(AxisType.Auto,) * 2,
+                       devices=devices)
+
+
+def axis_size(mesh: Mesh, axis: str) -> int:
+  return int(mesh.shape[axis])
+
+
+def check_divisible(shape: Sequence[int], spec: P, mesh: Mesh, what: str) -> None:
+  """Raises ShardingError when a dim of ``shape`` does not divide its mesh axes.
+
+  Args:
+    shape: the global array shape.
+    spec: its partition spec.
+    mesh: the mesh.
+    what: the array's name, for the message.
+  """
+  if len(spec) > len(shape):
+    raise ShardingError(f"{what}: spec {spec} has {len(spec)} entries for a rank-{len(shape)}"
+                        f" array of shape {tuple(shape)}")
+  for dim, axes in enumerate(spec):
+    if axes is None:
+      continue
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    size = int(np.prod([axis_size(mesh, a) for a in names]))
+    if shape[dim] % size:
+      raise ShardingError(f"{what}: dim {dim} of size {shape[dim]} is not divisible by mesh"
+                          f" axis {'x'.join(names)!r} of size {size}")
+
+
+# ------------------------------------------------------------------- partition rules
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class PartitionRules:
+  """Partition specs as data: ordered ``(regex, spec)`` pairs.
+
+  A parameter's path in an NNX state, joined with ``/`` (e.g.
+  ``medusa/heads/0/out`` or ``layers/3/attn/q_proj/kernel``), takes the spec
+  of the first pattern that ``re.search``-matches it; unmatched paths are
+  replicated.
+  """
+  rules: tuple[tuple[str, P], ...]
+
+  def spec(self, path: str) -> P:
+    for pattern, spec in self.rules:
+      if re.search(pattern, path):
+        return spec
+    return P()
+
+
+# The sharded V2 module below holds kernel [H, n, H] and bias [n, H].
+# kernel_hnh: [in, head, out] split on out; bias_nh: [head, out] split on out.
+MEDUSA_RULES = PartitionRules(rules=(
+    (r"(^|/)kernel_hnh$", P(None, None, MODEL)),
+    (r"(^|/)bias_nh$", P(None, MODEL)),
+    (r"heads/\d+/blocks/\d+/kernel$", P(None, MODEL)),  # V1 ResBlock [H, H]: out split
+    (r"heads/\d+/blocks/\d+/bias$", P(MODEL)),
+    (r"heads/\d+/out$", P(None, MODEL)),                 # V1 output projection [H, V]
+))
+
+# Megatron-style rules for the base Llama ([in, out] kernels). The embedding
+# [V, H] and a separate lm_head [H, V] split over the vocabulary.
+LLAMA_RULES = PartitionRules(rules=(
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj|wq|wk|wv|w1|w3)(/kernel)?$", P(None, MODEL)),
+    (r"(q_proj|k_proj|v_proj)/bias$", P(MODEL)),
+    (r"(o_proj|down_proj|wo|w2)(/kernel)?$", P(MODEL, None)),
+    (r"(embed_tokens|embedding|embed|wte)(/embedding|/weight)?$", P(MODEL, None)),
+    (r"lm_head(/kernel)?$", P(None, MODEL)),
+))
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """An NNX state path (tuple of keys) as ``a/b/0/c``."""
+  parts = []
+  for key in path:
+    key = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
+    parts.append(str(key))
+  if parts and parts[-1] == "value":
+    parts.pop()
+  return "/".join(parts)
+
+
+def partition_specs(state: Any, rules: PartitionRules, mesh: Mesh) -> Any:
+  """The spec of every leaf of ``state`` (a pytree, e.g. an ``nnx.State``).
+
+  Raises:
+    ShardingError: a leaf's size does not divide the mesh axis of its spec.
+  """
+  def one(path, leaf):
+    name = path_str(path)
+    spec = rules.spec(name)
+    check_divisible(np.shape(leaf), spec, mesh, name)
+    return spec
+  return jax.tree_util.tree_map_with_path(one, state)
+
+
+def shard_state(state: Any, rules: PartitionRules, mesh: Mesh) -> Any:
+  """``state`` placed on ``mesh`` by ``rules`` (arrays move device to device)."""
+  specs = partition_specs(state, rules, mesh)
+  shardings = jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
+                                     is_leaf=lambda x: isinstance(x, P))
+  return jax.device_put(state, shardings)
+
+
+def batch_spec(rank: int) -> P:
+  """Spec of a batch-major array of the given rank: batch over ``data``."""
+  return P(DATA, *([None] * (rank - 1)))
+
+
+def shard_batch(x: Array | np.ndarray, mesh: Mesh) -> Array:
+  """Places a batch-major array with its batch split over ``data``.
+
+  Raises:
+    ShardingError: the batch does not divide the ``data`` axis.
+  """
+  spec = batch_spec(np.ndim(x))
+  check_divisible(np.shape(x), spec, mesh, "batch")
+  return place(np.asarray(x), spec, mesh)
+
+
+# --------------------------------------------------------------------------- placing
+
+
+def place(source: np.ndarray | Callable[[tuple[slice, ...]], np.ndarray], spec: P,
+          mesh: Mesh, *, shape: Sequence[int] | None = None, dtype=None,
+          what: str = "array") -> Array:
+  """A global array built shard by shard, never whole on one device.
+
+  Args:
+    source: a host array (each device copies only its slice) or a callable
+      ``index -> np.ndarray`` returning the block at ``index`` (a tuple of
+      slices into the global shape), e.g. a safetensors ``get_slice`` read.
+    spec: the partition spec over ``mesh``.
+    mesh: the mesh.
+    shape: the global shape (required for a callable source).
+    dtype: the array dtype; None keeps the source's.
+    what: the array's name, for error messages.
+
+  Raises:
+    ShardingError: a dim does not divide its mesh axis.
+  """
+  if callable(source):
+    if shape is None or dtype is None:
+      raise ShardingError(f"{what}: a callable source needs shape= and dtype=")
+    read = source
+  else:
+    arr = np.asarray(source)
+    shape = arr.shape if shape is None else shape
+    dtype = arr.dtype if dtype is None else dtype
+    read = arr.__getitem__
+  shape = tuple(int(s) for s in shape)
+  check_divisible(shape, spec, mesh, what)
+  np_dtype = np.dtype(dtype)
+
+  @functools.lru_cache(maxsize=None)
+  def block(key):
+    return np.ascontiguousarray(np.asarray(read(_index(key))).astype(np_dtype, copy=False))
+
+  return jax.make_array_from_callback(
+      shape, NamedSharding(mesh, spec), lambda index: block(_key(index, shape)))
+
+
+def _key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+  # Devices that replicate a block ask for the same index; read it once.
+  return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+
+
+def _index(key: tuple[tuple[int, int], ...]) -> tuple[slice, ...]:
+  return tuple(slice(a, b) for a, b in key)
+
+
+# ------------------------------------------------------------------- sharded kernels
+
+
+def _rows_spec(n_rows: int, mesh: Mesh) -> Any:
+  """Rows split over ``data`` when they divide it; else replicated over ``data``.
+
+  Decode batches are bucketed to multiples of the data axis; a prefill that
+  keeps one row per prompt may not be, and then every data group computes
+  all rows (same result, no refusal).
+  """
+  return DATA if n_rows % axis_size(mesh, DATA) == 0 else None
+
+
+def sharded_segmented_matmul(x: Array, w: Array, b: Array | None, s_start: Array,
+                             s_end: Array, seg_weight: Array, *, mesh: Mesh,
+                             backend: Any = "auto", epilogue: Any = "none") -> Array:
+  """``segmented_matmul`` with its output dim split over ``model``.
+
+  The kernel is opaque to XLA, so it runs per device under ``shard_map``: each
+  device multiplies its rows by its ``M/W`` output columns. Rows split over
+  ``data`` when they divide it; segment bounds are global row numbers and are
+  shifted per device. ``check_vma=False``: Pallas outputs carry no
+  varying-axes type (jax.md §4).
+
+  Args:
+    x: [N, K], replicated over ``model``.
+    w: [A, K, M], split over ``model`` on M.
+    b: [A, M] split on M, or None.
+    s_start, s_end: [S] int32 global row bounds; seg_weight: [S] int32.
+    mesh: the mesh.
+    backend, epilogue: as ``segmented_matmul``; the ``resblock`` epilogue
+      needs the whole row and is refused (see :func:`v2_heads_hidden`).
+
+  Returns:
+    [N, M] split over ``model`` on M (rows over ``data`` when they divide).
+
+  Raises:
+    ShardingError: M does not divide ``model``, or ``epilogue="resblock"``.
+  """
+  from medusa_jax.pallas import Epilogue, segmented_matmul  # kernels import nothing from here
+  if Epilogue.parse(epilogue) is not Epilogue.NONE:
+    raise ShardingError(f"epilogue={epilogue!r}: a fused epilogue needs whole rows; under a"
+                        " 'model' split only epilogue='none' is supported")
+  check_divisible(w.shape, P(None, None, MODEL), mesh, "segmented_matmul w [A, K, M]")
+  rows = _rows_spec(x.shape[0], mesh)
+  has_bias = b is not None
+
+  def local(x_nxK, w_AxKxm, *rest):
+    b_Axm = rest[0] if has_bias else None
+    s0, s1, sw = rest[-3:]
+    n_local = x_nxK.shape[0]
+    offset = lax.axis_index(DATA) * n_local if rows else 0
+    s0 = jnp.clip(s0 - offset, 0, n_local)
+    s1 = jnp.clip(s1 - offset, 0, n_local)
+    return segmented_matmul(x_nxK, w_AxKxm, b_Axm, s0, s1, sw, backend=backend)
+
+  specs = [P(rows, None), P(None, None, MODEL)] + ([P(None, MODEL)] if has_bias else [])
+  specs += [P(), P(), P()]
+  args = [x, w] + ([b] if has_bias else []) + [s_start, s_end, seg_weight]
+  return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=P(rows, MODEL),
+                       check_vma=False)(*args)
+
+
+def v2_heads_hidden(x: Array, kernel_hnh: Array, bias_nh: Array, *, mesh: Mesh,
+                    segments: Any = None) -> Array:
+  """The n V2 heads' hidden states, tensor-parallel as LoRAX.
+
+  Per device ``d`` (slice ``j = d*H/W:(d+1)*H/W``): ``h[:, k, j] = x[:, j] +
+  silu(x @ W[:, k, j] + b[k, j])``, then one ``all_gather`` over ``model``.
+
+  Args:
+    x: [N, H] hidden states, replicated over ``model``.
+    kernel_hnh: [H, n, H] (``[in, head, out]``), split over ``model`` on out.
+    bias_nh: [n, H], split on H.
+    mesh: the mesh.
+    segments: per-row adapter routing (``HeadSegments``) or None. Its ``w``
+      is ``[A, H, n, H]`` split on the last axis (``[A, H, n*H]`` is accepted
+      and resharded), ``b`` ``[A, n, H]`` or ``[A, n*H]``.
+
+  Returns:
+    [N, n, H] in ``x.dtype``, replicated over ``model``.
+  """
+  n_rows, hidden = x.shape
+  num_heads = kernel_hnh.shape[1]
+  check_divisible(kernel_hnh.shape, P(None, None, MODEL), mesh, "V2 kernel [H, n, H]")
+  width = hidden // axis_size(mesh, MODEL)
+  if segments is not None:
+    w = segments.w.reshape(segments.w.shape[0], hidden, num_heads, hidden)
+    b = segments.b.reshape(segments.b.shape[0], num_heads, hidden)
+    w = lax.with_sharding_constraint(w, NamedSharding(mesh, P(None, None, None, MODEL)))
+    b = lax.with_sharding_constraint(b, NamedSharding(mesh, P(None, None, MODEL)))
+  rows = _rows_spec(n_rows, mesh)
+
+  def residual(x_nxH, y_nxnxw):
+    d = lax.axis_index(MODEL)
+    x_own = lax.dynamic_slice_in_dim(x_nxH, d * width, width, axis=1).astype(jnp.float32)
+    h = x_own[:, None, :] + jax.nn.silu(y_nxnxw.astype(jnp.float32))
+    return lax.all_gather(h.astype(x_nxH.dtype), MODEL, axis=2, tiled=True)
+
+  if segments is None:
+    def local(x_nxH, w_Hxnxw, b_nxw):
+      y = jnp.einsum("rh,hkm->rkm", x_nxH, w_Hxnxw.astype(x_nxH.dtype),
+                     preferred_element_type=jnp.float32)
+      return residual(x_nxH, y + b_nxw.astype(jnp.float32)[None])
+    return jax.shard_map(local, mesh=mesh,
+                         in_specs=(P(rows, None), P(None, None, MODEL), P(None, MODEL)),
+                         out_specs=P(rows, None, None), check_vma=False)(x, kernel_hnh, bias_nh)
+
+  from medusa_jax.pallas import segmented_matmul  # kernels import nothing from here
+
+  def local_seg(x_nxH, w_AxHxnxw, b_Axnxw, s0, s1, sw):
+    n_local = x_nxH.shape[0]
+    offset = lax.axis_index(DATA) * n_local if rows else 0
+    s0 = jnp.clip(s0 - offset, 0, n_local)
+    s1 = jnp.clip(s1 - offset, 0, n_local)
+    n_adapters = w_AxHxnxw.shape[0]
+    y = segmented_matmul(x_nxH, w_AxHxnxw.reshape(n_adapters, hidden, num_heads * width),
+                         b_Axnxw.reshape(n_adapters, num_heads * width), s0, s1, sw,
+                         backend=segments.backend)
+    h = residual(x_nxH, y.reshape(n_local, num_heads, width))
+    r = jnp.arange(n_local)
+    covered = ((r[None, :] >= s0[:, None]) & (r[None, :] < s1[:, None])).any(axis=0)
+    return jnp.where(covered[:, None, None], h, jnp.zeros_like(h))  # rows in no segment: 0
+
+  return jax.shard_map(
+      local_seg, mesh=mesh,
+      in_specs=(P(rows, None), P(None, None, None, MODEL), P(None, None, MODEL), P(), P(), P()),
+      out_specs=P(rows, None, None), check_vma=False,
+  )(x, w, b, segments.s_start, segments.s_end, segments.seg_weight)
+
+
+def vocab_parallel_lm_head(weight: Array, *, transposed: bool = False) -> LMHead:
+  """The base LM head as a callable over a vocabulary-split weight.
+
+  Args:
+    weight: ``[H, V]`` split ``P(None, "model")``, or with ``transposed`` a tied
+      embedding ``[V, H]`` split ``P("model", None)``.
+    transposed: the weight is ``[V, H]``.
+
+  Returns:
+    ``h [..., H] -> logits [..., V]`` float32. Under ``jax.jit`` the product
+    runs per device on its vocabulary slice; logits stay split over V.
+  """
+  def lm_head(h):
+    w = weight.astype(h.dtype)
+    eq = "...h,vh->...v" if transposed else "...h,hv->...v"
+    return jnp.einsum(eq, h, w, preferred_element_type=jnp.float32)
+  return lm_head
+
+
+# ------------------------------------------------------------- the sharded V2 module
+
+
+class ShardedMedusaV2(nnx.Module):
+  """MedusaV2 heads on a mesh, a drop-in for ``MedusaModel`` (V2).
+
+  Holds ``kernel_hnh`` [H, n, H] split ``P(None, None, "model")`` and
+  ``bias_nh`` [n, H] split ``P(None, "model")``: the head-major fused weight's
+  free reshape, so ``kernel_hnh.reshape(H, n*H)`` is the unsharded layout.
+  """
+
+  def __init__(self, config: MedusaConfig, kernel_hnh: Array, bias_nh: Array, *,
+               mesh: Mesh, max_batch_size: int | None = None):
+    self.config = config
+    self.mesh = mesh
+    self.max_batch_size = speculation_max_batch_size(max_batch_size)
+    self.kernel_hnh = nnx.Param(kernel_hnh)
+    self.bias_nh = nnx.Param(bias_nh)
+
+  is_v2 = True
+
+  @property
+  def num_heads(self) -> int:
+    return self.config.medusa_num_heads
+
+  def heads_hidden(self, x: Array, segments: Any = None) -> Array:
+    """x: [N, H] -> [N, n, H] (``x.dtype``)."""
+    return v2_heads_hidden(x, self.kernel_hnh[...], self.bias_nh[...], mesh=self.mesh,
+                           segments=segments)
+
+  def __call__(self, x: Array, lm_head: LMHead, segments: Any = None
+               ) -> tuple[Array, Array | None]:
+    """Base and draft logits through one LM-head call.
+
+    Args:
+      x: [N, H] hidden states after the final norm.
+      lm_head: ``[..., H] -> [..., V]``, e.g. :func:`vocab_parallel_lm_head`.
+      segments: per-row adapter routing, or None for this module's weights.
+
+    Returns:
+      logits [N, V]; speculative logits [N, n, V], or None when N > max_batch_size.
+    """
+    if x.shape[0] > self.max_batch_size:
+      return lm_head(x), None
+    h_NxnxH = self.heads_hidden(x, segments)
+    stacked_Nx1nxH = jnp.concatenate([x[:, None, :], h_NxnxH], axis=1)
+    logits3 = lm_head(stacked_Nx1nxH)
+    return logits3[:, 0], logits3[:, 1:]
+
+  def unsharded_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    """(kernel [H, n*H], bias [n*H]) on the host, in the file layout."""
+    k = np.asarray(jax.device_get(self.kernel_hnh[...]))
+    b = np.asarray(jax.device_get(self.bias_nh[...]))
+    return k.reshape(k.shape[0], -1), b.reshape(-1)
+
+
+# ------------------------------------------------------------------ sharding heads
+
+
+def shard_medusa_model(model: MedusaModel, mesh: Mesh, *,
+                       rules: PartitionRules = MEDUSA_RULES) -> nnx.Module:
+  """Places an (unsharded) ``MedusaModel`` on ``mesh``.
+
+  Returns:
+    V2: a :class:`ShardedMedusaV2`. V1: the same ``MedusaModel`` class with
+    its ResBlocks split on their output dim and output projections over V.
+
+  Raises:
+    ShardingError: H (V2, V1) or V (V1) does not divide the ``model`` axis.
+  """
+  if model.is_v2:
+    inner = model.medusa
+    hidden, n = inner.hidden, inner.num_heads
+    k = np.asarray(jax.device_get(inner.kernel[...])).reshape(hidden, n, hidden)
+    b = np.asarray(jax.device_get(inner.bias[...])).reshape(n, hidden)
+    return ShardedMedusaV2(
+        model.config, place(k, rules.spec("kernel_hnh"), mesh, what="V2 kernel [H, n, H]"),
+        place(b, rules.spec("bias_nh"), mesh, what="V2 bias [n, H]"),
+        mesh=mesh, max_batch_size=inner.max_batch_size)
+  graphdef, state = nnx.split(model)
+  return nnx.merge(graphdef, shard_state(state, rules, mesh))
+
+
+def _safetensors_files(path: str) -> list[str]:
+  if os.path.isdir(path):
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+  else:
+    files = [path] if path.endswith(".safetensors") and os.path.exists(path) else []
+  if not files:
+    raise WeightsNotFoundError(f"{path}: no .safetensors file to load sharded (.pt and"
+                               " orbax adapters load unsharded, then shard_medusa_model)")
+  return files
+
+
+class _TensorIndex:
+  """Lazy access to tensors across safetensors files, by their head-relative name."""
+
+  def __init__(self, files: list[str]):
+    from safetensors import safe_open
+    self._handles = {f: safe_open(f, framework="numpy") for f in files}
+    self._where: dict[str, str] = {}
+    for f, h in self._handles.items():
+      for key in h.keys():
+        self._where[key] = f
+    pattern = re.compile(r"^(.*?)0\.0\.linear\.weight$")
+    prefixes = [m.group(1) for m in map(pattern.match, self._where) if m]
+    if not prefixes:
+      raise MissingTensorError(f"{files[0]}: no tensor named [prefix]0.0.linear.weight")
+    self.prefix = min(prefixes, key=len)
+    self.files = files
+
+  def has(self, name: str) -> bool:
+    return self.prefix + name in self._where
+
+  def slice(self, name: str):
+    key = self.prefix + name
+    if key not in self._where:
+      raise MissingTensorError(f"{key}: missing from {', '.join(self.files)}")
+    return self._handles[self._where[key]].get_slice(key)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self.slice(name).get_shape())
+
+
+def load_medusa_sharded(config: MedusaConfig, path: str, mesh: Mesh, *, dtype=jnp.float32,
+                        max_batch_size: int | None = None,
+                        rules: PartitionRules = MEDUSA_RULES) -> nnx.Module:
+  """Loads Medusa heads straight onto ``mesh`` from safetensors.
+
+  Each device reads only its block of each tensor (``safe_open(...).get_slice``
+  through :func:`place`); no tensor is ever whole on one device. Accepts the
+  LoRAX/TGI (``{k}.{j}.linear.weight``) and Medusa (``medusa_head.{k}...``)
+  key layouts; files hold torch ``[out, in]`` layout.
+
+  Args:
+    config: the adapter's config.
+    path: an adapter directory (every ``*.safetensors`` in it) or one file.
+    mesh: the mesh.
+    dtype: parameter dtype.
+    max_batch_size: the V2 speculation guard (None: env or 32).
+    rules: partition rules.
+
+  Returns:
+    :class:`ShardedMedusaV2`, or a V1 ``MedusaModel`` with sharded parameters.
+
+  Raises:
+    WeightsNotFoundError, MissingTensorError: no file / a tensor is absent.
+    ShardingError: H or V does not divide the ``model`` axis.
+  """
+  t = _TensorIndex(_safetensors_files(path))
+  n, num_layers = config.medusa_num_heads, config.medusa_num_layers
+  hidden = t.shape("0.0.linear.weight")[1]
+  per_head_lm_head = t.has(f"0.{num_layers}.weight")
+  if num_layers == 1 and not per_head_lm_head:
+    def kernel_block(index):
+      i_in, i_head, i_out = index
+      return np.stack([t.slice(f"{k}.0.linear.weight")[i_out, i_in].T
+                       for k in range(n)[i_head]], axis=1)
+
+    def bias_block(index):
+      i_head, i_out = index
+      return np.stack([t.slice(f"{k}.0.linear.bias")[i_out] for k in range(n)[i_head]])
+
+    kernel = place(kernel_block, rules.spec("kernel_hnh"), mesh, shape=(hidden, n, hidden),
+                   dtype=dtype, what="V2 kernel [H, n, H]")
+    bias = place(bias_block, rules.spec("bias_nh"), mesh, shape=(n, hidden), dtype=dtype,
+                 what="V2 bias [n, H]")
+    return ShardedMedusaV2(config, kernel, bias, mesh=mesh, max_batch_size=max_batch_size)
+
+  vocab = t.shape(f"0.{num_layers}.weight")[0]
+  abstract = nnx.eval_shape(lambda: MedusaModel(
+      config, hidden, vocab, per_head_lm_head=True, rngs=nnx.Rngs(0), param_dtype=dtype))
+  graphdef, state = nnx.split(abstract)
+
+  def tensor_for(path, leaf):
+    name = path_str(path)
+    m = re.search(r"heads/(\d+)/(?:blocks/(\d+)/(kernel|bias)|out)$", name)
+    k, j, kind = m.groups()
+    if kind == "bias":
+      read = lambda index, key=f"{k}.{j}.linear.bias": t.slice(key)[index[0]]
+    else:
+      key = f"{k}.{j}.linear.weight" if kind == "kernel" else f"{k}.{num_layers}.weight"
+      read = lambda index, key=key: t.slice(key)[index[1], index[0]].T
+    return place(read, rules.spec(name), mesh, shape=leaf.shape, dtype=dtype, what=name)
+
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(tensor_for, state))
