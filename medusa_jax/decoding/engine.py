@@ -1,0 +1,486 @@
+"""The batched generation engine: plain, chain (LoRAX) and tree (Medusa) decoding.
+
+``Engine.generate`` takes a batch of prompts of different lengths, validates
+every request on the host (a bad one fails alone), pads the batch to a bucket,
+prefills once and then runs one jitted step per iteration (see step.py), with
+exactly one ``jax.device_get`` per step. Rows stop independently at EOS or at
+their token budget; finished rows are masked until the whole batch is done.
+
+Speculation policy, chosen once per call (never per step, so it never
+oscillates):
+
+* ``tree`` (the adaptive policy): the tree comes from ``tree_for_batch`` --
+  large at batch 1, smaller as the batch grows, at least LoRAX's chain -- so
+  large batches still speculate. The speculation max-batch guard does not
+  apply.
+* ``chain`` (LoRAX's scheme: argmax per head, prefix match, one bonus token):
+  LoRAX's guard is honoured. LoRAX's V2 heads skip drafting when the rows
+  entering the LM head, ``B * (n + 1)`` in a verifying step, exceed the
+  speculation max batch size (32, or ``LORAX_SPECULATION_MAX_BATCH_SIZE``);
+  there it alternates between drafting and plain steps. Here the same test
+  is made once per call: if ``B * (n + 1)`` exceeds the limit, the whole call
+  decodes plainly and ``GenerationResult.speculation_skipped`` says so.
+  ``adaptive=True`` lifts the guard.
+* ``none``: plain decoding, one token per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import os
+import time
+import warnings
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medusa_jax.decoding import buckets
+from medusa_jax.decoding.step import Decoder, StepConfig
+from medusa_jax.errors import RequestError
+
+BUNDLED_HEADS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bundled", "heads",
+                             "smollm2-135m-instruct")
+DEFAULT_NUM_HEADS = 4
+
+
+class Speculate(enum.Enum):
+  """How drafts are made and verified."""
+  NONE = "none"
+  CHAIN = "chain"
+  TREE = "tree"
+
+  @classmethod
+  def parse(cls, value: "str | Speculate") -> "Speculate":
+    if isinstance(value, cls):
+      return value
+    try:
+      return cls(str(value).lower()) if isinstance(value, str) else cls(value)
+    except ValueError:
+      valid = ", ".join(m.value for m in cls)
+      raise RequestError(f"speculate={value!r}; expected one of {valid}") from None
+
+
+class OnError(enum.Enum):
+  """What ``generate`` does with a bad request."""
+  RAISE = "raise"
+  SKIP = "skip"
+
+  @classmethod
+  def parse(cls, value: "str | OnError") -> "OnError":
+    if isinstance(value, cls):
+      return value
+    try:
+      return cls(value)
+    except ValueError:
+      raise RequestError(f"on_error={value!r}; expected one of raise, skip") from None
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class RowStats:
+  """Per-request statistics.
+
+  Attributes:
+    new_tokens: tokens generated (the first comes from the prefill).
+    steps: decode steps the request took part in (prefill not counted).
+    tokens_per_step: tokens emitted by decode steps / steps (1.0 when plain).
+    accept_hist: ``accept_hist[a]`` = steps that accepted ``a`` drafts (0..D).
+    head_accepts: ``head_accepts[k]`` = steps in which head k's draft (depth
+      k+1) was accepted.
+    wall_s: seconds from the start of the call until the row finished.
+    tokens_per_s: new_tokens / wall_s.
+  """
+  new_tokens: int
+  steps: int
+  tokens_per_step: float
+  accept_hist: tuple[int, ...]
+  head_accepts: tuple[int, ...]
+  wall_s: float
+  tokens_per_s: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class GenerationResult:
+  """The output of :meth:`Engine.generate`, one entry per request, in order.
+
+  Attributes:
+    tokens: new token ids per request (EOS included when hit; [] on error).
+    steps: decode steps per request.
+    texts: decoded texts (None without a tokenizer).
+    stats: per-request :class:`RowStats` (None on error).
+    errors: per-request RequestError, or None.
+    speculate: the mode asked for.
+    tree_nodes: T, tokens verified per row per step (1 when plain).
+    speculation_skipped: True when the chain guard turned speculation off.
+    wall_s: whole call, compile included.
+    decode_s: decode steps after the first (compile excluded).
+    decode_tokens: tokens those steps emitted.
+  """
+  tokens: list[list[int]]
+  steps: list[int]
+  texts: list[str] | None
+  stats: list[RowStats | None]
+  errors: list[RequestError | None]
+  speculate: Speculate
+  tree_nodes: int
+  speculation_skipped: bool
+  wall_s: float
+  decode_s: float
+  decode_tokens: int
+
+  @property
+  def tokens_per_s(self) -> float:
+    """Steady-state throughput: tokens of decode steps 2.. over their time."""
+    return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+  @property
+  def tokens_per_step(self) -> float:
+    """Mean tokens per decode step over the successful requests."""
+    done = [s for s in self.stats if s is not None and s.steps]
+    if not done:
+      return float("nan")
+    return sum(s.tokens_per_step * s.steps for s in done) / sum(s.steps for s in done)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Request:
+  index: int
+  prompt: tuple[int, ...]
+  max_new: int
+
+
+class Engine:
+  """Batched Medusa generation over a Llama-family model.
+
+  Example::
+
+    eng = Engine.load()                        # SmolLM2 + bundled heads
+    res = eng.generate(["Hi!"], max_new_tokens=32, speculate="tree", chat=True)
+    print(res.texts[0], res.stats[0].tokens_per_step)
+  """
+
+  def __init__(self, llama, tokenizer=None, medusa=None, *, max_cache_len: int = 2048,
+               cache_dtype=None, max_tree_rows: int = 256, tree_choices=None,
+               max_batch_size: int | None = None, heads_notice: str | None = None):
+    """Args:
+      llama: the base ``Llama``.
+      tokenizer: optional; ``encode(str) -> list[int]``, ``decode(ids) -> str``.
+      medusa: ``MedusaWeights``, a ``MedusaModel``, or None (plain decoding only).
+      max_cache_len: the largest KV cache (prompt + new tokens + tree nodes).
+      cache_dtype: KV cache dtype (default: the model's compute dtype).
+      max_tree_rows: budget B * T of the adaptive tree policy.
+      tree_choices: the best-first path list the adaptive policy cuts trees
+        from (None: Medusa's ``mc_sim_7b_63``).
+      max_batch_size: LoRAX's speculation guard for ``chain`` (None: the heads'
+        own limit, else env / 32).
+      heads_notice: a message about the heads (e.g. "freshly initialised").
+    """
+    from medusa_jax.heads import speculation_max_batch_size
+    model = getattr(medusa, "model", medusa)
+    self.llama = llama
+    self.tokenizer = tokenizer
+    self.medusa = medusa
+    self.heads = model
+    self.cfg = llama.cfg
+    self.max_cache_len = int(max_cache_len)
+    self.cache_dtype = cache_dtype or getattr(llama, "dtype", jnp.float32)
+    self.max_tree_rows = int(max_tree_rows)
+    self.tree_choices = tree_choices
+    if max_batch_size is None:
+      max_batch_size = getattr(getattr(model, "medusa", None), "max_batch_size", None)
+    self.max_batch_size = speculation_max_batch_size(max_batch_size)
+    self.heads_notice = heads_notice
+    self.num_heads = None if model is None else int(model.config.medusa_num_heads)
+    self.decoder = Decoder(llama, model)
+
+  # ------------------------------------------------------------------------- loading
+
+  @classmethod
+  def load(cls, base: str | os.PathLike | None = None, medusa: Any = None, *,
+           dtype=jnp.float32, max_cache_len: int = 2048, num_heads: int = DEFAULT_NUM_HEADS,
+           seed: int = 0, **kwargs) -> "Engine":
+    """Loads a base model and heads.
+
+    Args:
+      base: a Hugging Face Llama directory; None = the cached
+        SmolLM2-135M-Instruct (fetched by ``medusa_jax.assets.fetch``).
+      medusa: an adapter directory, a ``MedusaWeights``, or None = the bundled
+        SmolLM2 heads when shipped, else freshly initialised V2 heads (with a
+        notice: they draft the base model's next token, not later ones).
+      dtype: compute and parameter dtype of the base model and heads.
+      max_cache_len: see :class:`Engine`.
+      num_heads: heads of freshly initialised heads.
+      seed: their initialisation seed.
+      **kwargs: passed to :class:`Engine`.
+    """
+    from medusa_jax.models.llama import load_llama
+    if base is None:
+      from medusa_jax import assets
+      base = assets.fetch().model_dir
+    llama = load_llama(base, dtype=dtype)
+    tokenizer = _load_tokenizer(base)
+    notice = None
+    if medusa is None and os.path.exists(os.path.join(BUNDLED_HEADS, "config.json")):
+      medusa = BUNDLED_HEADS
+    if isinstance(medusa, (str, os.PathLike)):
+      from medusa_jax.weights import load_medusa_adapter
+      medusa = load_medusa_adapter(medusa, dtype=dtype)
+    elif medusa is None:
+      from medusa_jax.config import MedusaConfig
+      from medusa_jax.weights import MedusaWeights
+      config = MedusaConfig(base_model_name_or_path=str(base), medusa_num_heads=num_heads,
+                            medusa_num_layers=1, version=2.0)
+      medusa = MedusaWeights.init(config, llama.cfg.hidden_size, seed=seed, dtype=dtype)
+      notice = (f"no trained Medusa heads found at {BUNDLED_HEADS}: using {num_heads} freshly"
+                " initialised heads (identity ResBlocks), so drafts are rarely accepted and"
+                " speculation shows its overhead, not its speed-up")
+      warnings.warn(notice, stacklevel=2)
+    return cls(llama, tokenizer, medusa, max_cache_len=max_cache_len, heads_notice=notice,
+               **kwargs)
+
+  # ------------------------------------------------------------------------- generation
+
+  def generate(self, prompts: Sequence[Sequence[int] | str], max_new_tokens: int | Sequence[int] = 64,
+               *, speculate: str | Speculate = "none", temperature: float = 0.0,
+               top_p: float = 1.0, typical: bool = False, seed: int = 0, tree=None,
+               chat: bool = False, adaptive: bool | None = None,
+               on_error: str | OnError = "raise") -> GenerationResult:
+    """Generates continuations of a batch of prompts.
+
+    Args:
+      prompts: token-id lists, or strings (tokenised; with ``chat=True`` each
+        string is a user turn wrapped in the model's chat template).
+      max_new_tokens: one budget for all, or one per prompt (>= 1).
+      speculate: "none", "chain" or "tree".
+      temperature: 0 = greedy; > 0 samples (lossless: each emitted token is a
+        sample of the warped target distribution).
+      top_p: nucleus mass in (0, 1].
+      typical: Medusa's typical acceptance (temperature > 0).
+      seed: PRNG seed.
+      tree: for "tree": Medusa choices (a list of paths) or ``TreeBuffers``;
+        None = the adaptive policy (``tree_for_batch``).
+      chat: apply the chat template to string prompts.
+      adaptive: lift the chain guard (default: False for chain).
+      on_error: "raise" (the default: the first bad request raises before any
+        device work) or "skip" (bad requests get an error entry, the others run).
+
+    Returns:
+      A :class:`GenerationResult`.
+
+    Raises:
+      RequestError: a bad option, or (on_error="raise") a bad request, naming it.
+    """
+    t_start = time.perf_counter()
+    mode = Speculate.parse(speculate)
+    on_error = OnError.parse(on_error)
+    strategy = self._strategy(temperature, top_p, typical)
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+      raise RequestError(f"prompts: expected a list of prompts, got {type(prompts).__name__}")
+    if mode is not Speculate.NONE and self.heads is None:
+      raise RequestError(f"speculate={mode.value!r}: this engine has no Medusa heads")
+    budgets = self._budgets(max_new_tokens, len(prompts))
+
+    requests: list[_Request | None] = [None] * len(prompts)
+    errors: list[RequestError | None] = [None] * len(prompts)
+    for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
+      try:
+        requests[i] = _Request(i, self._encode(i, prompt, chat), self._check_budget(i, budget))
+      except RequestError as e:
+        errors[i] = e
+    valid = [r for r in requests if r is not None]
+    tree, skipped = self._choose_tree(mode, tree, max(len(valid), 1), adaptive)
+    config = StepConfig(tree=tree, strategy=strategy, eos_ids=tuple(self.cfg.eos_token_ids))
+    for r in list(valid):
+      need = len(r.prompt) + r.max_new + config.num_nodes
+      if need > self.max_cache_len:
+        errors[r.index] = RequestError(
+            f"request {r.index}: prompt ({len(r.prompt)} tokens) + max_new_tokens ({r.max_new})"
+            f" + tree nodes ({config.num_nodes}) = {need} exceeds max_cache_len"
+            f" ({self.max_cache_len})")
+        requests[r.index] = None
+    if on_error is OnError.RAISE:
+      first = next((e for e in errors if e is not None), None)
+      if first is not None:
+        raise first
+    valid = [r for r in requests if r is not None]
+
+    outs: dict[int, dict] = {}
+    decode_s, decode_tokens = 0.0, 0
+    if valid:
+      outs, decode_s, decode_tokens = self._run(valid, config, seed, t_start)
+    wall = time.perf_counter() - t_start
+    tokens = [outs[i]["tokens"] if i in outs else [] for i in range(len(prompts))]
+    stats = [self._row_stats(outs[i], config) if i in outs else None for i in range(len(prompts))]
+    texts = None
+    if self.tokenizer is not None:
+      texts = [self.tokenizer.decode(t) if t else "" for t in tokens]
+    return GenerationResult(tokens=tokens, steps=[s.steps if s else 0 for s in stats],
+                            texts=texts, stats=stats, errors=errors, speculate=mode,
+                            tree_nodes=config.num_nodes, speculation_skipped=skipped,
+                            wall_s=wall, decode_s=decode_s, decode_tokens=decode_tokens)
+
+  # ------------------------------------------------------------------------- internals
+
+  @staticmethod
+  def _strategy(temperature, top_p, typical):
+    from medusa_jax.decoding.verify import parse_strategy
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(f"{name}={value!r}: expected a finite number")
+    if temperature < 0:
+      raise RequestError(f"temperature={temperature!r}: expected >= 0 (0 = greedy)")
+    if not 0 < top_p <= 1:
+      raise RequestError(f"top_p={top_p!r}: expected 0 < top_p <= 1")
+    return parse_strategy(float(temperature), float(top_p), typical=bool(typical))
+
+  @staticmethod
+  def _budgets(max_new_tokens, count: int) -> list:
+    if isinstance(max_new_tokens, Sequence) and not isinstance(max_new_tokens, (str, bytes)):
+      if len(max_new_tokens) != count:
+        raise RequestError(f"max_new_tokens: expected one budget per prompt ({count}), got"
+                           f" {len(max_new_tokens)}")
+      return list(max_new_tokens)
+    return [max_new_tokens] * count
+
+  @staticmethod
+  def _check_budget(i: int, budget) -> int:
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget <= 0:
+      raise RequestError(f"request {i}: max_new_tokens={budget!r}; expected an integer >= 1")
+    return int(budget)
+
+  def _encode(self, i: int, prompt, chat: bool) -> tuple[int, ...]:
+    if isinstance(prompt, str):
+      if self.tokenizer is None:
+        raise RequestError(f"request {i}: a string prompt needs a tokenizer; pass token ids")
+      if chat:
+        ids = _chat_ids(self.tokenizer, prompt)
+      else:
+        ids = self.tokenizer.encode(prompt)
+    else:
+      ids = prompt
+    if isinstance(ids, np.ndarray):
+      ids = ids.tolist()
+    if not isinstance(ids, Sequence) or isinstance(ids, bytes):
+      raise RequestError(f"request {i}: expected a list of token ids or a string, got"
+                         f" {type(prompt).__name__}")
+    if len(ids) == 0:
+      raise RequestError(f"request {i}: empty prompt; expected at least one token")
+    vocab = self.cfg.vocab_size
+    for j, t in enumerate(ids):
+      if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab:
+        raise RequestError(f"request {i}: token {j} = {t!r}; expected an integer id in"
+                           f" [0, {vocab})")
+    return tuple(int(t) for t in ids)
+
+  def _choose_tree(self, mode: Speculate, tree, batch: int, adaptive: bool | None):
+    """(TreeBuffers | None, speculation_skipped) for this call."""
+    from medusa_jax.decoding import tree as tree_mod
+    if mode is Speculate.NONE:
+      return None, False
+    n = self.num_heads
+    if mode is Speculate.CHAIN:
+      if not adaptive and batch * (n + 1) > self.max_batch_size:
+        return None, True
+      return tree_mod.build_tree(tree_mod.chain_choices(n)), False
+    if tree is None:
+      return tree_mod.tree_for_batch(batch, n, max_tree_rows=self.max_tree_rows,
+                                     choices=self.tree_choices), False
+    if not isinstance(tree, tree_mod.TreeBuffers):
+      tree = tree_mod.build_tree(tree)
+    if tree.depth > n:
+      raise RequestError(f"tree: depth {tree.depth} exceeds the {n} Medusa heads")
+    return tree, False
+
+  def _run(self, valid: list[_Request], config: StepConfig, seed: int, t_start: float):
+    """Prefill + the step loop for the valid requests. Returns (outs, decode_s, decode_tokens)."""
+    rows = buckets.batch_bucket(len(valid))
+    longest = max(len(r.prompt) for r in valid)
+    need = max(len(r.prompt) + r.max_new for r in valid) + config.num_nodes
+    cache_len = buckets.cache_bucket(need, self.max_cache_len)
+    width = buckets.prompt_bucket(longest, cache_len)
+    prompt = np.zeros((rows, width), np.int32)
+    lens = np.ones((rows,), np.int32)
+    budget = np.ones((rows,), np.int32)
+    pad = np.ones((rows,), bool)
+    for b, r in enumerate(valid):
+      prompt[b, :len(r.prompt)] = r.prompt
+      lens[b], budget[b], pad[b] = len(r.prompt), r.max_new, False
+
+    dec = self.decoder
+    cache = dec.init_cache(rows, cache_len, self.cache_dtype)
+    state, pending = dec.prefill(cache, jnp.asarray(prompt), jnp.asarray(lens),
+                                 jnp.asarray(budget), jnp.asarray(pad),
+                                 jax.random.PRNGKey(seed), config=config)
+    outs = {r.index: dict(tokens=[], steps=0, hist=[0] * config.width, finished=None)
+            for r in valid}
+    index_of = [r.index for r in valid]
+    is_prefill = True
+    steps_seen = 0
+    decode_t0, decode_tokens = None, 0
+    # Dispatch step k+1 before reading step k's output, so the host read overlaps
+    # device work; finished rows make the extra step a no-op.
+    for _ in range(max(r.max_new for r in valid) + 1):
+      state, nxt = dec.step(state, config=config)
+      host = jax.device_get(pending)
+      now = time.perf_counter()
+      for b, i in enumerate(index_of):
+        o = outs[i]
+        if not host.active[b]:
+          continue
+        c = int(host.count[b])
+        o["tokens"].extend(int(t) for t in host.tokens[b, :c])
+        if not is_prefill:
+          o["steps"] += 1
+          o["hist"][int(host.accept_len[b])] += 1
+          if steps_seen >= 2:
+            decode_tokens += c
+        if host.done[b] and o["finished"] is None:
+          o["finished"] = now - t_start
+      if not is_prefill:
+        steps_seen += 1
+        if steps_seen == 1:
+          decode_t0 = now  # the first step paid for compilation
+      is_prefill = False
+      if bool(np.all(host.done[:len(valid)])):
+        break
+      pending = nxt
+    decode_s = (time.perf_counter() - decode_t0) if decode_t0 is not None else 0.0
+    return outs, decode_s, decode_tokens
+
+  @staticmethod
+  def _row_stats(o: dict, config: StepConfig) -> RowStats:
+    n_tok, steps = len(o["tokens"]), o["steps"]
+    hist = tuple(o["hist"])
+    heads = tuple(sum(hist[a] for a in range(k + 1, len(hist))) for k in range(len(hist) - 1))
+    wall = o["finished"] or float("nan")
+    return RowStats(new_tokens=n_tok, steps=steps,
+                    tokens_per_step=(n_tok - 1) / steps if steps else 0.0,
+                    accept_hist=hist, head_accepts=heads, wall_s=wall,
+                    tokens_per_s=n_tok / wall if wall and wall > 0 else float("nan"))
+
+
+def _load_tokenizer(model_dir):
+  """The tokenizer beside a model, or None when none can be built."""
+  try:
+    from medusa_jax.models.tokenizer import Tokenizer
+  except ImportError:
+    return None
+  for name in ("load", "from_dir", "from_pretrained"):
+    loader = getattr(Tokenizer, name, None)
+    if loader is not None:
+      try:
+        return loader(model_dir)
+      except (OSError, ValueError):
+        return None
+  return None
+
+
+def _chat_ids(tokenizer, text: str) -> list[int]:
+  """Token ids of one user turn in the model's chat template, ready for the answer."""
+  from medusa_jax.models import chat
+  rendered = chat.apply_chat_template([{"role": "user", "content": text}],
+                                      add_generation_prompt=True)
+  return tokenizer.encode(rendered)

@@ -1,0 +1,408 @@
+"""The jitted decode steps: prefill, plain, speculative (tree or chain), and LoRAX's I/O step.
+
+Every step is one ``jax.jit`` call over the split model state (``nnx.split``
+once, outside the loop) with the decode state donated, so the KV cache is
+updated in place. Static knobs (the tree, the acceptance strategy, the EOS ids)
+live in one hashable :class:`StepConfig` passed by name; a step compiles once
+per (batch bucket, cache bucket, config).
+
+State between steps (per row b):
+
+* ``lengths[b]`` tokens are committed in the cache (their K/V are written);
+* ``tokens[b, 0]`` is the pending root: chosen and already emitted, not yet in
+  the cache; ``tokens[b, 1:]`` are the draft candidates of the next tree,
+  built from the Medusa heads at the last committed position.
+
+A speculative step runs, in one call:
+
+1. one forward of the T tree tokens at positions ``lengths + depth`` with the
+   tree mask over the committed prefix (their K/V land at ``lengths + t``);
+2. the base LM head over the T nodes and the acceptance rule
+   (``verify_tree``): accepted path ``c_0..c_a`` and a bonus token;
+3. KV compaction: the path's K/V move to ``lengths + 0..a``; ``lengths += a+1``;
+4. the Medusa heads on the hidden state of the accepted node, whose top-k
+   tokens fill the next tree; the bonus becomes the next root.
+
+A step emits ``c_1..c_a`` and the bonus (``a + 1`` tokens), cut at the first
+EOS or at the row's ``max_new``; finished rows (and padding rows) are masked:
+their lengths freeze and they emit nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from medusa_jax.decoding import cache_ops
+from medusa_jax.heads import MedusaModel, MedusaV2
+
+Array = jax.Array
+
+EMPTY = -1
+"""Token id written in output slots that carry no token."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class StepConfig:
+  """Static knobs of a step; hashable, one compilation per value.
+
+  Attributes:
+    tree: the candidate tree (``TreeBuffers``); None = plain decoding.
+    strategy: the acceptance / sampling strategy (``Greedy()``, ``Typical``,
+      ``Sampling``), also used to choose the root.
+    eos_ids: ids that end a row (the EOS itself is emitted).
+  """
+  tree: Any = None
+  strategy: Any
+  eos_ids: tuple[int, ...] = ()
+
+  @property
+  def num_nodes(self) -> int:
+    """T: tokens fed per step (1 for plain decoding)."""
+    return 1 if self.tree is None else int(self.tree.num_nodes)
+
+  @property
+  def width(self) -> int:
+    """Most tokens a step can emit: tree depth + 1."""
+    return 1 if self.tree is None else int(self.tree.depth) + 1
+
+
+@flax.struct.dataclass
+class DecodeState:
+  """Device state of a batch between steps (donated to every step).
+
+  Attributes:
+    cache: the ``KVCache`` ([B, L, G, D] per layer).
+    lengths: [B] int32 committed tokens per row.
+    tokens: [B, T] int32 inputs of the next step; column 0 is the pending
+      root, columns 1.. the draft candidates of the tree (T = 1 when plain).
+    generated: [B] int32 tokens emitted so far.
+    max_new: [B] int32 per-row budget of new tokens.
+    done: [B] bool; finished and padding rows.
+    rng: PRNG key, split once per step.
+  """
+  cache: Any
+  lengths: Array
+  tokens: Array
+  generated: Array
+  max_new: Array
+  done: Array
+  rng: Array
+
+
+@flax.struct.dataclass
+class StepOutput:
+  """What the host reads after a step (one ``jax.device_get``).
+
+  Attributes:
+    tokens: [B, W] int32 emitted tokens, ``EMPTY`` after ``count``.
+    count: [B] int32 tokens emitted this step (0 for finished rows).
+    accept_len: [B] int32 draft tokens accepted (0..D; 0 when plain).
+    active: [B] bool rows that took part in this step (not done before it).
+    done: [B] bool rows finished after this step.
+  """
+  tokens: Array
+  count: Array
+  accept_len: Array
+  active: Array
+  done: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Graphs:
+  """The static halves of ``nnx.split``: base model and heads (or None)."""
+  llama: Any
+  heads: Any
+
+
+@flax.struct.dataclass
+class Params:
+  """The array halves of ``nnx.split``: base model and heads state (or None)."""
+  llama: Any
+  heads: Any
+
+
+# ----------------------------------------------------------------------------- heads
+
+
+def _merge(graphdef, state):
+  return None if graphdef is None else nnx.merge(graphdef, state)
+
+
+def base_and_draft(heads, x: Array, lm_head) -> tuple[Array, Array]:
+  """Base and draft logits at the given rows, always drafting.
+
+  The speculation max-batch guard is a policy that the engine applies once per
+  batch (see engine.py); here V2 heads are called below the guard so that the
+  adaptive tree policy can speculate at any batch size.
+
+  Args:
+    heads: ``MedusaModel`` / ``MedusaV2`` / any callable ``(x, lm_head)``.
+    x: [N, H] hidden states after the final norm.
+    lm_head: [..., H] -> [..., V] float32.
+
+  Returns:
+    logits [N, V] float32, draft logits [N, n, V] float32.
+  """
+  v2 = heads.medusa if isinstance(heads, MedusaModel) and heads.is_v2 else heads
+  if isinstance(v2, MedusaV2):
+    h_NxnxH = v2.heads_hidden(x)
+    logits3 = lm_head(jnp.concatenate([x[:, None, :], h_NxnxH.astype(x.dtype)], axis=1))
+    return logits3[:, 0], logits3[:, 1:]
+  logits, spec = heads(x, lm_head)
+  if spec is None:
+    raise ValueError("heads returned no draft logits; the engine must not speculate here")
+  return logits, spec
+
+
+def _finish(state: DecodeState, emitted: Array, num_emitted: Array, eos_ids: tuple[int, ...]):
+  """Cuts each row's emitted tokens at EOS / its budget and updates the counters.
+
+  Args:
+    state: the state before the step.
+    emitted: [B, W] int32 candidate emissions in order.
+    num_emitted: [B] int32 valid prefix of ``emitted``.
+    eos_ids: static EOS ids.
+
+  Returns:
+    (out_tokens [B, W], count [B], generated [B], done [B]).
+  """
+  width = emitted.shape[1]
+  k_W = jnp.arange(width, dtype=jnp.int32)
+  budget_B = state.max_new - state.generated
+  valid_BxW = ((k_W[None, :] < num_emitted[:, None]) & (k_W[None, :] < budget_B[:, None])
+               & ~state.done[:, None])
+  if eos_ids:
+    is_eos_BxW = jnp.isin(emitted, jnp.asarray(eos_ids, jnp.int32)) & valid_BxW
+    eos_before_BxW = jnp.cumsum(is_eos_BxW.astype(jnp.int32), axis=1) - is_eos_BxW
+    valid_BxW = valid_BxW & (eos_before_BxW == 0)
+    hit_eos_B = jnp.any(is_eos_BxW & valid_BxW, axis=1)
+  else:
+    hit_eos_B = jnp.zeros_like(state.done)
+  count_B = jnp.sum(valid_BxW, axis=1, dtype=jnp.int32)
+  generated_B = state.generated + count_B
+  done_B = state.done | hit_eos_B | (generated_B >= state.max_new)
+  out_BxW = jnp.where(valid_BxW, emitted, EMPTY)
+  return out_BxW, count_B, generated_B, done_B
+
+
+def _next_tokens(config: StepConfig, root: Array, draft_logits: Array | None) -> Array:
+  """[B, T] inputs of the next step from the root [B] and the draft logits [B, n, V]."""
+  if config.tree is None:
+    return root[:, None]
+  from medusa_jax.decoding.verify import tree_candidates
+  return tree_candidates(config.tree, root, draft_logits).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def prefill(graphs: Graphs, params: Params, cache, prompt: Array, prompt_lens: Array,
+            max_new: Array, done: Array, rng: Array, *, config: StepConfig
+            ) -> tuple[DecodeState, StepOutput]:
+  """Runs the prompts, chooses each row's first token and its first drafts. DONATES cache.
+
+  Args:
+    graphs, params: the split base model and heads.
+    cache: an empty ``KVCache`` of B rows.
+    prompt: [B, P] int32 prompts left-aligned, padded to the bucket P.
+    prompt_lens: [B] int32 real lengths (>= 1).
+    max_new: [B] int32 budgets (>= 1).
+    done: [B] bool; True for padding rows.
+    rng: PRNG key.
+    config: static knobs.
+
+  Returns:
+    The decode state (``lengths = prompt_lens``) and the first emitted tokens.
+  """
+  llama = _merge(graphs.llama, params.llama)
+  heads = _merge(graphs.heads, params.heads)
+  batch, width = prompt.shape
+  positions_BxP = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32)[None, :], (batch, width))
+  zero_B = jnp.zeros((batch,), jnp.int32)
+  mask = cache_ops.prefill_attention_mask(prompt_lens, width, cache.length)
+  hidden_BxPxH, cache = llama(prompt, positions_BxP, cache, zero_B, mask)
+  last_B = jnp.clip(prompt_lens - 1, 0, width - 1)
+  x_BxH = jnp.take_along_axis(hidden_BxPxH, last_B[:, None, None], axis=1)[:, 0]
+  if config.tree is None:
+    logits_BxV, draft = llama.lm_head(x_BxH), None
+  else:
+    logits_BxV, draft = base_and_draft(heads, x_BxH, llama.lm_head)
+  from medusa_jax.decoding.verify import choose_root
+  rng, key = jax.random.split(rng)
+  root_B = choose_root(logits_BxV, config.strategy, key).astype(jnp.int32)
+  start = DecodeState(cache=cache, lengths=prompt_lens.astype(jnp.int32),
+                      tokens=jnp.zeros((batch, config.num_nodes), jnp.int32),
+                      generated=zero_B, max_new=max_new.astype(jnp.int32), done=done, rng=rng)
+  out, count, generated, new_done = _finish(start, root_B[:, None], jnp.ones_like(zero_B),
+                                            config.eos_ids)
+  state = start.replace(tokens=_next_tokens(config, root_B, draft), generated=generated,
+                        done=new_done)
+  return state, StepOutput(tokens=out, count=count, accept_len=zero_B, active=~done,
+                           done=new_done)
+
+
+def plain_step(graphs: Graphs, params: Params, state: DecodeState, *, config: StepConfig
+               ) -> tuple[DecodeState, StepOutput]:
+  """One token per row: commit the root, choose the next one. DONATES state."""
+  llama = _merge(graphs.llama, params.llama)
+  cache = state.cache
+  mask = cache_ops.tree_attention_mask(state.lengths, jnp.ones((1, 1), bool), cache.length)
+  hidden_Bx1xH, cache = llama(state.tokens[:, :1], state.lengths[:, None], cache,
+                              state.lengths, mask)
+  logits_BxV = llama.lm_head(hidden_Bx1xH[:, 0])
+  from medusa_jax.decoding.verify import choose_root
+  rng, key = jax.random.split(state.rng)
+  next_B = choose_root(logits_BxV, config.strategy, key).astype(jnp.int32)
+  active_B = ~state.done
+  out, count, generated, done = _finish(state, next_B[:, None], jnp.ones_like(state.lengths),
+                                        config.eos_ids)
+  lengths = jnp.where(active_B, state.lengths + 1, state.lengths)
+  tokens = jnp.where(active_B[:, None], next_B[:, None], state.tokens)
+  new_state = state.replace(cache=cache, lengths=lengths, tokens=tokens, generated=generated,
+                            done=done, rng=rng)
+  return new_state, StepOutput(tokens=out, count=count, accept_len=jnp.zeros_like(count),
+                               active=active_B, done=done)
+
+
+def speculative_step(graphs: Graphs, params: Params, state: DecodeState, *,
+                     config: StepConfig) -> tuple[DecodeState, StepOutput]:
+  """Verify the tree, compact the cache, draft the next tree: one call. DONATES state.
+
+  See the module docstring for the algorithm. ``config.tree`` must be set.
+  """
+  from medusa_jax.decoding.verify import verify_tree
+  tree = config.tree
+  llama = _merge(graphs.llama, params.llama)
+  heads = _merge(graphs.heads, params.heads)
+  cache = state.cache
+  depth_T = jnp.asarray(tree.node_depth, jnp.int32)
+  positions_BxT = state.lengths[:, None] + depth_T[None, :]
+  mask = cache_ops.tree_attention_mask(state.lengths, jnp.asarray(tree.attn_mask, bool),
+                                       cache.length)
+  hidden_BxTxH, cache = llama(state.tokens, positions_BxT, cache, state.lengths, mask)
+  logits_BxTxV = llama.lm_head(hidden_BxTxH)
+  rng, key = jax.random.split(state.rng)
+  verdict = verify_tree(tree, state.tokens, logits_BxTxV, config.strategy, key)
+  path_BxP = verdict.path_nodes.astype(jnp.int32)
+  cache = cache_ops.compact_cache(cache, state.lengths, path_BxP)
+  best_B = verdict.best_node.astype(jnp.int32)
+  x_BxH = jnp.take_along_axis(hidden_BxTxH, best_B[:, None, None], axis=1)[:, 0]
+  _, draft_Bxnxv = base_and_draft(heads, x_BxH, llama.lm_head)
+  next_root_B = verdict.next_root.astype(jnp.int32)
+  active_B = ~state.done
+  accept_B = verdict.accept_len.astype(jnp.int32)
+  out, count, generated, done = _finish(state, verdict.emitted.astype(jnp.int32),
+                                        verdict.num_emitted.astype(jnp.int32), config.eos_ids)
+  lengths = jnp.where(active_B, state.lengths + accept_B + 1, state.lengths)
+  tokens = jnp.where(active_B[:, None], _next_tokens(config, next_root_B, draft_Bxnxv),
+                     state.tokens)
+  new_state = state.replace(cache=cache, lengths=lengths, tokens=tokens, generated=generated,
+                            done=done, rng=rng)
+  return new_state, StepOutput(tokens=out, count=count,
+                               accept_len=jnp.where(active_B, accept_B, 0),
+                               active=active_B, done=done)
+
+
+def decode_step(graphs: Graphs, params: Params, state: DecodeState
+                ) -> tuple[Array, Array | None, DecodeState]:
+  """LoRAX's I/O contract: one token per row in, base and draft logits out. DONATES state.
+
+  Feeds ``state.tokens[:, 0]`` at position ``lengths`` (committing it: active
+  rows get ``lengths + 1``) and runs the heads exactly as given, guard
+  included: ``heads(x, lm_head)`` with x the new hidden states [B, H].
+  The caller chooses the next token and puts it in ``tokens[:, 0]``.
+
+  Returns:
+    logits [B, V] float32; draft logits [B, n, V] float32, or None when the
+    heads skip drafting (V2 with B above the speculation max batch size, or no
+    heads); the new state.
+  """
+  llama = _merge(graphs.llama, params.llama)
+  heads = _merge(graphs.heads, params.heads)
+  cache = state.cache
+  mask = cache_ops.tree_attention_mask(state.lengths, jnp.ones((1, 1), bool), cache.length)
+  hidden_Bx1xH, cache = llama(state.tokens[:, :1], state.lengths[:, None], cache,
+                              state.lengths, mask)
+  x_BxH = hidden_Bx1xH[:, 0]
+  if heads is None:
+    logits, draft = llama.lm_head(x_BxH), None
+  else:
+    logits, draft = heads(x_BxH, llama.lm_head)
+  lengths = jnp.where(state.done, state.lengths, state.lengths + 1)
+  return logits, draft, state.replace(cache=cache, lengths=lengths)
+
+
+# ----------------------------------------------------------------------------- jitted
+
+
+class Decoder:
+  """Splits the base model and heads once and holds the jitted steps.
+
+  Example::
+
+    dec = Decoder(llama, medusa_model)
+    state, out = dec.prefill(cache, prompt, prompt_lens, max_new, done, key, config=cfg)
+    state, out = dec.step(state, config=cfg)         # plain or speculative, by cfg.tree
+
+  ``trace_counts`` counts traces per step kind; a second call with the same
+  shapes and config does not grow it (no recompilation).
+  """
+
+  def __init__(self, llama, heads=None):
+    """Args: llama: the base ``Llama``; heads: ``MedusaModel`` (or None)."""
+    llama_def, llama_state = nnx.split(llama)
+    if heads is None:
+      heads_def, heads_state = None, None
+    else:
+      heads_def, heads_state = nnx.split(heads)
+    self.cfg = llama.cfg
+    self.graphs = Graphs(llama=llama_def, heads=heads_def)
+    self.params = Params(llama=llama_state, heads=heads_state)
+    self.num_heads = None if heads is None else int(getattr(heads, "num_heads", 0)) or None
+    self.trace_counts: collections.Counter = collections.Counter()
+    self._prefill = jax.jit(self._counted("prefill", prefill), static_argnames=("config",),
+                            donate_argnames=("cache",))
+    self._plain = jax.jit(self._counted("plain", plain_step), static_argnames=("config",),
+                          donate_argnames=("state",))
+    self._spec = jax.jit(self._counted("speculative", speculative_step),
+                         static_argnames=("config",), donate_argnames=("state",))
+    self._lorax = jax.jit(self._counted("decode_step", decode_step),
+                          donate_argnames=("state",))
+
+  def _counted(self, name, fn):
+    """``fn`` with the graphs bound and a trace counter (jit keeps the signature)."""
+    counter = self.trace_counts
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+      counter[name] += 1  # runs once per trace, never per call
+      return fn(*args, **kwargs)
+    return functools.partial(traced, self.graphs)
+
+  def init_cache(self, batch: int, length: int, dtype):
+    """An empty ``KVCache`` of ``batch`` rows and ``length`` slots."""
+    from medusa_jax.models.llama import KVCache
+    return KVCache.init(self.cfg, batch, length, dtype)
+
+  def prefill(self, cache, prompt, prompt_lens, max_new, done, rng, *, config: StepConfig):
+    """See :func:`prefill`. DONATES cache."""
+    return self._prefill(self.params, cache, prompt, prompt_lens, max_new, done, rng,
+                         config=config)
+
+  def step(self, state: DecodeState, *, config: StepConfig):
+    """A plain or speculative step, by ``config.tree``. DONATES state."""
+    if config.tree is None:
+      return self._plain(self.params, state, config=config)
+    return self._spec(self.params, state, config=config)
+
+  def decode_step(self, state: DecodeState):
+    """See :func:`decode_step`. DONATES state."""
+    return self._lorax(self.params, state)
