@@ -32,15 +32,17 @@ class MedusaConfig:
   version: float = 1.0
 
   def __post_init__(self):
-    _check_positive_int("medusa_num_heads", self.medusa_num_heads, None)
-    _check_positive_int("medusa_num_layers", self.medusa_num_layers, None)
+    # Normalise in place (3.0 -> 3, version 2 -> 2.0) so fields have one type.
+    for name in ("medusa_num_heads", "medusa_num_layers"):
+      object.__setattr__(self, name, _check_positive_int(name, getattr(self, name), None))
     if not isinstance(self.base_model_name_or_path, str):
       raise ConfigError(
           f"base_model_name_or_path: expected a string, got"
           f" {type(self.base_model_name_or_path).__name__}")
-    if (isinstance(self.version, bool) or not isinstance(self.version, float)
+    if (isinstance(self.version, bool) or not isinstance(self.version, (int, float))
         or not math.isfinite(self.version)):
-      raise ConfigError(f"version: expected a finite float, got {self.version!r}")
+      raise ConfigError(f"version: expected a finite number, got {self.version!r}")
+    object.__setattr__(self, "version", float(self.version))
 
   @classmethod
   def load(cls, config: Mapping[str, Any], *, source: str | None = None) -> "MedusaConfig":
