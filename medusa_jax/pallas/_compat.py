@@ -1,0 +1,53 @@
+"""Pallas calls whose spelling differs between the JAX versions we support.
+
+JAX 0.10.2 (CPU, tests) and 0.11.x (GPU) both ship the Triton backend
+(``jax.experimental.pallas.triton``; deprecated in 0.11, selected by passing
+its ``CompilerParams``) and the TPU ``PrefetchScalarGridSpec``. Everything
+version-dependent that the kernels touch goes through this module.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+
+def triton_compiler_params(num_warps: int, num_stages: int):
+  """Compiler params that select the Pallas Triton backend on GPU."""
+  return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def triton_load(ref_view, *, mask=None, other=None):
+  """Masked load of a ref view (``ref.at[...]``)."""
+  return pltriton.load(ref_view, mask=mask, other=other)
+
+
+def triton_store(ref_view, value, *, mask=None):
+  """Masked store into a ref view (``ref.at[...]``)."""
+  pltriton.store(ref_view, value, mask=mask)
+
+
+def tpu_prefetch_grid_spec(*, num_scalar_prefetch, grid, in_specs, out_specs, scratch_shapes):
+  return pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=num_scalar_prefetch, grid=grid,
+                                      in_specs=in_specs, out_specs=out_specs,
+                                      scratch_shapes=scratch_shapes)
+
+
+def tpu_vmem(shape, dtype):
+  return pltpu.VMEM(shape, dtype)
+
+
+def tpu_compiler_params(dimension_semantics):
+  return pltpu.CompilerParams(dimension_semantics=dimension_semantics)
+
+
+def cost_estimate(*, flops: int, bytes_accessed: int, transcendentals: int = 0):
+  return pl.CostEstimate(flops=flops, bytes_accessed=bytes_accessed,
+                         transcendentals=transcendentals)
+
+
+def on_cpu() -> bool:
+  """True when the default backend has no accelerator (kernels then interpret)."""
+  return jax.default_backend() == "cpu"
