@@ -199,6 +199,7 @@ class MedusaWeights:
     with _TensorIndex(files) as index:
       n, num_layers = config.medusa_num_heads, config.medusa_num_layers
       hidden = _hidden_size(index)
+      _check_num_layers(index, num_layers)
       per_head = num_layers > 1 or index.has(out_weight_key(0, num_layers))
       vocab = None
       if per_head:
@@ -426,6 +427,18 @@ def _hidden_size(index: "_TensorIndex") -> int:
   return shape[0]
 
 
+def _check_num_layers(index: "_TensorIndex", num_layers: int) -> None:
+  """Names the config/file mismatch when head 0 has fewer ResBlocks than L."""
+  found = 0
+  while index.has(block_weight_key(0, found)):
+    found += 1
+  if found < num_layers:
+    key = block_weight_key(0, found)
+    raise MissingTensorError(
+        f"{key}: missing from {', '.join(index.files)}; the config says medusa_num_layers="
+        f"{num_layers} but head 0 in the files has {found} ResBlock(s)")
+
+
 def _skipped(name: str) -> bool:
   return any(word in name for word in _SKIP_WORDS)
 
@@ -483,7 +496,7 @@ class _TensorIndex:
   """
 
   def __init__(self, files: list[str]):
-    self._files = files
+    self.files = files
     self._stack = contextlib.ExitStack()
     self._entries: dict[str, tuple[int, str, str]] = {}  # key -> (priority, file, raw key)
     self._handles: dict[str, Any] = {}
@@ -491,7 +504,7 @@ class _TensorIndex:
 
   def __enter__(self) -> "_TensorIndex":
     try:
-      for path in self._files:
+      for path in self.files:
         raw_keys = (self._open_safetensors(path) if path.endswith(_SAFETENSORS_EXT)
                     else self._open_torch(path))
         for raw in raw_keys:
@@ -553,7 +566,7 @@ class _TensorIndex:
       found = (f"the files hold Medusa heads {heads}" if heads else
                "the files hold no Medusa-head tensors; some keys: "
                + ", ".join(sorted(self._entries)[:5]))
-      raise MissingTensorError(f"{key}: missing from {', '.join(self._files)} ({found})")
+      raise MissingTensorError(f"{key}: missing from {', '.join(self.files)} ({found})")
     return entry
 
   def shape(self, key: str) -> tuple[int, ...]:
