@@ -1,0 +1,510 @@
+"""Sharded heads and lm_head on 8 fake CPU devices == the unsharded math."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from medusa_jax import sharding as sh
+from medusa_jax.config import MedusaConfig
+from medusa_jax.errors import MissingTensorError, SegmentError, ShardingError, WeightsNotFoundError
+from medusa_jax.heads import MedusaModel
+from medusa_jax.pallas import segmented_matmul
+
+MESHES = [(1, 8), (2, 4), (8, 1)]
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def count_compiles():
+  """Counts XLA backend compilations inside the block."""
+  seen = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == COMPILE_EVENT:
+      seen.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield seen
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def _cfg(n, layers=1):
+  return MedusaConfig(base_model_name_or_path="test", medusa_num_heads=n,
+                      medusa_num_layers=layers, version=2.0)
+
+
+def _silu(v):
+  return v / (1.0 + np.exp(-v))
+
+
+def _v2_model(rng, hidden, n, dtype=jnp.float32, max_batch_size=None):
+  model = MedusaModel(_cfg(n), hidden, rngs=nnx.Rngs(0), param_dtype=dtype,
+                      max_batch_size=max_batch_size)
+  model.medusa.kernel[...] = jnp.asarray(rng.standard_normal((hidden, n * hidden)) * 0.3, dtype)
+  model.medusa.bias[...] = jnp.asarray(rng.standard_normal((n * hidden,)), dtype)
+  return model
+
+
+def _v1_model(rng, hidden, vocab, n, layers):
+  model = MedusaModel(_cfg(n, layers), hidden, vocab, per_head_lm_head=True, rngs=nnx.Rngs(0))
+  for head in model.medusa.heads:
+    for block in head.blocks:
+      block.kernel[...] = jnp.asarray(rng.standard_normal((hidden, hidden)) * 0.3, jnp.float32)
+      block.bias[...] = jnp.asarray(rng.standard_normal((hidden,)), jnp.float32)
+    head.out[...] = jnp.asarray(rng.standard_normal((hidden, vocab)), jnp.float32)
+  return model
+
+
+def _v2_reference(x, kernel, bias, lm, n):
+  """float64: (logits [N, V], spec [N, n, V]) of LoRAX's MedusaV2."""
+  x, kernel, bias, lm = (np.asarray(a, np.float64) for a in (x, kernel, bias, lm))
+  hidden = x.shape[1]
+  y = (x @ kernel + bias).reshape(x.shape[0], n, hidden)
+  h = x[:, None, :] + _silu(y)
+  stacked = np.concatenate([x[:, None, :], h], axis=1)
+  logits3 = stacked @ lm
+  return logits3[:, 0], logits3[:, 1:]
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _forward(model, lm_weight, x, mesh, *, transposed=False):
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def fwd(state, w, x):
+    return nnx.merge(graphdef, state)(x, sh.vocab_parallel_lm_head(w, transposed=transposed))
+
+  return fwd, state, fwd(state, lm_weight, x)
+
+
+def _collectives(compiled_text):
+  return re.findall(r"= [^=]*? (all-gather|all-reduce|all-to-all|collective-permute|"
+                    r"reduce-scatter)\(", compiled_text)
+
+
+# ------------------------------------------------------------------------------ mesh
+
+
+@pytest.mark.parametrize("data,model", MESHES)
+def test_make_mesh_shapes(data, model):
+  mesh = sh.make_mesh(data, model)
+  assert dict(mesh.shape) == {"data": data, "model": model}
+  assert mesh.axis_names == ("data", "model")
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+def test_make_mesh_model_defaults_to_remaining_devices():
+  assert dict(sh.make_mesh(2).shape) == {"data": 2, "model": 4}
+  assert dict(sh.make_mesh(1, 2, devices=jax.devices()[:2]).shape) == {"data": 1, "model": 2}
+
+
+@pytest.mark.parametrize("data,model,match", [
+    (3, None, "axis 'data' of size 3 does not divide the 8 devices"),
+    (3, 3, r"\(data=3, model=3\) needs 9 devices, got 8"),
+    (0, 8, "expected positive sizes"),
+])
+def test_make_mesh_errors(data, model, match):
+  with pytest.raises(ShardingError, match=match):
+    sh.make_mesh(data, model)
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def test_medusa_rules_specs():
+  r = sh.MEDUSA_RULES
+  assert r.spec("kernel_hnh") == P(None, None, "model")
+  assert r.spec("bias_nh") == P(None, "model")
+  assert r.spec("medusa/heads/2/blocks/0/kernel") == P(None, "model")
+  assert r.spec("medusa/heads/2/blocks/1/bias") == P("model")
+  assert r.spec("medusa/heads/0/out") == P(None, "model")
+  assert r.spec("something/else") == P()
+
+
+def test_llama_rules_specs():
+  r = sh.LLAMA_RULES
+  for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+    assert r.spec(f"layers/3/{name}/kernel") == P(None, "model")
+  for name in ("o_proj", "down_proj"):
+    assert r.spec(f"layers/0/{name}/kernel") == P("model", None)
+  assert r.spec("embed_tokens/embedding") == P("model", None)
+  assert r.spec("lm_head/kernel") == P(None, "model")
+  assert r.spec("layers/0/input_norm/scale") == P()
+
+
+def test_partition_specs_v1_state_and_error():
+  rng = np.random.default_rng(1)
+  model = _v1_model(rng, 16, 24, 2, 2)
+  _, state = nnx.split(model)
+  mesh = sh.make_mesh(1, 8)
+  specs = jax.tree_util.tree_leaves(sh.partition_specs(state, sh.MEDUSA_RULES, mesh),
+                                    is_leaf=lambda s: isinstance(s, P))
+  assert specs.count(P(None, "model")) == 2 * 2 + 2 and specs.count(P("model")) == 4
+  with pytest.raises(ShardingError,
+                     match=r"medusa/heads/0/out: dim 1 of size 20 is not divisible by mesh "
+                           r"axis 'model' of size 8"):
+    sh.partition_specs(nnx.split(_v1_model(rng, 16, 20, 2, 1))[1], sh.MEDUSA_RULES, mesh)
+
+
+# -------------------------------------------------------------------------- placing
+
+
+def test_place_reads_each_block_not_the_whole_array():
+  rng = np.random.default_rng(2)
+  full = rng.standard_normal((6, 16)).astype(np.float32)
+  mesh = sh.make_mesh(2, 4)
+  reads = []
+
+  def read(index):
+    reads.append(tuple((s.start, s.stop) for s in index))
+    return full[index]
+
+  arr = sh.place(read, P(None, "model"), mesh, shape=full.shape, dtype=jnp.bfloat16)
+  assert arr.dtype == jnp.bfloat16 and arr.sharding.spec == P(None, "model")
+  np.testing.assert_array_equal(np.asarray(arr, np.float32),
+                                full.astype(jnp.bfloat16).astype(np.float32))
+  # 4 distinct column blocks, each read once although 2 devices hold each.
+  assert sorted(reads) == [((0, 6), (c, c + 4)) for c in range(0, 16, 4)]
+
+
+def test_place_errors():
+  mesh = sh.make_mesh(1, 8)
+  with pytest.raises(ShardingError, match="a callable source needs shape= and dtype="):
+    sh.place(lambda i: None, P(None, "model"), mesh)
+  with pytest.raises(ShardingError, match=r"lm_head: dim 1 of size 12 is not divisible by mesh "
+                                          r"axis 'model' of size 8"):
+    sh.place(np.random.default_rng(0).standard_normal((4, 12)), P(None, "model"), mesh,
+             what="lm_head")
+  with pytest.raises(ShardingError, match="spec .* has 3 entries for a rank-2 array"):
+    sh.place(np.random.default_rng(0).standard_normal((4, 8)), P(None, None, "model"), mesh)
+
+
+def test_shard_batch_over_data():
+  mesh = sh.make_mesh(2, 4)
+  ids = np.random.default_rng(3).integers(0, 100, (4, 5))
+  arr = sh.shard_batch(ids, mesh)
+  assert arr.sharding.spec == P("data", None)
+  np.testing.assert_array_equal(np.asarray(arr), ids)
+  with pytest.raises(ShardingError, match="batch: dim 0 of size 3 is not divisible by mesh "
+                                          "axis 'data' of size 2"):
+    sh.shard_batch(ids[:3], mesh)
+
+
+# ------------------------------------------------------------------------- V2 heads
+
+
+@pytest.mark.parametrize("data,model", MESHES)
+def test_v2_sharded_matches_unsharded(data, model):
+  rng = np.random.default_rng(10 + model)
+  hidden, vocab, n, rows = 16, 64, 3, 4
+  mesh = sh.make_mesh(data, model)
+  ref_model = _v2_model(rng, hidden, n)
+  lm = rng.standard_normal((hidden, vocab)).astype(np.float32)
+  x = jnp.asarray(rng.standard_normal((rows, hidden)), jnp.float32)
+
+  sharded = sh.shard_medusa_model(ref_model, mesh)
+  # Device d holds columns d*H/W:(d+1)*H/W of every head (LoRAX's layout).
+  kernel_hnh = np.asarray(ref_model.medusa.kernel[...]).reshape(hidden, n, hidden)
+  width = hidden // model
+  for shard in sharded.kernel_hnh[...].addressable_shards:
+    d = mesh.devices.flatten().tolist().index(shard.device) % model
+    np.testing.assert_array_equal(np.asarray(shard.data),
+                                  kernel_hnh[:, :, d * width:(d + 1) * width])
+
+  fwd, state, (logits, spec) = _forward(sharded, sh.place(lm, P(None, "model"), mesh), x, mesh)
+  want_logits, want_spec = _v2_reference(x, ref_model.medusa.kernel[...],
+                                         ref_model.medusa.bias[...], lm, n)
+  assert logits.shape == (rows, vocab) and spec.shape == (rows, n, vocab)
+  assert _rel(logits, want_logits) < 1e-5 and _rel(spec, want_spec) < 1e-5
+  base_logits, base_spec = ref_model(x, lambda h: jnp.einsum("...h,hv->...v", h, lm))
+  np.testing.assert_allclose(spec, base_spec, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(logits, base_logits, rtol=1e-5, atol=1e-4)
+  # Logits stay split over the vocabulary.
+  assert model == 1 or spec.sharding.spec[-1] == "model"
+
+
+def test_v2_collective_pattern_is_one_all_gather():
+  rng = np.random.default_rng(11)
+  mesh = sh.make_mesh(1, 8)
+  model = sh.shard_medusa_model(_v2_model(rng, 16, 4), mesh)
+  lm = sh.place(rng.standard_normal((16, 64)).astype(np.float32), P(None, "model"), mesh)
+  x = jnp.asarray(rng.standard_normal((8, 16)), jnp.float32)
+  fwd, state, _ = _forward(model, lm, x, mesh)
+  text = fwd.lower(state, lm, x).compile().as_text()
+  assert _collectives(text) == ["all-gather"]
+  gather = [l for l in text.splitlines() if " all-gather(" in l][0]
+  assert "f32[8,4,16]" in gather  # [N, n, H]: the heads' hidden, not the logits
+
+
+def test_v2_bf16_and_tied_embedding_lm_head():
+  rng = np.random.default_rng(12)
+  hidden, vocab, n = 32, 64, 4
+  mesh = sh.make_mesh(2, 4)
+  ref_model = _v2_model(rng, hidden, n, dtype=jnp.bfloat16)
+  emb = rng.standard_normal((vocab, hidden)).astype(np.float32)
+  x = jnp.asarray(rng.standard_normal((6, hidden)), jnp.bfloat16)
+  sharded = sh.shard_medusa_model(ref_model, mesh)
+  assert sharded.kernel_hnh[...].dtype == jnp.bfloat16
+  emb_sharded = sh.place(emb, P("model", None), mesh, dtype=jnp.bfloat16)
+  _, _, (logits, spec) = _forward(sharded, emb_sharded, x, mesh, transposed=True)
+  want_logits, want_spec = _v2_reference(
+      np.asarray(x, np.float32), np.asarray(ref_model.medusa.kernel[...], np.float32),
+      np.asarray(ref_model.medusa.bias[...], np.float32),
+      emb.astype(jnp.bfloat16).astype(np.float32).T, n)
+  assert _rel(logits, want_logits) < 1e-2 and _rel(spec, want_spec) < 1e-2
+
+
+def test_v2_max_batch_guard_skips_heads():
+  rng = np.random.default_rng(13)
+  mesh = sh.make_mesh(1, 8)
+  ref_model = _v2_model(rng, 16, 2, max_batch_size=4)
+  sharded = sh.shard_medusa_model(ref_model, mesh)
+  assert sharded.max_batch_size == 4 and sharded.is_v2 and sharded.num_heads == 2
+  lm = rng.standard_normal((16, 8)).astype(np.float32)
+  x = jnp.asarray(rng.standard_normal((5, 16)), jnp.float32)
+  _, _, (logits, spec) = _forward(sharded, sh.place(lm, P(None, "model"), mesh), x, mesh)
+  assert spec is None
+  np.testing.assert_allclose(logits, np.asarray(x, np.float64) @ lm, rtol=1e-5, atol=1e-5)
+
+
+def test_v2_unsharded_arrays_round_trip():
+  rng = np.random.default_rng(14)
+  ref_model = _v2_model(rng, 16, 3)
+  kernel, bias = sh.shard_medusa_model(ref_model, sh.make_mesh(1, 8)).unsharded_arrays()
+  np.testing.assert_array_equal(kernel, np.asarray(ref_model.medusa.kernel[...]))
+  np.testing.assert_array_equal(bias, np.asarray(ref_model.medusa.bias[...]))
+
+
+def test_v2_hidden_not_divisible_is_refused():
+  rng = np.random.default_rng(15)
+  with pytest.raises(ShardingError, match=r"V2 kernel \[H, n, H\]: dim 2 of size 12 is not "
+                                          r"divisible by mesh axis 'model' of size 8"):
+    sh.shard_medusa_model(_v2_model(rng, 12, 2), sh.make_mesh(1, 8))
+
+
+# ------------------------------------------------------------------------- V1 heads
+
+
+@pytest.mark.parametrize("data,model", MESHES)
+def test_v1_sharded_matches_unsharded(data, model):
+  rng = np.random.default_rng(20 + model)
+  hidden, vocab, n, layers = 16, 32, 2, 2
+  mesh = sh.make_mesh(data, model)
+  ref_model = _v1_model(rng, hidden, vocab, n, layers)
+  x = jnp.asarray(rng.standard_normal((4, hidden)), jnp.float32)
+  lm = rng.standard_normal((hidden, vocab)).astype(np.float32)
+  want_logits, want_spec = ref_model(x, lambda h: jnp.einsum("...h,hv->...v", h, lm))
+  sharded = sh.shard_medusa_model(ref_model, mesh)
+  assert sharded.medusa.heads[0].out[...].sharding.spec == P(None, "model")
+  _, _, (logits, spec) = _forward(sharded, sh.place(lm, P(None, "model"), mesh), x, mesh)
+  np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(spec, want_spec, rtol=1e-5, atol=1e-4)
+  # float64 check of one head.
+  h = np.asarray(x, np.float64)
+  for block in ref_model.medusa.heads[1].blocks:
+    h = h + _silu(h @ np.asarray(block.kernel[...], np.float64) + np.asarray(block.bias[...]))
+  assert _rel(spec[:, 1], h @ np.asarray(ref_model.medusa.heads[1].out[...], np.float64)) < 1e-5
+
+
+# ------------------------------------------------------------------------- compiles
+
+
+def test_one_compilation_per_shape():
+  rng = np.random.default_rng(30)
+  mesh = sh.make_mesh(2, 4)
+  sharded = sh.shard_medusa_model(_v2_model(rng, 16, 3), mesh)
+  lm = sh.place(rng.standard_normal((16, 32)).astype(np.float32), P(None, "model"), mesh)
+  graphdef, state = nnx.split(sharded)
+  fwd = jax.jit(lambda s, w, x: nnx.merge(graphdef, s)(x, sh.vocab_parallel_lm_head(w)))
+  inputs = [sh.shard_batch(rng.standard_normal((rows, 16)).astype(np.float32), mesh)
+            for rows in (4, 4, 4, 8, 8)]
+  with count_compiles() as compiles:
+    for x in inputs:
+      jax.block_until_ready(fwd(state, lm, x))
+  assert len(compiles) == 2  # one per row count
+
+
+# ---------------------------------------------------------------- segmented matmul
+
+
+def _segments(rng, rows, adapters):
+  """Segments covering [0, rows) with an empty and a single-row one; last row uncovered."""
+  cuts = sorted(rng.choice(np.arange(1, rows - 2), size=2, replace=False).tolist())
+  starts = [0, cuts[0], cuts[0], cuts[1], cuts[1] + 1]
+  ends = [cuts[0], cuts[0], cuts[1], cuts[1] + 1, rows - 1]
+  weights = rng.integers(0, adapters, size=len(starts))
+  return (jnp.asarray(starts, jnp.int32), jnp.asarray(ends, jnp.int32),
+          jnp.asarray(weights, jnp.int32))
+
+
+@pytest.mark.parametrize("data,model", MESHES)
+def test_sharded_segmented_matmul(data, model):
+  rng = np.random.default_rng(40 + data)
+  rows, k, m, adapters = 8, 12, 16, 3
+  mesh = sh.make_mesh(data, model)
+  x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
+  w = rng.standard_normal((adapters, k, m)).astype(np.float32)
+  b = rng.standard_normal((adapters, m)).astype(np.float32)
+  s0, s1, sw = _segments(rng, rows, adapters)
+  want = np.zeros((rows, m))
+  for a, z, i in zip(np.asarray(s0), np.asarray(s1), np.asarray(sw)):
+    want[a:z] = np.asarray(x, np.float64)[a:z] @ w[i] + b[i]
+  w_s = sh.place(w, P(None, None, "model"), mesh)
+  b_s = sh.place(b, P(None, "model"), mesh)
+  fn = jax.jit(lambda *a: sh.sharded_segmented_matmul(*a, mesh=mesh, backend="reference"))
+  got = fn(x, w_s, b_s, s0, s1, sw)
+  assert _rel(got, want) < 1e-5
+  assert model == 1 or got.sharding.spec[1] == "model"
+  nobias = jax.jit(lambda *a: sh.sharded_segmented_matmul(a[0], a[1], None, *a[2:], mesh=mesh))
+  want_nobias = jax.jit(lambda *a: segmented_matmul(a[0], a[1], None, *a[2:]))
+  np.testing.assert_allclose(nobias(x, w_s, s0, s1, sw), want_nobias(x, w, s0, s1, sw),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_segmented_matmul_refuses_epilogue_and_bad_width():
+  mesh = sh.make_mesh(1, 8)
+  rng = np.random.default_rng(41)
+  x = jnp.asarray(rng.standard_normal((4, 8)), jnp.float32)
+  s = jnp.asarray([0], jnp.int32), jnp.asarray([4], jnp.int32), jnp.asarray([0], jnp.int32)
+  w = jnp.asarray(rng.standard_normal((1, 8, 16)), jnp.float32)
+  with pytest.raises(ShardingError, match="epilogue='resblock': a fused epilogue needs whole rows"):
+    sh.sharded_segmented_matmul(x, w, None, *s, mesh=mesh, epilogue="resblock")
+  with pytest.raises(SegmentError, match="epilogue='bogus'"):
+    sh.sharded_segmented_matmul(x, w, None, *s, mesh=mesh, epilogue="bogus")
+  with pytest.raises(ShardingError, match="dim 2 of size 12 is not divisible by mesh axis "
+                                          "'model' of size 8"):
+    sh.sharded_segmented_matmul(x, w[:, :, :12], None, *s, mesh=mesh)
+
+
+@pytest.mark.parametrize("data,model", MESHES)
+def test_v2_mixed_adapter_segments_match_unsharded(data, model):
+  rng = np.random.default_rng(50 + model)
+  hidden, vocab, n, rows, adapters = 16, 32, 2, 8, 3
+  mesh = sh.make_mesh(data, model)
+  models = [_v2_model(rng, hidden, n) for _ in range(adapters)]
+  w = jnp.stack([m.medusa.kernel[...] for m in models])      # [A, H, n*H]
+  b = jnp.stack([m.medusa.bias[...] for m in models])        # [A, n*H]
+  s0, s1, sw = _segments(rng, rows, adapters)
+  seg = types.SimpleNamespace(w=w, b=b, s_start=s0, s_end=s1, seg_weight=sw,
+                              backend="reference")
+  x = jnp.asarray(rng.standard_normal((rows, hidden)), jnp.float32)
+  lm = rng.standard_normal((hidden, vocab)).astype(np.float32)
+  base_logits, base_spec = models[0](x, lambda h: jnp.einsum("...h,hv->...v", h, lm), seg)
+
+  sharded = sh.shard_medusa_model(models[0], mesh)
+  seg_sharded = types.SimpleNamespace(
+      w=sh.place(np.asarray(w).reshape(adapters, hidden, n, hidden), P(None, None, None, "model"),
+                 mesh),
+      b=sh.place(np.asarray(b).reshape(adapters, n, hidden), P(None, None, "model"), mesh),
+      s_start=s0, s_end=s1, seg_weight=sw, backend="reference")
+  graphdef, state = nnx.split(sharded)
+
+  @jax.jit
+  def fwd(st, wl, sg, x):
+    return nnx.merge(graphdef, st)(x, sh.vocab_parallel_lm_head(wl),
+                                   types.SimpleNamespace(**sg, backend="reference"))
+
+  lm_s = sh.place(lm, P(None, "model"), mesh)
+  for segs in (seg_sharded, seg):  # pre-sharded [A, H, n, H], and the flat [A, H, n*H] layout
+    arrays = {k: v for k, v in vars(segs).items() if k != "backend"}
+    logits, spec = fwd(state, lm_s, arrays, x)
+    np.testing.assert_allclose(logits, base_logits, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(spec, base_spec, rtol=1e-5, atol=1e-4)
+  # float64 reference for the covered rows; the uncovered last row has zero heads.
+  for a, z, i in zip(np.asarray(s0), np.asarray(s1), np.asarray(sw)):
+    if z > a:
+      _, want_spec = _v2_reference(x[a:z], w[i], b[i], lm, n)
+      assert _rel(spec[a:z], want_spec) < 1e-5
+  np.testing.assert_allclose(spec[rows - 1], np.zeros((n, vocab)), atol=1e-6)
+
+
+# ------------------------------------------------------------------------- loading
+
+
+def _write_adapter(tmp_path, rng, hidden, n, layers=1, vocab=None, prefix=""):
+  from safetensors.numpy import save_file
+  tensors = {}
+  for k in range(n):
+    for j in range(layers):
+      tensors[f"{prefix}{k}.{j}.linear.weight"] = rng.standard_normal((hidden, hidden)).astype(
+          np.float32)
+      tensors[f"{prefix}{k}.{j}.linear.bias"] = rng.standard_normal((hidden,)).astype(np.float32)
+    if vocab is not None:
+      tensors[f"{prefix}{k}.{layers}.weight"] = rng.standard_normal((vocab, hidden)).astype(
+          np.float32)
+  save_file(tensors, str(tmp_path / "model.safetensors"))
+  return {key[len(prefix):]: v for key, v in tensors.items()}
+
+
+@pytest.mark.parametrize("prefix", ["", "medusa_head."])
+def test_load_medusa_sharded_v2(tmp_path, prefix):
+  rng = np.random.default_rng(60)
+  hidden, n, vocab = 16, 3, 32
+  t = _write_adapter(tmp_path, rng, hidden, n, prefix=prefix)
+  mesh = sh.make_mesh(2, 4)
+  model = sh.load_medusa_sharded(_cfg(n), str(tmp_path), mesh, dtype=jnp.float32)
+  assert isinstance(model, sh.ShardedMedusaV2)
+  assert model.kernel_hnh[...].sharding.spec == P(None, None, "model")
+  kernel = np.concatenate([t[f"{k}.0.linear.weight"].T for k in range(n)], axis=1)
+  bias = np.concatenate([t[f"{k}.0.linear.bias"] for k in range(n)])
+  got_k, got_b = model.unsharded_arrays()
+  np.testing.assert_array_equal(got_k, kernel)
+  np.testing.assert_array_equal(got_b, bias)
+  lm = rng.standard_normal((hidden, vocab)).astype(np.float32)
+  x = jnp.asarray(rng.standard_normal((4, hidden)), jnp.float32)
+  _, _, (logits, spec) = _forward(model, sh.place(lm, P(None, "model"), mesh), x, mesh)
+  want_logits, want_spec = _v2_reference(x, kernel, bias, lm, n)
+  assert _rel(spec, want_spec) < 1e-5 and _rel(logits, want_logits) < 1e-5
+
+
+def test_load_medusa_sharded_v1(tmp_path):
+  rng = np.random.default_rng(61)
+  hidden, n, layers, vocab = 16, 2, 2, 24
+  t = _write_adapter(tmp_path, rng, hidden, n, layers, vocab)
+  mesh = sh.make_mesh(1, 8)
+  model = sh.load_medusa_sharded(_cfg(n, layers), str(tmp_path / "model.safetensors"), mesh,
+                                 dtype=jnp.bfloat16)
+  assert not model.is_v2
+  out = model.medusa.heads[1].out[...]
+  assert out.dtype == jnp.bfloat16 and out.sharding.spec == P(None, "model")
+  np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                t["1.2.weight"].T.astype(jnp.bfloat16).astype(np.float32))
+  blk = model.medusa.heads[0].blocks[1]
+  np.testing.assert_array_equal(np.asarray(blk.kernel[...], np.float32),
+                                t["0.1.linear.weight"].T.astype(jnp.bfloat16).astype(np.float32))
+  np.testing.assert_array_equal(np.asarray(blk.bias[...], np.float32),
+                                t["0.1.linear.bias"].astype(jnp.bfloat16).astype(np.float32))
+
+
+def test_load_medusa_sharded_errors(tmp_path):
+  rng = np.random.default_rng(62)
+  mesh = sh.make_mesh(1, 8)
+  with pytest.raises(WeightsNotFoundError, match="no .safetensors file"):
+    sh.load_medusa_sharded(_cfg(2), str(tmp_path), mesh)
+  _write_adapter(tmp_path, rng, 16, 2)
+  with pytest.raises(MissingTensorError, match=r"^2\.0\.linear\.weight: missing from"):
+    sh.load_medusa_sharded(_cfg(3), str(tmp_path), mesh)
+  with pytest.raises(MissingTensorError, match=r"0\.2\.weight: missing"):
+    sh.load_medusa_sharded(_cfg(2, 2), str(tmp_path), mesh)
+  other = tmp_path / "odd"
+  other.mkdir()
+  _write_adapter(other, rng, 12, 2)
+  with pytest.raises(ShardingError, match=r"dim 2 of size 12 is not divisible by mesh axis "
+                                          r"'model' of size 8"):
+    sh.load_medusa_sharded(_cfg(2), str(other), mesh)
