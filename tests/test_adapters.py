@@ -1,0 +1,130 @@
+"""AdapterRegistry: LoRAX's static/dynamic Medusa loading rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from medusa_jax.adapters import AdapterRegistry
+from medusa_jax.config import MedusaConfig
+from medusa_jax.errors import AdapterLoadError, MedusaError
+from medusa_jax.weights import MedusaWeights
+
+H = 8
+
+
+def _w(n: int = 3, *, version: float = 2.0, layers: int = 1, hidden: int = H,
+       per_head: bool = False) -> MedusaWeights:
+  cfg = MedusaConfig(base_model_name_or_path="base", medusa_num_heads=n,
+                     medusa_num_layers=layers, version=version)
+  vocab = 12 if (layers > 1 or per_head) else None
+  return MedusaWeights.init(cfg, hidden, vocab, per_head_lm_head=per_head)
+
+
+@pytest.fixture(scope="module")
+def default3():
+  return _w(3, version=1.0)  # a v1 default is fine: version gates dynamic loads only
+
+
+def test_empty_registry_disables_speculation():
+  reg = AdapterRegistry()
+  assert not reg.enabled and reg.speculative_tokens == 0 and reg.medusa_ids == ()
+  assert reg.default is None and reg.get(0) is None and reg.medusa_id_for(4) is None
+  assert len(reg) == 0
+
+
+def test_default_enables_speculation_with_its_head_count(default3):
+  reg = AdapterRegistry()
+  reg.load_default(default3)
+  assert reg.enabled and reg.speculative_tokens == 3 and reg.medusa_ids == (0,)
+  assert reg.get(0) is default3 and reg.default is default3 and 0 in reg
+  with pytest.raises(AdapterLoadError, match="already loaded"):
+    reg.load_default(_w(2))
+
+
+def test_dynamic_needs_a_default():
+  reg = AdapterRegistry()
+  with pytest.raises(AdapterLoadError) as e:
+    reg.load_dynamic(1, _w(3))
+  msg = str(e.value)
+  assert msg.startswith("adapter 1:") and "can only be loaded at request time" in msg
+  assert "default Medusa adapter" in msg and "load_default" in msg
+  assert not reg.enabled and 1 not in reg
+
+
+@pytest.mark.parametrize("version", [1.0, 1.5])
+def test_dynamic_needs_version_2(default3, version):
+  reg = AdapterRegistry()
+  reg.load_default(default3)
+  with pytest.raises(AdapterLoadError) as e:
+    reg.load_dynamic(2, _w(3, version=version))
+  msg = str(e.value)
+  assert f"Medusa version {version} " in msg and "migrate to a v2 adapter" in msg
+  assert "load_default" in msg and reg.medusa_ids == (0,)
+
+
+def test_dynamic_needs_same_head_count(default3):
+  reg = AdapterRegistry()
+  reg.load_default(default3)
+  with pytest.raises(AdapterLoadError) as e:
+    reg.load_dynamic(1, _w(2))
+  assert ("different number of heads (2) from the default speculative tokens (3)"
+          in str(e.value))
+
+
+def test_checks_run_in_lorax_order(default3):
+  """A v1 adapter with the wrong head count fails on the version first."""
+  reg = AdapterRegistry()
+  with pytest.raises(AdapterLoadError, match="request time"):
+    reg.load_dynamic(1, _w(2, version=1.0))
+  reg.load_default(default3)
+  with pytest.raises(AdapterLoadError, match="version 1.0"):
+    reg.load_dynamic(1, _w(2, version=1.0))
+
+
+def test_dynamic_must_be_v2_with_same_hidden(default3):
+  reg = AdapterRegistry()
+  reg.load_default(default3)
+  with pytest.raises(AdapterLoadError, match="must be V2.*medusa_num_layers=2"):
+    reg.load_dynamic(1, _w(3, layers=2))
+  with pytest.raises(AdapterLoadError, match="must be V2"):
+    reg.load_dynamic(1, _w(3, per_head=True))
+  with pytest.raises(AdapterLoadError, match="hidden size 16 differs.*8"):
+    reg.load_dynamic(1, _w(3, hidden=16))
+
+
+def test_dynamic_load_routing_and_unload(default3):
+  reg = AdapterRegistry()
+  reg.load_default(default3)
+  a5, a2 = _w(3), _w(3, version=2.5)
+  reg.load_dynamic(5, a5)
+  reg.load_dynamic(2, a2)
+  assert reg.medusa_ids == (0, 2, 5) and reg.get(5) is a5 and reg.get(7) is None
+  assert [i for i, _ in reg.items()] == [0, 2, 5]
+  assert reg.speculative_tokens == 3
+  # Requests of adapters without Medusa heads draft with the default.
+  assert [reg.medusa_id_for(i) for i in (0, 2, 3, 5)] == [0, 2, 0, 5]
+  with pytest.raises(AdapterLoadError, match="adapter 5: already loaded"):
+    reg.load_dynamic(5, _w(3))
+  with pytest.raises(AdapterLoadError, match=r"dynamic adapters \[2, 5\]"):
+    reg.unload(0)
+  assert reg.unload(5) is a5 and reg.unload(2) is a2
+  with pytest.raises(AdapterLoadError, match=r"no Medusa adapter.*loaded: \[0\]"):
+    reg.unload(2)
+  assert reg.unload(0) is default3 and not reg.enabled and reg.speculative_tokens == 0
+
+
+@pytest.mark.parametrize("index", [0, -1, True, 1.0, "1"])
+def test_bad_dynamic_index(default3, index):
+  reg = AdapterRegistry()
+  reg.load_default(default3)
+  with pytest.raises(AdapterLoadError, match="index >= 1"):
+    reg.load_dynamic(index, _w(3))
+
+
+def test_registries_are_independent(default3):
+  a, b = AdapterRegistry(), AdapterRegistry()
+  a.load_default(default3)
+  assert a.enabled and not b.enabled
+  with pytest.raises(AdapterLoadError):
+    b.load_dynamic(1, _w(3))
+  assert issubclass(AdapterLoadError, MedusaError)
