@@ -18,6 +18,7 @@ In memory the arrays are ``[in, out]``; V2 fuses the heads into one kernel
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import os
@@ -195,42 +196,26 @@ class MedusaWeights:
       TensorShapeError / TensorDtypeError: a tensor has the wrong shape / dtype.
       NonFiniteWeightsError: a tensor holds NaN or inf (``check_finite``).
     """
-    files = _weight_files(path)
-    with _TensorIndex(files) as index:
-      n, num_layers = config.medusa_num_heads, config.medusa_num_layers
-      hidden = _hidden_size(index)
-      _check_num_layers(index, num_layers)
-      per_head = num_layers > 1 or index.has(out_weight_key(0, num_layers))
-      vocab = None
-      if per_head:
-        shape = index.shape(out_weight_key(0, num_layers))
-        if len(shape) != 2 or shape[1] != hidden:
-          raise TensorShapeError(
-              f"{out_weight_key(0, num_layers)} in {index.file_of(out_weight_key(0, num_layers))}:"
-              f" expected [V, {hidden}], got {list(shape)}")
-        vocab = shape[0]
+    with _TensorIndex(_weight_files(path)) as index:
+      layout = _Layout.infer(config, index)
+      model = _abstract_model(config, layout.hidden, layout.vocab, layout.per_head, dtype,
+                              max_batch_size)
 
-      def read(key: str, shape: tuple[int, ...], what: str) -> np.ndarray:
-        return index.read(key, shape, what, check_finite=check_finite)
+      def read(key: str) -> np.ndarray:
+        return index.read(key, layout.expected(key), check_finite=check_finite)
 
-      model = _abstract_model(config, hidden, vocab, per_head, dtype, max_batch_size)
-      hh, h = (hidden, hidden), (hidden,)
-      hh_what = f"[H, H] with H={hidden} (from {block_weight_key(0, 0)})"
-      h_what = f"[H] with H={hidden} (from {block_weight_key(0, 0)})"
-      if per_head:
-        v_what = f"[V, H] with V={vocab}, H={hidden} (from {out_weight_key(0, num_layers)})"
+      if layout.per_head:
         for i, head in enumerate(model.medusa.heads):
           for j, block in enumerate(head.blocks):
-            block.kernel.set_value(_to_jax(read(block_weight_key(i, j), hh, hh_what).T, dtype))
-            block.bias.set_value(_to_jax(read(block_bias_key(i, j), h, h_what), dtype))
-          out = read(out_weight_key(i, num_layers), (vocab, hidden), v_what)
-          head.out.set_value(_to_jax(out.T, dtype))
+            block.kernel.set_value(_to_jax(read(block_weight_key(i, j)).T, dtype))
+            block.bias.set_value(_to_jax(read(block_bias_key(i, j)), dtype))
+          head.out.set_value(_to_jax(read(out_weight_key(i, layout.num_layers)).T, dtype))
       else:
-        kernel = np.concatenate(
-            [read(block_weight_key(i, 0), hh, hh_what).T for i in range(n)], axis=1)
-        bias = np.concatenate([read(block_bias_key(i, 0), h, h_what) for i in range(n)])
-        model.medusa.kernel.set_value(_to_jax(kernel, dtype))
-        model.medusa.bias.set_value(_to_jax(bias, dtype))
+        heads = range(layout.num_heads)
+        kernel_HxnH = np.concatenate([read(block_weight_key(i, 0)).T for i in heads], axis=1)
+        bias_nH = np.concatenate([read(block_bias_key(i, 0)) for i in heads])
+        model.medusa.kernel.set_value(_to_jax(kernel_HxnH, dtype))
+        model.medusa.bias.set_value(_to_jax(bias_nH, dtype))
     return cls(config, model, source=os.fspath(path))
 
   # -- safetensors out --------------------------------------------------------------------------
@@ -390,7 +375,7 @@ def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike) -> st
   from safetensors.numpy import save_file
 
   with _TensorIndex(_weight_files(src)) as index:
-    tensors = {k: index.read(k, None, "", check_finite=False) for k in index.medusa_keys()}
+    tensors = {k: index.read(k, None, check_finite=False) for k in index.medusa_keys()}
   if not tensors:
     raise MissingTensorError(f"{os.fspath(src)}: holds no Medusa-head tensors"
                              f" ({block_weight_key(0, 0)}, ...)")
@@ -418,25 +403,55 @@ def _to_jax(a: np.ndarray, dtype) -> jax.Array:
   return jnp.asarray(np.ascontiguousarray(a)).astype(dtype)
 
 
-def _hidden_size(index: "_TensorIndex") -> int:
-  key = block_weight_key(0, 0)
-  shape = index.shape(key)
-  if len(shape) != 2 or shape[0] != shape[1]:
-    raise TensorShapeError(f"{key} in {index.file_of(key)}: expected a square [H, H] matrix,"
-                           f" got {list(shape)}")
-  return shape[0]
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class _Layout:
+  """What the files must hold for a config: sizes inferred from head 0's tensors."""
+  num_heads: int
+  num_layers: int
+  hidden: int
+  vocab: int | None  # set iff per-head output projections (V1)
 
+  @property
+  def per_head(self) -> bool:
+    return self.vocab is not None
 
-def _check_num_layers(index: "_TensorIndex", num_layers: int) -> None:
-  """Names the config/file mismatch when head 0 has fewer ResBlocks than L."""
-  found = 0
-  while index.has(block_weight_key(0, found)):
-    found += 1
-  if found < num_layers:
-    key = block_weight_key(0, found)
-    raise MissingTensorError(
-        f"{key}: missing from {', '.join(index.files)}; the config says medusa_num_layers="
-        f"{num_layers} but head 0 in the files has {found} ResBlock(s)")
+  @classmethod
+  def infer(cls, config: MedusaConfig, index: "_TensorIndex") -> "_Layout":
+    """H from ``0.0.linear.weight``; V1 iff L > 1 or ``0.{L}.weight`` exists (LoRAX's rule)."""
+    n, num_layers = config.medusa_num_heads, config.medusa_num_layers
+    key = block_weight_key(0, 0)
+    shape = index.shape(key)
+    if len(shape) != 2 or shape[0] != shape[1]:
+      raise TensorShapeError(f"{key} in {index.file_of(key)}: expected a square [H, H] matrix,"
+                             f" got {list(shape)}")
+    hidden = shape[0]
+    found = 0
+    while index.has(block_weight_key(0, found)):
+      found += 1
+    if found < num_layers:
+      raise MissingTensorError(
+          f"{block_weight_key(0, found)}: missing from {', '.join(index.files)}; the config"
+          f" says medusa_num_layers={num_layers} but head 0 in the files has {found}"
+          " ResBlock(s)")
+    vocab = None
+    key = out_weight_key(0, num_layers)
+    if num_layers > 1 or index.has(key):
+      shape = index.shape(key)
+      if len(shape) != 2 or shape[1] != hidden:
+        raise TensorShapeError(f"{key} in {index.file_of(key)}: expected [V, {hidden}], got"
+                               f" {list(shape)}")
+      vocab = shape[0]
+    return cls(num_heads=n, num_layers=num_layers, hidden=hidden, vocab=vocab)
+
+  def expected(self, key: str) -> tuple[tuple[int, ...], str]:
+    """(shape, how it was derived) of the file tensor ``key``."""
+    origin = f"H={self.hidden} from {block_weight_key(0, 0)}"
+    if key.endswith(".linear.weight"):
+      return (self.hidden, self.hidden), f"[H, H] with {origin}"
+    if key.endswith(".linear.bias"):
+      return (self.hidden,), f"[H] with {origin}"
+    return ((self.vocab, self.hidden),
+            f"[V, H] with V={self.vocab} from {out_weight_key(0, self.num_layers)}, {origin}")
 
 
 def _skipped(name: str) -> bool:
@@ -578,13 +593,15 @@ class _TensorIndex:
     except Exception as e:
       raise CorruptWeightsError(f"{path}: cannot read the shape of {raw} ({e})") from None
 
-  def read(self, key: str, shape: tuple[int, ...] | None, what: str, *,
+  def read(self, key: str, expected: tuple[tuple[int, ...], str] | None, *,
            check_finite: bool) -> np.ndarray:
-    """The tensor ``key`` as a host array, checked against ``shape`` (None: any)."""
+    """The tensor ``key`` as a host array, checked against ``expected`` = (shape, why)."""
     _, path, raw = self._entry(key)
-    got = self.shape(key)
-    if shape is not None and got != tuple(shape):
-      raise TensorShapeError(f"{raw} in {path}: expected {list(shape)} {what}, got {list(got)}")
+    if expected is not None:
+      got = self.shape(key)
+      if got != expected[0]:
+        raise TensorShapeError(
+            f"{raw} in {path}: expected {list(expected[0])} ({expected[1]}), got {list(got)}")
     if path in self._torch:
       array = _torch_to_numpy(self._torch[path][raw])
     else:

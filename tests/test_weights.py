@@ -362,3 +362,10 @@ def test_every_weights_error_is_a_value_error():
   for cls in (WeightsNotFoundError, MissingTensorError, TensorShapeError, TensorDtypeError,
               CorruptWeightsError, NonFiniteWeightsError, WeightsFormatError):
     assert issubclass(cls, WeightsError) and issubclass(cls, ValueError)
+
+
+def test_public_api_names():
+  import medusa_jax as mj
+  from medusa_jax.adapters import AdapterRegistry
+  assert mj.MedusaWeights is MedusaWeights and mj.load_medusa_adapter is load_medusa_adapter
+  assert mj.AdapterRegistry is AdapterRegistry
