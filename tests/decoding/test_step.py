@@ -1,0 +1,199 @@
+"""The jitted steps on a tiny random Llama: LoRAX I/O, compaction, acceptance, compiles."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from medusa_jax.config import MedusaConfig
+from medusa_jax.decoding import step as step_mod
+from medusa_jax.decoding.step import Decoder, StepConfig
+from medusa_jax.decoding.tree import build_tree, chain_choices
+from medusa_jax.decoding.verify import Greedy
+from medusa_jax.heads import MedusaModel
+from medusa_jax.models.llama import KVCache, Llama, LlamaConfig, causal_mask
+
+CACHE = 32
+
+
+def _heads(cfg, n, seed, max_batch_size=None):
+  mc = MedusaConfig(base_model_name_or_path="tiny", medusa_num_heads=n, medusa_num_layers=1,
+                    version=2.0)
+  heads = MedusaModel(mc, cfg.hidden_size, rngs=nnx.Rngs(seed), max_batch_size=max_batch_size)
+  k1, k2 = jax.random.split(jax.random.PRNGKey(seed + 100))
+  heads.medusa.kernel[...] = 0.3 * jax.random.normal(k1, heads.medusa.kernel[...].shape)
+  heads.medusa.bias[...] = 0.1 * jax.random.normal(k2, heads.medusa.bias[...].shape)
+  return heads
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = LlamaConfig.tiny(eos_token_ids=())
+  llama = Llama(cfg, rngs=nnx.Rngs(11))
+  heads = _heads(cfg, 3, seed=5)
+  return cfg, llama, heads, Decoder(llama, heads)
+
+
+# One tree and one batch bucket for every test, so the steps compile once.
+# Nodes: 0 root, 1 (0,), 2 (1,), 3 (0,0), 4 (1,0).
+TREE = build_tree([[0], [1], [0, 0], [1, 0]])
+CONFIG = StepConfig(tree=TREE, strategy=Greedy())
+ROWS = 4
+
+
+def _prefill(dec, prompts, config=CONFIG, max_new=20, rows=ROWS):
+  width = 16
+  prompt = np.zeros((rows, width), np.int32)
+  lens = np.ones((rows,), np.int32)
+  done = np.ones((rows,), bool)
+  for b, p in enumerate(prompts):
+    prompt[b, :len(p)], lens[b], done[b] = p, len(p), False
+  cache = dec.init_cache(rows, CACHE, jnp.float32)
+  return dec.prefill(cache, jnp.asarray(prompt), jnp.asarray(lens),
+                     jnp.full((rows,), max_new, jnp.int32), jnp.asarray(done),
+                     jax.random.PRNGKey(0), config=config)
+
+
+REF_WIDTH = 16
+
+
+@jax.jit
+def _reference_forward(graphdef, state, tokens_1xW):
+  """Causal forward of one padded row from an empty cache (padding sits after the tokens)."""
+  llama = nnx.merge(graphdef, state)
+  cache = KVCache.init(llama.cfg, 1, CACHE, jnp.float32)
+  idx = jnp.zeros((1,), jnp.int32)
+  pos = jnp.arange(REF_WIDTH, dtype=jnp.int32)[None, :]
+  hidden, cache = llama(tokens_1xW, pos, cache, idx, causal_mask(idx, REF_WIDTH, CACHE))
+  return hidden[0], llama.lm_head(hidden[0]), cache
+
+
+def _forward_all(llama, tokens):
+  """Hidden states [T, H], logits [T, V] and the cache of one row run from scratch."""
+  padded = np.zeros((1, REF_WIDTH), np.int32)
+  padded[0, :len(tokens)] = tokens
+  graphdef, state = nnx.split(llama)
+  hidden, logits, cache = _reference_forward(graphdef, state, jnp.asarray(padded))
+  t = len(tokens)
+  return hidden[:t], logits[:t], cache
+
+
+def _greedy(llama, prompt, n):
+  toks = list(prompt)
+  for _ in range(n):
+    _, logits, _ = _forward_all(llama, toks)
+    toks.append(int(jnp.argmax(logits[-1])))
+  return toks[len(prompt):]
+
+
+def test_decode_step_matches_heads_on_last_hidden(tiny):
+  cfg, llama, heads, dec = tiny
+  rng = np.random.default_rng(1)
+  prompts = [list(rng.integers(3, cfg.vocab_size, size=n)) for n in (4, 7, 2)]
+  state, _ = _prefill(dec, prompts)  # row 3 pads
+  fed = rng.integers(3, cfg.vocab_size, size=ROWS).astype(np.int32)
+  state = state.replace(tokens=state.tokens.at[:, 0].set(jnp.asarray(fed)))
+  lengths_before = np.asarray(state.lengths)
+  logits, draft, new_state = dec.decode_step(state)
+  assert draft is not None and draft.shape == (ROWS, 3, cfg.vocab_size)
+  np.testing.assert_array_equal(np.asarray(new_state.lengths), lengths_before + [1, 1, 1, 0])
+  for b, p in enumerate(prompts):
+    hidden, _, _ = _forward_all(llama, p + [int(fed[b])])
+    want_logits, want_draft = heads(hidden[-1:], llama.lm_head)
+    np.testing.assert_allclose(np.asarray(logits[b]), np.asarray(want_logits[0]),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(draft[b]), np.asarray(want_draft[0]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_decode_step_honours_the_heads_guard(tiny):
+  cfg, llama, _, _ = tiny
+  guarded = Decoder(llama, _heads(cfg, 2, seed=9, max_batch_size=2))
+  rng = np.random.default_rng(2)
+  rows = 3
+  state = step_mod.DecodeState(
+      cache=guarded.init_cache(rows, CACHE, jnp.float32), lengths=jnp.zeros((rows,), jnp.int32),
+      tokens=jnp.asarray(rng.integers(3, cfg.vocab_size, size=(rows, 1)), jnp.int32),
+      generated=jnp.zeros((rows,), jnp.int32), max_new=jnp.full((rows,), 4, jnp.int32),
+      done=jnp.zeros((rows,), bool), rng=jax.random.PRNGKey(0))
+  logits, draft, _ = guarded.decode_step(state)
+  assert draft is None  # 3 rows > max_batch_size 2: LoRAX skips drafting
+  assert logits.shape == (rows, cfg.vocab_size)
+
+
+def test_speculative_step_compacts_cache_like_plain_decoding(tiny):
+  cfg, llama, _, dec = tiny
+  rng = np.random.default_rng(3)
+  prompts = [list(rng.integers(3, cfg.vocab_size, size=n)) for n in (5, 3)]
+  g0, g1 = [_greedy(llama, p, 4) for p in prompts]
+  state, out = _prefill(dec, prompts)
+  assert [int(t) for t in np.asarray(out.tokens)[:2, 0]] == [g0[0], g1[0]]
+  v = cfg.vocab_size
+  planted = np.array(state.tokens)
+  planted[0] = [g0[0], (g0[1] + 1) % v, g0[1], rng.integers(v), g0[2]]  # path 0, 2, 4
+  planted[1] = [g1[0], (g1[1] + 1) % v, (g1[1] + 2) % v, g1[2], g1[2]]  # nothing accepted
+  state = state.replace(tokens=jnp.asarray(planted))
+  lengths = np.asarray(state.lengths)
+  new_state, out = dec.step(state, config=CONFIG)
+  np.testing.assert_array_equal(np.asarray(out.accept_len)[:2], [2, 0])
+  np.testing.assert_array_equal(np.asarray(out.count)[:2], [3, 1])
+  np.testing.assert_array_equal(np.asarray(out.tokens)[:2], [[g0[1], g0[2], g0[3]],
+                                                             [g1[1], -1, -1]])
+  np.testing.assert_array_equal(np.asarray(new_state.lengths)[:2], lengths[:2] + [3, 1])
+  committed = [prompts[0] + [g0[0], g0[1], g0[2]], prompts[1] + [g1[0]]]
+  for b, toks in enumerate(committed):
+    _, _, ref = _forward_all(llama, toks)
+    n = len(toks)
+    for layer in range(cfg.num_hidden_layers):
+      for got, want in ((new_state.cache.k[layer], ref.k[layer]),
+                        (new_state.cache.v[layer], ref.v[layer])):
+        np.testing.assert_allclose(np.asarray(got[b, :n]), np.asarray(want[0, :n]),
+                                   rtol=1e-5, atol=1e-5)
+  # Next tree: the bonus is the root; the drafts come from the heads at the accepted node.
+  np.testing.assert_array_equal(np.asarray(new_state.tokens[:2, 0]), [g0[3], g1[1]])
+
+
+def test_planted_perfect_drafts_are_all_accepted(tiny):
+  cfg, llama, _, dec = tiny
+  rng = np.random.default_rng(4)
+  prompt = list(rng.integers(3, cfg.vocab_size, size=6))
+  g = _greedy(llama, prompt, 4)
+  state, _ = _prefill(dec, [prompt])
+  planted = np.array(state.tokens)
+  planted[0] = [g[0], g[1], (g[1] + 1) % cfg.vocab_size, g[2], rng.integers(cfg.vocab_size)]
+  state, out = dec.step(state.replace(tokens=jnp.asarray(planted)), config=CONFIG)
+  assert int(out.accept_len[0]) == TREE.depth
+  np.testing.assert_array_equal(np.asarray(out.tokens[0]), g[1:4])
+  assert int(state.generated[0]) == 4
+
+
+def test_finished_and_padding_rows_are_frozen(tiny):
+  cfg, _, _, dec = tiny
+  rng = np.random.default_rng(5)
+  prompts = [list(rng.integers(3, cfg.vocab_size, size=4)) for _ in range(3)]
+  state, out = _prefill(dec, prompts, max_new=2)  # row 3 pads
+  assert not bool(out.active[3]) and int(out.count[3]) == 0
+  for _ in range(3):
+    before = np.asarray(state.lengths)
+    state, out = dec.step(state, config=CONFIG)
+  assert np.all(np.asarray(state.done))
+  assert np.all(np.asarray(state.generated)[:3] == 2)
+  np.testing.assert_array_equal(np.asarray(state.lengths), before)
+  assert np.all(np.asarray(out.count) == 0) and np.all(np.asarray(out.tokens) == -1)
+
+
+def test_no_recompilation_for_the_same_bucket(tiny):
+  cfg, _, _, dec = tiny
+  rng = np.random.default_rng(6)
+
+  def run(lengths):
+    state, _ = _prefill(dec, [list(rng.integers(3, cfg.vocab_size, size=n)) for n in lengths])
+    for _ in range(2):
+      state, _ = dec.step(state, config=CONFIG)
+
+  run([3])
+  traced = dict(dec.trace_counts)
+  assert traced["prefill"] >= 1 and traced["speculative"] >= 1
+  run([9, 2, 5])  # other prompt lengths and batch size, same buckets
+  assert dict(dec.trace_counts) == traced
