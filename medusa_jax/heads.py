@@ -49,7 +49,10 @@ def speculation_max_batch_size(limit: int | None = None) -> int:
     try:
       limit = int(raw)
     except ValueError:
-      raise ConfigError(f"{MAX_BATCH_ENV}={raw!r}: expected a non-negative integer") from None
+      limit = -1
+    if limit < 0:
+      raise ConfigError(f"{MAX_BATCH_ENV}={raw!r}: expected a non-negative integer")
+    return limit
   if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
     raise ConfigError(f"max_batch_size: expected a non-negative integer, got {limit!r}")
   return limit
