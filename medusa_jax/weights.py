@@ -612,7 +612,7 @@ class _TensorIndex:
     if not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
       raise TensorDtypeError(f"{raw} in {path}: expected a floating-point tensor, got"
                              f" {array.dtype}")
-    if check_finite and not np.isfinite(array.astype(np.float32)).all():
+    if check_finite and not np.isfinite(array).all():
       raise NonFiniteWeightsError(f"{raw} in {path}: holds NaN or infinite values")
     return array
 
