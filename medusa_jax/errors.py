@@ -52,6 +52,10 @@ class WeightsFormatError(WeightsError):
   """A weight file has an unsupported format, or needs a package that is not installed."""
 
 
+class CheckpointExistsError(WeightsError):
+  """A checkpoint already exists where one would be written (pass overwrite=True)."""
+
+
 class AdapterLoadError(MedusaError):
   """An adapter violates the static/dynamic adapter loading rules."""
 

@@ -30,9 +30,9 @@ import numpy as np
 from flax import nnx
 
 from medusa_jax.config import CONFIG_NAME, MedusaConfig
-from medusa_jax.errors import (ArchitectureError, CorruptWeightsError, MissingTensorError,
-                               NonFiniteWeightsError, TensorDtypeError, TensorShapeError,
-                               WeightsFormatError, WeightsNotFoundError)
+from medusa_jax.errors import (ArchitectureError, CheckpointExistsError, CorruptWeightsError,
+                               MissingTensorError, NonFiniteWeightsError, TensorDtypeError,
+                               TensorShapeError, WeightsFormatError, WeightsNotFoundError)
 from medusa_jax.heads import MedusaModel, MedusaV1, MedusaV2
 
 WEIGHTS_NAME = "model.safetensors"
@@ -288,10 +288,17 @@ class MedusaWeights:
 
     Returns:
       The absolute checkpoint directory.
+
+    Raises:
+      CheckpointExistsError: ``path/state`` exists and ``overwrite`` is False.
     """
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(os.fspath(path))
+    state_path = os.path.join(path, ORBAX_STATE_DIR)
+    if os.path.exists(state_path) and not overwrite:
+      raise CheckpointExistsError(f"{state_path}: a checkpoint exists; pass overwrite=True to"
+                                  " replace it")
     os.makedirs(path, exist_ok=True)
     self.config.save(path)
     meta = {
@@ -306,8 +313,7 @@ class MedusaWeights:
       f.write("\n")
     checkpointer = ocp.StandardCheckpointer()
     try:
-      checkpointer.save(os.path.join(path, ORBAX_STATE_DIR), nnx.state(self.model, nnx.Param),
-                        force=overwrite)
+      checkpointer.save(state_path, nnx.state(self.model, nnx.Param), force=overwrite)
       checkpointer.wait_until_finished()
     finally:
       checkpointer.close()
@@ -476,9 +482,11 @@ def _weight_files(path: str | os.PathLike) -> list[str]:
     if found:
       return found
   listing = ", ".join(sorted(os.listdir(path))) or "nothing"
+  hint = ("; this is an Orbax checkpoint: use MedusaWeights.load_orbax"
+          if os.path.exists(os.path.join(path, ORBAX_META_NAME)) else "")
   raise WeightsNotFoundError(
       f"{path}: no weight files; expected *.safetensors (or *.pt, *.pth, *.bin), found"
-      f" {listing}")
+      f" {listing}{hint}")
 
 
 def _canonical(key: str) -> tuple[str, int]:

@@ -15,7 +15,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from medusa_jax.config import MedusaConfig
-from medusa_jax.errors import (ArchitectureError, ConfigError, CorruptWeightsError,
+from medusa_jax.errors import (ArchitectureError, CheckpointExistsError, ConfigError,
+                               CorruptWeightsError,
                                MissingTensorError, NonFiniteWeightsError, TensorDtypeError,
                                TensorShapeError, WeightsError, WeightsFormatError,
                                WeightsNotFoundError)
@@ -212,9 +213,11 @@ def test_orbax_round_trip_bit_exact(tmp_path, layers, vocab, dtype):
   for k in a:
     assert a[k].dtype == b[k].dtype
     np.testing.assert_array_equal(a[k].view(np.uint8), b[k].view(np.uint8))
-  with pytest.raises(Exception):
-    w.save_orbax(tmp_path / "ckpt")  # refuses to overwrite by default
+  with pytest.raises(CheckpointExistsError, match="overwrite=True"):
+    w.save_orbax(tmp_path / "ckpt")
   w.save_orbax(tmp_path / "ckpt", overwrite=True)
+  with pytest.raises(WeightsNotFoundError, match="use MedusaWeights.load_orbax"):
+    MedusaWeights.load(w.config, tmp_path / "ckpt")
 
 
 def test_orbax_errors(tmp_path):
@@ -360,7 +363,8 @@ def test_bad_values(tmp_path):
 
 def test_every_weights_error_is_a_value_error():
   for cls in (WeightsNotFoundError, MissingTensorError, TensorShapeError, TensorDtypeError,
-              CorruptWeightsError, NonFiniteWeightsError, WeightsFormatError):
+              CorruptWeightsError, NonFiniteWeightsError, WeightsFormatError,
+              CheckpointExistsError):
     assert issubclass(cls, WeightsError) and issubclass(cls, ValueError)
 
 
