@@ -60,7 +60,8 @@ class MedusaConfig:
     """
     where = f" in {source}" if source else ""
     if not isinstance(config, Mapping):
-      raise ConfigError(f"Medusa config{where}: expected a JSON object, got {type(config).__name__}")
+      raise ConfigError(
+          f"Medusa config{where}: expected a JSON object, got {type(config).__name__}")
     for key in ("base_model_name_or_path", "medusa_num_heads", "medusa_num_layers"):
       if key not in config:
         raise ConfigError(f"{key}: missing from the Medusa config{where}")

@@ -33,7 +33,7 @@ from medusa_jax.config import CONFIG_NAME, MedusaConfig
 from medusa_jax.errors import (ArchitectureError, CheckpointExistsError, CorruptWeightsError,
                                MissingTensorError, NonFiniteWeightsError, TensorDtypeError,
                                TensorShapeError, WeightsFormatError, WeightsNotFoundError)
-from medusa_jax.heads import MedusaModel, MedusaV1, MedusaV2
+from medusa_jax.heads import MedusaModel, MedusaV2
 
 WEIGHTS_NAME = "model.safetensors"
 ORBAX_STATE_DIR = "state"
