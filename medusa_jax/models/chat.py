@@ -93,16 +93,21 @@ class ChatTemplate:
       raise ConfigError(f"{path}: no such chat template file") from None
 
   @classmethod
-  def from_gguf(cls, gguf_path: str | os.PathLike) -> ChatTemplate:
+  def from_gguf(cls, gguf_path: str | os.PathLike, *, reader=None) -> ChatTemplate:
     """The GGUF's ``tokenizer.chat_template``.
+
+    Args:
+      gguf_path: the ``.gguf`` file.
+      reader: the file already opened with ``gguf.open_gguf``, if at hand.
 
     Raises:
       ConfigError: the GGUF has no chat template.
     """
-    from medusa_jax.models.gguf import _open, field
+    from medusa_jax.models.gguf import field, open_gguf
 
     path = os.fspath(gguf_path)
-    source = field(_open(path), "tokenizer.chat_template")
+    reader = open_gguf(path) if reader is None else reader
+    source = field(reader, "tokenizer.chat_template")
     if not source:
       raise ConfigError(f"{path}: GGUF metadata field 'tokenizer.chat_template' is missing")
     return cls(source=source)

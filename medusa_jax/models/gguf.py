@@ -60,8 +60,18 @@ def unpermute_qk(w_RxK: np.ndarray, n_head: int) -> np.ndarray:
       w_RxK.shape)
 
 
-def _open(path: str):
+def open_gguf(path: str | os.PathLike):
+  """Opens a GGUF file (memory-mapped) as a ``gguf.GGUFReader``.
+
+  Opening parses every field and tensor header (seconds for a large file):
+  pass the reader to :func:`convert_gguf`, ``Tokenizer.from_gguf`` and
+  ``ChatTemplate.from_gguf`` to open it once.
+
+  Raises:
+    CorruptWeightsError: the file is missing or not a GGUF.
+  """
   from gguf import GGUFReader
+  path = os.fspath(path)
   if not os.path.isfile(path):
     raise CorruptWeightsError(f"{path}: no such GGUF file")
   try:
@@ -143,13 +153,14 @@ def _hf_name(name: str, path: str) -> tuple[str, str | None]:
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
-                 dtype: str = "float32") -> dict[str, Any]:
+                 dtype: str = "float32", reader=None) -> dict[str, Any]:
   """Converts a Llama GGUF into ``out_dir/model.safetensors`` + ``config.json``.
 
   Args:
     gguf_path: the ``.gguf`` file.
     out_dir: created if needed; existing files of the same name are replaced.
     dtype: ``"float32"`` or ``"bfloat16"`` for the written tensors.
+    reader: the file already opened with :func:`open_gguf`, if at hand.
 
   Returns:
     The ``config.json`` dict.
@@ -165,7 +176,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
   if dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"dtype={dtype!r}; expected one of float32, bfloat16")
   path = os.fspath(gguf_path)
-  reader = _open(path)
+  reader = open_gguf(path) if reader is None else reader
   cfg = gguf_config(reader, path)
   out_np = np.dtype(np.float32)
   if dtype == "bfloat16":

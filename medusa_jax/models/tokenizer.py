@@ -27,10 +27,10 @@ def tokenizer_from_gguf(gguf_path: str | os.PathLike):
     ConfigError: the GGUF has no byte-level BPE ("gpt2") tokenizer or lacks
       tokens/merges.
   """
-  from medusa_jax.models.gguf import _open
+  from medusa_jax.models.gguf import open_gguf
 
   path = os.fspath(gguf_path)
-  return _from_reader(_open(path), path)
+  return _from_reader(open_gguf(path), path)
 
 
 def _from_reader(reader, path: str):
@@ -145,12 +145,17 @@ class Tokenizer:
     return cls(backend=backend, bos_id=bos_id, eos_ids=eos_ids, pad_id=pad_id)
 
   @classmethod
-  def from_gguf(cls, gguf_path: str | os.PathLike) -> Tokenizer:
-    """Builds the tokenizer and its special ids from a GGUF file."""
-    from medusa_jax.models.gguf import _open, field
+  def from_gguf(cls, gguf_path: str | os.PathLike, *, reader=None) -> Tokenizer:
+    """Builds the tokenizer and its special ids from a GGUF file.
+
+    Args:
+      gguf_path: the ``.gguf`` file.
+      reader: the file already opened with ``gguf.open_gguf``, if at hand.
+    """
+    from medusa_jax.models.gguf import field, open_gguf
 
     path = os.fspath(gguf_path)
-    reader = _open(path)
+    reader = open_gguf(path) if reader is None else reader
     backend = _from_reader(reader, path)
     eos = field(reader, "tokenizer.ggml.eos_token_id")
     return cls(backend=backend, bos_id=field(reader, "tokenizer.ggml.bos_token_id"),

