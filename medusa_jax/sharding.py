@@ -49,7 +49,7 @@ from jax.sharding import PartitionSpec as P
 
 from medusa_jax.config import MedusaConfig
 from medusa_jax.errors import MissingTensorError, ShardingError, WeightsNotFoundError
-from medusa_jax.heads import MedusaModel, speculation_max_batch_size
+from medusa_jax.heads import MedusaModel, MedusaV2, speculation_max_batch_size
 
 Array = jax.Array
 LMHead = Callable[[Array], Array]
@@ -160,7 +160,7 @@ LLAMA_RULES = PartitionRules(rules=(
     (r"(q_proj|k_proj|v_proj)/bias$", P(MODEL)),
     (r"(o_proj|down_proj|wo|w2)(/kernel)?$", P(MODEL, None)),
     (r"(embed_tokens|embedding|embed|wte)(/embedding|/weight)?$", P(MODEL, None)),
-    (r"lm_head(/kernel)?$", P(None, MODEL)),
+    (r"lm_head(_kernel|/kernel)?$", P(None, MODEL)),
 ))
 
 
@@ -327,72 +327,106 @@ def sharded_segmented_matmul(x: Array, w: Array, b: Array | None, s_start: Array
                        check_vma=False)(*args)
 
 
-def v2_heads_hidden(x: Array, kernel_hnh: Array, bias_nh: Array, *, mesh: Mesh,
-                    segments: Any = None) -> Array:
-  """The n V2 heads' hidden states, tensor-parallel as LoRAX.
-
-  Per device ``d`` (slice ``j = d*H/W:(d+1)*H/W``): ``h[:, k, j] = x[:, j] +
-  silu(x @ W[:, k, j] + b[k, j])``, then one ``all_gather`` over ``model``.
+def _own_residual_gathered(x_nxH: Array, y_nxnxw: Array) -> Array:
+  """Inside shard_map: ``x[:, own slice] + silu(y)``, then all-gathered over ``model``.
 
   Args:
-    x: [N, H] hidden states, replicated over ``model``.
+    x_nxH: [n_rows, H] the device's rows, whole hidden dim.
+    y_nxnxw: [n_rows, n, H/W] f32 pre-activations of the device's columns.
+
+  Returns:
+    [n_rows, n, H] in ``x``'s dtype.
+  """
+  width = y_nxnxw.shape[-1]
+  d = lax.axis_index(MODEL)
+  x_own = lax.dynamic_slice_in_dim(x_nxH, d * width, width, axis=1).astype(jnp.float32)
+  h = x_own[:, None, :] + jax.nn.silu(y_nxnxw.astype(jnp.float32))
+  return lax.all_gather(h.astype(x_nxH.dtype), MODEL, axis=2, tiled=True)
+
+
+def v2_heads_hidden(x: Array, kernel_hnh: Array, bias_nh: Array, *, mesh: Mesh) -> Array:
+  """The n V2 heads' hidden states, tensor-parallel as LoRAX.
+
+  Per device ``d`` (columns ``j = d*H/W:(d+1)*H/W``): ``h[:, k, j] = x[:, j] +
+  silu(x @ W[:, k, j] + b[k, j])``, then one ``all_gather`` over ``model``.
+  Rows split over ``data`` when they divide it.
+
+  Args:
+    x: [N, H] hidden states.
     kernel_hnh: [H, n, H] (``[in, head, out]``), split over ``model`` on out.
     bias_nh: [n, H], split on H.
     mesh: the mesh.
-    segments: per-row adapter routing (``HeadSegments``) or None. Its ``w``
-      is ``[A, H, n, H]`` split on the last axis (``[A, H, n*H]`` is accepted
-      and resharded), ``b`` ``[A, n, H]`` or ``[A, n*H]``.
 
   Returns:
     [N, n, H] in ``x.dtype``, replicated over ``model``.
+
+  Raises:
+    ShardingError: H does not divide the ``model`` axis.
   """
-  n_rows, hidden = x.shape
-  num_heads = kernel_hnh.shape[1]
   check_divisible(kernel_hnh.shape, P(None, None, MODEL), mesh, "V2 kernel [H, n, H]")
-  width = hidden // axis_size(mesh, MODEL)
-  if segments is not None:
-    w = segments.w.reshape(segments.w.shape[0], hidden, num_heads, hidden)
-    b = segments.b.reshape(segments.b.shape[0], num_heads, hidden)
-    w = lax.with_sharding_constraint(w, NamedSharding(mesh, P(None, None, None, MODEL)))
-    b = lax.with_sharding_constraint(b, NamedSharding(mesh, P(None, None, MODEL)))
-  rows = _rows_spec(n_rows, mesh)
+  rows = _rows_spec(x.shape[0], mesh)
 
-  def residual(x_nxH, y_nxnxw):
-    d = lax.axis_index(MODEL)
-    x_own = lax.dynamic_slice_in_dim(x_nxH, d * width, width, axis=1).astype(jnp.float32)
-    h = x_own[:, None, :] + jax.nn.silu(y_nxnxw.astype(jnp.float32))
-    return lax.all_gather(h.astype(x_nxH.dtype), MODEL, axis=2, tiled=True)
+  def local(x_nxH, w_Hxnxw, b_nxw):
+    y = jnp.einsum("rh,hkm->rkm", x_nxH, w_Hxnxw.astype(x_nxH.dtype),
+                   preferred_element_type=jnp.float32)
+    return _own_residual_gathered(x_nxH, y + b_nxw.astype(jnp.float32)[None])
 
-  if segments is None:
-    def local(x_nxH, w_Hxnxw, b_nxw):
-      y = jnp.einsum("rh,hkm->rkm", x_nxH, w_Hxnxw.astype(x_nxH.dtype),
-                     preferred_element_type=jnp.float32)
-      return residual(x_nxH, y + b_nxw.astype(jnp.float32)[None])
-    return jax.shard_map(local, mesh=mesh,
-                         in_specs=(P(rows, None), P(None, None, MODEL), P(None, MODEL)),
-                         out_specs=P(rows, None, None), check_vma=False)(x, kernel_hnh, bias_nh)
+  return jax.shard_map(local, mesh=mesh,
+                       in_specs=(P(rows, None), P(None, None, MODEL), P(None, MODEL)),
+                       out_specs=P(rows, None, None), check_vma=False)(x, kernel_hnh, bias_nh)
 
+
+def v2_heads_hidden_segmented(x: Array, w: Array, b: Array, s_start: Array, s_end: Array,
+                              seg_weight: Array, *, mesh: Mesh, num_heads: int,
+                              backend: Any = "auto") -> Array:
+  """:func:`v2_heads_hidden` with per-row adapters (the segmented matmul).
+
+  Each device runs ``segmented_matmul`` (no epilogue) on its ``n*H/W``
+  columns of every adapter, then the residual from its own slice of x and
+  one all-gather. Rows in no segment give 0, as unsharded.
+
+  Args:
+    x: [N, H].
+    w: [A, H, n, H] split on the last axis; the flat ``[A, H, n*H]`` is
+      accepted and resharded inside jit.
+    b: [A, n, H] (or [A, n*H]).
+    s_start, s_end, seg_weight: [S] int32 segment layout (global rows).
+    mesh: the mesh.
+    num_heads: n.
+    backend: the segmented-matmul backend.
+
+  Returns:
+    [N, n, H] in ``x.dtype``.
+  """
   from medusa_jax.pallas import segmented_matmul  # kernels import nothing from here
+  n_rows, hidden = x.shape
+  n_adapters = w.shape[0]
+  w = w.reshape(n_adapters, hidden, num_heads, hidden)
+  b = b.reshape(n_adapters, num_heads, hidden)
+  check_divisible(w.shape, P(None, None, None, MODEL), mesh, "V2 kernels [A, H, n, H]")
+  w = lax.with_sharding_constraint(w, NamedSharding(mesh, P(None, None, None, MODEL)))
+  b = lax.with_sharding_constraint(b, NamedSharding(mesh, P(None, None, MODEL)))
+  rows = _rows_spec(n_rows, mesh)
+  width = hidden // axis_size(mesh, MODEL)
 
-  def local_seg(x_nxH, w_AxHxnxw, b_Axnxw, s0, s1, sw):
+  def local(x_nxH, w_AxHxnxw, b_Axnxw, s0, s1, sw):
     n_local = x_nxH.shape[0]
     offset = lax.axis_index(DATA) * n_local if rows else 0
     s0 = jnp.clip(s0 - offset, 0, n_local)
     s1 = jnp.clip(s1 - offset, 0, n_local)
-    n_adapters = w_AxHxnxw.shape[0]
     y = segmented_matmul(x_nxH, w_AxHxnxw.reshape(n_adapters, hidden, num_heads * width),
                          b_Axnxw.reshape(n_adapters, num_heads * width), s0, s1, sw,
-                         backend=segments.backend)
-    h = residual(x_nxH, y.reshape(n_local, num_heads, width))
+                         backend=backend)
+    h = _own_residual_gathered(x_nxH, y.reshape(n_local, num_heads, width))
     r = jnp.arange(n_local)
     covered = ((r[None, :] >= s0[:, None]) & (r[None, :] < s1[:, None])).any(axis=0)
-    return jnp.where(covered[:, None, None], h, jnp.zeros_like(h))  # rows in no segment: 0
+    return jnp.where(covered[:, None, None], h, jnp.zeros_like(h))
 
   return jax.shard_map(
-      local_seg, mesh=mesh,
+      local, mesh=mesh,
       in_specs=(P(rows, None), P(None, None, None, MODEL), P(None, None, MODEL), P(), P(), P()),
       out_specs=P(rows, None, None), check_vma=False,
-  )(x, w, b, segments.s_start, segments.s_end, segments.seg_weight)
+  )(x, w, b, s_start, s_end, seg_weight)
 
 
 def vocab_parallel_lm_head(weight: Array, *, transposed: bool = False) -> LMHead:
@@ -417,57 +451,46 @@ def vocab_parallel_lm_head(weight: Array, *, transposed: bool = False) -> LMHead
 # ------------------------------------------------------------- the sharded V2 module
 
 
-class ShardedMedusaV2(nnx.Module):
-  """MedusaV2 heads on a mesh, a drop-in for ``MedusaModel`` (V2).
+class ShardedMedusaV2(MedusaV2):
+  """MedusaV2 heads on a mesh: the same math and ``__call__``, LoRAX's layout.
 
   Holds ``kernel_hnh`` [H, n, H] split ``P(None, None, "model")`` and
   ``bias_nh`` [n, H] split ``P(None, "model")``: the head-major fused weight's
-  free reshape, so ``kernel_hnh.reshape(H, n*H)`` is the unsharded layout.
+  free reshape, so ``kernel_hnh.reshape(H, n*H)`` is the unsharded layout. It
+  sits where ``MedusaV2`` sits (``MedusaModel.medusa``), so code that takes a
+  ``MedusaModel`` runs it unchanged; only ``heads_hidden`` differs.
   """
 
-  def __init__(self, config: MedusaConfig, kernel_hnh: Array, bias_nh: Array, *,
-               mesh: Mesh, max_batch_size: int | None = None):
-    self.config = config
+  def __init__(self, kernel_hnh: Array, bias_nh: Array, *, mesh: Mesh,
+               max_batch_size: int | None = None):
+    # MedusaV2.__init__ would allocate the unsharded [H, n*H] weight; this
+    # class takes its parameters already placed.
+    self.hidden, self.num_heads = int(kernel_hnh.shape[0]), int(kernel_hnh.shape[1])
     self.mesh = mesh
     self.max_batch_size = speculation_max_batch_size(max_batch_size)
     self.kernel_hnh = nnx.Param(kernel_hnh)
     self.bias_nh = nnx.Param(bias_nh)
 
-  is_v2 = True
-
-  @property
-  def num_heads(self) -> int:
-    return self.config.medusa_num_heads
-
   def heads_hidden(self, x: Array, segments: Any = None) -> Array:
-    """x: [N, H] -> [N, n, H] (``x.dtype``)."""
-    return v2_heads_hidden(x, self.kernel_hnh[...], self.bias_nh[...], mesh=self.mesh,
-                           segments=segments)
-
-  def __call__(self, x: Array, lm_head: LMHead, segments: Any = None
-               ) -> tuple[Array, Array | None]:
-    """Base and draft logits through one LM-head call.
-
-    Args:
-      x: [N, H] hidden states after the final norm.
-      lm_head: ``[..., H] -> [..., V]``, e.g. :func:`vocab_parallel_lm_head`.
-      segments: per-row adapter routing, or None for this module's weights.
-
-    Returns:
-      logits [N, V]; speculative logits [N, n, V], or None when N > max_batch_size.
-    """
-    if x.shape[0] > self.max_batch_size:
-      return lm_head(x), None
-    h_NxnxH = self.heads_hidden(x, segments)
-    stacked_Nx1nxH = jnp.concatenate([x[:, None, :], h_NxnxH], axis=1)
-    logits3 = lm_head(stacked_Nx1nxH)
-    return logits3[:, 0], logits3[:, 1:]
+    """x: [N, H] -> [N, n, H] (``x.dtype``); see :func:`v2_heads_hidden`."""
+    if segments is None:
+      return v2_heads_hidden(x, self.kernel_hnh[...], self.bias_nh[...], mesh=self.mesh)
+    return v2_heads_hidden_segmented(x, segments.w, segments.b, segments.s_start,
+                                     segments.s_end, segments.seg_weight, mesh=self.mesh,
+                                     num_heads=self.num_heads, backend=segments.backend)
 
   def unsharded_arrays(self) -> tuple[np.ndarray, np.ndarray]:
     """(kernel [H, n*H], bias [n*H]) on the host, in the file layout."""
     k = np.asarray(jax.device_get(self.kernel_hnh[...]))
     b = np.asarray(jax.device_get(self.bias_nh[...]))
     return k.reshape(k.shape[0], -1), b.reshape(-1)
+
+
+def _medusa_model(config: MedusaConfig, inner: nnx.Module) -> MedusaModel:
+  """A ``MedusaModel`` around an already-built inner V1/V2 module (no allocation)."""
+  model = nnx.eval_shape(lambda: MedusaModel(config, 2, 2, rngs=nnx.Rngs(0)))
+  model.medusa = inner
+  return model
 
 
 # ------------------------------------------------------------------ sharding heads
@@ -478,8 +501,9 @@ def shard_medusa_model(model: MedusaModel, mesh: Mesh, *,
   """Places an (unsharded) ``MedusaModel`` on ``mesh``.
 
   Returns:
-    V2: a :class:`ShardedMedusaV2`. V1: the same ``MedusaModel`` class with
-    its ResBlocks split on their output dim and output projections over V.
+    A ``MedusaModel``: for V2 its ``.medusa`` is a :class:`ShardedMedusaV2`;
+    for V1 its ResBlocks are split on their output dim and its output
+    projections over V.
 
   Raises:
     ShardingError: H (V2, V1) or V (V1) does not divide the ``model`` axis.
@@ -489,10 +513,10 @@ def shard_medusa_model(model: MedusaModel, mesh: Mesh, *,
     hidden, n = inner.hidden, inner.num_heads
     k = np.asarray(jax.device_get(inner.kernel[...])).reshape(hidden, n, hidden)
     b = np.asarray(jax.device_get(inner.bias[...])).reshape(n, hidden)
-    return ShardedMedusaV2(
-        model.config, place(k, rules.spec("kernel_hnh"), mesh, what="V2 kernel [H, n, H]"),
+    return _medusa_model(model.config, ShardedMedusaV2(
+        place(k, rules.spec("kernel_hnh"), mesh, what="V2 kernel [H, n, H]"),
         place(b, rules.spec("bias_nh"), mesh, what="V2 bias [n, H]"),
-        mesh=mesh, max_batch_size=inner.max_batch_size)
+        mesh=mesh, max_batch_size=inner.max_batch_size))
   graphdef, state = nnx.split(model)
   return nnx.merge(graphdef, shard_state(state, rules, mesh))
 
@@ -557,7 +581,8 @@ def load_medusa_sharded(config: MedusaConfig, path: str, mesh: Mesh, *, dtype=jn
     rules: partition rules.
 
   Returns:
-    :class:`ShardedMedusaV2`, or a V1 ``MedusaModel`` with sharded parameters.
+    A ``MedusaModel`` (``.medusa`` a :class:`ShardedMedusaV2` for V2, or V1
+    heads with sharded parameters).
 
   Raises:
     WeightsNotFoundError, MissingTensorError: no file / a tensor is absent.
@@ -581,7 +606,8 @@ def load_medusa_sharded(config: MedusaConfig, path: str, mesh: Mesh, *, dtype=jn
                    dtype=dtype, what="V2 kernel [H, n, H]")
     bias = place(bias_block, rules.spec("bias_nh"), mesh, shape=(n, hidden), dtype=dtype,
                  what="V2 bias [n, H]")
-    return ShardedMedusaV2(config, kernel, bias, mesh=mesh, max_batch_size=max_batch_size)
+    return _medusa_model(config, ShardedMedusaV2(kernel, bias, mesh=mesh,
+                                                 max_batch_size=max_batch_size))
 
   vocab = t.shape(f"0.{num_layers}.weight")[0]
   abstract = nnx.eval_shape(lambda: MedusaModel(
@@ -600,3 +626,82 @@ def load_medusa_sharded(config: MedusaConfig, path: str, mesh: Mesh, *, dtype=jn
     return place(read, rules.spec(name), mesh, shape=leaf.shape, dtype=dtype, what=name)
 
   return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(tensor_for, state))
+
+
+# ------------------------------------------------------------------------ base model
+
+
+def llama_rules(cfg: Any, mesh: Mesh) -> PartitionRules:
+  """Megatron rules for a ``LlamaConfig`` on ``mesh``.
+
+  Query heads split over ``model`` (whole heads per device). With fewer kv
+  heads than devices the k/v projections and the KV cache are replicated
+  over ``model`` (as Megatron does), else split like the query heads.
+
+  Raises:
+    ShardingError: the query heads do not divide the ``model`` axis.
+  """
+  width = axis_size(mesh, MODEL)
+  if cfg.num_attention_heads % width:
+    raise ShardingError(f"num_attention_heads={cfg.num_attention_heads} is not divisible by"
+                        f" mesh axis 'model' of size {width}")
+  if cfg.num_key_value_heads % width == 0:
+    return LLAMA_RULES
+  return PartitionRules(rules=((r"(k_proj|v_proj)(/kernel|/bias)?$", P()),) + LLAMA_RULES.rules)
+
+
+def cache_spec(cfg: Any, batch: int, mesh: Mesh) -> P:
+  """Spec of one [B, L, G, D] KV-cache buffer: rows over ``data``, kv heads over ``model``."""
+  heads = MODEL if cfg.num_key_value_heads % axis_size(mesh, MODEL) == 0 else None
+  return P(_rows_spec(batch, mesh), None, heads, None)
+
+
+def shard_cache(cache: Any, cfg: Any, mesh: Mesh) -> Any:
+  """A ``KVCache`` placed by :func:`cache_spec` (every buffer, every layer)."""
+  spec = cache_spec(cfg, cache.k[0].shape[0], mesh)
+  return jax.device_put(cache, NamedSharding(mesh, spec))
+
+
+def shard_llama(llama: nnx.Module, mesh: Mesh) -> nnx.Module:
+  """The base ``Llama`` with its parameters placed by :func:`llama_rules`."""
+  graphdef, state = nnx.split(llama)
+  return nnx.merge(graphdef, shard_state(state, llama_rules(llama.cfg, mesh), mesh))
+
+
+def load_llama_sharded(model_dir: str | os.PathLike, mesh: Mesh, *, dtype=jnp.float32,
+                       param_dtype=None) -> nnx.Module:
+  """Loads a Hugging Face Llama checkpoint straight onto ``mesh``.
+
+  Like ``models.llama.load_llama``, but each device reads only its block of
+  each tensor (``get_slice``), so no weight is ever whole on one device.
+
+  Raises:
+    MissingTensorError: a tensor the model needs is absent.
+    ShardingError: a size does not divide its mesh axis.
+  """
+  from safetensors import safe_open
+  from medusa_jax.models import llama as llama_mod
+
+  model_dir = os.fspath(model_dir)
+  param_dtype = dtype if param_dtype is None else param_dtype
+  cfg = llama_mod.LlamaConfig.from_hf(model_dir)
+  rules = llama_rules(cfg, mesh)
+  abstract = nnx.eval_shape(lambda: llama_mod.Llama(cfg, rngs=nnx.Rngs(0), dtype=dtype,
+                                                    param_dtype=param_dtype))
+  handles = [safe_open(f, framework="numpy") for f in llama_mod._weight_files(model_dir)]
+  where = {key: h for h in handles for key in h.keys()}
+  by_path = {path: (name, transpose) for name, (path, transpose)
+             in llama_mod._hf_names(cfg).items()}
+  for path, (name, transpose) in by_path.items():
+    if name not in where:
+      raise MissingTensorError(f"{model_dir}: missing tensor {name}")
+    param = llama_mod._get_path(abstract, path)
+    shape = tuple(param.get_value().shape)
+    tensor = where[name].get_slice(name)
+
+    def read(index, tensor=tensor, transpose=transpose):
+      return tensor[tuple(reversed(index))].T if transpose else tensor[index]
+
+    spec = rules.spec(path_str(path))
+    param.set_value(place(read, spec, mesh, shape=shape, dtype=param_dtype, what=name))
+  return abstract

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import types
 
@@ -222,7 +223,7 @@ def test_v2_sharded_matches_unsharded(data, model):
   # Device d holds columns d*H/W:(d+1)*H/W of every head (LoRAX's layout).
   kernel_hnh = np.asarray(ref_model.medusa.kernel[...]).reshape(hidden, n, hidden)
   width = hidden // model
-  for shard in sharded.kernel_hnh[...].addressable_shards:
+  for shard in sharded.medusa.kernel_hnh[...].addressable_shards:
     d = mesh.devices.flatten().tolist().index(shard.device) % model
     np.testing.assert_array_equal(np.asarray(shard.data),
                                   kernel_hnh[:, :, d * width:(d + 1) * width])
@@ -260,7 +261,7 @@ def test_v2_bf16_and_tied_embedding_lm_head():
   emb = rng.standard_normal((vocab, hidden)).astype(np.float32)
   x = jnp.asarray(rng.standard_normal((6, hidden)), jnp.bfloat16)
   sharded = sh.shard_medusa_model(ref_model, mesh)
-  assert sharded.kernel_hnh[...].dtype == jnp.bfloat16
+  assert sharded.medusa.kernel_hnh[...].dtype == jnp.bfloat16
   emb_sharded = sh.place(emb, P("model", None), mesh, dtype=jnp.bfloat16)
   _, _, (logits, spec) = _forward(sharded, emb_sharded, x, mesh, transposed=True)
   want_logits, want_spec = _v2_reference(
@@ -275,7 +276,8 @@ def test_v2_max_batch_guard_skips_heads():
   mesh = sh.make_mesh(1, 8)
   ref_model = _v2_model(rng, 16, 2, max_batch_size=4)
   sharded = sh.shard_medusa_model(ref_model, mesh)
-  assert sharded.max_batch_size == 4 and sharded.is_v2 and sharded.num_heads == 2
+  assert sharded.medusa.max_batch_size == 4 and sharded.is_v2 and sharded.num_heads == 2
+  assert sharded.hidden_size == 16
   lm = rng.standard_normal((16, 8)).astype(np.float32)
   x = jnp.asarray(rng.standard_normal((5, 16)), jnp.float32)
   _, _, (logits, spec) = _forward(sharded, sh.place(lm, P(None, "model"), mesh), x, mesh)
@@ -286,7 +288,7 @@ def test_v2_max_batch_guard_skips_heads():
 def test_v2_unsharded_arrays_round_trip():
   rng = np.random.default_rng(14)
   ref_model = _v2_model(rng, 16, 3)
-  kernel, bias = sh.shard_medusa_model(ref_model, sh.make_mesh(1, 8)).unsharded_arrays()
+  kernel, bias = sh.shard_medusa_model(ref_model, sh.make_mesh(1, 8)).medusa.unsharded_arrays()
   np.testing.assert_array_equal(kernel, np.asarray(ref_model.medusa.kernel[...]))
   np.testing.assert_array_equal(bias, np.asarray(ref_model.medusa.bias[...]))
 
@@ -459,11 +461,11 @@ def test_load_medusa_sharded_v2(tmp_path, prefix):
   t = _write_adapter(tmp_path, rng, hidden, n, prefix=prefix)
   mesh = sh.make_mesh(2, 4)
   model = sh.load_medusa_sharded(_cfg(n), str(tmp_path), mesh, dtype=jnp.float32)
-  assert isinstance(model, sh.ShardedMedusaV2)
-  assert model.kernel_hnh[...].sharding.spec == P(None, None, "model")
+  assert isinstance(model, MedusaModel) and isinstance(model.medusa, sh.ShardedMedusaV2)
+  assert model.medusa.kernel_hnh[...].sharding.spec == P(None, None, "model")
   kernel = np.concatenate([t[f"{k}.0.linear.weight"].T for k in range(n)], axis=1)
   bias = np.concatenate([t[f"{k}.0.linear.bias"] for k in range(n)])
-  got_k, got_b = model.unsharded_arrays()
+  got_k, got_b = model.medusa.unsharded_arrays()
   np.testing.assert_array_equal(got_k, kernel)
   np.testing.assert_array_equal(got_b, bias)
   lm = rng.standard_normal((hidden, vocab)).astype(np.float32)
@@ -508,3 +510,138 @@ def test_load_medusa_sharded_errors(tmp_path):
   with pytest.raises(ShardingError, match=r"dim 2 of size 12 is not divisible by mesh axis "
                                           r"'model' of size 8"):
     sh.load_medusa_sharded(_cfg(2), str(other), mesh)
+
+
+# ------------------------------------------------------------ base model and engine
+
+
+def _tiny_cfg(**overrides):
+  from medusa_jax.models.llama import LlamaConfig
+  # 8 query heads (one per device on model=8), 2 kv heads (replicated there).
+  base = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=8,
+              num_key_value_heads=2, head_dim=4, eos_token_ids=())
+  return LlamaConfig.tiny(**{**base, **overrides})
+
+
+def _tiny_llama(seed=0, **overrides):
+  from medusa_jax.models.llama import Llama
+  return Llama(_tiny_cfg(**overrides), rngs=nnx.Rngs(seed))
+
+
+def test_llama_rules_and_errors():
+  llama = _tiny_llama()
+  mesh = sh.make_mesh(1, 8)
+  rules = sh.llama_rules(llama.cfg, mesh)
+  assert rules.spec("layers/0/self_attn/k_proj/kernel") == P()  # 2 kv heads < 8 devices
+  assert rules.spec("layers/0/self_attn/q_proj/kernel") == P(None, "model")
+  assert sh.llama_rules(llama.cfg, sh.make_mesh(4, 2)).spec(
+      "layers/0/self_attn/k_proj/kernel") == P(None, "model")
+  assert sh.cache_spec(llama.cfg, 4, sh.make_mesh(2, 4)) == P("data", None, None, None)
+  assert sh.cache_spec(llama.cfg, 3, sh.make_mesh(4, 2)) == P(None, None, "model", None)
+  sharded = sh.shard_llama(llama, mesh)
+  assert sharded.layers[1].mlp.down_proj.kernel[...].sharding.spec == P("model", None)
+  assert sharded.embed_tokens[...].sharding.spec == P("model", None)
+  assert sharded.lm_head_kernel[...].sharding.spec == P(None, "model")
+  with pytest.raises(ShardingError, match="num_attention_heads=4 is not divisible by mesh axis "
+                                          "'model' of size 8"):
+    sh.llama_rules(_tiny_cfg(num_attention_heads=4, num_key_value_heads=2, head_dim=8), mesh)
+  with pytest.raises(ShardingError, match="embed_tokens: dim 0 of size 100 is not divisible"):
+    sh.shard_llama(_tiny_llama(vocab_size=100, num_hidden_layers=1), mesh)
+
+
+def test_load_llama_sharded(tmp_path):
+  import json
+  from safetensors.numpy import save_file
+  llama = _tiny_llama(seed=3, tie_word_embeddings=True)
+  cfg = llama.cfg
+  hf = dict(model_type="llama", vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+            rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+            tie_word_embeddings=True, max_position_embeddings=256, eos_token_id=2)
+  (tmp_path / "config.json").write_text(json.dumps(hf))
+  from medusa_jax.models.llama import _hf_names, _get_path
+  tensors = {}
+  for name, (path, transpose) in _hf_names(cfg).items():
+    value = np.asarray(_get_path(llama, path)[...])
+    tensors[name] = np.ascontiguousarray(value.T if transpose else value)
+  save_file(tensors, str(tmp_path / "model.safetensors"))
+  mesh = sh.make_mesh(2, 4)
+  loaded = sh.load_llama_sharded(tmp_path, mesh)
+  assert loaded.layers[0].self_attn.o_proj.kernel[...].sharding.spec == P("model", None)
+  for name, (path, _) in _hf_names(cfg).items():
+    np.testing.assert_array_equal(np.asarray(_get_path(loaded, path)[...]),
+                                  np.asarray(_get_path(llama, path)[...]), err_msg=name)
+  del tensors["model.norm.weight"]
+  save_file(tensors, str(tmp_path / "model.safetensors"))
+  with pytest.raises(MissingTensorError, match="missing tensor model.norm.weight"):
+    sh.load_llama_sharded(tmp_path, mesh)
+
+
+def _random_heads(llama, n, seed):
+  rng = np.random.default_rng(seed)
+  return _v2_model(rng, llama.cfg.hidden_size, n)
+
+
+@pytest.fixture(scope="module")
+def decode_case():
+  """A 1-layer model, random V2 heads, 8 prompts and the unsharded run's outputs."""
+  from medusa_jax.decoding.step import Decoder, StepConfig
+  from medusa_jax.decoding.tree import build_tree, chain_choices
+  from medusa_jax.decoding.verify import Greedy
+  rng = np.random.default_rng(70)
+  llama = _tiny_llama(seed=1, num_hidden_layers=1)
+  heads = _random_heads(llama, 3, 71)
+  config = StepConfig(tree=build_tree(chain_choices(3)), strategy=Greedy())
+  rows, width = 8, 8
+  inputs = (rng.integers(3, 128, (rows, width)).astype(np.int32),
+            rng.integers(2, width + 1, rows).astype(np.int32),
+            np.full(rows, 16, np.int32), np.zeros(rows, bool))
+  case = types.SimpleNamespace(llama=llama, heads=heads, config=config, inputs=inputs)
+  case.run = functools.partial(_prefill_and_step, case)
+  case.want = case.run(Decoder(llama, heads), lambda a, kind=None: a)
+  return case
+
+
+def _prefill_and_step(case, dec, put):
+  from medusa_jax.models.llama import KVCache
+  cache = put(KVCache.init(case.llama.cfg, 8, 64), "cache")
+  state, out0 = dec.prefill(cache, *map(put, case.inputs), jax.random.PRNGKey(0),
+                            config=case.config)
+  state, out1 = dec.step(state, config=case.config)
+  state, out2 = dec.step(state, config=case.config)
+  return jax.device_get((out0.tokens, out1.tokens, out1.accept_len, out2.tokens, state.lengths,
+                         state.tokens))
+
+
+@pytest.mark.parametrize("data,model", MESHES)
+def test_decode_step_sharded_matches_unsharded(decode_case, data, model):
+  """Prefill + two speculative steps, batch over data, weights and cache sharded."""
+  from medusa_jax.decoding.step import Decoder
+  mesh = sh.make_mesh(data, model)
+  cfg = decode_case.llama.cfg
+  put = (lambda a, kind=None: sh.shard_cache(a, cfg, mesh) if kind == "cache"
+         else sh.shard_batch(a, mesh))
+  dec = Decoder(sh.shard_llama(decode_case.llama, mesh),
+                sh.shard_medusa_model(decode_case.heads, mesh))
+  got = decode_case.run(dec, put)
+  for g, w in zip(got, decode_case.want):
+    np.testing.assert_array_equal(g, w)
+  assert dict(dec.trace_counts) == {"prefill": 1, "speculative": 1}  # one trace per shape
+
+
+def test_greedy_generation_sharded_matches_unsharded():
+  from medusa_jax.decoding.engine import Engine
+  rng = np.random.default_rng(80)
+  llama = _tiny_llama(seed=2, num_hidden_layers=1)
+  heads = _random_heads(llama, 2, 81)
+  prompts = [rng.integers(3, 128, size).tolist() for size in (3, 6)]
+  want = Engine(llama, None, heads, max_cache_len=64).generate(
+      prompts, max_new_tokens=6, speculate="chain")
+  mesh = sh.make_mesh(1, 8)
+  eng = Engine(sh.shard_llama(llama, mesh), None, sh.shard_medusa_model(heads, mesh),
+               max_cache_len=64)
+  got = eng.generate(prompts, max_new_tokens=6, speculate="chain")
+  assert got.tokens == want.tokens and all(len(t) == 6 for t in got.tokens)
+  assert got.steps == want.steps
