@@ -8,9 +8,10 @@ Any other index is a dynamic (per-request) adapter, accepted only when
 2. its ``version`` is at least 2, and
 3. it has as many heads as the default,
 
-checked in that order, as LoRAX does. Two checks LoRAX leaves to a later crash
-are made here at load time: a dynamic adapter must be V2 (fused heads) and
-have the default's hidden size, since per-row routing stacks the fused weights.
+checked in that order, as LoRAX does. One more check, which LoRAX leaves to a
+later crash, is made at load time: the adapter must have the default's
+architecture (V2, or V1 with the same L and V) and hidden size, because
+per-row routing stacks the weights of all adapters of a batch.
 Requests whose adapter has no Medusa heads use the default's
 (:meth:`AdapterRegistry.medusa_id_for`).
 """
@@ -51,8 +52,8 @@ class AdapterRegistry:
 
     Raises:
       AdapterLoadError: the index is invalid or taken, no default is loaded,
-        the version is below 2, the head count differs from the default's, the
-        heads are not V2, or the hidden size differs from the default's.
+        the version is below 2, or the head count, architecture (V1/V2, L, V)
+        or hidden size differs from the default's.
     """
     if isinstance(index, bool) or not isinstance(index, int) or index < 1:
       raise AdapterLoadError(
@@ -79,15 +80,11 @@ class AdapterRegistry:
           f"adapter {index}: Cannot load a Medusa adapter dynamically with a different number"
           f" of heads ({weights.speculative_tokens}) from the default speculative tokens"
           f" ({default.speculative_tokens}).")
-    if not weights.is_v2:
+    if _architecture(weights) != _architecture(default):
       raise AdapterLoadError(
-          f"adapter {index}: dynamic Medusa adapters must be V2 (one ResBlock per head and no"
-          f" per-head output projection); got medusa_num_layers="
-          f"{weights.config.medusa_num_layers} with vocab {weights.vocab_size}")
-    if weights.hidden_size != default.hidden_size:
-      raise AdapterLoadError(
-          f"adapter {index}: hidden size {weights.hidden_size} differs from the default"
-          f" adapter's {default.hidden_size}")
+          f"adapter {index}: {_architecture_text(weights)}; expected"
+          f" {_architecture_text(default)} like the default adapter (rows of one batch are"
+          " routed through stacked weights of one architecture)")
     self._adapters[index] = weights
 
   def unload(self, index: int) -> MedusaWeights:
@@ -155,6 +152,20 @@ class AdapterRegistry:
   def __repr__(self) -> str:
     return (f"AdapterRegistry(ids={list(self.medusa_ids)},"
             f" speculative_tokens={self.speculative_tokens})")
+
+
+def _architecture(weights: MedusaWeights) -> tuple:
+  """What must agree for per-row routing: V1/V2, H, and for V1 also L and V."""
+  if weights.is_v2:
+    return ("V2", weights.hidden_size)
+  return ("V1", weights.hidden_size, weights.config.medusa_num_layers, weights.vocab_size)
+
+
+def _architecture_text(weights: MedusaWeights) -> str:
+  if weights.is_v2:
+    return f"V2 heads with H={weights.hidden_size}"
+  return (f"V1 heads with H={weights.hidden_size}, L={weights.config.medusa_num_layers},"
+          f" V={weights.vocab_size}")
 
 
 def _describe(weights: MedusaWeights) -> str:

@@ -81,15 +81,21 @@ def test_checks_run_in_lorax_order(default3):
     reg.load_dynamic(1, _w(2, version=1.0))
 
 
-def test_dynamic_must_be_v2_with_same_hidden(default3):
+def test_dynamic_needs_the_default_architecture(default3):
   reg = AdapterRegistry()
   reg.load_default(default3)
-  with pytest.raises(AdapterLoadError, match="must be V2.*medusa_num_layers=2"):
+  with pytest.raises(AdapterLoadError, match="V1 heads with H=8, L=2, V=12; expected V2 heads"):
     reg.load_dynamic(1, _w(3, layers=2))
-  with pytest.raises(AdapterLoadError, match="must be V2"):
+  with pytest.raises(AdapterLoadError, match="V1 heads with H=8, L=1, V=12; expected V2"):
     reg.load_dynamic(1, _w(3, per_head=True))
-  with pytest.raises(AdapterLoadError, match="hidden size 16 differs.*8"):
+  with pytest.raises(AdapterLoadError, match="V2 heads with H=16; expected V2 heads with H=8"):
     reg.load_dynamic(1, _w(3, hidden=16))
+  v1 = AdapterRegistry()
+  v1.load_default(_w(3, layers=2))
+  v1.load_dynamic(1, _w(3, layers=2))  # V1 adapters batch with a V1 default of equal shapes
+  with pytest.raises(AdapterLoadError, match="L=3.*expected V1 heads with H=8, L=2"):
+    v1.load_dynamic(2, _w(3, layers=3))
+  assert v1.medusa_ids == (0, 1)
 
 
 def test_dynamic_load_routing_and_unload(default3):
