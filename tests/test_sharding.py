@@ -394,46 +394,78 @@ def test_sharded_segmented_matmul_refuses_epilogue_and_bad_width():
     sh.sharded_segmented_matmul(x, w[:, :, :12], None, *s, mesh=mesh)
 
 
-@pytest.mark.parametrize("data,model", MESHES)
-def test_v2_mixed_adapter_segments_match_unsharded(data, model):
-  rng = np.random.default_rng(50 + model)
+def test_v2_segments_with_empty_and_uncovered_rows():
+  """Custom layouts: an empty and a single-row segment, an uncovered last row, rows over data."""
+  rng = np.random.default_rng(50)
   hidden, vocab, n, rows, adapters = 16, 32, 2, 8, 3
-  mesh = sh.make_mesh(data, model)
+  mesh = sh.make_mesh(2, 4)
   models = [_v2_model(rng, hidden, n) for _ in range(adapters)]
   w = jnp.stack([m.medusa.kernel[...] for m in models])      # [A, H, n*H]
   b = jnp.stack([m.medusa.bias[...] for m in models])        # [A, n*H]
   s0, s1, sw = _segments(rng, rows, adapters)
-  seg = types.SimpleNamespace(w=w, b=b, s_start=s0, s_end=s1, seg_weight=sw,
-                              backend="reference")
   x = jnp.asarray(rng.standard_normal((rows, hidden)), jnp.float32)
   lm = rng.standard_normal((hidden, vocab)).astype(np.float32)
-  base_logits, base_spec = models[0](x, lambda h: jnp.einsum("...h,hv->...v", h, lm), seg)
-
+  g0, st0 = nnx.split(models[0])
+  base_logits, base_spec = jax.jit(lambda st, w, b, x: nnx.merge(g0, st)(
+      x, lambda h: jnp.einsum("...h,hv->...v", h, lm),
+      types.SimpleNamespace(w=w, b=b, s_start=s0, s_end=s1, seg_weight=sw,
+                            backend="reference")))(st0, w, b, x)
   sharded = sh.shard_medusa_model(models[0], mesh)
-  seg_sharded = types.SimpleNamespace(
-      w=sh.place(np.asarray(w).reshape(adapters, hidden, n, hidden), P(None, None, None, "model"),
-                 mesh),
-      b=sh.place(np.asarray(b).reshape(adapters, n, hidden), P(None, None, "model"), mesh),
-      s_start=s0, s_end=s1, seg_weight=sw, backend="reference")
   graphdef, state = nnx.split(sharded)
 
   @jax.jit
-  def fwd(st, wl, sg, x):
-    return nnx.merge(graphdef, st)(x, sh.vocab_parallel_lm_head(wl),
-                                   types.SimpleNamespace(**sg, backend="reference"))
+  def fwd(st, wl, w, b, x):
+    segs = types.SimpleNamespace(w=w, b=b, s_start=s0, s_end=s1, seg_weight=sw,
+                                 backend="reference")
+    return nnx.merge(graphdef, st)(x, sh.vocab_parallel_lm_head(wl), segs)
 
-  lm_s = sh.place(lm, P(None, "model"), mesh)
-  for segs in (seg_sharded, seg):  # pre-sharded [A, H, n, H], and the flat [A, H, n*H] layout
-    arrays = {k: v for k, v in vars(segs).items() if k != "backend"}
-    logits, spec = fwd(state, lm_s, arrays, x)
-    np.testing.assert_allclose(logits, base_logits, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(spec, base_spec, rtol=1e-5, atol=1e-4)
-  # float64 reference for the covered rows; the uncovered last row has zero heads.
+  logits, spec = fwd(state, sh.place(lm, P(None, "model"), mesh), w, b, x)
+  np.testing.assert_allclose(logits, base_logits, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(spec, base_spec, rtol=1e-5, atol=1e-4)
   for a, z, i in zip(np.asarray(s0), np.asarray(s1), np.asarray(sw)):
     if z > a:
       _, want_spec = _v2_reference(x[a:z], w[i], b[i], lm, n)
       assert _rel(spec[a:z], want_spec) < 1e-5
   np.testing.assert_allclose(spec[rows - 1], np.zeros((n, vocab)), atol=1e-6)
+
+
+@pytest.mark.parametrize("data,model", MESHES)
+def test_mixed_adapter_batch_sharded_matches_unsharded(data, model):
+  """BatchMedusaWeights' routing, the heads computed tensor-parallel."""
+  from medusa_jax.batching import BatchMedusaWeights
+  from medusa_jax.segments import row_segments
+  from medusa_jax.weights import MedusaWeights
+  rng = np.random.default_rng(55 + model)
+  hidden, vocab, n, rows = 16, 32, 2, 8
+  mesh = sh.make_mesh(data, model)
+  adapters = {i: MedusaWeights(_cfg(n), _v2_model(rng, hidden, n)) for i in (0, 2, 5)}
+  ids = rng.choice([0, 1, 2, 5], size=rows)  # id 1 has no heads: the default's
+  batch = BatchMedusaWeights.load(adapters, ids, backend="reference")
+  x = jnp.asarray(rng.standard_normal((rows, hidden)), jnp.float32)
+  lm = rng.standard_normal((hidden, vocab)).astype(np.float32)
+  want_logits, want_spec = jax.jit(
+      lambda bt, x: bt(x, lambda h: jnp.einsum("...h,hv->...v", h, lm)))(batch, x)
+
+  sharded = sh.shard_medusa_model(adapters[0].model, mesh)
+  graphdef, state = nnx.split(sharded)
+  hnh = (len(adapters), hidden, n, hidden)
+  w = sh.place(np.asarray(batch.fused_w).reshape(hnh), P(None, None, None, "model"), mesh)
+  b = sh.place(np.asarray(batch.fused_b).reshape(hnh[0], n, hidden), P(None, None, "model"), mesh)
+
+  @jax.jit
+  def fwd(st, wl, w, b, row_slot, x):
+    s0, s1, sw = row_segments(row_slot)
+    segs = types.SimpleNamespace(w=w, b=b, s_start=s0, s_end=s1, seg_weight=sw,
+                                 backend="reference")
+    return nnx.merge(graphdef, st)(x, sh.vocab_parallel_lm_head(wl), segs)
+
+  logits, spec = fwd(state, sh.place(lm, P(None, "model"), mesh), w, b, batch.row_slot, x)
+  np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(spec, want_spec, rtol=1e-5, atol=1e-4)
+  for r, adapter in enumerate(ids):
+    m = adapters.get(int(adapter), adapters[0]).model.medusa
+    _, want_row = _v2_reference(x[r:r + 1], m.kernel[...], m.bias[...], lm, n)
+    assert _rel(spec[r:r + 1], want_row) < 1e-5
 
 
 # ------------------------------------------------------------------------- loading
