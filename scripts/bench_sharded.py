@@ -1,0 +1,285 @@
+"""Benchmark: tensor-parallel V2 heads + lm_head, and a sharded decode step.
+
+Part 1, V2 heads + vocabulary-split lm_head (LoRAX's layout, sharding.py) at
+H=4096, V=128256, n=4, bf16, B in {1, 8, 32} rows, on 1, 2 (, 4) GPUs:
+
+* ``1gpu``: the unsharded ``MedusaV2`` + a plain ``[H, V]`` lm_head.
+* ``tp{W}``: ``ShardedMedusaV2`` + ``vocab_parallel_lm_head`` on a 1 x W mesh;
+  logits stay split over V (``+argmax`` variants also pick each row's token,
+  which adds a small cross-device reduction).
+
+Part 2, one LoRAX-style decode step (1 token per row, heads + lm_head) of a
+Llama-3-8B-shaped model with random weights and fewer layers, on 1 and W GPUs.
+
+Timing: jitted calls in a loop, ``jax.block_until_ready`` at the end, the
+median over repeats. The floor is the bytes each device must read (its share
+of the weights) over the copy bandwidth measured in the same run.
+
+  PYTHONPATH=. python3 scripts/bench_sharded.py --out $OUT
+  python scripts/bench_sharded.py --quick --cpu-devices 8     # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+
+def _args(argv):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--hidden", type=int, default=4096)
+  p.add_argument("--vocab", type=int, default=128256)
+  p.add_argument("--heads", type=int, default=4)
+  p.add_argument("--batches", default="1,8,32")
+  p.add_argument("--widths", default="1,2,4", help="model-axis sizes to try (those that fit)")
+  p.add_argument("--calls", type=int, default=50, help="calls per timed repeat")
+  p.add_argument("--repeats", type=int, default=7)
+  p.add_argument("--llama-layers", type=int, default=8)
+  p.add_argument("--llama-batch", type=int, default=8)
+  p.add_argument("--cache-len", type=int, default=1024)
+  p.add_argument("--skip-llama", action="store_true")
+  p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
+  p.add_argument("--cpu-devices", type=int, default=0, help="fake CPU devices (before JAX starts)")
+  p.add_argument("--out", default=os.environ.get("OUT", "."))
+  a = p.parse_args(argv)
+  if a.quick:
+    a.hidden, a.vocab, a.heads, a.batches = 64, 512, 4, "1,8"
+    a.calls, a.repeats, a.llama_layers, a.llama_batch, a.cache_len = 3, 2, 2, 8, 64
+  return a
+
+
+def _time(fn, *args, calls, repeats):
+  """Median seconds per call: ``calls`` back-to-back calls per repeat."""
+  import jax
+  jax.block_until_ready(fn(*args))
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(calls):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / calls)
+  return statistics.median(times), times
+
+
+def _copy_bandwidth(device):
+  """Bytes read + written per second by a device-to-device elementwise pass of 1 GiB."""
+  import jax
+  import jax.numpy as jnp
+  n = (1 << 30) // 2 if device.platform == "gpu" else (1 << 24)
+  a = jax.device_put(jnp.ones((n,), jnp.bfloat16), device)
+  f = jax.jit(lambda a: a + jnp.bfloat16(1))
+  t, _ = _time(f, a, calls=10, repeats=5)
+  return 2 * n * 2 / t
+
+
+def _random(mesh, shape, spec, dtype, seed, scale):
+  """A random array made on the devices, already sharded (no host copy)."""
+  import jax
+  from jax.sharding import NamedSharding
+  make = jax.jit(lambda k: (jax.random.normal(k, shape, jax.numpy.float32) * scale).astype(dtype),
+                 out_shardings=NamedSharding(mesh, spec))
+  return make(jax.random.PRNGKey(seed))
+
+
+def bench_heads(a, devices, widths, bw):
+  """V2 heads + lm_head: unsharded baseline vs tensor-parallel widths."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+  from jax.sharding import PartitionSpec as P
+
+  from medusa_jax import sharding as sh
+  from medusa_jax.config import MedusaConfig
+  from medusa_jax.heads import MedusaModel
+
+  H, V, n, dt = a.hidden, a.vocab, a.heads, jnp.bfloat16
+  cfg = MedusaConfig(base_model_name_or_path="bench", medusa_num_heads=n, medusa_num_layers=1,
+                     version=2.0)
+  weight_bytes = (H * n * H + n * H + H * V) * 2
+  rows, results = [], {}
+  ref_out = {}
+  for width in widths:
+    mesh = sh.make_mesh(1, width, devices=devices[:width])
+    kernel = _random(mesh, (H, n, H), P(None, None, "model"), dt, 1, H ** -0.5)
+    bias = _random(mesh, (n, H), P(None, "model"), dt, 2, 0.1)
+    lm_w = _random(mesh, (H, V), P(None, "model"), dt, 3, H ** -0.5)
+    variants = {}
+    if width == 1:
+      plain = MedusaModel(cfg, H, rngs=nnx.Rngs(0), param_dtype=dt, max_batch_size=1 << 20)
+      plain.medusa.kernel[...] = kernel.reshape(H, n * H)
+      plain.medusa.bias[...] = bias.reshape(n * H)
+      variants["1gpu"] = plain
+    else:
+      variants[f"tp{width}"] = sh._medusa_model(cfg, sh.ShardedMedusaV2(
+          kernel, bias, mesh=mesh, max_batch_size=1 << 20))
+    for name, model in variants.items():
+      graphdef, state = nnx.split(model)
+
+      def logits_fn(state, w, x, graphdef=graphdef):
+        return nnx.merge(graphdef, state)(x, sh.vocab_parallel_lm_head(w))
+
+      def argmax_fn(state, w, x, graphdef=graphdef):
+        logits, spec = logits_fn(state, w, x)
+        return jnp.argmax(logits, -1), jnp.argmax(spec, -1)
+
+      for b in [int(s) for s in a.batches.split(",")]:
+        x = sh.place(np.random.default_rng(b).standard_normal((b, H)).astype(np.float32),
+                     P(), mesh, dtype=dt)
+        f_logits, f_argmax = jax.jit(logits_fn), jax.jit(argmax_fn)
+        logits, spec = f_logits(state, lm_w, x)
+        toks = f_argmax(state, lm_w, x)
+        host = np.asarray(jax.device_get(spec), np.float32)
+        if name == "1gpu":
+          ref_out[b] = (host, np.asarray(jax.device_get(toks[1])))
+          err, agree = 0.0, 1.0
+        else:
+          want, want_tok = ref_out[b]
+          err = float(np.linalg.norm(host - want) / np.linalg.norm(want))
+          agree = float(np.mean(np.asarray(jax.device_get(toks[1])) == want_tok))
+        if not np.isfinite(host).all():
+          raise SystemExit(f"{name} B={b}: non-finite logits")
+        for kind, f in (("logits", f_logits), ("+argmax", f_argmax)):
+          t, all_t = _time(f, state, lm_w, x, calls=a.calls, repeats=a.repeats)
+          floor = weight_bytes / width / bw
+          key = f"{name}/{kind}/B{b}"
+          results[key] = dict(variant=name, width=width, kind=kind, batch=b, seconds=t,
+                              repeats=all_t, floor_s=floor, rel_err_vs_1gpu=err,
+                              draft_argmax_agreement=agree,
+                              logits_sharding=str(getattr(logits.sharding, "spec", "")))
+          rows.append(key)
+  for key in rows:
+    r = results[key]
+    base = results.get(f"1gpu/{r['kind']}/B{r['batch']}")
+    r["ratio_vs_1gpu"] = r["seconds"] / base["seconds"] if base else None
+  return results
+
+
+def bench_llama(a, devices, widths, bw):
+  """A LoRAX-style decode step (1 token per row + V2 heads) of a Llama-3-8B-shaped model."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from medusa_jax import sharding as sh
+  from medusa_jax.config import MedusaConfig
+  from medusa_jax.decoding.step import DecodeState, Decoder
+  from medusa_jax.models.llama import KVCache, Llama, LlamaConfig
+
+  if a.quick:
+    lcfg = LlamaConfig.tiny(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=128,
+                            num_hidden_layers=a.llama_layers, num_attention_heads=8,
+                            num_key_value_heads=8, head_dim=8)
+  else:
+    lcfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=14336,
+                       num_hidden_layers=a.llama_layers, num_attention_heads=32,
+                       num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+                       max_position_embeddings=8192)
+  n, dt, B = a.heads, jnp.bfloat16, a.llama_batch
+  mcfg = MedusaConfig(base_model_name_or_path="bench", medusa_num_heads=n, medusa_num_layers=1,
+                      version=2.0)
+  results = {}
+  for width in [w for w in widths if w in (1, max(widths))]:
+    mesh = sh.make_mesh(1, width, devices=devices[:width])
+    rules = sh.llama_rules(lcfg, mesh)
+    abstract = nnx.eval_shape(lambda: Llama(lcfg, rngs=nnx.Rngs(0), dtype=dt, param_dtype=dt))
+    graphdef, state = nnx.split(abstract)
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    values = []
+    for i, (path, leaf) in enumerate(leaves):
+      name = sh.path_str(path)
+      scale = 1.0 if name.endswith("weight") else leaf.shape[0] ** -0.5
+      values.append(_random(mesh, leaf.shape, rules.spec(name), dt, 100 + i, scale))
+    state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state), values)
+    llama = nnx.merge(graphdef, state)
+    H = lcfg.hidden_size
+    kernel = _random(mesh, (H, n, H), P(None, None, "model"), dt, 7, H ** -0.5)
+    bias = _random(mesh, (n, H), P(None, "model"), dt, 8, 0.1)
+    heads = sh._medusa_model(mcfg, sh.ShardedMedusaV2(kernel, bias, mesh=mesh,
+                                                      max_batch_size=1 << 20))
+    dec = Decoder(llama, heads)
+    cache = sh.shard_cache(KVCache.init(lcfg, B, a.cache_len, dt), lcfg, mesh)
+    rng = np.random.default_rng(5)
+    rep = NamedSharding(mesh, P())
+    put = lambda v: jax.device_put(v, rep)
+    st = DecodeState(cache=cache, lengths=put(np.full((B,), a.cache_len // 2, np.int32)),
+                     tokens=put(rng.integers(0, lcfg.vocab_size, (B, 1)).astype(np.int32)),
+                     generated=put(np.zeros((B,), np.int32)),
+                     max_new=put(np.full((B,), 1 << 20, np.int32)),
+                     done=put(np.zeros((B,), bool)), rng=jax.random.PRNGKey(0))
+    box = [st]
+
+    def step():
+      logits, draft, box[0] = dec.decode_step(box[0])
+      return logits, draft
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(step())
+    compile_s = time.perf_counter() - t0
+    per_call, all_t = _time(lambda: step(), calls=max(1, min(a.calls, 40)),
+                            repeats=max(2, min(a.repeats, 5)))
+    params = sum(int(np.prod(l.shape)) for l in jax.tree_util.tree_leaves(state))
+    weight_bytes = (params + H * n * H) * 2
+    results[f"decode/tp{width}"] = dict(width=width, batch=B, layers=lcfg.num_hidden_layers,
+                                        seconds=per_call, repeats=all_t,
+                                        floor_s=weight_bytes / width / bw,
+                                        compile_s=compile_s, params=params,
+                                        traces=dict(dec.trace_counts))
+  base = results.get("decode/tp1")
+  for r in results.values():
+    r["ratio_vs_1gpu"] = r["seconds"] / base["seconds"] if base else None
+  return results
+
+
+def main(argv=None):
+  a = _args(argv)
+  if a.cpu_devices:
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.cpu_devices}"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+  import jax
+  devices = jax.devices()
+  widths = [w for w in (int(s) for s in a.widths.split(",")) if w <= len(devices)]
+  bw = _copy_bandwidth(devices[0])
+  print(f"devices: {len(devices)} x {devices[0].device_kind}; jax {jax.__version__}; "
+        f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+  heads = bench_heads(a, devices, widths, bw)
+  llama = {} if a.skip_llama else bench_llama(a, devices, widths, bw)
+
+  print(f"\nV2 heads + lm_head, H={a.hidden} V={a.vocab} n={a.heads} bf16 (median of "
+        f"{a.repeats} x {a.calls} calls)")
+  print(f"{'variant':<22}{'B':>4}{'us':>10}{'floor us':>10}{'x floor':>9}{'vs 1gpu':>9}"
+        f"{'rel err':>10}{'argmax=':>9}")
+  for key, r in heads.items():
+    print(f"{r['variant'] + ' ' + r['kind']:<22}{r['batch']:>4}{r['seconds'] * 1e6:>10.1f}"
+          f"{r['floor_s'] * 1e6:>10.1f}{r['seconds'] / r['floor_s']:>9.2f}"
+          f"{r['ratio_vs_1gpu']:>9.3f}{r['rel_err_vs_1gpu']:>10.1e}"
+          f"{r['draft_argmax_agreement']:>9.3f}")
+  if llama:
+    print(f"\nDecode step (1 token/row + heads + lm_head), Llama-3-8B shape, "
+          f"{a.llama_layers} layers, B={a.llama_batch}, cache {a.cache_len}")
+    for key, r in llama.items():
+      print(f"{key:<22}{r['seconds'] * 1e3:>10.3f} ms  floor {r['floor_s'] * 1e3:.3f} ms"
+            f"  vs 1gpu {r['ratio_vs_1gpu']:.3f}  compile {r['compile_s']:.1f} s")
+  meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              jax=jax.__version__, device_kind=devices[0].device_kind, devices=len(devices),
+              copy_bandwidth_Bps=bw, args=vars(a))
+  os.makedirs(a.out, exist_ok=True)
+  path = os.path.join(a.out, "bench_sharded.json")
+  with open(path, "w") as f:
+    json.dump(dict(meta=meta, heads=heads, decode=llama), f, indent=1)
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  sys.exit(main())
