@@ -156,6 +156,7 @@ def bench_heads(a, devices, widths, bw):
                               draft_argmax_agreement=agree,
                               logits_sharding=str(getattr(logits.sharding, "spec", "")))
           rows.append(key)
+          print(f"  {key}: {t * 1e6:.1f} us (floor {floor * 1e6:.1f}), err {err:.1e}", flush=True)
   for key in rows:
     r = results[key]
     base = results.get(f"1gpu/{r['kind']}/B{r['batch']}")
@@ -236,6 +237,7 @@ def bench_llama(a, devices, widths, bw):
                                         floor_s=weight_bytes / width / bw,
                                         compile_s=compile_s, params=params,
                                         traces=dict(dec.trace_counts))
+    print(f"  decode/tp{width}: {per_call * 1e3:.3f} ms, compile {compile_s:.1f} s", flush=True)
   base = results.get("decode/tp1")
   for r in results.values():
     r["ratio_vs_1gpu"] = r["seconds"] / base["seconds"] if base else None
