@@ -164,7 +164,8 @@ class Engine:
 
   def __init__(self, llama, tokenizer=None, medusa=None, *, max_cache_len: int = 2048,
                cache_dtype=None, max_tree_rows: int = 256, tree_choices=None,
-               max_batch_size: int | None = None, heads_notice: str | None = None):
+               max_batch_size: int | None = None, heads_notice: str | None = None,
+               chat_template=None, eos_ids: Sequence[int] | None = None):
     """Args:
       llama: the base ``Llama``.
       tokenizer: optional; ``encode(str) -> list[int]``, ``decode(ids) -> str``.
@@ -177,6 +178,8 @@ class Engine:
       max_batch_size: LoRAX's speculation guard for ``chain`` (None: the heads'
         own limit, else env / 32).
       heads_notice: a message about the heads (e.g. "freshly initialised").
+      chat_template: a ``ChatTemplate`` for ``chat=True`` (None: ChatML).
+      eos_ids: ids that end a request (None: the model config's).
     """
     from medusa_jax.heads import speculation_max_batch_size
     model = getattr(medusa, "model", medusa)
@@ -193,6 +196,8 @@ class Engine:
       max_batch_size = getattr(getattr(model, "medusa", None), "max_batch_size", None)
     self.max_batch_size = speculation_max_batch_size(max_batch_size)
     self.heads_notice = heads_notice
+    self.chat_template = chat_template
+    self.eos_ids = tuple(int(i) for i in (llama.cfg.eos_token_ids if eos_ids is None else eos_ids))
     self.num_heads = None if model is None else int(model.config.medusa_num_heads)
     self.decoder = Decoder(llama, model)
 
@@ -221,7 +226,7 @@ class Engine:
       from medusa_jax import assets
       base = assets.fetch().model_dir
     llama = load_llama(base, dtype=dtype)
-    tokenizer = _load_tokenizer(base)
+    tokenizer, chat_template = _load_tokenizer(base)
     notice = None
     if medusa is None and os.path.exists(os.path.join(BUNDLED_HEADS, "config.json")):
       medusa = BUNDLED_HEADS
@@ -239,7 +244,7 @@ class Engine:
                 " speculation shows its overhead, not its speed-up")
       warnings.warn(notice, stacklevel=2)
     return cls(llama, tokenizer, medusa, max_cache_len=max_cache_len, heads_notice=notice,
-               **kwargs)
+               chat_template=chat_template, **kwargs)
 
   # ------------------------------------------------------------------------- generation
 
@@ -292,7 +297,7 @@ class Engine:
         errors[i] = e
     valid = [r for r in requests if r is not None]
     tree, skipped = self._choose_tree(mode, tree, max(len(valid), 1), adaptive)
-    config = StepConfig(tree=tree, strategy=strategy, eos_ids=tuple(self.cfg.eos_token_ids))
+    config = StepConfig(tree=tree, strategy=strategy, eos_ids=self.eos_ids)
     for r in list(valid):
       need = len(r.prompt) + r.max_new + config.num_nodes
       if need > self.max_cache_len:
@@ -356,7 +361,10 @@ class Engine:
       if self.tokenizer is None:
         raise RequestError(f"request {i}: a string prompt needs a tokenizer; pass token ids")
       if chat:
-        ids = _chat_ids(self.tokenizer, prompt)
+        from medusa_jax.models.chat import apply_chat_template
+        rendered = apply_chat_template([{"role": "user", "content": prompt}],
+                                       add_generation_prompt=True, template=self.chat_template)
+        ids = self.tokenizer.encode(rendered)
       else:
         ids = self.tokenizer.encode(prompt)
     else:
@@ -463,24 +471,17 @@ class Engine:
 
 
 def _load_tokenizer(model_dir):
-  """The tokenizer beside a model, or None when none can be built."""
+  """The tokenizer and chat template beside a model (None for what is missing)."""
+  from medusa_jax.errors import MedusaError
+  from medusa_jax.models.chat import ChatTemplate
+  from medusa_jax.models.tokenizer import Tokenizer
+  tokenizer = template = None
   try:
-    from medusa_jax.models.tokenizer import Tokenizer
-  except ImportError:
-    return None
-  for name in ("load", "from_dir", "from_pretrained"):
-    loader = getattr(Tokenizer, name, None)
-    if loader is not None:
-      try:
-        return loader(model_dir)
-      except (OSError, ValueError):
-        return None
-  return None
-
-
-def _chat_ids(tokenizer, text: str) -> list[int]:
-  """Token ids of one user turn in the model's chat template, ready for the answer."""
-  from medusa_jax.models import chat
-  rendered = chat.apply_chat_template([{"role": "user", "content": text}],
-                                      add_generation_prompt=True)
-  return tokenizer.encode(rendered)
+    tokenizer = Tokenizer.from_file(model_dir)
+  except MedusaError:
+    pass
+  try:
+    template = ChatTemplate.from_file(model_dir)
+  except MedusaError:
+    pass
+  return tokenizer, template

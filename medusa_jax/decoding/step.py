@@ -132,8 +132,25 @@ class Params:
 # ----------------------------------------------------------------------------- heads
 
 
+_PYTREE = "pytree"
+"""Graph marker of heads that are already a pytree (``BatchMedusaWeights``)."""
+
+
+def _split(module):
+  """(graphdef, state) of an NNX module; a pytree passes whole as its own state."""
+  if module is None:
+    return None, None
+  if isinstance(module, nnx.Module):
+    return nnx.split(module)
+  return _PYTREE, module
+
+
 def _merge(graphdef, state):
-  return None if graphdef is None else nnx.merge(graphdef, state)
+  if graphdef is None:
+    return None
+  if isinstance(graphdef, str) and graphdef == _PYTREE:
+    return state
+  return nnx.merge(graphdef, state)
 
 
 def base_and_draft(heads, x: Array, lm_head) -> tuple[Array, Array]:
@@ -204,16 +221,42 @@ def _next_tokens(config: StepConfig, root: Array, draft_logits: Array | None) ->
 # ----------------------------------------------------------------------------- steps
 
 
-def prefill(graphs: Graphs, params: Params, cache, prompt: Array, prompt_lens: Array,
-            max_new: Array, done: Array, rng: Array, *, config: StepConfig
-            ) -> tuple[DecodeState, StepOutput]:
-  """Runs the prompts, chooses each row's first token and its first drafts. DONATES cache.
+def prefill_forward(graphs: Graphs, params: Params, cache, prompt: Array, prompt_lens: Array
+                    ) -> tuple[Any, Array]:
+  """Runs the prompts into an empty cache. DONATES cache.
+
+  Independent of the step config, so one compilation serves every mode.
 
   Args:
     graphs, params: the split base model and heads.
     cache: an empty ``KVCache`` of B rows.
     prompt: [B, P] int32 prompts left-aligned, padded to the bucket P.
     prompt_lens: [B] int32 real lengths (>= 1).
+
+  Returns:
+    The cache and the hidden state of each row's last prompt token [B, H].
+  """
+  llama = _merge(graphs.llama, params.llama)
+  batch, width = prompt.shape
+  positions_BxP = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32)[None, :], (batch, width))
+  zero_B = jnp.zeros((batch,), jnp.int32)
+  mask = cache_ops.prefill_attention_mask(prompt_lens, width, cache.length)
+  hidden_BxPxH, cache = llama(prompt, positions_BxP, cache, zero_B, mask)
+  last_B = jnp.clip(prompt_lens - 1, 0, width - 1)
+  x_BxH = jnp.take_along_axis(hidden_BxPxH, last_B[:, None, None], axis=1)[:, 0]
+  return cache, x_BxH
+
+
+def prefill_start(graphs: Graphs, params: Params, cache, x: Array, prompt_lens: Array,
+                  max_new: Array, done: Array, rng: Array, *, config: StepConfig
+                  ) -> tuple[DecodeState, StepOutput]:
+  """Chooses each row's first token and its first drafts. DONATES cache.
+
+  Args:
+    graphs, params: the split base model and heads.
+    cache: the cache after :func:`prefill_forward`.
+    x: [B, H] hidden state of the last prompt token.
+    prompt_lens: [B] int32.
     max_new: [B] int32 budgets (>= 1).
     done: [B] bool; True for padding rows.
     rng: PRNG key.
@@ -224,17 +267,12 @@ def prefill(graphs: Graphs, params: Params, cache, prompt: Array, prompt_lens: A
   """
   llama = _merge(graphs.llama, params.llama)
   heads = _merge(graphs.heads, params.heads)
-  batch, width = prompt.shape
-  positions_BxP = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32)[None, :], (batch, width))
+  batch = x.shape[0]
   zero_B = jnp.zeros((batch,), jnp.int32)
-  mask = cache_ops.prefill_attention_mask(prompt_lens, width, cache.length)
-  hidden_BxPxH, cache = llama(prompt, positions_BxP, cache, zero_B, mask)
-  last_B = jnp.clip(prompt_lens - 1, 0, width - 1)
-  x_BxH = jnp.take_along_axis(hidden_BxPxH, last_B[:, None, None], axis=1)[:, 0]
   if config.tree is None:
-    logits_BxV, draft = llama.lm_head(x_BxH), None
+    logits_BxV, draft = llama.lm_head(x), None
   else:
-    logits_BxV, draft = base_and_draft(heads, x_BxH, llama.lm_head)
+    logits_BxV, draft = base_and_draft(heads, x, llama.lm_head)
   from medusa_jax.decoding.verify import choose_root
   rng, key = jax.random.split(rng)
   root_B = choose_root(logits_BxV, config.strategy, key).astype(jnp.int32)
@@ -357,19 +395,22 @@ class Decoder:
   """
 
   def __init__(self, llama, heads=None):
-    """Args: llama: the base ``Llama``; heads: ``MedusaModel`` (or None)."""
+    """Args:
+      llama: the base ``Llama``.
+      heads: ``MedusaModel``, ``BatchMedusaWeights`` (per-row adapters; its
+        rows must match the batch), or None.
+    """
     llama_def, llama_state = nnx.split(llama)
-    if heads is None:
-      heads_def, heads_state = None, None
-    else:
-      heads_def, heads_state = nnx.split(heads)
+    heads_def, heads_state = _split(heads)
     self.cfg = llama.cfg
     self.graphs = Graphs(llama=llama_def, heads=heads_def)
     self.params = Params(llama=llama_state, heads=heads_state)
     self.num_heads = None if heads is None else int(getattr(heads, "num_heads", 0)) or None
     self.trace_counts: collections.Counter = collections.Counter()
-    self._prefill = jax.jit(self._counted("prefill", prefill), static_argnames=("config",),
-                            donate_argnames=("cache",))
+    self._prefill_forward = jax.jit(self._counted("prefill", prefill_forward),
+                                    donate_argnames=("cache",))
+    self._prefill_start = jax.jit(self._counted("prefill_start", prefill_start),
+                                  static_argnames=("config",), donate_argnames=("cache",))
     self._plain = jax.jit(self._counted("plain", plain_step), static_argnames=("config",),
                           donate_argnames=("state",))
     self._spec = jax.jit(self._counted("speculative", speculative_step),
@@ -393,9 +434,13 @@ class Decoder:
     return KVCache.init(self.cfg, batch, length, dtype)
 
   def prefill(self, cache, prompt, prompt_lens, max_new, done, rng, *, config: StepConfig):
-    """See :func:`prefill`. DONATES cache."""
-    return self._prefill(self.params, cache, prompt, prompt_lens, max_new, done, rng,
-                         config=config)
+    """Prompt forward, then first tokens and drafts: two jitted calls. DONATES cache.
+
+    Args and returns as :func:`prefill_forward` then :func:`prefill_start`.
+    """
+    cache, x = self._prefill_forward(self.params, cache, prompt, prompt_lens)
+    return self._prefill_start(self.params, cache, x, prompt_lens, max_new, done, rng,
+                               config=config)
 
   def step(self, state: DecodeState, *, config: StepConfig):
     """A plain or speculative step, by ``config.tree``. DONATES state."""

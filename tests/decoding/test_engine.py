@@ -1,0 +1,256 @@
+"""Engine-level tests: lossless greedy speculation on SmolLM2, sampling distribution,
+bad requests, the chain guard, EOS handling and per-request statistics."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy import stats as scipy_stats
+
+from medusa_jax.config import MedusaConfig
+from medusa_jax.decoding import sampling
+from medusa_jax.decoding.engine import Engine, Speculate
+from medusa_jax.errors import AssetError, RequestError
+from medusa_jax.heads import MedusaModel
+from medusa_jax.models.llama import KVCache, Llama, LlamaConfig, causal_mask
+
+
+def _random_heads(hidden, n, seed, scale, max_batch_size=None):
+  mc = MedusaConfig(base_model_name_or_path="test", medusa_num_heads=n, medusa_num_layers=1,
+                    version=2.0)
+  heads = MedusaModel(mc, hidden, rngs=nnx.Rngs(seed), max_batch_size=max_batch_size)
+  k1, k2 = jax.random.split(jax.random.PRNGKey(seed + 1000))
+  heads.medusa.kernel[...] = scale * jax.random.normal(k1, heads.medusa.kernel[...].shape)
+  heads.medusa.bias[...] = scale * jax.random.normal(k2, heads.medusa.bias[...].shape)
+  return heads
+
+
+# ----------------------------------------------------------------------------- SmolLM2
+
+
+@pytest.fixture(scope="module")
+def smol():
+  from medusa_jax import assets
+  from medusa_jax.decoding.engine import _load_tokenizer
+  from medusa_jax.models.llama import load_llama
+  try:
+    paths = assets.fetch(quiet=True)
+  except AssetError as e:
+    pytest.skip(f"SmolLM2 assets unavailable: {e}")
+  llama = load_llama(paths.model_dir, dtype=jnp.float32)
+  tokenizer, template = _load_tokenizer(paths.model_dir)
+  # Small random heads: close to the identity, so they often draft the base
+  # model's own next token -- right on repetitive text, wrong elsewhere.
+  heads = _random_heads(llama.cfg.hidden_size, 4, seed=0, scale=0.02)
+  return Engine(llama, tokenizer, heads, max_cache_len=64, max_tree_rows=32,
+                chat_template=template)
+
+
+def test_greedy_chain_and_tree_equal_plain_on_smollm2(smol):
+  tok = smol.tokenizer
+  prompts = [tok.encode("The capital of France is"), tok.encode(" the") * 10,
+             tok.encode("def fibonacci(n):\n    "), tok.encode("1, 2, 3, 4, 5,")]
+  assert len({len(p) for p in prompts}) == 4
+  new = 12
+  plain = smol.generate(prompts, new, speculate="none")
+  assert all(len(t) == new for t in plain.tokens)
+  assert plain.steps == [new - 1] * 4
+  accepted = rejected = 0
+  for mode in ("chain", "tree"):
+    for batch in (prompts, prompts[1:2]):
+      res = smol.generate(batch, new, speculate=mode)
+      want = plain.tokens if len(batch) == 4 else plain.tokens[1:2]
+      assert res.tokens == want, (mode, len(batch))
+      assert res.tree_nodes > 1 and not res.speculation_skipped
+      for s in res.stats:
+        accepted += sum(s.head_accepts)
+        rejected += s.accept_hist[0]
+        assert sum(s.accept_hist) == s.steps
+        assert s.steps <= new - 1
+  assert accepted > 0 and rejected > 0  # both verification outcomes were exercised
+  assert plain.texts is not None and plain.texts[0].strip()
+
+
+# ----------------------------------------------------------------------------- tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = LlamaConfig.tiny(vocab_size=8, eos_token_ids=())
+  llama = Llama(cfg, rngs=nnx.Rngs(3))
+  # Scale the embedding up so next-token distributions are far from uniform.
+  llama.embed_tokens[...] = 1.0 * jax.random.normal(jax.random.PRNGKey(4),
+                                                    llama.embed_tokens[...].shape)
+  llama.lm_head_kernel[...] = 0.3 * jax.random.normal(jax.random.PRNGKey(5),
+                                                      llama.lm_head_kernel[...].shape)
+  heads = _random_heads(cfg.hidden_size, 2, seed=7, scale=0.5)
+  return llama, heads
+
+
+SMALL_TREE = [[0], [1], [0, 0], [1, 0], [0, 1]]
+
+
+def _pair_prob_fn(llama, heads, prompt_len):
+  """A function prompt -> (p(t1, t2) [V, V] of plain sampling, head 0's draft ranking)."""
+  v = llama.cfg.vocab_size
+  width = prompt_len + 1
+  graphdef, state = nnx.split((llama, heads))
+
+  @jax.jit
+  def run(state, rows):
+    model, medusa = nnx.merge(graphdef, state)
+    cache = KVCache.init(model.cfg, v, 16, jnp.float32)
+    idx = jnp.zeros((v,), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32)[None, :], (v, width))
+    hidden, _ = model(rows, pos, cache, idx, causal_mask(idx, width, 16))
+    _, draft = medusa(hidden[:1, -2], model.lm_head)
+    return model.lm_head(hidden), draft[0, 0]
+
+  def probs(prompt, temperature, top_p):
+    rows = np.array([list(prompt) + [t] for t in range(v)], np.int32)
+    logits, draft = run(state, jnp.asarray(rows))
+    p1 = np.exp(np.asarray(sampling.warp(logits[0, -2], temperature, top_p), np.float64))
+    p2 = np.exp(np.asarray(sampling.warp(logits[:, -1], temperature, top_p), np.float64))
+    return p1[:, None] * p2, np.argsort(-np.asarray(draft), kind="stable")
+
+  return probs
+
+
+@pytest.mark.parametrize("mode,temperature,top_p", [("chain", 0.7, 1.0), ("tree", 1.0, 0.9)])
+def test_sampling_keeps_the_distribution(tiny, mode, temperature, top_p):
+  llama, heads = tiny
+  # A prompt whose first drafts are often right, so both outcomes of the
+  # verification shape the second token.
+  rng = np.random.default_rng(12)
+  drafted = 1 if mode == "chain" else 2  # depth-1 nodes: chain 1, SMALL_TREE 2
+  pair_probs = _pair_prob_fn(llama, heads, 4)
+  best = None
+  for _ in range(16):
+    prompt = [int(t) for t in rng.integers(0, 8, size=4)]
+    probs, ranking = pair_probs(prompt, temperature, top_p)
+    hit = probs[:, ranking[:drafted]].sum()
+    if best is None or abs(hit - 0.5) < abs(best[0] - 0.5):
+      best = (hit, prompt, probs)
+  hit, prompt, probs = best
+  assert 0.2 < hit < 0.9, hit
+  n = 4000
+  eng = Engine(llama, None, heads, max_cache_len=64)
+  res = eng.generate([prompt] * n, 2, speculate=mode, temperature=temperature, top_p=top_p,
+                     seed=11, tree=SMALL_TREE if mode == "tree" else None, adaptive=True)
+  assert res.tree_nodes > 1
+  accepted = sum(s.head_accepts[0] for s in res.stats)
+  assert 0.5 * hit * n < accepted < n  # drafts accepted often, rejected often
+  pairs = np.array(res.tokens)
+  counts = np.zeros((8, 8))
+  np.add.at(counts, (pairs[:, 0], pairs[:, 1]), 1)
+  expected = n * probs
+  assert counts[expected == 0].sum() == 0  # nothing outside the top-p support
+  big = expected >= 5
+  small = ~big & (expected > 0)
+  obs = np.append(counts[big], counts[small].sum())
+  exp = np.append(expected[big], expected[small].sum())
+  keep = exp > 0
+  p = scipy_stats.chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()).pvalue
+  assert p > 1e-3, p
+
+
+def test_bad_requests_fail_alone(tiny):
+  llama, heads = tiny
+  eng = Engine(llama, None, heads, max_cache_len=32)
+  rng = np.random.default_rng(0)
+  good = [list(rng.integers(0, 8, size=n)) for n in (3, 5, 2)]
+  bad = {1: [], 3: [2, 8, 1], 4: [1, -1], 5: [1, 2.5], 6: list(range(8)) * 4}
+  prompts = [good[0], bad[1], good[1], bad[3], bad[4], bad[5], bad[6], good[2]]
+  budgets = [6, 6, 6, 6, 6, 6, 6, 6]
+  with pytest.raises(RequestError, match=r"request 1: empty prompt"):
+    eng.generate(prompts, budgets, speculate="tree", tree=SMALL_TREE)
+  res = eng.generate(prompts, budgets, speculate="tree", tree=SMALL_TREE, on_error="skip")
+  alone = eng.generate(good, 6, speculate="tree", tree=SMALL_TREE)
+  assert [res.tokens[i] for i in (0, 2, 7)] == alone.tokens
+  assert all(len(t) == 6 for t in alone.tokens)
+  for i, pattern in ((1, "request 1: empty prompt"), (3, r"request 3: token 1 = 8"),
+                     (4, r"request 4: token 1 = -1"), (5, r"request 5: token 1 = 2.5"),
+                     (6, r"request 6: .*exceeds max_cache_len \(32\)")):
+    assert isinstance(res.errors[i], RequestError)
+    assert res.tokens[i] == [] and res.stats[i] is None
+    assert __import__("re").search(pattern, str(res.errors[i])), str(res.errors[i])
+  assert [e is None for e in res.errors] == [True, False, True, False, False, False, False, True]
+  with pytest.raises(RequestError, match=r"request 2: max_new_tokens=0"):
+    eng.generate(good, [4, 4, 0])
+  with pytest.raises(RequestError, match=r"max_new_tokens: expected one budget per prompt"):
+    eng.generate(good, [4, 4])
+  with pytest.raises(RequestError, match=r"request 0: a string prompt needs a tokenizer"):
+    eng.generate(["hello"], 4)
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(speculate="beam"), r"speculate='beam'; expected one of none, chain, tree"),
+    (dict(temperature=-0.5), r"temperature=-0.5: expected >= 0"),
+    (dict(temperature=float("nan")), r"temperature=nan: expected a finite number"),
+    (dict(top_p=0.0), r"top_p=0.0: expected 0 < top_p <= 1"),
+    (dict(top_p=1.5), r"top_p=1.5"),
+    (dict(on_error="ignore"), r"on_error='ignore'; expected one of raise, skip"),
+])
+def test_bad_options_raise_typed_errors(tiny, kwargs, pattern):
+  llama, heads = tiny
+  eng = Engine(llama, None, heads, max_cache_len=32)
+  with pytest.raises(RequestError, match=pattern):
+    eng.generate([[1, 2, 3]], 4, **kwargs)
+
+
+def test_speculate_is_parsed_once():
+  assert Speculate.parse("TREE") is Speculate.TREE
+  assert Speculate.parse(Speculate.CHAIN) is Speculate.CHAIN
+  with pytest.raises(RequestError, match="expected one of none, chain, tree"):
+    Speculate.parse(3)
+
+
+def test_chain_guard_turns_speculation_off_for_the_whole_call(tiny):
+  llama, _ = tiny
+  heads = _random_heads(llama.cfg.hidden_size, 3, seed=8, scale=0.5, max_batch_size=8)
+  eng = Engine(llama, None, heads, max_cache_len=32)
+  assert eng.max_batch_size == 8
+  rng = np.random.default_rng(1)
+  prompts = [list(rng.integers(0, 8, size=n)) for n in (2, 4, 3)]
+  two = eng.generate(prompts[:2], 5, speculate="chain")        # 2 * (3 + 1) = 8 <= 8
+  three = eng.generate(prompts, 5, speculate="chain")          # 12 > 8: plain
+  lifted = eng.generate(prompts, 5, speculate="chain", adaptive=True)
+  assert not two.speculation_skipped and two.tree_nodes == 4
+  assert three.speculation_skipped and three.tree_nodes == 1
+  assert all(s.steps == 4 for s in three.stats)
+  assert not lifted.speculation_skipped and lifted.tree_nodes == 4
+  assert three.tokens == lifted.tokens and three.tokens[:2] == two.tokens
+
+
+def test_rows_stop_independently_at_eos(tiny):
+  llama, heads = tiny
+  rng = np.random.default_rng(2)
+  prompts = [list(rng.integers(0, 8, size=n)) for n in (3, 6, 4, 5)]
+  free = Engine(llama, None, heads, max_cache_len=32).generate(prompts, 10)
+  eos = free.tokens[0][3]  # a token row 0 emits at position 3 (maybe earlier too)
+  eng = Engine(llama, None, heads, max_cache_len=32, eos_ids=(eos,))
+  for mode in ("none", "tree"):
+    res = eng.generate(prompts, 10, speculate=mode, tree=SMALL_TREE)
+    for row, got in zip(free.tokens, res.tokens):
+      cut = row.index(eos) + 1 if eos in row else len(row)
+      assert got == row[:cut]
+  assert len(res.tokens[0]) <= 4
+
+
+def test_stats_are_consistent(tiny):
+  llama, heads = tiny
+  eng = Engine(llama, None, heads, max_cache_len=32)
+  rng = np.random.default_rng(3)
+  prompts = [list(rng.integers(0, 8, size=n)) for n in (3, 5)]
+  res = eng.generate(prompts, [9, 5], speculate="tree", tree=SMALL_TREE)
+  for s, toks in zip(res.stats, res.tokens):
+    assert s.new_tokens == len(toks)
+    emitted = sum((a + 1) * c for a, c in enumerate(s.accept_hist))
+    assert s.steps <= emitted and s.new_tokens - 1 <= emitted  # the last step may be cut
+    assert math.isclose(s.tokens_per_step, (s.new_tokens - 1) / s.steps)
+    assert len(s.head_accepts) == 2 and s.head_accepts[0] >= s.head_accepts[1]
+    assert s.wall_s > 0
+  assert res.steps == [s.steps for s in res.stats]
