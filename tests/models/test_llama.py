@@ -424,3 +424,68 @@ def test_load_llama_errors(tmp_path):
   (tmp_path / "m" / "model.safetensors").write_bytes(b"\x10\x00junk")
   with pytest.raises(CorruptWeightsError):
     load_llama(tmp_path / "m")
+
+
+# ----------------------------------------------------------------- real SmolLM2
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+  from medusa_jax import assets
+  paths = assets.fetch(quiet=True)
+  return paths, load_llama(paths.model_dir)
+
+
+def test_smollm2_matches_transformers(smollm2):
+  """Prefill logits match transformers' LlamaForCausalLM on the same weights, and
+  16 greedy tokens (jitted step, donated cache) equal transformers' greedy tokens."""
+  torch = pytest.importorskip("torch", reason="torch is a test extra (pip install -e .[test])")
+  transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
+  from medusa_jax.models.chat import apply_chat_template
+  from medusa_jax.models.tokenizer import Tokenizer
+
+  paths, model = smollm2
+  assert model.cfg.num_hidden_layers == 30 and model.cfg.tie_word_embeddings
+  tok = Tokenizer.from_file(paths.model_dir)
+  ids = tok.encode(apply_chat_template([{"role": "user", "content": "Describe the sea."}]))
+  P, steps, L = len(ids), 16, 64
+  assert 25 <= P <= 40
+
+  torch.set_num_threads(2)
+  hf = transformers.LlamaForCausalLM.from_pretrained(str(paths.model_dir), dtype=torch.float32)
+  hf.eval()
+  with torch.no_grad():
+    ref_logits = hf(torch.tensor([ids])).logits[0].numpy()
+    out = hf(torch.tensor([ids]), use_cache=True)
+    ref_gen, past = [], out.past_key_values
+    for _ in range(steps):  # greedy with transformers' own KV cache
+      ref_gen.append(int(out.logits[0, -1].argmax()))
+      out = hf(torch.tensor([[ref_gen[-1]]]), past_key_values=past, use_cache=True)
+      past = out.past_key_values
+
+  graphdef, state = nnx.split(model)
+
+  def step(state, tokens, positions, cache, cache_index):
+    m = nnx.merge(graphdef, state)
+    T = tokens.shape[1]
+    h, cache = m(tokens, positions, cache, cache_index, causal_mask(cache_index, T, L))
+    return m.lm_head(h), cache
+
+  jstep = jax.jit(step, donate_argnames=("cache",))
+  cache = KVCache.init(model.cfg, 1, L)
+  idx = jnp.zeros((1,), jnp.int32)
+  logits, cache = jstep(state, jnp.asarray([ids], jnp.int32),
+                        jnp.arange(P, dtype=jnp.int32)[None], cache, idx)
+  logits = np.asarray(logits[0])
+  diff = np.abs(logits - ref_logits).max()
+  assert diff < 5e-4, f"max |logit diff| {diff}"
+  np.testing.assert_array_equal(logits.argmax(-1), ref_logits.argmax(-1))
+
+  out, cur, nxt = [], P, int(logits[-1].argmax())
+  for _ in range(steps):
+    out.append(nxt)
+    idx = jnp.asarray([cur], jnp.int32)
+    logits, cache = jstep(state, jnp.asarray([[nxt]], jnp.int32), idx[:, None], cache, idx)
+    nxt = int(np.asarray(logits)[0, -1].argmax())
+    cur += 1
+  assert out == ref_gen, (tok.decode(out), tok.decode(ref_gen))
