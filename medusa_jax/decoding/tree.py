@@ -298,7 +298,7 @@ def tree_for_batch(batch_size: int, num_heads: int, *, max_tree_rows: int = DEFA
   should be best-first, as ``MC_SIM_7B_63`` and :func:`tree_from_accuracies`
   are) of 63, 31, 15, 7 and 3 nodes, each with paths deeper than ``num_heads``
   dropped. The largest candidate with ``batch_size * T <= max_tree_rows`` and
-  more rows than the chain wins; otherwise the chain of ``num_heads`` nodes
+  at least as many rows as the chain wins; otherwise the chain of ``num_heads`` nodes
   (LoRAX's scheme) is used whatever the budget, so large batches still
   speculate. T therefore never grows with the batch size.
 
@@ -344,7 +344,7 @@ def _tree_for_budget(max_nodes: int, num_heads: int, ordered: Choices, topk: int
   shallow = tuple(p for p in ordered if len(p) <= num_heads)
   for size in sorted({min(s, len(shallow)) for s in _LADDER} | {len(shallow)}, reverse=True):
     tree = build_tree(_closed_prefix(shallow, size), topk)
-    if chain.num_nodes < tree.num_nodes <= max_nodes:
+    if chain.num_nodes <= tree.num_nodes <= max_nodes:
       return tree
   return chain
 
