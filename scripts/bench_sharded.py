@@ -44,6 +44,9 @@ def _args(argv):
   p.add_argument("--llama-batch", type=int, default=8)
   p.add_argument("--cache-len", type=int, default=1024)
   p.add_argument("--skip-llama", action="store_true")
+  p.add_argument("--in-graph", type=int, default=20,
+                 help="also time R forwards (+argmax) inside one jitted fori_loop, as in a"
+                      " decode step (no per-call dispatch); 0 = off")
   p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
   p.add_argument("--cpu-devices", type=int, default=0, help="fake CPU devices (before JAX starts)")
   p.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -51,6 +54,7 @@ def _args(argv):
   if a.quick:
     a.hidden, a.vocab, a.heads, a.batches = 64, 512, 4, "1,8"
     a.calls, a.repeats, a.llama_layers, a.llama_batch, a.cache_len = 3, 2, 2, 8, 64
+    a.in_graph = min(a.in_graph, 3)
   return a
 
 
@@ -131,6 +135,14 @@ def bench_heads(a, devices, widths, bw):
         logits, spec = logits_fn(state, w, x)
         return jnp.argmax(logits, -1), jnp.argmax(spec, -1)
 
+      def looped_fn(state, w, x, reps=a.in_graph):
+        def body(i, acc):
+          # A distinct input per iteration keeps XLA from hoisting the forward.
+          xi = x + (i.astype(jnp.float32) * 1e-3).astype(x.dtype)
+          toks = argmax_fn(state, w, xi)
+          return acc + toks[0].sum() + toks[1].sum()
+        return jax.lax.fori_loop(0, reps, body, jnp.int32(0))
+
       for b in [int(s) for s in a.batches.split(",")]:
         x = sh.place(np.random.default_rng(b).standard_normal((b, H)).astype(np.float32),
                      P(), mesh, dtype=dt)
@@ -147,8 +159,13 @@ def bench_heads(a, devices, widths, bw):
           agree = float(np.mean(np.asarray(jax.device_get(toks[1])) == want_tok))
         if not np.isfinite(host).all():
           raise SystemExit(f"{name} B={b}: non-finite logits")
-        for kind, f in (("logits", f_logits), ("+argmax", f_argmax)):
+        kinds = [("logits", f_logits), ("+argmax", f_argmax)]
+        if a.in_graph:
+          kinds.append(("in-graph", jax.jit(looped_fn)))
+        for kind, f in kinds:
           t, all_t = _time(f, state, lm_w, x, calls=a.calls, repeats=a.repeats)
+          if kind == "in-graph":
+            t, all_t = t / a.in_graph, [v / a.in_graph for v in all_t]
           floor = weight_bytes / width / bw
           key = f"{name}/{kind}/B{b}"
           results[key] = dict(variant=name, width=width, kind=kind, batch=b, seconds=t,
