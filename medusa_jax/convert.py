@@ -1,0 +1,338 @@
+"""Converts Medusa adapters between formats (``medusa-jax convert``).
+
+Sources, recognised by their contents:
+
+* an **Orbax checkpoint** written by :meth:`MedusaWeights.save_orbax`
+  (``medusa_jax.json`` + ``state/``);
+* anything :meth:`MedusaWeights.load` reads: a LoRAX/TGI adapter directory
+  (``config.json`` + ``*.safetensors``), an original Medusa
+  ``medusa_lm_head.pt`` / ``.safetensors`` file or the directory holding it,
+  or a full Medusa-2 model file with ``medusa_head.``-prefixed tensors.
+
+Targets:
+
+* ``lorax``: ``config.json`` + ``model.safetensors`` in the LoRAX key layout;
+* ``orbax``: an Orbax checkpoint of the NNX state;
+* ``safetensors``: one ``.safetensors`` file holding every head tensor of the
+  source, unprefixed (e.g. to turn a torch ``.pt`` into a torch-free file).
+
+Released Medusa configs understate their heads (``medusa_num_heads: 2`` beside
+a file with 5), so the number of heads comes from the file, not the config:
+all of them by default, or the first ``num_heads``. Tensor dtypes are kept
+(fp16 stays fp16), so every direction round-trips bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import shutil
+import tempfile
+from typing import Sequence
+
+from medusa_jax.config import CONFIG_NAME, MedusaConfig
+from medusa_jax.errors import ConfigError, MissingTensorError, WeightsNotFoundError
+
+
+class Target(enum.Enum):
+  """What ``convert`` writes."""
+  LORAX = "lorax"
+  ORBAX = "orbax"
+  SAFETENSORS = "safetensors"
+
+  @classmethod
+  def parse(cls, value: "str | Target") -> "Target":
+    if isinstance(value, cls):
+      return value
+    try:
+      return cls(str(value).lower())
+    except ValueError:
+      valid = ", ".join(m.value for m in cls)
+      raise ConfigError(f"--to={value!r}; expected one of {valid}") from None
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class HeadsInFile:
+  """What a normalised weight file holds (counted from its keys).
+
+  Attributes:
+    num_heads: heads 0..n-1 with a ``{i}.0.linear.weight`` tensor.
+    num_layers: ResBlocks of head 0.
+    per_head_lm_head: True when head 0 has its own output projection (V1).
+    dtype: the dtype of ``0.0.linear.weight`` (kept on conversion).
+  """
+  num_heads: int
+  num_layers: int
+  per_head_lm_head: bool
+  dtype: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ConvertResult:
+  """What :func:`convert` did.
+
+  Attributes:
+    src: the source path.
+    dst: the written path.
+    to: the target format.
+    config: the config written beside the weights (None for ``safetensors``).
+    heads_in_source: heads found in the source.
+    notes: human-readable remarks (e.g. a config that understated its heads).
+  """
+  src: str
+  dst: str
+  to: Target
+  config: MedusaConfig | None
+  heads_in_source: int
+  notes: tuple[str, ...] = ()
+
+  def to_json(self) -> dict:
+    return {"src": self.src, "dst": self.dst, "to": self.to.value,
+            "config": None if self.config is None else self.config.to_dict(),
+            "heads_in_source": self.heads_in_source, "notes": list(self.notes)}
+
+
+def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
+  """True for a directory written by :meth:`MedusaWeights.save_orbax`."""
+  from medusa_jax.weights import ORBAX_META_NAME
+  return os.path.isfile(os.path.join(os.fspath(path), ORBAX_META_NAME))
+
+
+def inspect_heads(safetensors_path: str | os.PathLike) -> HeadsInFile:
+  """Counts the heads and layers of an unprefixed Medusa safetensors file.
+
+  Raises:
+    MissingTensorError: the file has no ``0.0.linear.weight``.
+  """
+  from safetensors import safe_open
+
+  from medusa_jax.weights import block_weight_key, out_weight_key
+  with safe_open(os.fspath(safetensors_path), framework="numpy") as f:
+    keys = set(f.keys())
+    first = block_weight_key(0, 0)
+    if first not in keys:
+      raise MissingTensorError(f"{first}: missing; the source holds no Medusa heads")
+    dtype = f.get_slice(first).get_dtype()
+  heads = 0
+  while block_weight_key(heads, 0) in keys:
+    heads += 1
+  layers = 0
+  while block_weight_key(0, layers) in keys:
+    layers += 1
+  return HeadsInFile(num_heads=heads, num_layers=layers, dtype=_numpy_dtype_name(dtype),
+                     per_head_lm_head=out_weight_key(0, layers) in keys)
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | Target = Target.LORAX,
+            num_heads: int | None = None, base_model: str | None = None,
+            overwrite: bool = False) -> ConvertResult:
+  """Converts a Medusa adapter (see the module docstring for formats).
+
+  Args:
+    src: an Orbax checkpoint, an adapter directory, or a weight file.
+    dst: the output directory (``lorax``, ``orbax``) or file (``safetensors``).
+    to: the target format.
+    num_heads: keep the first ``num_heads`` heads (default: all in the source).
+    base_model: ``base_model_name_or_path`` to write (default: the source
+      config's; required when the source has no ``config.json``).
+    overwrite: replace an existing destination.
+
+  Returns:
+    A :class:`ConvertResult`.
+
+  Raises:
+    ConfigError: bad ``to`` / ``num_heads``, a missing base model name, or an
+      existing destination without ``overwrite``.
+    WeightsError: the source cannot be read (see :meth:`MedusaWeights.load`).
+  """
+  target = Target.parse(to)
+  src, dst = os.fspath(src), os.fspath(dst)
+  if not os.path.exists(src):
+    raise WeightsNotFoundError(f"{src}: no such file or directory")
+  if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int)
+                                or num_heads < 1):
+    raise ConfigError(f"--num-heads={num_heads!r}; expected a positive integer")
+  _check_destination(src, dst, target, overwrite)
+  if is_orbax_checkpoint(src):
+    return _from_orbax(src, dst, target, num_heads, base_model, overwrite)
+  return _from_weight_files(src, dst, target, num_heads, base_model, overwrite)
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _from_orbax(src, dst, target, num_heads, base_model, overwrite) -> ConvertResult:
+  from medusa_jax.weights import MedusaWeights
+  weights = MedusaWeights.load_orbax(src)
+  found = weights.speculative_tokens
+  if num_heads is None and base_model is None:
+    return _write(weights, src, dst, target, found, (), overwrite)
+  # Trimming heads goes through the file layout, the one place heads are addressed by index.
+  with tempfile.TemporaryDirectory() as tmp:
+    weights.save(tmp)
+    return _from_weight_files(tmp, dst, target, num_heads, base_model, overwrite,
+                              shown_src=src)
+
+
+def _from_weight_files(src, dst, target, num_heads, base_model, overwrite,
+                       shown_src: str | None = None) -> ConvertResult:
+  from medusa_jax.weights import MedusaWeights, convert_to_safetensors
+  shown_src = shown_src or src
+  with tempfile.TemporaryDirectory() as tmp:
+    # One unprefixed safetensors file with every head of the source, dtypes kept:
+    # the reading (torch pickles, prefixes, several files) stays in weights.py.
+    flat = convert_to_safetensors(src, os.path.join(tmp, "heads.safetensors"))
+    found = inspect_heads(flat)
+    if target is Target.SAFETENSORS:
+      if num_heads is not None and num_heads != found.num_heads:
+        raise ConfigError("--num-heads applies to lorax and orbax targets; a safetensors"
+                          " target keeps every tensor of the source")
+      os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+      shutil.move(flat, dst)
+      return ConvertResult(src=shown_src, dst=dst, to=target, config=None,
+                           heads_in_source=found.num_heads)
+    config, notes = _target_config(src, found, num_heads, base_model)
+    import jax.numpy as jnp
+    weights = MedusaWeights.load(config, flat, dtype=jnp.dtype(found.dtype))
+    return _write(weights, shown_src, dst, target, found.num_heads, notes, overwrite)
+
+
+def _target_config(src: str, found: HeadsInFile, num_heads: int | None,
+                   base_model: str | None) -> tuple[MedusaConfig, tuple[str, ...]]:
+  """The config to write: heads and layers from the file, the rest from the source's config."""
+  notes = []
+  config_path = _source_config_path(src)
+  raw = {}
+  if config_path is not None:
+    try:
+      with open(config_path, encoding="utf-8") as f:
+        raw = json.load(f)
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+      raise ConfigError(f"{config_path}: expected a JSON object")
+  base = base_model if base_model is not None else raw.get("base_model_name_or_path")
+  if not isinstance(base, str):
+    where = config_path or f"{src} (no {CONFIG_NAME} found)"
+    raise ConfigError(f"base_model_name_or_path: missing from {where}; pass --base-model NAME")
+  claimed = raw.get("medusa_num_heads")
+  if isinstance(claimed, int) and claimed != found.num_heads:
+    notes.append(f"{config_path} says medusa_num_heads={claimed} but the weights hold"
+                 f" {found.num_heads} heads")
+  n = found.num_heads if num_heads is None else num_heads
+  if n > found.num_heads:
+    raise ConfigError(f"--num-heads={n}: the source holds only {found.num_heads} heads")
+  if n != found.num_heads:
+    notes.append(f"kept heads 0..{n - 1} of {found.num_heads}")
+  # LoRAX reads a missing version as 1; a bare file without any config gets the
+  # version its layout implies (Medusa's legacy trainer marks shared-lm_head heads "2").
+  version = raw.get("version", 1.0) if config_path else (1.0 if found.per_head_lm_head else 2.0)
+  try:
+    version = float(version)
+  except (TypeError, ValueError):
+    raise ConfigError(f"version in {config_path}: expected a number, got {version!r}") from None
+  config = MedusaConfig(base_model_name_or_path=base, medusa_num_heads=n,
+                        medusa_num_layers=found.num_layers, version=version)
+  return config, tuple(notes)
+
+
+def _source_config_path(src: str) -> str | None:
+  folder = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
+  path = os.path.join(folder, CONFIG_NAME)
+  return path if os.path.isfile(path) else None
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def _write(weights, src, dst, target, found, notes, overwrite) -> ConvertResult:
+  if target is Target.LORAX:
+    if overwrite:
+      _clear_weight_files(dst)
+    weights.save(dst)
+  elif target is Target.ORBAX:
+    weights.save_orbax(dst, overwrite=overwrite)
+  else:
+    with tempfile.TemporaryDirectory() as tmp:
+      weights.save(tmp)
+      return _from_weight_files(tmp, dst, target, None, None, overwrite, shown_src=src)
+  return ConvertResult(src=src, dst=dst, to=target, config=weights.config,
+                       heads_in_source=found, notes=tuple(notes))
+
+
+def _check_destination(src: str, dst: str, target: Target, overwrite: bool) -> None:
+  if os.path.abspath(src) == os.path.abspath(dst):
+    raise ConfigError(f"{dst}: the destination is the source; choose another path")
+  if not os.path.exists(dst) or overwrite:
+    return
+  if target is Target.SAFETENSORS or (os.path.isdir(dst) and os.listdir(dst)):
+    raise ConfigError(f"{dst}: already exists; pass --overwrite to replace it")
+
+
+def _clear_weight_files(dst: str) -> None:
+  """Removes weight files an overwritten adapter dir holds: loaders read their union."""
+  if not os.path.isdir(dst):
+    return
+  for name in os.listdir(dst):
+    if name.endswith((".safetensors", ".pt", ".pth", ".bin")):
+      os.remove(os.path.join(dst, name))
+
+
+def _numpy_dtype_name(safetensors_dtype: str) -> str:
+  names = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+  if safetensors_dtype not in names:
+    from medusa_jax.errors import TensorDtypeError
+    raise TensorDtypeError(f"0.0.linear.weight: expected a floating-point tensor, got"
+                           f" {safetensors_dtype}")
+  return names[safetensors_dtype]
+
+
+# ----------------------------------------------------------------------------- command
+
+
+_EPILOG = """\
+examples:
+  # original Medusa heads (5 heads in the file, config says 2) -> LoRAX adapter, all 5 heads
+  medusa-jax convert medusa-vicuna-7b-v1.3/ vicuna-medusa-lorax/
+  # keep 3 heads, name the base model
+  medusa-jax convert medusa_lm_head.pt out/ --num-heads 3 --base-model lmsys/vicuna-7b-v1.3
+  # LoRAX/TGI adapter <-> Orbax checkpoint
+  medusa-jax convert my-adapter/ my-adapter-orbax/ --to orbax
+  medusa-jax convert my-adapter-orbax/ my-adapter-again/ --to lorax
+  # torch pickle -> one safetensors file (no torch needed afterwards)
+  medusa-jax convert medusa_lm_head.pt medusa_lm_head.safetensors --to safetensors
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """``medusa-jax convert SRC DST [--to lorax|orbax|safetensors] [--num-heads N]``."""
+  from medusa_jax.cli import ArgumentParser
+  p = ArgumentParser(prog="medusa-jax convert", epilog=_EPILOG,
+                     description="Convert Medusa heads: original Medusa (.pt/.safetensors),"
+                                 " LoRAX/TGI adapter directories and Orbax checkpoints.")
+  p.add_argument("src", help="source: adapter dir, weight file, or Orbax checkpoint dir")
+  p.add_argument("dst", help="destination directory (lorax, orbax) or file (safetensors)")
+  p.add_argument("--to", default="lorax", choices=[t.value for t in Target],
+                 help="target format (default: lorax)")
+  p.add_argument("--num-heads", type=int, default=None,
+                 help="keep the first N heads (default: every head in the source)")
+  p.add_argument("--base-model", default=None,
+                 help="base_model_name_or_path to write (default: from the source config)")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+  p.add_argument("--json", action="store_true", help="print the result as JSON")
+  ns = p.parse_args(argv)
+  result = convert(ns.src, ns.dst, to=ns.to, num_heads=ns.num_heads, base_model=ns.base_model,
+                   overwrite=ns.overwrite)
+  if ns.json:
+    print(json.dumps(result.to_json()))
+  else:
+    cfg = result.config
+    what = (f"{cfg.medusa_num_heads} heads, {cfg.medusa_num_layers} layer(s), version"
+            f" {cfg.version:g}" if cfg else f"{result.heads_in_source} heads")
+    for note in result.notes:
+      print(f"note: {note}")
+    print(f"wrote {result.to.value} {result.dst} ({what})")
+  return 0
+
