@@ -1,0 +1,264 @@
+"""MT-bench evaluation of Medusa heads: tokens per step, accuracy, speed-up.
+
+For the 80 MT-bench questions (first turns, then second turns continuing the
+conversation with the base model's own first answer), through the Engine:
+
+* tokens per decode step and the acceptance-length histogram, for ``chain``
+  and ``tree`` speculation (greedy), plus whether their outputs equal plain
+  greedy decoding token for token;
+* per-head top-1 / top-5 accuracy of the heads on the base model's answers
+  (teacher-forced, the same measurement as training validation);
+* tokens/s and speed-up over plain decoding, batched and (optionally) at
+  batch size 1 on a subset, on the current device.
+
+Writes ``eval.json`` and PNG plots to the output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+TURN_PREFIX = "\n<|im_start|>user\n"
+TURN_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _log(msg: str) -> None:
+  print(f"[eval] {msg}", file=sys.stderr, flush=True)
+
+
+def prepare_questions(mtbench_jsonl: str, tokenizer) -> list[dict[str, Any]]:
+  """MT-bench questions as token ids: the first-turn chat prompt, and the ids
+  that follow the first answer to open the second turn."""
+  from medusa_jax.models.chat import apply_chat_template
+  out = []
+  with open(mtbench_jsonl, encoding="utf-8") as f:
+    for line in f:
+      if not line.strip():
+        continue
+      q = json.loads(line)
+      turn1 = tokenizer.encode(apply_chat_template(
+          [{"role": "user", "content": q["turns"][0]}], add_generation_prompt=True))
+      suffix = (tokenizer.encode(TURN_PREFIX + q["turns"][1] + TURN_SUFFIX)
+                if len(q["turns"]) > 1 else [])
+      out.append({"question_id": q["question_id"], "category": q.get("category", ""),
+                  "turn1_ids": turn1, "turn2_suffix_ids": suffix})
+  return out
+
+
+def second_turn(q: dict[str, Any], answer1: Sequence[int], eos_id: int) -> list[int]:
+  """Turn-2 prompt: turn-1 prompt + the first answer (closed by eos) + the next user turn."""
+  answer = list(answer1)
+  if not answer or answer[-1] != eos_id:
+    answer.append(eos_id)
+  return list(q["turn1_ids"]) + answer + list(q["turn2_suffix_ids"])
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class EvalOptions:
+  """Attributes:
+    max_new_tokens: answer budget per turn.
+    num_questions: first N questions (0 = all 80).
+    bs1_questions: questions also timed one at a time (0 = none).
+    modes: speculation modes besides plain.
+    max_cache_len: engine KV cache bound.
+  """
+  max_new_tokens: int = 256
+  num_questions: int = 0
+  bs1_questions: int = 0
+  modes: tuple[str, ...] = ("chain", "tree")
+  max_cache_len: int = 2048
+
+
+def _mode_summary(res, plain_tokens) -> dict[str, Any]:
+  hist = None
+  for s in res.stats:
+    if s is None:
+      continue
+    h = np.asarray(s.accept_hist)
+    hist = h if hist is None else hist + h
+  same = sum(a == b for a, b in zip(res.tokens, plain_tokens))
+  return {"tokens_per_step": float(res.tokens_per_step),
+          "tokens_per_s": float(res.tokens_per_s), "wall_s": round(res.wall_s, 2),
+          "tree_nodes": int(res.tree_nodes),
+          "accept_hist": [] if hist is None else [int(x) for x in hist],
+          "matches_plain": f"{same}/{len(plain_tokens)}"}
+
+
+def run_eval(engine, questions: list[dict[str, Any]], heads_choices, opts: EvalOptions
+             ) -> dict[str, Any]:
+  """Evaluates the engine's heads on the questions (see module docstring)."""
+  import jax
+
+  from medusa_jax.training.config import TrainConfig
+  from medusa_jax.training.distill import hidden_rows, lm_head_weight
+  from medusa_jax.training.data import Example
+  from medusa_jax.training.train import evaluate
+
+  eos = int(engine.cfg.eos_token_ids[0])
+  n = int(engine.num_heads)
+  qs = questions[: opts.num_questions or len(questions)]
+  report: dict[str, Any] = {"device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
+                            "jax": jax.__version__, "questions": len(qs),
+                            "max_new_tokens": opts.max_new_tokens, "turns": {}}
+  turns = {"turn1": [list(q["turn1_ids"]) for q in qs]}
+  answers: dict[str, list[list[int]]] = {}
+  for name in ("turn1", "turn2"):
+    if name == "turn2":
+      turns["turn2"] = [second_turn(q, a, eos) for q, a in zip(qs, answers["turn1"])
+                        if q["turn2_suffix_ids"]]
+    prompts = turns[name]
+    t = time.perf_counter()
+    plain = engine.generate(prompts, opts.max_new_tokens, speculate="none")
+    answers[name] = plain.tokens
+    entry = {"plain": {"tokens_per_s": float(plain.tokens_per_s),
+                       "wall_s": round(plain.wall_s, 2),
+                       "new_tokens": int(sum(len(a) for a in plain.tokens))}}
+    for mode in opts.modes:
+      res = engine.generate(prompts, opts.max_new_tokens, speculate=mode,
+                            tree=heads_choices if mode == "tree" else None, adaptive=True)
+      entry[mode] = _mode_summary(res, plain.tokens)
+      entry[mode]["speedup"] = entry[mode]["tokens_per_s"] / entry["plain"]["tokens_per_s"]
+      _log(f"{name} {mode}: {entry[mode]['tokens_per_step']:.3f} tokens/step,"
+           f" speed-up {entry[mode]['speedup']:.2f}x (batch {len(prompts)})")
+    report["turns"][name] = entry
+    _log(f"{name} done in {time.perf_counter() - t:.1f} s")
+
+  # Teacher-forced head accuracy on the base model's own MT-bench answers.
+  examples = [Example(conv_id=str(i), split="val", ids=tuple(p) + tuple(a), prompt_len=len(p))
+              for name in turns for i, (p, a) in enumerate(zip(turns[name], answers[name]))
+              if a]
+  cfg = TrainConfig(num_heads=n, batch_rows=1024)
+  rows = hidden_rows(engine.llama, examples, num_heads=n, batch_size=32, pad_id=eos,
+                     length_bucket=512)
+  acc, _ = evaluate(engine.heads, rows, lm_head_weight(engine.llama), cfg)
+  report["head_accuracy"] = acc.summary()
+  _log(f"head accuracy top1 {report['head_accuracy']['top1']}"
+       f" top5 {report['head_accuracy']['top5']}")
+
+  if opts.bs1_questions:
+    sub = turns["turn1"][: opts.bs1_questions]
+    timing: dict[str, Any] = {}
+    for mode in ("none",) + tuple(opts.modes):
+      engine.generate(sub[:1], opts.max_new_tokens, speculate=mode,  # compile first
+                      tree=heads_choices if mode == "tree" else None, adaptive=True)
+      tokens, secs, steps, dec_tokens, dec_s = 0, 0.0, 0, 0, 0.0
+      for p in sub:
+        r = engine.generate([p], opts.max_new_tokens, speculate=mode,
+                            tree=heads_choices if mode == "tree" else None, adaptive=True)
+        tokens += len(r.tokens[0])
+        secs += r.wall_s
+        steps += r.steps[0]
+        dec_tokens += r.decode_tokens
+        dec_s += r.decode_s
+      # decode-only throughput excludes prefill (and any compile in the first step)
+      timing[mode] = {"tokens_per_s": dec_tokens / dec_s if dec_s else float("nan"),
+                      "e2e_tokens_per_s": tokens / secs, "tokens": tokens, "steps": steps}
+    for mode in opts.modes:
+      timing[mode]["speedup"] = timing[mode]["tokens_per_s"] / timing["none"]["tokens_per_s"]
+      timing[mode]["e2e_speedup"] = (timing[mode]["e2e_tokens_per_s"]
+                                     / timing["none"]["e2e_tokens_per_s"])
+    report["batch1"] = {"questions": len(sub), **timing}
+    _log(f"batch 1: {json.dumps(timing)}")
+  return report
+
+
+def plot(report: dict[str, Any], out_dir: str) -> list[str]:
+  """Acceptance histograms and per-head accuracy as PNGs."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  paths = []
+  fig, axes = plt.subplots(1, len(report["turns"]), figsize=(10, 3.5), squeeze=False)
+  for ax, (name, entry) in zip(axes[0], report["turns"].items()):
+    for j, mode in enumerate(m for m in entry if m != "plain"):
+      hist = np.asarray(entry[mode]["accept_hist"], float)
+      if hist.size:
+        ax.bar(np.arange(hist.size) + 0.4 * j, hist / hist.sum(), width=0.4,
+               label=f"{mode} ({entry[mode]['tokens_per_step']:.2f} tok/step)")
+    ax.set_title(f"MT-bench {name}: accepted drafts per step")
+    ax.set_xlabel("accepted drafts")
+    ax.set_ylabel("fraction of steps")
+    ax.legend()
+  fig.tight_layout()
+  paths.append(os.path.join(out_dir, "accept_hist.png"))
+  fig.savefig(paths[-1], dpi=110)
+  plt.close(fig)
+
+  acc = report["head_accuracy"]
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  k = np.arange(len(acc["top1"]))
+  ax.bar(k - 0.2, acc["top1"], width=0.4, label="top-1")
+  ax.bar(k + 0.2, acc["top5"], width=0.4, label="top-5")
+  ax.set_xticks(k, [f"head {i + 1}" for i in k])
+  ax.set_ylim(0, 1)
+  ax.set_title("Head accuracy on MT-bench answers")
+  ax.legend()
+  fig.tight_layout()
+  paths.append(os.path.join(out_dir, "head_accuracy.png"))
+  fig.savefig(paths[-1], dpi=110)
+  plt.close(fig)
+  return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """``medusa-jax eval [--heads DIR] [--out DIR] [...]``."""
+  p = argparse.ArgumentParser(prog="medusa-jax eval",
+                              description="MT-bench: tokens/step, head accuracy, speed-up.")
+  p.add_argument("--heads", help="adapter dir (default: the bundled SmolLM2 heads)")
+  p.add_argument("--model-dir", help="base model dir (default: the fetched SmolLM2)")
+  p.add_argument("--mtbench", help="question.jsonl (default: the fetched package)")
+  p.add_argument("--questions", help="pre-tokenised questions JSON (from --write-questions)")
+  p.add_argument("--write-questions", help="write pre-tokenised questions here and exit")
+  p.add_argument("--out", default="eval_out", help="output directory")
+  p.add_argument("--max-new-tokens", type=int, default=256)
+  p.add_argument("--num-questions", type=int, default=0, help="first N questions (0 = all)")
+  p.add_argument("--bs1", type=int, default=0, help="also time N questions at batch size 1")
+  p.add_argument("--modes", default="chain,tree")
+  p.add_argument("--no-plots", action="store_true", help="write eval.json only")
+  ns = p.parse_args(list(argv) if argv is not None else None)
+
+  from medusa_jax.decoding.engine import BUNDLED_HEADS, Engine
+  model_dir, mtbench = ns.model_dir, ns.mtbench
+  if model_dir is None or (mtbench is None and ns.questions is None):
+    from medusa_jax import assets
+    paths = assets.fetch()
+    model_dir, mtbench = model_dir or paths.model_dir, mtbench or paths.mtbench_jsonl
+  if ns.questions:
+    with open(ns.questions, encoding="utf-8") as f:
+      questions = json.load(f)
+  else:
+    from medusa_jax.models.tokenizer import Tokenizer
+    questions = prepare_questions(mtbench, Tokenizer.from_file(model_dir))
+  if ns.write_questions:
+    with open(ns.write_questions, "w", encoding="utf-8") as f:
+      json.dump(questions, f)
+    return 0
+  heads = ns.heads or BUNDLED_HEADS
+  with open(os.path.join(heads, "medusa_choices.json"), encoding="utf-8") as f:
+    choices = [tuple(c) for c in json.load(f)]
+  engine = Engine.load(model_dir, heads, max_cache_len=2048)
+  opts = EvalOptions(max_new_tokens=ns.max_new_tokens, num_questions=ns.num_questions,
+                     bs1_questions=ns.bs1, modes=tuple(m for m in ns.modes.split(",") if m))
+  choices = [c for c in choices if len(c) <= engine.num_heads]
+  report = run_eval(engine, questions, choices, opts)
+  report["heads"] = os.path.abspath(heads)
+  os.makedirs(ns.out, exist_ok=True)
+  with open(os.path.join(ns.out, "eval.json"), "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=1)
+  if not ns.no_plots:
+    plot(report, ns.out)
+  print(json.dumps({k: report[k] for k in ("turns", "head_accuracy")}, indent=1))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,257 @@
+"""The whole head-training run: prompts -> self-distilled data -> rows -> fit -> export.
+
+Every stage caches its output in the work directory, so a rerun (or a resumed
+run) skips what is done:
+
+  prompts.jsonl     tokenised ShareGPT first user turns (train/val split)
+  examples.jsonl    prompt + greedy answer of the base model (token ids)
+  rows_train.npz    hidden states [R, H] float16 + targets [R, n]
+  rows_val.npz
+  checkpoints/      orbax (resume)
+  metrics.jsonl     training loss and validation accuracy records
+
+The exported adapter directory holds ``config.json`` + ``model.safetensors``
+(LoRAX V2 layout), ``medusa_choices.json`` (a tree built from the measured
+per-head rank accuracies) and ``recipe.json`` (config, data sizes, timings,
+accuracies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from medusa_jax.training import data as D
+from medusa_jax.training.config import TrainConfig
+
+
+def _log(msg: str) -> None:
+  print(f"[train] {msg}", file=sys.stderr, flush=True)
+
+
+def mtbench_turns(path: str | os.PathLike) -> list[str]:
+  """Every turn of every MT-bench question (question.jsonl)."""
+  turns = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      if line.strip():
+        turns.extend(t for t in json.loads(line)["turns"] if isinstance(t, str))
+  return turns
+
+
+def chat_encoder(tokenizer):
+  """messages -> ids of the chat prompt with the assistant generation prompt."""
+  from medusa_jax.models.chat import apply_chat_template
+
+  def encode(messages):
+    return tokenizer.encode(apply_chat_template(messages, add_generation_prompt=True))
+
+  return encode
+
+
+def build_prompts(cfg: TrainConfig, *, sharegpt_json: str, mtbench_jsonl: str, tokenizer
+                  ) -> list[D.Prompt]:
+  """ShareGPT first user turns, rendered and split, never overlapping MT-bench."""
+  t0 = time.perf_counter()
+  conversations = D.load_sharegpt_conversations(sharegpt_json)
+  prompts = D.first_user_prompts(
+      conversations, encode_chat=chat_encoder(tokenizer), exclude=mtbench_turns(mtbench_jsonl),
+      max_prompts=cfg.num_prompts, max_prompt_tokens=cfg.max_prompt_tokens,
+      val_fraction=cfg.val_fraction)
+  _log(f"{len(prompts)} prompts from {len(conversations)} conversations"
+       f" ({time.perf_counter() - t0:.1f} s)")
+  return prompts
+
+
+def _bar(total: int, desc: str):
+  from tqdm.auto import tqdm
+  return tqdm(total=total, desc=desc, dynamic_ncols=True, file=sys.stderr)
+
+
+def distill(cfg: TrainConfig, llama, prompts: Sequence[D.Prompt]) -> list[D.Example]:
+  """Greedy answers of the base model for every prompt (self-distillation)."""
+  from medusa_jax.training.distill import greedy_generate, make_examples
+  eos = tuple(llama.cfg.eos_token_ids)
+  pad = llama.cfg.pad_token_id if llama.cfg.pad_token_id is not None else eos[0]
+  with _bar(len(prompts), "generate") as bar:
+    answers = greedy_generate(llama, [p.ids for p in prompts], max_new_tokens=cfg.max_new_tokens,
+                              batch_size=cfg.gen_batch_size, eos_ids=eos, pad_id=pad,
+                              progress=bar.update, length_bucket=cfg.length_bucket)
+  return make_examples(prompts, answers)
+
+
+def rows(cfg: TrainConfig, llama, examples: Sequence[D.Example]):
+  """(train TokenRows, val TokenRows) of the examples."""
+  from medusa_jax.training.distill import hidden_rows
+  pad = llama.cfg.pad_token_id if llama.cfg.pad_token_id is not None else 0
+  out = []
+  for split in ("train", "val"):
+    part = [e for e in examples if e.split == split]
+    with _bar(len(part), f"hidden {split}") as bar:
+      out.append(hidden_rows(llama, part, num_heads=cfg.num_heads,
+                             batch_size=cfg.hidden_batch_size, pad_id=pad,
+                             progress=bar.update, length_bucket=cfg.length_bucket))
+  return tuple(out)
+
+
+def export(cfg: TrainConfig, model, out_dir: str, *, accuracy, recipe: dict[str, Any]) -> str:
+  """Writes the adapter: LoRAX files, the tree built from ``accuracy``, the recipe."""
+  from flax import nnx
+
+  from medusa_jax.decoding.tree import tree_from_accuracies
+  from medusa_jax.training.config import HeadKind
+  from medusa_jax.training.train import medusa_config
+  from medusa_jax.weights import MedusaWeights
+
+  hidden = model.medusa.hidden if model.is_v2 else model.medusa.heads[0].blocks[0].kernel.shape[0]
+  vocab = None if model.is_v2 else model.medusa.heads[0].out.shape[1]
+  weights = MedusaWeights.init(medusa_config(cfg), hidden, vocab,
+                               per_head_lm_head=cfg.head_kind is HeadKind.V1)
+  nnx.update(weights.model, nnx.state(model, nnx.Param))
+  weights.save(out_dir)
+  choices = tree_from_accuracies(accuracy.rank_acc, cfg.tree_nodes + 1)
+  with open(os.path.join(out_dir, "medusa_choices.json"), "w", encoding="utf-8") as f:
+    json.dump([list(p) for p in choices], f)
+    f.write("\n")
+  with open(os.path.join(out_dir, "recipe.json"), "w", encoding="utf-8") as f:
+    json.dump(recipe, f, indent=1)
+    f.write("\n")
+  return out_dir
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Sources:
+  """Where the base model and data come from.
+
+  Attributes:
+    model_dir: Hugging Face Llama directory (None: ``assets.fetch()``).
+    gguf: a GGUF file to convert into ``workdir/model`` instead.
+    prompts: a ready prompts.jsonl (skips ShareGPT and the tokenizer).
+    sharegpt_json, mtbench_jsonl: data files (None: ``assets.fetch()``).
+  """
+  model_dir: str | None = None
+  gguf: str | None = None
+  prompts: str | None = None
+  sharegpt_json: str | None = None
+  mtbench_jsonl: str | None = None
+
+
+def _model_dir(src: Sources, workdir: str) -> str:
+  if src.model_dir:
+    return src.model_dir
+  if src.gguf:
+    out = os.path.join(workdir, "model")
+    if not os.path.exists(os.path.join(out, "model.safetensors")):
+      from medusa_jax.models.gguf import convert_gguf
+      convert_gguf(src.gguf, out)
+    return out
+  from medusa_jax import assets
+  return assets.fetch().model_dir
+
+
+def run(cfg: TrainConfig, workdir: str, out_dir: str, src: Sources = Sources(), *,
+        progress: bool = True) -> dict[str, Any]:
+  """Runs (or resumes) every stage and exports the heads; returns the recipe."""
+  import jax
+  from medusa_jax.models.llama import load_llama
+  from medusa_jax.training.distill import lm_head_weight
+  from medusa_jax.training.train import TokenRows, fit
+
+  os.makedirs(workdir, exist_ok=True)
+  timings: dict[str, float] = {}
+  t0 = time.perf_counter()
+  model_dir = _model_dir(src, workdir)
+  llama = load_llama(model_dir)
+  timings["load_s"] = time.perf_counter() - t0
+
+  prompts_path = src.prompts or os.path.join(workdir, "prompts.jsonl")
+  if not os.path.exists(prompts_path):
+    from medusa_jax.models.tokenizer import Tokenizer
+    sharegpt, mtbench = src.sharegpt_json, src.mtbench_jsonl
+    if sharegpt is None or mtbench is None:
+      from medusa_jax import assets
+      paths = assets.fetch()
+      sharegpt, mtbench = sharegpt or paths.sharegpt_json, mtbench or paths.mtbench_jsonl
+    tokenizer = Tokenizer.from_file(model_dir)
+    D.write_jsonl(prompts_path, build_prompts(cfg, sharegpt_json=sharegpt,
+                                              mtbench_jsonl=mtbench, tokenizer=tokenizer))
+  prompts = D.read_prompts(prompts_path)[: cfg.num_prompts]
+
+  examples_path = os.path.join(workdir, "examples.jsonl")
+  t = time.perf_counter()
+  if not os.path.exists(examples_path):
+    D.write_jsonl(examples_path, distill(cfg, llama, prompts))
+  examples = D.read_examples(examples_path)
+  timings["generate_s"] = time.perf_counter() - t
+
+  t = time.perf_counter()
+  paths = {s: os.path.join(workdir, f"rows_{s}.npz") for s in ("train", "val")}
+  if not all(os.path.exists(p) for p in paths.values()):
+    for split, r in zip(("train", "val"), rows(cfg, llama, examples)):
+      r.save(paths[split])
+  train_rows, val_rows = TokenRows.load(paths["train"]), TokenRows.load(paths["val"])
+  timings["hidden_s"] = time.perf_counter() - t
+  _log(f"rows: train {train_rows.num_rows}, val {val_rows.num_rows}")
+
+  result = fit(cfg, train_rows, val_rows if val_rows.num_rows else None, lm_head_weight(llama),
+               workdir, progress=progress, log=_log)
+  timings["train_s"] = result.seconds
+  timings["total_s"] = time.perf_counter() - t0
+  n_train = sum(e.split == "train" for e in examples)
+  recipe = {
+      "config": cfg.to_dict(),
+      "data": {"prompts": len(prompts), "examples_train": n_train,
+               "examples_val": len(examples) - n_train,
+               "answer_tokens": int(sum(len(e.ids) - e.prompt_len for e in examples)),
+               "rows_train": train_rows.num_rows, "rows_val": val_rows.num_rows},
+      "device": f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})",
+      "jax": jax.__version__,
+      "timings_s": {k: round(v, 1) for k, v in timings.items()},
+      "resumed_from_step": result.start_step,
+      "val_accuracy": result.accuracy.summary() if result.accuracy else None,
+  }
+  if result.accuracy is not None:
+    export(cfg, result.model, out_dir, accuracy=result.accuracy, recipe=recipe)
+    _log(f"heads written to {out_dir}; val top1 {recipe['val_accuracy']['top1']}")
+  return recipe
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """``medusa-jax train --config FILE [--workdir DIR] [--out DIR] [...]``."""
+  p = argparse.ArgumentParser(prog="medusa-jax train",
+                              description="Train Medusa heads by self-distillation.")
+  p.add_argument("--config", required=True, help="training config JSON (configs/*.json)")
+  p.add_argument("--workdir", help="caches and checkpoints (default:"
+                 " $MEDUSA_JAX_HOME/training/<name>)")
+  p.add_argument("--out", help="adapter output directory (default: <workdir>/heads)")
+  p.add_argument("--model-dir", help="base model (HF Llama dir); default: the fetched SmolLM2")
+  p.add_argument("--gguf", help="a Llama GGUF to convert instead of --model-dir")
+  p.add_argument("--prompts", help="a ready prompts.jsonl (skips ShareGPT)")
+  p.add_argument("--sharegpt", help="ShareGPT JSON (default: the fetched package)")
+  p.add_argument("--mtbench", help="MT-bench question.jsonl (excluded from training)")
+  p.add_argument("--steps", type=int, help="override the config's steps")
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  ns = p.parse_args(list(argv) if argv is not None else None)
+  cfg = TrainConfig.from_file(ns.config)
+  if ns.steps is not None:
+    cfg = dataclasses.replace(cfg, steps=ns.steps)
+  home = os.environ.get("MEDUSA_JAX_HOME") or os.path.expanduser("~/.cache/medusa_jax")
+  workdir = ns.workdir or os.path.join(home, "training", cfg.name)
+  out = ns.out or os.path.join(workdir, "heads")
+  src = Sources(model_dir=ns.model_dir, gguf=ns.gguf, prompts=ns.prompts,
+                sharegpt_json=ns.sharegpt, mtbench_jsonl=ns.mtbench)
+  recipe = run(cfg, workdir, out, src, progress=not ns.no_progress)
+  print(json.dumps({"out": out, "val_accuracy": recipe["val_accuracy"],
+                    "timings_s": recipe["timings_s"]}))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
