@@ -22,11 +22,10 @@ RMSNorm, RoPE and the softmax run in f32; logits are f32.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-from typing import Any, Mapping
+from typing import Any
 
 import flax
 import jax
@@ -36,188 +35,16 @@ from flax import nnx
 
 from medusa_jax.errors import (ConfigError, CorruptWeightsError, MissingTensorError,
                                RequestError, TensorShapeError, WeightsNotFoundError)
+from medusa_jax.models.llama_config import LlamaConfig, RopeScaling, RopeType, rope_inv_freq
+
+__all__ = ["KVCache", "Llama", "LlamaConfig", "RopeScaling", "RopeType", "causal_mask",
+           "load_llama", "rope", "rope_inv_freq"]
 
 Array = jax.Array
 
 # Added to masked-out attention scores. Finite, so a fully masked query row
 # gives a uniform (not NaN) softmax; large enough that exp() underflows to 0.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-
-
-# --------------------------------------------------------------------------- config
-
-
-def _require(d: Mapping, key: str, kind: type, where: str):
-  if key not in d or d[key] is None:
-    raise ConfigError(f"{where}: missing field {key!r}")
-  value = d[key]
-  if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-    raise ConfigError(f"{where}: {key}: expected an integer, got {value!r}")
-  if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-    raise ConfigError(f"{where}: {key}: expected a number, got {value!r}")
-  return kind(value)
-
-
-def _optional_id(d: Mapping, key: str, where: str) -> int | None:
-  value = d.get(key)
-  if value is None:
-    return None
-  if isinstance(value, list) and value:  # some configs list several ids
-    value = value[0]
-  if isinstance(value, bool) or not isinstance(value, int):
-    raise ConfigError(f"{where}: {key}: expected an integer token id, got {value!r}")
-  return value
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class LlamaConfig:
-  """Architecture of a Llama-family decoder.
-
-  Load with :meth:`from_hf` (a Hugging Face ``config.json``) or make a small
-  random-test config with :meth:`tiny`; change with ``dataclasses.replace``.
-  """
-  vocab_size: int
-  """V: rows of the embedding (and columns of the logits)."""
-  hidden_size: int
-  """H: width of the residual stream."""
-  intermediate_size: int
-  """F: width of the gated MLP."""
-  num_hidden_layers: int
-  num_attention_heads: int
-  """Q: query heads."""
-  num_key_value_heads: int
-  """G: key/value heads; divides Q (Q == G is plain multi-head attention)."""
-  head_dim: int
-  """D: per-head width (even, for RoPE)."""
-  rms_norm_eps: float = 1e-5
-  rope_theta: float = 10000.0
-  tie_word_embeddings: bool = False
-  """When True the LM head is the transposed input embedding."""
-  max_position_embeddings: int = 4096
-  bos_token_id: int | None = None
-  eos_token_ids: tuple[int, ...] = ()
-  """Every id that ends a generation."""
-  pad_token_id: int | None = None
-
-  def __post_init__(self):
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                 "num_attention_heads", "num_key_value_heads", "head_dim",
-                 "max_position_embeddings"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"LlamaConfig.{name}: expected a positive integer, got {value!r}")
-    if self.num_attention_heads % self.num_key_value_heads:
-      raise ConfigError(
-          f"LlamaConfig.num_key_value_heads={self.num_key_value_heads}: expected a divisor of "
-          f"num_attention_heads={self.num_attention_heads}")
-    if self.head_dim % 2:
-      raise ConfigError(f"LlamaConfig.head_dim={self.head_dim}: expected an even number (RoPE)")
-    if not self.rms_norm_eps > 0:
-      raise ConfigError(f"LlamaConfig.rms_norm_eps={self.rms_norm_eps!r}: expected > 0")
-    if not self.rope_theta > 0:
-      raise ConfigError(f"LlamaConfig.rope_theta={self.rope_theta!r}: expected > 0")
-    if not isinstance(self.eos_token_ids, tuple) or any(
-        isinstance(i, bool) or not isinstance(i, int) for i in self.eos_token_ids):
-      raise ConfigError(
-          f"LlamaConfig.eos_token_ids: expected a tuple of ints, got {self.eos_token_ids!r}")
-
-  @property
-  def num_groups(self) -> int:
-    """Query heads per kv head (Q // G)."""
-    return self.num_attention_heads // self.num_key_value_heads
-
-  @classmethod
-  def from_hf(cls, config: Mapping[str, Any] | str | os.PathLike) -> LlamaConfig:
-    """Reads a Hugging Face Llama/Mistral ``config.json``.
-
-    Args:
-      config: the parsed dict, the ``config.json`` file, or its directory.
-
-    Raises:
-      ConfigError: a required field is missing or has a bad value, or the
-        config asks for a feature this model does not implement (biases,
-        RoPE scaling, a non-SiLU activation).
-    """
-    where = "config"
-    if not isinstance(config, Mapping):
-      path = os.fspath(config)
-      if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-      where = path
-      try:
-        with open(path, encoding="utf-8") as f:
-          config = json.load(f)
-      except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-      except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-      if not isinstance(config, Mapping):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    d = config
-    hidden = _require(d, "hidden_size", int, where)
-    heads = _require(d, "num_attention_heads", int, where)
-    kv = d.get("num_key_value_heads")
-    kv = heads if kv is None else _require(d, "num_key_value_heads", int, where)
-    head_dim = d.get("head_dim")
-    if head_dim is None:
-      if hidden % heads:
-        raise ConfigError(f"{where}: hidden_size={hidden} is not a multiple of "
-                          f"num_attention_heads={heads} and head_dim is not given")
-      head_dim = hidden // heads
-    else:
-      head_dim = _require(d, "head_dim", int, where)
-
-    theta = d.get("rope_theta")
-    rope_params = d.get("rope_parameters") or {}
-    if theta is None and isinstance(rope_params, Mapping):
-      theta = rope_params.get("rope_theta")
-    theta = 10000.0 if theta is None else _require({"rope_theta": theta}, "rope_theta", float, where)
-    for key, spec in (("rope_scaling", d.get("rope_scaling")), ("rope_parameters", rope_params)):
-      kind = spec.get("rope_type", spec.get("type", "default")) if isinstance(spec, Mapping) else None
-      if spec and kind not in (None, "default"):
-        raise ConfigError(f"{where}: {key}: rope_type={kind!r} is not supported; expected 'default'")
-    for key in ("attention_bias", "mlp_bias"):
-      if d.get(key):
-        raise ConfigError(f"{where}: {key}=True is not supported; expected no biases")
-    act = d.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-      raise ConfigError(f"{where}: hidden_act={act!r} is not supported; expected 'silu'")
-
-    eos = d.get("eos_token_id")
-    if eos is None:
-      eos_ids: tuple[int, ...] = ()
-    else:
-      eos_list = eos if isinstance(eos, list) else [eos]
-      if any(isinstance(i, bool) or not isinstance(i, int) for i in eos_list):
-        raise ConfigError(f"{where}: eos_token_id: expected an int or a list of ints, got {eos!r}")
-      eos_ids = tuple(eos_list)
-    eps = d.get("rms_norm_eps")
-    return cls(
-        vocab_size=_require(d, "vocab_size", int, where),
-        hidden_size=hidden,
-        intermediate_size=_require(d, "intermediate_size", int, where),
-        num_hidden_layers=_require(d, "num_hidden_layers", int, where),
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        head_dim=head_dim,
-        rms_norm_eps=1e-5 if eps is None else _require(d, "rms_norm_eps", float, where),
-        rope_theta=theta,
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(d.get("max_position_embeddings") or 4096),
-        bos_token_id=_optional_id(d, "bos_token_id", where),
-        eos_token_ids=eos_ids,
-        pad_token_id=_optional_id(d, "pad_token_id", where),
-    )
-
-  @classmethod
-  def tiny(cls, **overrides) -> LlamaConfig:
-    """A small config for random-weight tests (GQA with 2 query heads per kv head)."""
-    base = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5,
-                rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=256,
-                bos_token_id=1, eos_token_ids=(2,), pad_token_id=0)
-    base.update(overrides)
-    return cls(**base)
 
 
 # --------------------------------------------------------------------------- cache
@@ -286,19 +113,18 @@ def _dense(x: Array, w: Array) -> Array:
   return jnp.matmul(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
-def rope(x_BxTxNxD: Array, positions_BxT: Array, theta: float) -> Array:
+def rope(x_BxTxNxD: Array, positions_BxT: Array, inv_freq: np.ndarray) -> Array:
   """Rotary embedding in Hugging Face's rotate-half layout, computed in f32.
 
   Args:
     x_BxTxNxD: queries or keys.
     positions_BxT: int positions.
-    theta: the RoPE base.
+    inv_freq: [D/2] inverse frequencies (:func:`rope_inv_freq`).
 
   Returns:
     [B, T, N, D], same dtype as ``x``.
   """
   D = x_BxTxNxD.shape[-1]
-  inv_freq = 1.0 / (theta ** (np.arange(0, D, 2, dtype=np.float32) / np.float32(D)))
   f_BxTxD2 = positions_BxT.astype(jnp.float32)[:, :, None] * jnp.asarray(
       inv_freq, jnp.float32)[None, None, :]
   cos = jnp.cos(f_BxTxD2)[:, :, None, :]
@@ -345,11 +171,13 @@ class Attention(nnx.Module):
   """Grouped-query attention over a KV cache, with an explicit mask."""
 
   def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-               rope_theta: float, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+               rope_theta: float, rngs: nnx.Rngs, rope_scaling: RopeScaling = RopeScaling(),
+               dtype=jnp.float32, param_dtype=jnp.float32):
     self.num_heads = num_heads
     self.num_kv_heads = num_kv_heads
     self.head_dim = head_dim
-    self.rope_theta = rope_theta
+    # A static tuple (not an array attribute) so that nnx treats it as graph data.
+    self.inv_freq = tuple(float(f) for f in rope_inv_freq(head_dim, rope_theta, rope_scaling))
     self.dtype = dtype
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.q_proj = Linear(hidden, num_heads * head_dim, **kw)
@@ -367,8 +195,9 @@ class Attention(nnx.Module):
     B, T, _ = x_BxTxH.shape
     Q, G, D = self.num_heads, self.num_kv_heads, self.head_dim
     R = Q // G
-    q_BxTxQxD = rope(self.q_proj(x_BxTxH).reshape(B, T, Q, D), positions_BxT, self.rope_theta)
-    k_BxTxGxD = rope(self.k_proj(x_BxTxH).reshape(B, T, G, D), positions_BxT, self.rope_theta)
+    inv_freq = np.asarray(self.inv_freq, np.float32)
+    q_BxTxQxD = rope(self.q_proj(x_BxTxH).reshape(B, T, Q, D), positions_BxT, inv_freq)
+    k_BxTxGxD = rope(self.k_proj(x_BxTxH).reshape(B, T, G, D), positions_BxT, inv_freq)
     v_BxTxGxD = self.v_proj(x_BxTxH).reshape(B, T, G, D)
     k_BxLxGxD = _write(k_BxLxGxD, k_BxTxGxD, cache_index_B)
     v_BxLxGxD = _write(v_BxLxGxD, v_BxTxGxD, cache_index_B)
@@ -410,7 +239,7 @@ class Block(nnx.Module):
     self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
     self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads,
                                cfg.num_key_value_heads, cfg.head_dim,
-                               rope_theta=cfg.rope_theta, **kw)
+                               rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, **kw)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
     self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, **kw)
 

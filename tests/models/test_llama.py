@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -326,10 +327,26 @@ def test_config_from_hf(tmp_path):
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"eos_token_id": "2"}, "eos_token_id"),
     ({"rms_norm_eps": -1.0}, "rms_norm_eps"),
+    ({"rope_scaling": {"rope_type": "linear"}}, "factor"),
+    ({"rope_scaling": [1, 2]}, "rope_scaling: expected an object"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0}},
+     "high_freq_factor > low_freq_factor"),
 ])
 def test_config_errors(over, match):
   with pytest.raises(ConfigError, match=match):
     LlamaConfig.from_hf(_hf_config(**over))
+
+
+def test_config_rope_scaling():
+  from medusa_jax.models.llama import RopeType, rope_inv_freq
+  cfg = LlamaConfig.from_hf(_hf_config(rope_scaling={"type": "linear", "factor": 4.0}))
+  assert cfg.rope_scaling.rope_type is RopeType.LINEAR and cfg.rope_scaling.factor == 4.0
+  np.testing.assert_allclose(cfg.inv_freq, rope_inv_freq(8, 5e5) / 4.0, rtol=1e-6)
+  cfg = LlamaConfig.from_hf(_hf_config(rope_parameters={
+      "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}))
+  assert cfg.rope_scaling.rope_type is RopeType.LLAMA3 and cfg.rope_theta == 5e5
+  assert LlamaConfig.from_hf(_hf_config()).rope_scaling.rope_type is RopeType.DEFAULT
 
 
 def test_config_file_errors(tmp_path):
@@ -454,7 +471,9 @@ def test_smollm2_matches_transformers(smollm2):
   torch.set_num_threads(2)
   hf = transformers.LlamaForCausalLM.from_pretrained(str(paths.model_dir), dtype=torch.float32)
   hf.eval()
-  with torch.no_grad():
+  with torch.no_grad(), warnings.catch_warnings():
+    # transformers renames past_key_values across 5.x; the value is the same cache.
+    warnings.simplefilter("ignore", FutureWarning)
     ref_logits = hf(torch.tensor([ids])).logits[0].numpy()
     out = hf(torch.tensor([ids]), use_cache=True)
     ref_gen, past = [], out.past_key_values
@@ -489,3 +508,40 @@ def test_smollm2_matches_transformers(smollm2):
     nxt = int(np.asarray(logits)[0, -1].argmax())
     cur += 1
   assert out == ref_gen, (tok.decode(out), tok.decode(ref_gen))
+
+
+@pytest.mark.parametrize("rope", [None, {"rope_type": "linear", "factor": 2.0},
+                                  {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 16}])
+def test_random_hf_llama_loads_and_matches_transformers(tmp_path, rope):
+  """A random transformers LlamaForCausalLM (untied, GQA, RoPE scaling) saved with
+  save_pretrained loads through load_llama and gives the same logits."""
+  torch = pytest.importorskip("torch", reason="torch is a test extra")
+  transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
+  torch.manual_seed(31)
+  hf_cfg = transformers.LlamaConfig(
+      vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5,
+      max_position_embeddings=256, tie_word_embeddings=False, initializer_range=0.3)
+  params = {"rope_theta": 1000.0, "rope_type": "default"}
+  params.update(rope or {})
+  hf_cfg.rope_parameters = params
+  hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+  with torch.no_grad():  # norms away from 1
+    for name, p in hf.named_parameters():
+      if "norm" in name:
+        p.copy_(1.0 + 0.2 * torch.randn_like(p))
+  hf.save_pretrained(str(tmp_path), safe_serialization=True)
+  model = load_llama(tmp_path)
+  assert model.cfg.rope_scaling.rope_type.value == (rope or {}).get("rope_type", "default")
+  rng = np.random.default_rng(32)
+  B, T, L = 2, 40, 48  # positions past original_max_position_embeddings
+  tokens = rng.integers(0, 97, (B, T))
+  with torch.no_grad():
+    ref = hf(torch.tensor(tokens)).logits.numpy()
+  idx = jnp.zeros((B,), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  h, _ = _fwd(model, jnp.asarray(tokens, jnp.int32), pos, KVCache.init(model.cfg, B, L), idx,
+              causal_mask(idx, T, L))
+  np.testing.assert_allclose(np.asarray(model.lm_head(h)), ref, rtol=1e-4, atol=1e-4)

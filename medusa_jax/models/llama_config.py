@@ -1,0 +1,275 @@
+"""Architecture of a Llama-family decoder, read from a Hugging Face ``config.json``.
+
+Shape letters as in :mod:`medusa_jax.models.llama`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from medusa_jax.errors import ConfigError
+
+
+class RopeType(enum.Enum):
+  """How RoPE frequencies are derived from ``theta`` (Hugging Face ``rope_type``)."""
+  DEFAULT = "default"
+  LINEAR = "linear"
+  """Positions divided by ``factor`` (all frequencies scaled down)."""
+  LLAMA3 = "llama3"
+  """Llama 3.1's band-wise scaling: low frequencies / ``factor``, high kept, middle blended."""
+
+  @classmethod
+  def parse(cls, value: str, where: str) -> RopeType:
+    try:
+      return cls(value)
+    except ValueError:
+      raise ConfigError(f"{where}: rope_type={value!r}; expected one of "
+                        f"{', '.join(t.value for t in cls)}") from None
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class RopeScaling:
+  """RoPE frequency scaling (``rope_scaling`` / ``rope_parameters`` in HF configs)."""
+  rope_type: RopeType = RopeType.DEFAULT
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  """llama3 only."""
+  high_freq_factor: float = 4.0
+  """llama3 only."""
+  original_max_position_embeddings: int = 8192
+  """llama3 only: the context length the model was pre-trained with."""
+
+  def __post_init__(self):
+    if not isinstance(self.rope_type, RopeType):
+      raise ConfigError(f"RopeScaling.rope_type: expected a RopeType, got {self.rope_type!r}")
+    if not self.factor > 0:
+      raise ConfigError(f"RopeScaling.factor={self.factor!r}: expected > 0")
+    if self.rope_type is RopeType.LLAMA3 and not self.high_freq_factor > self.low_freq_factor > 0:
+      raise ConfigError(f"RopeScaling: expected high_freq_factor > low_freq_factor > 0, got "
+                        f"{self.high_freq_factor!r} and {self.low_freq_factor!r}")
+
+  @classmethod
+  def from_hf(cls, spec: Mapping[str, Any] | None, where: str) -> RopeScaling:
+    if not spec:
+      return cls()
+    kind = RopeType.parse(spec.get("rope_type", spec.get("type", "default")), where)
+    if kind is RopeType.DEFAULT:
+      return cls()
+    num = lambda k, default: _require({k: spec.get(k, default)}, k, float, where)  # noqa: E731
+    return cls(rope_type=kind, factor=num("factor", None),
+               low_freq_factor=num("low_freq_factor", 1.0),
+               high_freq_factor=num("high_freq_factor", 4.0),
+               original_max_position_embeddings=int(num("original_max_position_embeddings", 8192)))
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling = RopeScaling()) -> np.ndarray:
+  """RoPE inverse frequencies [D/2] float32, as transformers computes them."""
+  inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
+  inv = inv.astype(np.float64)
+  if scaling.rope_type is RopeType.LINEAR:
+    inv = inv / scaling.factor
+  elif scaling.rope_type is RopeType.LLAMA3:
+    old = scaling.original_max_position_embeddings
+    low_wavelen = old / scaling.low_freq_factor
+    high_wavelen = old / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+    smooth = (old / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    inv = np.where(medium, blended, scaled)
+  return inv.astype(np.float32)
+
+
+def _require(d: Mapping, key: str, kind: type, where: str):
+  if key not in d or d[key] is None:
+    raise ConfigError(f"{where}: missing field {key!r}")
+  value = d[key]
+  if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+    raise ConfigError(f"{where}: {key}: expected an integer, got {value!r}")
+  if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+    raise ConfigError(f"{where}: {key}: expected a number, got {value!r}")
+  return kind(value)
+
+
+def _optional_id(d: Mapping, key: str, where: str) -> int | None:
+  value = d.get(key)
+  if value is None:
+    return None
+  if isinstance(value, list) and value:  # some configs list several ids
+    value = value[0]
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise ConfigError(f"{where}: {key}: expected an integer token id, got {value!r}")
+  return value
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class LlamaConfig:
+  """Architecture of a Llama-family decoder.
+
+  Load with :meth:`from_hf` (a Hugging Face ``config.json``) or make a small
+  random-test config with :meth:`tiny`; change with ``dataclasses.replace``.
+  """
+  vocab_size: int
+  """V: rows of the embedding (and columns of the logits)."""
+  hidden_size: int
+  """H: width of the residual stream."""
+  intermediate_size: int
+  """F: width of the gated MLP."""
+  num_hidden_layers: int
+  num_attention_heads: int
+  """Q: query heads."""
+  num_key_value_heads: int
+  """G: key/value heads; divides Q (Q == G is plain multi-head attention)."""
+  head_dim: int
+  """D: per-head width (even, for RoPE)."""
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  tie_word_embeddings: bool = False
+  """When True the LM head is the transposed input embedding."""
+  max_position_embeddings: int = 4096
+  bos_token_id: int | None = None
+  eos_token_ids: tuple[int, ...] = ()
+  """Every id that ends a generation."""
+  pad_token_id: int | None = None
+  rope_scaling: RopeScaling = RopeScaling()
+  """RoPE frequency scaling (none by default)."""
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "head_dim",
+                 "max_position_embeddings"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"LlamaConfig.{name}: expected a positive integer, got {value!r}")
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ConfigError(
+          f"LlamaConfig.num_key_value_heads={self.num_key_value_heads}: expected a divisor of "
+          f"num_attention_heads={self.num_attention_heads}")
+    if self.head_dim % 2:
+      raise ConfigError(f"LlamaConfig.head_dim={self.head_dim}: expected an even number (RoPE)")
+    if not self.rms_norm_eps > 0:
+      raise ConfigError(f"LlamaConfig.rms_norm_eps={self.rms_norm_eps!r}: expected > 0")
+    if not self.rope_theta > 0:
+      raise ConfigError(f"LlamaConfig.rope_theta={self.rope_theta!r}: expected > 0")
+    if not isinstance(self.rope_scaling, RopeScaling):
+      raise ConfigError(f"LlamaConfig.rope_scaling: expected a RopeScaling, got "
+                        f"{self.rope_scaling!r}")
+    if not isinstance(self.eos_token_ids, tuple) or any(
+        isinstance(i, bool) or not isinstance(i, int) for i in self.eos_token_ids):
+      raise ConfigError(
+          f"LlamaConfig.eos_token_ids: expected a tuple of ints, got {self.eos_token_ids!r}")
+
+  @property
+  def num_groups(self) -> int:
+    """Query heads per kv head (Q // G)."""
+    return self.num_attention_heads // self.num_key_value_heads
+
+  @property
+  def inv_freq(self) -> np.ndarray:
+    """RoPE inverse frequencies [D/2] float32."""
+    return rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
+
+  @classmethod
+  def from_hf(cls, config: Mapping[str, Any] | str | os.PathLike) -> LlamaConfig:
+    """Reads a Hugging Face Llama/Mistral ``config.json``.
+
+    Args:
+      config: the parsed dict, the ``config.json`` file, or its directory.
+
+    Raises:
+      ConfigError: a required field is missing or has a bad value, or the
+        config asks for a feature this model does not implement (biases,
+        a RoPE type other than default/linear/llama3, a non-SiLU activation).
+    """
+    where = "config"
+    if not isinstance(config, Mapping):
+      path = os.fspath(config)
+      if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+      where = path
+      try:
+        with open(path, encoding="utf-8") as f:
+          config = json.load(f)
+      except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+      except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+      if not isinstance(config, Mapping):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    d = config
+    hidden = _require(d, "hidden_size", int, where)
+    heads = _require(d, "num_attention_heads", int, where)
+    kv = d.get("num_key_value_heads")
+    kv = heads if kv is None else _require(d, "num_key_value_heads", int, where)
+    head_dim = d.get("head_dim")
+    if head_dim is None:
+      if hidden % heads:
+        raise ConfigError(f"{where}: hidden_size={hidden} is not a multiple of "
+                          f"num_attention_heads={heads} and head_dim is not given")
+      head_dim = hidden // heads
+    else:
+      head_dim = _require(d, "head_dim", int, where)
+
+    theta = d.get("rope_theta")
+    rope_params = d.get("rope_parameters") or {}
+    if theta is None and isinstance(rope_params, Mapping):
+      theta = rope_params.get("rope_theta")
+    theta = 10000.0 if theta is None else _require({"rope_theta": theta}, "rope_theta", float, where)
+    scaling = RopeScaling()
+    for key, spec in (("rope_scaling", d.get("rope_scaling")), ("rope_parameters", rope_params)):
+      if spec and not isinstance(spec, Mapping):
+        raise ConfigError(f"{where}: {key}: expected an object, got {spec!r}")
+      if spec and scaling.rope_type is RopeType.DEFAULT:
+        scaling = RopeScaling.from_hf(spec, f"{where}: {key}")
+    for key in ("attention_bias", "mlp_bias"):
+      if d.get(key):
+        raise ConfigError(f"{where}: {key}=True is not supported; expected no biases")
+    act = d.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+      raise ConfigError(f"{where}: hidden_act={act!r} is not supported; expected 'silu'")
+
+    eos = d.get("eos_token_id")
+    if eos is None:
+      eos_ids: tuple[int, ...] = ()
+    else:
+      eos_list = eos if isinstance(eos, list) else [eos]
+      if any(isinstance(i, bool) or not isinstance(i, int) for i in eos_list):
+        raise ConfigError(f"{where}: eos_token_id: expected an int or a list of ints, got {eos!r}")
+      eos_ids = tuple(eos_list)
+    eps = d.get("rms_norm_eps")
+    return cls(
+        vocab_size=_require(d, "vocab_size", int, where),
+        hidden_size=hidden,
+        intermediate_size=_require(d, "intermediate_size", int, where),
+        num_hidden_layers=_require(d, "num_hidden_layers", int, where),
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
+        rms_norm_eps=1e-5 if eps is None else _require(d, "rms_norm_eps", float, where),
+        rope_theta=theta,
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        max_position_embeddings=int(d.get("max_position_embeddings") or 4096),
+        bos_token_id=_optional_id(d, "bos_token_id", where),
+        eos_token_ids=eos_ids,
+        pad_token_id=_optional_id(d, "pad_token_id", where),
+        rope_scaling=scaling,
+    )
+
+  @classmethod
+  def tiny(cls, **overrides) -> LlamaConfig:
+    """A small config for random-weight tests (GQA with 2 query heads per kv head)."""
+    base = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5,
+                rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=256,
+                bos_token_id=1, eos_token_ids=(2,), pad_token_id=0)
+    base.update(overrides)
+    return cls(**base)
