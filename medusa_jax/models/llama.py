@@ -10,11 +10,16 @@ whole cache, so a tree of candidates is verified in one call: the caller puts
 node t at position ``prefix + depth(t)`` and lets it see the cached prefix,
 itself and its ancestors only.
 
-Covers SmolLM2, Llama-2/3, Vicuna and Mistral-style checkpoints (pre-norm,
-RMSNorm with a plain ``w``, RoPE in Hugging Face's rotate-half layout, SiLU-gated
-MLP, no biases, tied or untied embeddings). Sliding-window attention is not
-implemented: full attention over the cache is exact while the cache is no
-longer than the window.
+Covers SmolLM2, Llama-2/3/3.1, Vicuna and Mistral-style checkpoints (pre-norm,
+RMSNorm with a plain ``w``, RoPE in Hugging Face's rotate-half layout with
+optional linear or Llama-3.1 frequency scaling, SiLU-gated MLP, no biases, tied
+or untied embeddings). Sliding-window attention is not implemented: full
+attention over the cache is exact while the cache is no longer than the window.
+
+The cache is written with one ``dynamic_update_slice`` per row; under
+``jax.jit`` with the cache donated the update happens in place. An index with
+``cache_index[b] + T > L`` is clamped by XLA (earlier slots get overwritten):
+the caller keeps rows in range.
 
 Numerics: matmuls take ``dtype`` operands (f32 or bf16) and accumulate in f32;
 RMSNorm, RoPE and the softmax run in f32; logits are f32.
