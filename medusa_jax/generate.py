@@ -1,0 +1,621 @@
+"""Generation front-ends: streamed text, a ChatML chat loop and an end-to-end benchmark.
+
+These back the ``medusa-jax generate``, ``chat`` and ``bench`` commands and are
+usable from Python::
+
+  eng = load_engine()                                   # SmolLM2 + bundled heads
+  for piece in stream_text(eng, chat_ids(eng, "Hi!"), GenerateOptions(speculate="tree")):
+    print(piece.text, end="", flush=True)
+
+:func:`stream_tokens` drives the engine's jitted steps (``Engine.decoder``) for
+one request and yields each step's tokens as soon as the step is read back --
+the same prefill / step loop as ``Engine.generate``, one row wide, so text
+appears while the answer is being decoded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+import warnings
+from typing import Any, Callable, Iterator, Sequence
+
+from medusa_jax.errors import RequestError
+
+SPECULATE_CHOICES = ("none", "chain", "tree")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class GenerateOptions:
+  """Options of one generation request.
+
+  Attributes:
+    speculate: "none", "chain" (LoRAX) or "tree" (Medusa); parsed to ``Speculate``.
+    temperature: 0 = greedy; > 0 samples (speculation stays lossless).
+    top_p: nucleus mass in (0, 1].
+    typical: Medusa's typical acceptance instead of exact sampling (temperature > 0).
+    max_new_tokens: answer budget (>= 1).
+    seed: PRNG seed.
+  """
+  speculate: Any = "tree"
+  temperature: float = 0.0
+  top_p: float = 1.0
+  typical: bool = False
+  max_new_tokens: int = 256
+  seed: int = 0
+
+  def __post_init__(self):
+    from medusa_jax.decoding.engine import Speculate
+    from medusa_jax.decoding.verify import parse_strategy
+    object.__setattr__(self, "speculate", Speculate.parse(self.speculate))
+    parse_strategy(self.temperature, self.top_p, typical=self.typical)  # validates
+    if (isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int)
+        or self.max_new_tokens < 1):
+      raise RequestError(f"max_new_tokens={self.max_new_tokens!r}; expected an integer >= 1")
+
+  @property
+  def strategy(self):
+    from medusa_jax.decoding.verify import parse_strategy
+    return parse_strategy(self.temperature, self.top_p, typical=self.typical)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class StreamChunk:
+  """What one step emitted.
+
+  Attributes:
+    tokens: the new token ids (1 for a plain step, up to depth + 1 when speculating).
+    accepted: draft tokens accepted in this step (0 for the prefill and plain steps).
+    text: the new text (filled by :func:`stream_text`; "" from :func:`stream_tokens`).
+    stats: set on the last chunk only.
+  """
+  tokens: tuple[int, ...]
+  accepted: int = 0
+  text: str = ""
+  stats: "StreamStats | None" = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class StreamStats:
+  """Statistics of one streamed request.
+
+  Attributes:
+    new_tokens: tokens generated (the first comes from the prefill).
+    steps: decode steps after the prefill.
+    tokens_per_step: (new_tokens - 1) / steps.
+    accept_hist: ``accept_hist[a]`` = steps that accepted ``a`` drafts.
+    head_accepts: ``head_accepts[k]`` = steps in which head k's draft was accepted.
+    tree_nodes: T, tokens verified per step (1 when plain).
+    speculate: the mode used ("none" when a guard turned speculation off).
+    wall_s: seconds from the first dispatch to the last token, compilation included.
+    tokens_per_s: new_tokens / wall_s.
+  """
+  new_tokens: int
+  steps: int
+  tokens_per_step: float
+  accept_hist: tuple[int, ...]
+  head_accepts: tuple[int, ...]
+  tree_nodes: int
+  speculate: str
+  wall_s: float
+  tokens_per_s: float
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- library
+
+
+def load_engine(model_dir: str | None = None, adapter: str | None = None, *,
+                max_cache_len: int = 2048, dtype: str = "float32",
+                max_tree_rows: int | None = None, notice: Callable | None = None, **kwargs):
+  """``Engine.load`` with its fresh-heads warning turned into one ``notice`` call.
+
+  Args:
+    model_dir: a Hugging Face Llama directory (None: the fetched SmolLM2).
+    adapter: a Medusa adapter directory (None: the bundled heads).
+    max_cache_len: the largest KV cache.
+    dtype: "float32" or "bfloat16".
+    max_tree_rows: B * T budget of the adaptive tree (None: 16 on CPU, where a
+      verifying forward costs about its row count, else 256).
+    notice: called with a message about the heads (e.g. freshly initialised).
+    **kwargs: passed to ``Engine.load``.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from medusa_jax.decoding.engine import Engine
+  from medusa_jax.errors import ConfigError
+  if dtype not in ("float32", "bfloat16"):
+    raise ConfigError(f"dtype={dtype!r}; expected one of float32, bfloat16")
+  if max_tree_rows is None:
+    max_tree_rows = 16 if jax.default_backend() == "cpu" else 256
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    engine = Engine.load(model_dir, adapter, dtype=jnp.dtype(dtype), max_cache_len=max_cache_len,
+                         max_tree_rows=max_tree_rows, **kwargs)
+  if engine.heads_notice and notice is not None:
+    notice(engine.heads_notice)
+  return engine
+
+
+def chat_ids(engine, messages: str | Sequence[dict[str, str]]) -> list[int]:
+  """Token ids of a conversation in the model's chat template, ready for the answer.
+
+  Args:
+    engine: an ``Engine`` with a tokenizer.
+    messages: one user message, or ``[{"role": ..., "content": ...}, ...]``.
+  """
+  from medusa_jax.models.chat import apply_chat_template
+  if engine.tokenizer is None:
+    raise RequestError("this model has no tokenizer.json; pass token ids")
+  if isinstance(messages, str):
+    messages = [{"role": "user", "content": messages}]
+  rendered = apply_chat_template(list(messages), add_generation_prompt=True,
+                                 template=engine.chat_template)
+  return engine.tokenizer.encode(rendered)
+
+
+def stream_tokens(engine, prompt_ids: Sequence[int], opts: GenerateOptions
+                  ) -> Iterator[StreamChunk]:
+  """Generates one request, yielding each step's tokens as soon as it is read.
+
+  The last chunk carries :class:`StreamStats`.
+
+  Args:
+    engine: an ``Engine``.
+    prompt_ids: [P] token ids.
+    opts: the request options.
+
+  Raises:
+    RequestError: an empty prompt, an id out of range, a request that does not
+      fit the cache, or speculation without heads.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from medusa_jax.decoding import buckets
+  from medusa_jax.decoding.step import StepConfig
+
+  ids = _check_prompt(engine, prompt_ids)
+  tree, mode = _tree(engine, opts.speculate)
+  config = StepConfig(tree=tree, strategy=opts.strategy, eos_ids=engine.eos_ids)
+  need = len(ids) + opts.max_new_tokens + config.num_nodes
+  if need > engine.max_cache_len:
+    raise RequestError(f"prompt ({len(ids)} tokens) + max_new_tokens ({opts.max_new_tokens}) +"
+                       f" tree nodes ({config.num_nodes}) = {need} exceeds max_cache_len"
+                       f" ({engine.max_cache_len})")
+  cache_len = buckets.cache_bucket(need, engine.max_cache_len)
+  prompt_1xP = np.zeros((1, buckets.prompt_bucket(len(ids), cache_len)), np.int32)
+  prompt_1xP[0, :len(ids)] = ids
+
+  t0 = time.perf_counter()
+  dec = engine.decoder
+  cache = dec.init_cache(1, cache_len, engine.cache_dtype)
+  state, pending = dec.prefill(
+      cache, jnp.asarray(prompt_1xP), jnp.asarray([len(ids)], jnp.int32),
+      jnp.asarray([opts.max_new_tokens], jnp.int32), jnp.asarray([False]),
+      jax.random.PRNGKey(opts.seed), config=config)
+  hist = [0] * config.width
+  new_tokens = steps = 0
+  first = True
+  while True:
+    host = jax.device_get(pending)
+    count = int(host.count[0])
+    tokens = tuple(int(t) for t in host.tokens[0, :count])
+    accepted = 0 if first else int(host.accept_len[0])
+    if not first and host.active[0]:
+      steps += 1
+      hist[accepted] += 1
+    new_tokens += count
+    first = False
+    if host.done[0]:
+      wall = time.perf_counter() - t0
+      stats = StreamStats(
+          new_tokens=new_tokens, steps=steps,
+          tokens_per_step=(new_tokens - 1) / steps if steps else 0.0, accept_hist=tuple(hist),
+          head_accepts=tuple(sum(hist[a] for a in range(k + 1, len(hist)))
+                             for k in range(len(hist) - 1)),
+          tree_nodes=config.num_nodes, speculate=mode, wall_s=wall,
+          tokens_per_s=new_tokens / wall if wall > 0 else float("nan"))
+      yield StreamChunk(tokens=tokens, accepted=accepted, stats=stats)
+      return
+    yield StreamChunk(tokens=tokens, accepted=accepted)
+    state, pending = dec.step(state, config=config)
+
+
+def stream_text(engine, prompt_ids: Sequence[int], opts: GenerateOptions
+                ) -> Iterator[StreamChunk]:
+  """:func:`stream_tokens` with ``text`` filled (special tokens dropped).
+
+  Text is emitted only once its bytes are complete, so a multi-byte character
+  split over two tokens is never printed half.
+  """
+  if engine.tokenizer is None:
+    raise RequestError("this model has no tokenizer.json; use stream_tokens")
+  out: list[int] = []
+  shown = ""
+  for chunk in stream_tokens(engine, prompt_ids, opts):
+    out.extend(chunk.tokens)
+    text = engine.tokenizer.decode(out, skip_special_tokens=True)
+    piece = ""
+    if chunk.stats is not None or not text.endswith("\ufffd"):
+      piece = text[len(shown):] if text.startswith(shown) else text
+      shown = text
+    yield dataclasses.replace(chunk, text=piece)
+
+
+def generate_text(engine, prompt: str, opts: GenerateOptions, *, chat: bool = True,
+                  on_text: Callable[[str], None] | None = None) -> tuple[str, StreamStats]:
+  """Generates one answer; ``on_text`` receives the text as it is decoded.
+
+  Returns:
+    (text, stats).
+  """
+  ids = chat_ids(engine, prompt) if chat else _encode(engine, prompt)
+  pieces, stats = [], None
+  for chunk in stream_text(engine, ids, opts):
+    pieces.append(chunk.text)
+    if on_text is not None and chunk.text:
+      on_text(chunk.text)
+    stats = chunk.stats or stats
+  return "".join(pieces), stats
+
+
+class ChatSession:
+  """A multi-turn ChatML conversation; old turns are dropped when the cache is full."""
+
+  def __init__(self, engine, opts: GenerateOptions, *, system: str | None = None):
+    self.engine = engine
+    self.opts = opts
+    self.system = system
+    self.turns: list[dict[str, str]] = []
+
+  def reset(self) -> None:
+    self.turns = []
+
+  def messages(self, user: str) -> list[dict[str, str]]:
+    head = [{"role": "system", "content": self.system}] if self.system else []
+    return head + self.turns + [{"role": "user", "content": user}]
+
+  def reply(self, user: str, on_text: Callable[[str], None] | None = None
+            ) -> tuple[str, StreamStats]:
+    """Answers ``user`` in the context of the earlier turns, and records both."""
+    budget = self.engine.max_cache_len - self.opts.max_new_tokens - 64  # 64: tree nodes
+    ids = chat_ids(self.engine, self.messages(user))
+    while len(ids) > budget and self.turns:
+      self.turns = self.turns[2:]  # the oldest user/assistant pair
+      ids = chat_ids(self.engine, self.messages(user))
+    pieces, stats = [], None
+    for chunk in stream_text(self.engine, ids, self.opts):
+      pieces.append(chunk.text)
+      if on_text is not None and chunk.text:
+        on_text(chunk.text)
+      stats = chunk.stats or stats
+    answer = "".join(pieces)
+    self.turns += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return answer, stats
+
+
+def run_bench(engine, prompts: Sequence[str], *, modes: Sequence[str] = SPECULATE_CHOICES,
+              batch_sizes: Sequence[int] = (1,), max_new_tokens: int = 32,
+              progress: bool = True) -> dict[str, Any]:
+  """End-to-end ``Engine.generate`` throughput of each mode at each batch size.
+
+  Greedy decoding on chat-templated prompts (repeated to fill a batch).
+  Throughput leaves out the first decode step, which pays for compilation.
+
+  Returns:
+    ``{"backend": str, "devices": [str], "heads_notice": str | None,
+    "rows": [{"batch", "mode", "tree_nodes", "tokens_per_s", "tokens_per_step",
+    "speedup", "same_as_plain", "speculation_skipped"}]}``; speed-up and
+    same_as_plain compare with "none" at the same batch size (None without it).
+  """
+  import jax
+  from medusa_jax.decoding.engine import Speculate
+  if not prompts:
+    raise RequestError("bench: expected at least one prompt")
+  modes = [Speculate.parse(m).value for m in modes]
+  for b in batch_sizes:
+    if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+      raise RequestError(f"batch size {b!r}: expected an integer >= 1")
+  order = sorted(modes, key=lambda m: m != "none")  # the baseline first
+  runs = [(b, m) for b in batch_sizes for m in order]
+  bar = _progress(len(runs), "medusa-jax bench", progress)
+  rows, plain = [], {}
+  try:
+    for b, mode in runs:
+      batch = [prompts[i % len(prompts)] for i in range(b)]
+      if bar is not None:
+        bar.set_postfix_str(f"batch {b}, {mode}")
+      res = engine.generate(batch, max_new_tokens, speculate=mode, chat=True)
+      if mode == "none":
+        plain[b] = res
+      base = plain.get(b)
+      rows.append({
+          "batch": b, "mode": mode, "tree_nodes": res.tree_nodes,
+          "tokens_per_s": round(res.tokens_per_s, 2),
+          "tokens_per_step": round(res.tokens_per_step, 3),
+          "speedup": (round(res.tokens_per_s / base.tokens_per_s, 3)
+                      if base is not None and base.tokens_per_s > 0 else None),
+          "same_as_plain": None if base is None else res.tokens == base.tokens,
+          "speculation_skipped": res.speculation_skipped})
+      if bar is not None:
+        bar.update(1)
+  finally:
+    if bar is not None:
+      bar.close()
+  return {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+          "max_new_tokens": max_new_tokens, "heads_notice": engine.heads_notice, "rows": rows}
+
+
+def format_bench(report: dict[str, Any]) -> str:
+  """The table :func:`run_bench`'s report prints as."""
+  lines = [f"backend {report['backend']}, {report['max_new_tokens']} new tokens per prompt",
+           f"{'batch':>5s} {'mode':6s} {'nodes':>5s} {'tokens/s':>9s} {'tok/step':>8s}"
+           f" {'speed-up':>8s} {'same as plain':>13s}"]
+  for r in report["rows"]:
+    speed = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+    same = "-" if r["same_as_plain"] is None else ("yes" if r["same_as_plain"] else "NO")
+    lines.append(f"{r['batch']:5d} {r['mode']:6s} {r['tree_nodes']:5d} {r['tokens_per_s']:9.1f}"
+                 f" {r['tokens_per_step']:8.2f} {speed:>8s} {same:>13s}")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _check_prompt(engine, prompt_ids) -> list[int]:
+  ids = [t for t in prompt_ids]
+  if not ids:
+    raise RequestError("empty prompt; expected at least one token")
+  vocab = engine.cfg.vocab_size
+  for j, t in enumerate(ids):
+    if isinstance(t, bool) or not hasattr(t, "__index__") or not 0 <= int(t) < vocab:
+      raise RequestError(f"token {j} = {t!r}; expected an integer id in [0, {vocab})")
+  return [int(t) for t in ids]
+
+
+def _tree(engine, speculate):
+  """(TreeBuffers | None, mode name actually used) for a one-row request."""
+  from medusa_jax.decoding import tree as tree_mod
+  from medusa_jax.decoding.engine import Speculate
+  mode = Speculate.parse(speculate)
+  if mode is Speculate.NONE:
+    return None, "none"
+  if engine.num_heads is None:
+    raise RequestError(f"speculate={mode.value!r}: this engine has no Medusa heads")
+  n = engine.num_heads
+  if mode is Speculate.CHAIN:
+    if n + 1 > engine.max_batch_size:  # LoRAX's guard, as Engine.generate applies it
+      return None, "none"
+    return tree_mod.build_tree(tree_mod.chain_choices(n)), "chain"
+  return tree_mod.tree_for_batch(1, n, max_tree_rows=engine.max_tree_rows,
+                                 choices=engine.tree_choices), "tree"
+
+
+def _encode(engine, text: str) -> list[int]:
+  if engine.tokenizer is None:
+    raise RequestError("this model has no tokenizer.json; pass token ids")
+  return engine.tokenizer.encode(text)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+  if not enabled:
+    return None
+  from tqdm.auto import tqdm
+  return tqdm(total=total, desc=desc, unit="run", file=sys.stderr, leave=False)
+
+
+def _stderr(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def _stats_line(stats: StreamStats) -> str:
+  heads = ""
+  if stats.speculate != "none" and stats.steps:
+    rates = ", ".join(f"{a / stats.steps:.2f}" for a in stats.head_accepts)
+    heads = f"; head acceptance {rates}"
+  return (f"[{stats.new_tokens} tokens in {stats.steps} steps, {stats.tokens_per_step:.2f}"
+          f" tokens/step, {stats.tokens_per_s:.1f} tokens/s ({stats.wall_s:.1f} s with"
+          f" compilation), speculate={stats.speculate}, T={stats.tree_nodes}{heads}]")
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _engine_flags(p) -> None:
+  p.add_argument("--model-dir", help="Hugging Face Llama directory (default: the fetched"
+                 " SmolLM2-135M-Instruct; fetched on first use)")
+  p.add_argument("--adapter", help="Medusa adapter directory, LoRAX layout (default: the"
+                 " bundled SmolLM2 heads; see `medusa-jax convert` for other formats)")
+  p.add_argument("--max-cache-len", type=int, default=2048, help="KV cache slots (default 2048)")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--max-tree-rows", type=int, default=None,
+                 help="B*T budget of the adaptive tree (default: 16 on CPU, else 256)")
+
+
+def _request_flags(p, *, max_new: int) -> None:
+  p.add_argument("--speculate", default="tree", choices=SPECULATE_CHOICES,
+                 help="none: plain decoding; chain: LoRAX's one draft per head; tree: Medusa's"
+                 " candidate tree (default)")
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+  p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]")
+  p.add_argument("--typical", action="store_true",
+                 help="Medusa's typical acceptance (with --temperature > 0)")
+  p.add_argument("--max-new-tokens", type=int, default=max_new)
+  p.add_argument("--seed", type=int, default=0)
+
+
+def _engine(ns, notice):
+  return load_engine(ns.model_dir, ns.adapter, max_cache_len=ns.max_cache_len, dtype=ns.dtype,
+                     max_tree_rows=ns.max_tree_rows, notice=notice)
+
+
+def _options(ns) -> GenerateOptions:
+  return GenerateOptions(speculate=ns.speculate, temperature=ns.temperature, top_p=ns.top_p,
+                         typical=ns.typical, max_new_tokens=ns.max_new_tokens, seed=ns.seed)
+
+
+_GENERATE_EPILOG = """\
+examples:
+  medusa-jax generate "Explain speculative decoding in two sentences."
+  medusa-jax generate "Hi" --speculate none --max-new-tokens 32
+  medusa-jax generate "Tell a story" --temperature 0.7 --top-p 0.9
+  medusa-jax generate "Hello" --model-dir ~/llama --adapter ~/my-medusa --json
+  echo "What is JAX?" | medusa-jax generate -
+"""
+
+
+def generate_main(argv: Sequence[str] | None = None) -> int:
+  """``medusa-jax generate PROMPT... [--speculate ...] [--json]``."""
+  from medusa_jax.cli import ArgumentParser
+  p = ArgumentParser(prog="medusa-jax generate", epilog=_GENERATE_EPILOG,
+                     description="Generate answers to prompts, streaming the text as it is"
+                                 " decoded; statistics go to stderr.")
+  p.add_argument("prompts", nargs="+", metavar="PROMPT", help="a prompt, or - to read stdin")
+  _request_flags(p, max_new=256)
+  _engine_flags(p)
+  p.add_argument("--raw", action="store_true", help="no chat template: continue the text")
+  p.add_argument("--json", action="store_true",
+                 help="print one JSON object per prompt (text, token ids, stats), no streaming")
+  p.add_argument("--quiet", action="store_true", help="no statistics on stderr")
+  ns = p.parse_args(argv)
+  opts = _options(ns)
+  prompts = [sys.stdin.read() if x == "-" else x for x in ns.prompts]
+  engine = _engine(ns, None if ns.quiet else (lambda m: _stderr(f"note: {m}")))
+  for prompt in prompts:
+    ids = _encode(engine, prompt) if ns.raw else chat_ids(engine, prompt)
+    if ns.json:
+      tokens, pieces, stats = [], [], None
+      for chunk in stream_text(engine, ids, opts):
+        tokens += chunk.tokens
+        pieces.append(chunk.text)
+        stats = chunk.stats or stats
+      print(json.dumps({"prompt": prompt, "text": "".join(pieces), "tokens": tokens,
+                        "stats": stats.to_json()}), flush=True)
+      continue
+    stats = None
+    for chunk in stream_text(engine, ids, opts):
+      sys.stdout.write(chunk.text)
+      sys.stdout.flush()
+      stats = chunk.stats or stats
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if not ns.quiet:
+      _stderr(_stats_line(stats))
+  return 0
+
+
+_CHAT_EPILOG = """\
+examples:
+  medusa-jax chat                                    # type, Enter; Ctrl-D ends
+  printf 'Hi!\\nWhat did I just say?\\n' | medusa-jax chat --max-new-tokens 64
+  medusa-jax chat --system "You answer in French." --speculate chain
+
+commands inside the chat: /reset (forget the conversation), /exit
+"""
+
+
+def chat_main(argv: Sequence[str] | None = None, *, stdin=None) -> int:
+  """``medusa-jax chat [--system TEXT] [...]``: one user turn per stdin line, until EOF."""
+  from medusa_jax.cli import ArgumentParser
+  from medusa_jax.errors import MedusaError
+  p = ArgumentParser(prog="medusa-jax chat", epilog=_CHAT_EPILOG,
+                     description="Chat with the model in its chat template (ChatML for"
+                                 " SmolLM2); each line of stdin is a user turn.")
+  _request_flags(p, max_new=256)
+  _engine_flags(p)
+  p.add_argument("--system", help="a system message")
+  p.add_argument("--stats", action="store_true", help="statistics after each answer (stderr)")
+  ns = p.parse_args(argv)
+  opts = _options(ns)
+  stdin = sys.stdin if stdin is None else stdin
+  interactive = stdin.isatty()
+  engine = _engine(ns, lambda m: _stderr(f"note: {m}"))
+  session = ChatSession(engine, opts, system=ns.system)
+  if interactive:
+    _stderr("chat: type a message and press Enter; /reset forgets, Ctrl-D or /exit ends")
+  while True:
+    if interactive:
+      sys.stderr.write("> ")
+      sys.stderr.flush()
+    line = stdin.readline()
+    if not line:  # EOF
+      break
+    user = line.strip()
+    if not user:
+      continue
+    if user in ("/exit", "/quit"):
+      break
+    if user == "/reset":
+      session.reset()
+      continue
+    try:
+      _, stats = session.reply(user, on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+    except MedusaError as e:  # a bad turn fails alone; the chat goes on
+      _stderr(f"medusa-jax chat: error: {e}")
+      continue
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if ns.stats:
+      _stderr(_stats_line(stats))
+  return 0
+
+
+_BENCH_EPILOG = """\
+examples:
+  medusa-jax bench                                   # batch 1, none/chain/tree, MT-bench prompts
+  medusa-jax bench --batch-sizes 1 4 16 --max-new-tokens 128 --json > bench.json
+  medusa-jax bench --model-dir ~/llama --adapter ~/my-medusa --modes none tree
+
+For step-level timings (random weights of SmolLM2's shape, HF generate, memory
+floor) run scripts/bench_decode.py from a checkout.
+"""
+
+_BENCH_PROMPTS = (
+    "Explain speculative decoding to a new engineer.",
+    "Write a short poem about the sea.",
+    "List three uses of a hash map and explain each.",
+    "What are the main causes of inflation?",
+)
+
+
+def bench_main(argv: Sequence[str] | None = None) -> int:
+  """``medusa-jax bench [--batch-sizes ...] [--modes ...] [--json]``."""
+  from medusa_jax.cli import ArgumentParser
+  p = ArgumentParser(prog="medusa-jax bench", epilog=_BENCH_EPILOG,
+                     description="End-to-end generation throughput: plain vs Medusa decoding"
+                                 " (tokens/s, tokens per step, speed-up, losslessness).")
+  p.add_argument("--modes", nargs="+", default=list(SPECULATE_CHOICES), choices=SPECULATE_CHOICES)
+  p.add_argument("--batch-sizes", nargs="+", type=int, default=[1])
+  p.add_argument("--max-new-tokens", type=int, default=64)
+  p.add_argument("--prompts", nargs="+", help="prompts (default: MT-bench first turns when"
+                 " fetched, else a built-in set)")
+  _engine_flags(p)
+  p.add_argument("--json", action="store_true", help="print the report as JSON")
+  p.add_argument("--no-progress", action="store_true")
+  ns = p.parse_args(argv)
+  if ns.max_new_tokens < 1:
+    raise RequestError(f"--max-new-tokens={ns.max_new_tokens}; expected >= 1")
+  engine = _engine(ns, lambda m: _stderr(f"note: {m}"))
+  prompts = ns.prompts or _default_prompts(ns.model_dir)
+  report = run_bench(engine, prompts, modes=ns.modes, batch_sizes=ns.batch_sizes,
+                     max_new_tokens=ns.max_new_tokens, progress=not ns.no_progress)
+  print(json.dumps(report, indent=1) if ns.json else format_bench(report))
+  return 0
+
+
+def _default_prompts(model_dir: str | None) -> list[str]:
+  """MT-bench first turns when they are cached (and the model is SmolLM2), else a fixed set."""
+  if model_dir is None:
+    from medusa_jax import assets
+    path = assets.asset_paths().mtbench_jsonl
+    if path.exists():
+      return [q["turns"][0] for q in assets.load_mtbench(path)]
+  return list(_BENCH_PROMPTS)
+
