@@ -9,10 +9,12 @@ from __future__ import annotations
 import importlib
 
 from medusa_jax.config import MedusaConfig
-from medusa_jax.errors import (AdapterLoadError, ArchitectureError, AssetError, ConfigError,
-                               CorruptWeightsError, MedusaError, MissingTensorError,
-                               RequestError, SegmentError, ShardingError, TensorShapeError,
-                               WeightsError, WeightsNotFoundError)
+from medusa_jax.errors import (AdapterLoadError, ArchitectureError, AssetError,
+                               CheckpointExistsError, ConfigError, CorruptWeightsError,
+                               MedusaError, MissingTensorError, NonFiniteWeightsError,
+                               RequestError, SegmentError, ShardingError, TensorDtypeError,
+                               TensorShapeError, WeightsError, WeightsFormatError,
+                               WeightsNotFoundError)
 from medusa_jax.heads import (HeadsSharding, MedusaHead, MedusaModel, MedusaV1, MedusaV2,
                               ResBlock, speculation_max_batch_size)
 
