@@ -660,7 +660,8 @@ def test_decode_step_sharded_matches_unsharded(decode_case, data, model):
   got = decode_case.run(dec, put)
   for g, w in zip(got, decode_case.want):
     np.testing.assert_array_equal(g, w)
-  assert dict(dec.trace_counts) == {"prefill": 1, "speculative": 1}  # one trace per shape
+  # Two speculative steps, one trace: every jitted step compiled once for this shape.
+  assert dec.trace_counts["speculative"] == 1 and set(dec.trace_counts.values()) == {1}
 
 
 def test_greedy_generation_sharded_matches_unsharded():
