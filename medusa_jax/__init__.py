@@ -37,6 +37,15 @@ _LAZY = {
     "build_tree": "medusa_jax.decoding.tree",
     "TreeBuffers": "medusa_jax.decoding.tree",
     "make_mesh": "medusa_jax.sharding",
+    "Llama": "medusa_jax.models.llama",
+    "LlamaConfig": "medusa_jax.models.llama",
+    "KVCache": "medusa_jax.models.llama",
+    "load_llama": "medusa_jax.models.llama",
+    "causal_mask": "medusa_jax.models.llama",
+    "Tokenizer": "medusa_jax.models.tokenizer",
+    "apply_chat_template": "medusa_jax.models.chat",
+    "fetch": "medusa_jax.assets",
+    "AssetPaths": "medusa_jax.assets",
 }
 
 
