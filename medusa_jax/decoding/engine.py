@@ -45,6 +45,8 @@ from medusa_jax.errors import RequestError
 BUNDLED_HEADS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bundled", "heads",
                              "smollm2-135m-instruct")
 DEFAULT_NUM_HEADS = 4
+CHOICES_NAME = "medusa_choices.json"
+"""An adapter's best-first tree paths, used by the adaptive tree policy when present."""
 
 
 class Speculate(enum.Enum):
@@ -165,7 +167,8 @@ class Engine:
   def __init__(self, llama, tokenizer=None, medusa=None, *, max_cache_len: int = 2048,
                cache_dtype=None, max_tree_rows: int = 256, tree_choices=None,
                max_batch_size: int | None = None, heads_notice: str | None = None,
-               chat_template=None, eos_ids: Sequence[int] | None = None):
+               chat_template=None, eos_ids: Sequence[int] | None = None,
+               min_cache_len: int = 64):
     """Args:
       llama: the base ``Llama``.
       tokenizer: optional; ``encode(str) -> list[int]``, ``decode(ids) -> str``.
@@ -180,6 +183,8 @@ class Engine:
       heads_notice: a message about the heads (e.g. "freshly initialised").
       chat_template: a ``ChatTemplate`` for ``chat=True`` (None: ChatML).
       eos_ids: ids that end a request (None: the model config's).
+      min_cache_len: the smallest cache bucket (a larger one means fewer
+        distinct shapes, hence fewer compilations, across calls).
     """
     from medusa_jax.heads import speculation_max_batch_size
     model = getattr(medusa, "model", medusa)
@@ -189,6 +194,7 @@ class Engine:
     self.heads = model
     self.cfg = llama.cfg
     self.max_cache_len = int(max_cache_len)
+    self.min_cache_len = int(min_cache_len)
     self.cache_dtype = cache_dtype or getattr(llama, "dtype", jnp.float32)
     self.max_tree_rows = int(max_tree_rows)
     self.tree_choices = tree_choices
@@ -214,7 +220,9 @@ class Engine:
         SmolLM2-135M-Instruct (fetched by ``medusa_jax.assets.fetch``).
       medusa: an adapter directory, a ``MedusaWeights``, or None = the bundled
         SmolLM2 heads when shipped, else freshly initialised V2 heads (with a
-        notice: they draft the base model's next token, not later ones).
+        notice: they draft the base model's next token, not later ones). An
+        adapter directory's ``medusa_choices.json`` (best-first paths) feeds
+        the adaptive tree policy.
       dtype: compute and parameter dtype of the base model and heads.
       max_cache_len: see :class:`Engine`.
       num_heads: heads of freshly initialised heads.
@@ -232,6 +240,9 @@ class Engine:
       medusa = BUNDLED_HEADS
     if isinstance(medusa, (str, os.PathLike)):
       from medusa_jax.weights import load_medusa_adapter
+      choices = os.path.join(os.fspath(medusa), CHOICES_NAME)
+      if "tree_choices" not in kwargs and os.path.exists(choices):
+        kwargs["tree_choices"] = _read_choices(choices)
       medusa = load_medusa_adapter(medusa, dtype=dtype)
     elif medusa is None:
       from medusa_jax.config import MedusaConfig
@@ -407,7 +418,7 @@ class Engine:
     rows = buckets.batch_bucket(len(valid))
     longest = max(len(r.prompt) for r in valid)
     need = max(len(r.prompt) + r.max_new for r in valid) + config.num_nodes
-    cache_len = buckets.cache_bucket(need, self.max_cache_len)
+    cache_len = buckets.cache_bucket(need, self.max_cache_len, self.min_cache_len)
     width = buckets.prompt_bucket(longest, cache_len)
     prompt = np.zeros((rows, width), np.int32)
     lens = np.ones((rows,), np.int32)
@@ -468,6 +479,18 @@ class Engine:
                     tokens_per_step=(n_tok - 1) / steps if steps else 0.0,
                     accept_hist=hist, head_accepts=heads, wall_s=wall,
                     tokens_per_s=n_tok / wall if wall and wall > 0 else float("nan"))
+
+
+def _read_choices(path: str) -> tuple[tuple[int, ...], ...]:
+  """Reads a best-first list of tree paths (JSON list of lists of ranks)."""
+  import json
+  from medusa_jax.errors import ConfigError
+  try:
+    with open(path, encoding="utf-8") as f:
+      raw = json.load(f)
+    return tuple(tuple(int(r) for r in p) for p in raw)
+  except (OSError, ValueError, TypeError) as e:
+    raise ConfigError(f"{path}: expected a JSON list of paths (lists of ranks): {e}") from None
 
 
 def _load_tokenizer(model_dir):

@@ -153,7 +153,14 @@ def _merge(graphdef, state):
   return nnx.merge(graphdef, state)
 
 
-def base_and_draft(heads, x: Array, lm_head) -> tuple[Array, Array]:
+def _v2(heads):
+  """The fused V2 module behind ``heads``, or None."""
+  v2 = heads.medusa if isinstance(heads, MedusaModel) and heads.is_v2 else heads
+  return v2 if isinstance(v2, MedusaV2) else None
+
+
+def base_and_draft(heads, x: Array, lm_head, num_drafts: int | None = None
+                   ) -> tuple[Array, Array]:
   """Base and draft logits at the given rows, always drafting.
 
   The speculation max-batch guard is a policy that the engine applies once per
@@ -164,19 +171,29 @@ def base_and_draft(heads, x: Array, lm_head) -> tuple[Array, Array]:
     heads: ``MedusaModel`` / ``MedusaV2`` / any callable ``(x, lm_head)``.
     x: [N, H] hidden states after the final norm.
     lm_head: [..., H] -> [..., V] float32.
+    num_drafts: D <= n, the heads the tree uses (None: all); V2 heads beyond
+      it skip the LM head.
 
   Returns:
-    logits [N, V] float32, draft logits [N, n, V] float32.
+    logits [N, V] float32, draft logits [N, D, V] float32.
   """
-  v2 = heads.medusa if isinstance(heads, MedusaModel) and heads.is_v2 else heads
-  if isinstance(v2, MedusaV2):
-    h_NxnxH = v2.heads_hidden(x)
-    logits3 = lm_head(jnp.concatenate([x[:, None, :], h_NxnxH.astype(x.dtype)], axis=1))
+  v2 = _v2(heads)
+  if v2 is not None:
+    h_NxDxH = v2.heads_hidden(x)[:, :num_drafts].astype(x.dtype)
+    logits3 = lm_head(jnp.concatenate([x[:, None, :], h_NxDxH], axis=1))
     return logits3[:, 0], logits3[:, 1:]
   logits, spec = heads(x, lm_head)
   if spec is None:
     raise ValueError("heads returned no draft logits; the engine must not speculate here")
-  return logits, spec
+  return logits, spec[:, :num_drafts]
+
+
+def draft_only(heads, x: Array, lm_head, num_drafts: int | None = None) -> Array:
+  """Draft logits [N, D, V] float32 (no base logits): see :func:`base_and_draft`."""
+  v2 = _v2(heads)
+  if v2 is not None:
+    return lm_head(v2.heads_hidden(x)[:, :num_drafts].astype(x.dtype))
+  return base_and_draft(heads, x, lm_head, num_drafts)[1]
 
 
 def _finish(state: DecodeState, emitted: Array, num_emitted: Array, eos_ids: tuple[int, ...]):
@@ -211,7 +228,7 @@ def _finish(state: DecodeState, emitted: Array, num_emitted: Array, eos_ids: tup
 
 
 def _next_tokens(config: StepConfig, root: Array, draft_logits: Array | None) -> Array:
-  """[B, T] inputs of the next step from the root [B] and the draft logits [B, n, V]."""
+  """[B, T] inputs of the next step from the root [B] and the draft logits [B, D, V]."""
   if config.tree is None:
     return root[:, None]
   from medusa_jax.decoding.verify import tree_candidates
@@ -272,7 +289,7 @@ def prefill_start(graphs: Graphs, params: Params, cache, x: Array, prompt_lens: 
   if config.tree is None:
     logits_BxV, draft = llama.lm_head(x), None
   else:
-    logits_BxV, draft = base_and_draft(heads, x, llama.lm_head)
+    logits_BxV, draft = base_and_draft(heads, x, llama.lm_head, config.tree.depth)
   from medusa_jax.decoding.verify import choose_root
   rng, key = jax.random.split(rng)
   root_B = choose_root(logits_BxV, config.strategy, key).astype(jnp.int32)
@@ -333,14 +350,14 @@ def speculative_step(graphs: Graphs, params: Params, state: DecodeState, *,
   cache = cache_ops.compact_cache(cache, state.lengths, path_BxP)
   best_B = verdict.best_node.astype(jnp.int32)
   x_BxH = jnp.take_along_axis(hidden_BxTxH, best_B[:, None, None], axis=1)[:, 0]
-  _, draft_Bxnxv = base_and_draft(heads, x_BxH, llama.lm_head)
+  draft_BxDxV = draft_only(heads, x_BxH, llama.lm_head, tree.depth)
   next_root_B = verdict.next_root.astype(jnp.int32)
   active_B = ~state.done
   accept_B = verdict.accept_len.astype(jnp.int32)
   out, count, generated, done = _finish(state, verdict.emitted.astype(jnp.int32),
                                         verdict.num_emitted.astype(jnp.int32), config.eos_ids)
   lengths = jnp.where(active_B, state.lengths + accept_B + 1, state.lengths)
-  tokens = jnp.where(active_B[:, None], _next_tokens(config, next_root_B, draft_Bxnxv),
+  tokens = jnp.where(active_B[:, None], _next_tokens(config, next_root_B, draft_BxDxV),
                      state.tokens)
   new_state = state.replace(cache=cache, lengths=lengths, tokens=tokens, generated=generated,
                             done=done, rng=rng)
