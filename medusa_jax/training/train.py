@@ -268,6 +268,15 @@ def _evaluate(graphdef, params, rows, lm_head_VxH, cfg, batch_rows, shardings):
 
 
 @functools.lru_cache(maxsize=16)
+def _step_fn(graphdef, cfg: TrainConfig):
+  """The jitted train step of a (heads, config) pair; cached so a resumed or
+  repeated run in one process reuses the compiled program."""
+  step = functools.partial(_train_step, graphdef, make_optimizer(cfg), cfg.loss_decay,
+                           cfg.compute_dtype.jnp_dtype)
+  return jax.jit(step, donate_argnames=("state",))
+
+
+@functools.lru_cache(maxsize=16)
 def _eval_fn(graphdef, dtype, max_rank):
   return jax.jit(functools.partial(_eval_step, graphdef, dtype, max_rank))
 
@@ -325,8 +334,7 @@ def fit(cfg: TrainConfig, train: TokenRows, val: TokenRows | None, lm_head_VxH: 
     log(f"resumed from step {start} ({workdir}/checkpoints)")
   metrics = _JsonlLog(os.path.join(workdir, "metrics.jsonl"), start)
 
-  step_fn = jax.jit(functools.partial(_train_step, graphdef, tx, cfg.loss_decay, dtype),
-                    donate_argnames=("state",))
+  step_fn = _step_fn(graphdef, cfg)
   end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
   perm_cache: dict = {}
   losses: dict[int, float] = {}
