@@ -242,8 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   cfg = TrainConfig.from_file(ns.config)
   if ns.steps is not None:
     cfg = dataclasses.replace(cfg, steps=ns.steps)
-  home = os.environ.get("MEDUSA_JAX_HOME") or os.path.expanduser("~/.cache/medusa_jax")
-  workdir = ns.workdir or os.path.join(home, "training", cfg.name)
+  from medusa_jax.assets import default_home
+  workdir = ns.workdir or os.path.join(default_home(), "training", cfg.name)
   out = ns.out or os.path.join(workdir, "heads")
   src = Sources(model_dir=ns.model_dir, gguf=ns.gguf, prompts=ns.prompts,
                 sharegpt_json=ns.sharegpt, mtbench_jsonl=ns.mtbench)
