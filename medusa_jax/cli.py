@@ -142,4 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  # Through the package module, so that `python -m medusa_jax.cli` and the console
+  # script share one UsageError class with the subcommands.
+  from medusa_jax.cli import main as _main
+  sys.exit(_main())

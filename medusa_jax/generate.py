@@ -336,12 +336,14 @@ def run_bench(engine, prompts: Sequence[str], *, modes: Sequence[str] = SPECULAT
       if mode == "none":
         plain[b] = res
       base = plain.get(b)
+      speedup = None
+      if base is not None and base.tokens_per_s > 0:
+        speedup = res.tokens_per_s / base.tokens_per_s
       rows.append({
           "batch": b, "mode": mode, "tree_nodes": res.tree_nodes,
-          "tokens_per_s": round(res.tokens_per_s, 2),
-          "tokens_per_step": round(res.tokens_per_step, 3),
-          "speedup": (round(res.tokens_per_s / base.tokens_per_s, 3)
-                      if base is not None and base.tokens_per_s > 0 else None),
+          "tokens_per_s": _finite(res.tokens_per_s, 2),
+          "tokens_per_step": _finite(res.tokens_per_step, 3),
+          "speedup": _finite(speedup, 3),
           "same_as_plain": None if base is None else res.tokens == base.tokens,
           "speculation_skipped": res.speculation_skipped})
       if bar is not None:
@@ -358,15 +360,25 @@ def format_bench(report: dict[str, Any]) -> str:
   lines = [f"backend {report['backend']}, {report['max_new_tokens']} new tokens per prompt",
            f"{'batch':>5s} {'mode':6s} {'nodes':>5s} {'tokens/s':>9s} {'tok/step':>8s}"
            f" {'speed-up':>8s} {'same as plain':>13s}"]
+  def num(x, fmt):
+    return "-" if x is None else format(x, fmt)
+
   for r in report["rows"]:
     speed = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
     same = "-" if r["same_as_plain"] is None else ("yes" if r["same_as_plain"] else "NO")
-    lines.append(f"{r['batch']:5d} {r['mode']:6s} {r['tree_nodes']:5d} {r['tokens_per_s']:9.1f}"
-                 f" {r['tokens_per_step']:8.2f} {speed:>8s} {same:>13s}")
+    lines.append(f"{r['batch']:5d} {r['mode']:6s} {r['tree_nodes']:5d}"
+                 f" {num(r['tokens_per_s'], '9.1f'):>9s} {num(r['tokens_per_step'], '8.2f'):>8s}"
+                 f" {speed:>8s} {same:>13s}")
   return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _finite(x: float | None, digits: int) -> float | None:
+  """Rounded, or None for a value JSON cannot carry (NaN: no steady-state steps ran)."""
+  import math
+  return round(x, digits) if x is not None and math.isfinite(x) else None
 
 
 def _check_prompt(engine, prompt_ids) -> list[int]:

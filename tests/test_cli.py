@@ -1,0 +1,277 @@
+"""The medusa-jax command: help, info, generate/chat/bench on a tiny model, one-line errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from medusa_jax import cli
+from medusa_jax import generate as gen
+from tiny_model import make_tiny_adapter_dir, make_tiny_llama_dir
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, stdin: str | None = None, env: dict | None = None, timeout: int = 240):
+  """Runs ``python -m medusa_jax.cli ARGS`` (the console script's code) in a subprocess."""
+  full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+  return subprocess.run([sys.executable, "-m", "medusa_jax.cli", *args], input=stdin,
+                        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+
+
+def _assert_one_line_error(stderr: str, *needles: str):
+  lines = [ln for ln in stderr.splitlines() if ln.strip()]
+  assert len(lines) == 1, stderr
+  assert "Traceback" not in stderr
+  for needle in needles:
+    assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("tiny")
+  cfg = make_tiny_llama_dir(root / "model", seed=3)
+  make_tiny_adapter_dir(root / "adapter", hidden=cfg["hidden_size"], num_heads=3, seed=4)
+  return str(root / "model"), str(root / "adapter")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dirs):
+  return gen.load_engine(*tiny_dirs, max_cache_len=256, max_tree_rows=16)
+
+
+# ----------------------------------------------------------------------------- help
+
+
+@pytest.mark.parametrize("command", list(cli._COMMANDS))
+def test_every_command_has_help_with_examples(command, capsys):
+  if command == "demo":
+    pytest.importorskip("medusa_jax.demo")
+  assert cli.main([command, "--help"]) == 0
+  out = capsys.readouterr().out
+  assert f"medusa-jax {command}" in out
+  if cli._COMMANDS[command][0] in ("medusa_jax.generate", "medusa_jax.convert",
+                                   "medusa_jax.info"):
+    assert "examples:" in out
+
+
+def test_console_help_in_a_subprocess():
+  res = _run("--help")
+  assert res.returncode == 0, res.stderr
+  for command in cli._COMMANDS:
+    assert f"  {command} " in res.stdout
+  assert "examples:" in res.stdout
+
+
+# ----------------------------------------------------------------------------- info
+
+
+def test_info_json_reports_cache_devices_versions(tmp_path):
+  res = _run("info", "--json", env={"MEDUSA_JAX_HOME": str(tmp_path)})
+  assert res.returncode == 0, res.stderr
+  report = json.loads(res.stdout)
+  assert report["cache"]["home"] == str(tmp_path)
+  assert all(not a["present"] for a in report["cache"]["assets"].values())
+  assert report["devices"]["backend"] == "cpu" and report["devices"]["count"] >= 1
+  for name in ("jax", "flax", "optax", "orbax-checkpoint"):
+    assert report["versions"][name]
+  from medusa_jax.decoding.engine import BUNDLED_HEADS
+  assert report["bundled_heads"]["path"] == BUNDLED_HEADS
+
+
+def test_info_text_lists_present_assets(tmp_path, capsys):
+  (tmp_path / "mtbench").mkdir()
+  (tmp_path / "mtbench" / "question.jsonl").write_text("{}\n")
+  assert cli.main(["info", "--home", str(tmp_path), "--no-devices"]) == 0
+  out = capsys.readouterr().out
+  line = next(ln for ln in out.splitlines() if "mtbench_jsonl" in ln)
+  assert "3 B" in line and "missing" not in line
+  assert "missing (run `medusa-jax fetch`)" in out and "devices:" not in out
+
+
+# ----------------------------------------------------------------------------- generate / chat
+
+
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_stream_is_lossless_and_matches_engine(engine, mode):
+  opts = gen.GenerateOptions(speculate=mode, max_new_tokens=10)
+  ids = gen.chat_ids(engine, "Hello, tiny model!")
+  chunks = list(gen.stream_tokens(engine, ids, opts))
+  tokens = [t for c in chunks for t in c.tokens]
+  plain = engine.generate([ids], 10, speculate="none")
+  assert tokens == plain.tokens[0]
+  stats = chunks[-1].stats
+  assert stats.speculate == mode and stats.new_tokens == len(tokens)
+  assert stats.steps == len(chunks) - 1 == sum(stats.accept_hist)
+  assert stats.tokens_per_step == pytest.approx((len(tokens) - 1) / stats.steps)
+  assert all(c.stats is None for c in chunks[:-1])
+
+
+def test_stream_text_never_splits_a_character(engine, monkeypatch):
+  # Force the tokens of a two-byte character to arrive in separate steps.
+  euro = engine.tokenizer.encode("é")
+  assert len(euro) == 2
+  fake = [gen.StreamChunk(tokens=(euro[0],)), gen.StreamChunk(tokens=(euro[1],)),
+          gen.StreamChunk(tokens=tuple(engine.tokenizer.encode("x")), stats="S")]
+  monkeypatch.setattr(gen, "stream_tokens", lambda *a: iter(fake))
+  pieces = [c.text for c in gen.stream_text(engine, [5], gen.GenerateOptions())]
+  assert pieces == ["", "é", "x"]
+
+
+def test_generate_main_streams_and_json(engine, tiny_dirs, monkeypatch, capsys):
+  monkeypatch.setattr(gen, "load_engine", lambda *a, **k: engine)
+  assert cli.main(["generate", "Hi", "--speculate", "tree", "--max-new-tokens", "6",
+                   "--model-dir", tiny_dirs[0]]) == 0
+  streamed = capsys.readouterr()
+  assert "tokens/step" in streamed.err and "speculate=tree" in streamed.err
+  assert cli.main(["generate", "Hi", "--speculate", "none", "--max-new-tokens", "6",
+                   "--json"]) == 0
+  row = json.loads(capsys.readouterr().out)
+  assert row["text"] == engine.tokenizer.decode(row["tokens"], skip_special_tokens=True)
+  assert streamed.out == row["text"] + "\n"  # streamed tree text == plain greedy text
+  assert row["stats"]["speculate"] == "none" and row["stats"]["tokens_per_step"] == 1.0
+
+
+def test_generate_in_a_subprocess_on_a_tiny_model(tiny_dirs):
+  model, adapter = tiny_dirs
+  res = _run("generate", "Hello", "-", "--model-dir", model, "--adapter", adapter,
+             "--max-new-tokens", "5", "--speculate", "chain", "--max-cache-len", "128", "--json",
+             stdin="from stdin")
+  assert res.returncode == 0, res.stderr
+  rows = [json.loads(line) for line in res.stdout.splitlines()]
+  assert [r["prompt"] for r in rows] == ["Hello", "from stdin"]
+  assert all(len(r["tokens"]) == 5 and r["stats"]["speculate"] == "chain" for r in rows)
+
+
+def test_chat_piped_stdin_ends_on_eof(tiny_dirs):
+  model, adapter = tiny_dirs
+  res = _run("chat", "--model-dir", model, "--adapter", adapter, "--max-new-tokens", "4",
+             "--max-cache-len", "256", "--stats", stdin="Hi there\n\n/reset\nAgain\n")
+  assert res.returncode == 0, res.stderr
+  # Two answers: the blank line and /reset are no turns.
+  assert res.stderr.count("tokens/step") == 2 and res.stdout.endswith("\n")
+
+
+def test_chat_session_keeps_history_and_drops_old_turns(engine, monkeypatch, capsys):
+  opts = gen.GenerateOptions(speculate="none", max_new_tokens=4)
+  session = gen.ChatSession(engine, opts, system="Be brief.")
+  first, _ = session.reply("one")
+  assert session.turns == [{"role": "user", "content": "one"},
+                           {"role": "assistant", "content": first}]
+  session.reply("two " * 15)
+  assert len(session.turns) == 4
+  # A turn that does not fit next to the history pushes the oldest pair out.
+  budget = engine.max_cache_len - opts.max_new_tokens - 64
+  third = "three " * 10
+  assert len(gen.chat_ids(engine, session.messages(third))) > budget
+  session.reply(third)
+  users = [t["content"] for t in session.turns[::2]]
+  assert users[-1] == third and "one" not in users
+  # A turn too long on its own fails alone; the chat goes on (chat_main prints one line).
+  monkeypatch.setattr(gen, "load_engine", lambda *a, **k: engine)
+  rc = gen.chat_main(["--max-new-tokens", "4", "--speculate", "none", "--stats"],
+                     stdin=io.StringIO("x" * 400 + "\nok\n"))
+  captured = capsys.readouterr()
+  assert rc == 0 and "exceeds max_cache_len" in captured.err
+  assert captured.err.count("tokens/step") == 1
+
+
+def test_bench_reports_every_mode(engine, monkeypatch, capsys):
+  monkeypatch.setattr(gen, "load_engine", lambda *a, **k: engine)
+  assert cli.main(["bench", "--modes", "tree", "none", "--batch-sizes", "1", "2",
+                   "--max-new-tokens", "12", "--prompts", "a b", "c", "--json",
+                   "--no-progress"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  rows = report["rows"]
+  assert [(r["batch"], r["mode"]) for r in rows] == [(1, "none"), (1, "tree"), (2, "none"),
+                                                     (2, "tree")]
+  assert all(r["same_as_plain"] is not False for r in rows)  # greedy speculation is lossless
+  assert rows[1]["same_as_plain"] is True and rows[1]["speedup"] > 0
+  table = gen.format_bench(report)
+  assert len(table.splitlines()) == 2 + len(rows) and "tree" in table
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["generate"], ["medusa-jax generate: error:", "PROMPT"]),
+    (["generate", "hi", "--speculate", "fast"], ["invalid choice: 'fast'"]),
+    (["generate", "hi", "--max-new-tokens", "zero"], ["invalid int value"]),
+    (["generate", "hi", "--max-new-tokens", "0"], ["max_new_tokens=0"]),
+    (["generate", "hi", "--temperature", "-1"], ["temperature"]),
+    (["generate", "hi", "--top-p", "1.5"], ["top_p"]),
+    (["chat", "--unknown"], ["unrecognized arguments: --unknown"]),
+    (["bench", "--batch-sizes", "0", "--max-new-tokens", "1"], ["batch size 0"]),
+    (["bench", "--max-new-tokens", "0"], ["--max-new-tokens=0"]),
+    (["convert", "only-src"], ["required: dst"]),
+    (["convert", "/no/such/dir", "out"], ["/no/such/dir: no such file"]),
+    (["convert", "a", "b", "--to", "gguf"], ["invalid choice: 'gguf'"]),
+    (["info", "--bogus"], ["unrecognized arguments"]),
+    (["nope"], ["invalid choice: 'nope'"]),
+    ([], ["missing COMMAND"]),
+])
+def test_user_errors_are_one_line_exit_2(argv, needles, engine, monkeypatch, capsys):
+  monkeypatch.setattr(gen, "load_engine", lambda *a, **k: engine)
+  assert cli.main(argv) == 2
+  _assert_one_line_error(capsys.readouterr().err, *needles)
+
+
+def test_bad_arguments_in_a_subprocess_and_debug_traceback():
+  res = _run("generate", "hi", "--speculate", "fast")
+  assert res.returncode == 2 and res.stdout == ""
+  _assert_one_line_error(res.stderr, "medusa-jax generate: error:", "invalid choice")
+  res = _run("convert", "/no/such/dir", "out", "--debug")
+  assert res.returncode != 0 and "Traceback" in res.stderr
+  assert "WeightsNotFoundError" in res.stderr
+
+
+def test_request_error_from_the_engine_is_one_line(engine, monkeypatch, capsys):
+  monkeypatch.setattr(gen, "load_engine", lambda *a, **k: engine)
+  assert cli.main(["generate", "x" * 300, "--max-new-tokens", "4"]) == 2
+  _assert_one_line_error(capsys.readouterr().err, "exceeds max_cache_len (256)")
+  with pytest.raises(Exception, match="exceeds max_cache_len"):
+    cli.main(["--debug", "generate", "x" * 300, "--max-new-tokens", "4"])
+
+
+def test_internal_error_exit_1_with_hint_and_missing_module(monkeypatch, capsys):
+  def boom(argv):
+    raise RuntimeError("kaput\nsecond line")
+  monkeypatch.setattr(cli, "_resolve", lambda name: boom)
+  assert cli.main(["info"]) == 1
+  _assert_one_line_error(capsys.readouterr().err, "RuntimeError: kaput second line", "--debug")
+  monkeypatch.setenv(cli.DEBUG_ENV, "1")
+  with pytest.raises(RuntimeError, match="kaput"):
+    cli.main(["info"])
+  monkeypatch.undo()
+  monkeypatch.setitem(cli._COMMANDS, "info", ("medusa_jax.not_a_module", "main", "x"))
+  assert cli.main(["info"]) == 2
+  _assert_one_line_error(capsys.readouterr().err, "not available in this build")
+
+
+def test_debug_flag_is_taken_anywhere_before_double_dash():
+  assert cli._split_debug(["generate", "--debug", "hi"]) == (["generate", "hi"], True)
+  assert cli._split_debug(["generate", "--", "--debug"]) == (["generate", "--", "--debug"],
+                                                             False)
+
+
+def test_generate_options_validate(engine):
+  with pytest.raises(ValueError, match="speculate='fast'"):
+    gen.GenerateOptions(speculate="fast")
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    gen.GenerateOptions(max_new_tokens=True)
+  with pytest.raises(ValueError, match="empty prompt"):
+    list(gen.stream_tokens(engine, [], gen.GenerateOptions()))
+  vocab = engine.cfg.vocab_size
+  with pytest.raises(ValueError, match=rf"token 1 = {vocab}; expected an integer id"):
+    list(gen.stream_tokens(engine, [1, vocab], gen.GenerateOptions()))
+  with pytest.raises(ValueError, match="dtype='float64'"):
+    gen.load_engine(dtype="float64")
+  np.testing.assert_array_equal(gen.chat_ids(engine, "hi"),
+                                gen.chat_ids(engine, [{"role": "user", "content": "hi"}]))
