@@ -53,8 +53,10 @@ class PodEvalConfig:
     batch_size: prompts per ``generate`` call on a host.
     max_new_tokens: budget per prompt.
     speculate: ``tree``, ``chain`` or ``none``.
-    model_parallel: size of the ``model`` axis (within a host); None = all
-      of a host's devices.
+    model_parallel: size of the ``model`` axis (within a host); None = the
+      largest divisor of a host's device count that divides the model's
+      query heads, hidden, intermediate and vocabulary sizes (SmolLM2's 9
+      heads give 1: pure data parallelism).
     out_dir: where process 0 writes the results.
     seed: prompts (tiny) and weights (tiny).
   """
@@ -128,6 +130,30 @@ def pod_mesh(model_parallel: int | None = None):
   return Mesh(grid, (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto))
 
 
+def auto_model_parallel(sizes: Sequence[int], local_devices: int) -> int:
+  """The largest divisor of ``local_devices`` that divides every size."""
+  return max(d for d in range(1, local_devices + 1)
+             if local_devices % d == 0 and all(s % d == 0 for s in sizes))
+
+
+def _model_parallel(cfg: PodEvalConfig, local_devices: int) -> int:
+  if cfg.model_parallel is not None:
+    return cfg.model_parallel
+  if cfg.tiny:
+    return local_devices  # the tiny model is sized to the mesh
+  from medusa_jax.models.llama import LlamaConfig
+  lcfg = LlamaConfig.from_hf(_base_dir(cfg))
+  return auto_model_parallel((lcfg.num_attention_heads, lcfg.hidden_size,
+                              lcfg.intermediate_size, lcfg.vocab_size), local_devices)
+
+
+def _base_dir(cfg: PodEvalConfig) -> str:
+  if cfg.base is not None:
+    return cfg.base
+  from medusa_jax import assets
+  return str(assets.fetch(quiet=True).model_dir)
+
+
 def host_mesh(mesh, process_index: int):
   """The rows of ``mesh`` that lie on one host, as a mesh of its own."""
   from jax.sharding import Mesh
@@ -187,7 +213,7 @@ def build_engine(cfg: PodEvalConfig, mesh):
     heads.medusa.bias[...] = jnp.asarray(rng.standard_normal((n * h,)) * 0.3, jnp.float32)
     return Engine(sh.shard_llama(llama, mesh), None, sh.shard_medusa_model(heads, mesh),
                   max_cache_len=128)
-  eng = Engine.load(cfg.base, cfg.medusa)
+  eng = Engine.load(_base_dir(cfg), cfg.medusa)
   # TODO(#5): Engine.load(mesh=) places the weights sharded at load time.
   return Engine(sh.shard_llama(eng.llama, mesh), eng.tokenizer,
                 sh.shard_medusa_model(eng.heads, mesh), max_cache_len=eng.max_cache_len)
@@ -300,7 +326,7 @@ def write_report(summary: dict[str, Any], out_dir: str) -> tuple[str, str]:
     acc = [a or 0 for a in h["head_acceptance"]]
     ax2.plot(range(1, len(acc) + 1), acc, marker="o", label=f"host {h['process']}")
   ax2.set(xlabel="Medusa head", ylabel="acceptance rate", title="Per-head acceptance",
-          ylim=(0, 1))
+          ylim=(0, 1), xticks=range(1, len(summary["total"]["head_acceptance"]) + 1))
   ax2.legend()
   fig.tight_layout()
   fig.savefig(png_path, dpi=100)
@@ -312,7 +338,7 @@ def run(cfg: PodEvalConfig) -> dict[str, Any]:
   """The whole evaluation on this process; returns the pod summary (on every host)."""
   import jax
   initialize(cfg)
-  mesh = pod_mesh(cfg.model_parallel)
+  mesh = pod_mesh(_model_parallel(cfg, len(jax.local_devices())))
   p, count = jax.process_index(), jax.process_count()
   local = host_mesh(mesh, p)
   engine = build_engine(cfg, local)

@@ -83,6 +83,12 @@ def test_pod_mesh_single_process():
     pod_eval.pod_mesh(3)
 
 
+def test_auto_model_parallel():
+  assert pod_eval.auto_model_parallel((9, 576, 1536, 49152), 8) == 1   # SmolLM2: 9 heads
+  assert pod_eval.auto_model_parallel((32, 4096, 14336, 128256), 8) == 8
+  assert pod_eval.auto_model_parallel((12, 768, 3072, 32000), 8) == 4
+
+
 def test_host_share_partitions_prompts():
   items = list(range(11))
   shares = [pod_eval.host_share(items, p, 3) for p in range(3)]
