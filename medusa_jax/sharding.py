@@ -23,8 +23,11 @@ weights. The layout follows LoRAX's tensor-parallel Medusa:
   row-parallel, embeddings and lm_head over the vocabulary, norms replicated,
   the KV cache over batch (``data``) and kv heads (``model``).
 
-Sizes that do not divide their mesh axis are refused with
-:class:`~medusa_jax.errors.ShardingError` (never silently replicated).
+Weight sizes that do not divide their mesh axis are refused with
+:class:`~medusa_jax.errors.ShardingError`, naming the size and the axis. Two
+documented cases replicate instead: batch rows that do not divide ``data``
+(every data group computes them) and fewer kv heads than ``model`` devices
+(Megatron's kv-head replication).
 
 Opaque kernels (Pallas ``segmented_matmul``) are never partitioned by XLA:
 they run under :func:`jax.shard_map` with ``check_vma=False``.
@@ -285,8 +288,8 @@ def sharded_segmented_matmul(x: Array, w: Array, b: Array | None, s_start: Array
   The kernel is opaque to XLA, so it runs per device under ``shard_map``: each
   device multiplies its rows by its ``M/W`` output columns. Rows split over
   ``data`` when they divide it; segment bounds are global row numbers and are
-  shifted per device. ``check_vma=False``: Pallas outputs carry no
-  varying-axes type (jax.md §4).
+  shifted per device. ``check_vma=False``: a Pallas output carries no
+  varying-axes type, so the checked mode rejects it.
 
   Args:
     x: [N, K], replicated over ``model``.
