@@ -379,6 +379,25 @@ def test_sharded_segmented_matmul(data, model):
                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["ragged_dot", "pallas_gpu", "pallas_tpu"])
+def test_sharded_segmented_matmul_backends(backend):
+  """Opaque kernels (interpret mode here) under shard_map, rows over data, M over model."""
+  rng = np.random.default_rng(42)
+  rows, k, m, adapters = 8, 16, 32, 3
+  mesh = sh.make_mesh(2, 4)
+  x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
+  w = rng.standard_normal((adapters, k, m)).astype(np.float32)
+  b = rng.standard_normal((adapters, m)).astype(np.float32)
+  s0, s1, sw = _segments(rng, rows, adapters)
+  want = np.zeros((rows, m))
+  for a, z, i in zip(np.asarray(s0), np.asarray(s1), np.asarray(sw)):
+    want[a:z] = np.asarray(x, np.float64)[a:z] @ w[i] + b[i]
+  got = jax.jit(lambda *a: sh.sharded_segmented_matmul(*a, mesh=mesh, backend=backend))(
+      x, sh.place(w, P(None, None, "model"), mesh), sh.place(b, P(None, "model"), mesh),
+      s0, s1, sw)
+  assert _rel(got, want) < 1e-5
+
+
 def test_sharded_segmented_matmul_refuses_epilogue_and_bad_width():
   mesh = sh.make_mesh(1, 8)
   rng = np.random.default_rng(41)
@@ -429,9 +448,11 @@ def test_v2_segments_with_empty_and_uncovered_rows():
   np.testing.assert_allclose(spec[rows - 1], np.zeros((n, vocab)), atol=1e-6)
 
 
-@pytest.mark.parametrize("data,model", MESHES)
-def test_mixed_adapter_batch_sharded_matches_unsharded(data, model):
-  """BatchMedusaWeights' routing, the heads computed tensor-parallel."""
+@pytest.mark.parametrize("data,model,backend", [(1, 8, "pallas_gpu"), (2, 4, "pallas_tpu"),
+                                                (8, 1, "reference")])
+def test_mixed_adapter_batch_sharded_matches_unsharded(data, model, backend):
+  """BatchMedusaWeights' routing, the heads computed tensor-parallel (Pallas kernels in
+  interpret mode under shard_map)."""
   from medusa_jax.batching import BatchMedusaWeights
   from medusa_jax.segments import row_segments
   from medusa_jax.weights import MedusaWeights
@@ -456,7 +477,7 @@ def test_mixed_adapter_batch_sharded_matches_unsharded(data, model):
   def fwd(st, wl, w, b, row_slot, x):
     s0, s1, sw = row_segments(row_slot)
     segs = types.SimpleNamespace(w=w, b=b, s_start=s0, s_end=s1, seg_weight=sw,
-                                 backend="reference")
+                                 backend=backend)
     return nnx.merge(graphdef, st)(x, sh.vocab_parallel_lm_head(wl), segs)
 
   logits, spec = fwd(state, sh.place(lm, P(None, "model"), mesh), w, b, batch.row_slot, x)
