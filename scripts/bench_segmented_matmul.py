@@ -65,6 +65,15 @@ def copy_bandwidth() -> float:
   return 2 * n * 2 / t
 
 
+def read_bandwidth() -> float:
+  """Bytes read per second by a sum over 1 GiB (a pure read stream, like weight streaming)."""
+  n = 1 << 29
+  srcs = [jax.random.normal(jax.random.key(10 + i), (n,), jnp.bfloat16) for i in range(2)]
+  total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+  t, _ = _timeit(total, [(s,) for s in srcs], calls=10, repeats=5)
+  return n * 2 / t
+
+
 def _np_reference(x, w, b, s_start, s_end, seg_weight, resblock):
   n_rows, k = x.shape
   num_adapters, _, m = w.shape
@@ -159,7 +168,9 @@ def bench(args) -> dict:
               " block_until_ready around the loop, 4 rotating activation sets")
   print(json.dumps(info), flush=True)
   info["copy_bw"] = copy_bandwidth()
-  print(f"copy bandwidth: {info['copy_bw'] / 1e12:.3f} TB/s", flush=True)
+  info["read_bw"] = read_bandwidth()
+  print(f"copy bandwidth: {info['copy_bw'] / 1e12:.3f} TB/s, read bandwidth:"
+        f" {info['read_bw'] / 1e12:.3f} TB/s", flush=True)
   info["small_checks"] = check_small(BACKENDS + ("pallas_tpu",))
   bad = [r for r in info["small_checks"] if not r["ok"]]
   print(f"small checks: {len(info['small_checks']) - len(bad)} ok, {len(bad)} failed", flush=True)
@@ -179,10 +190,14 @@ def bench(args) -> dict:
           for i in range(4)]
     floor_bytes = active * K * M * 2 + n_rows * (K + M) * 2
     floor = floor_bytes / info["copy_bw"]
-    rec = dict(rows=n_rows, loaded=num_adapters, active=active, floor_us=floor * 1e6, t_us={},
-               err={})
+    rec = dict(rows=n_rows, loaded=num_adapters, active=active, floor_us=floor * 1e6,
+               floor_read_us=floor_bytes / info["read_bw"] * 1e6, t_us={}, err={})
     ref = None
     for backend in BACKENDS:
+      if backend == "reference" and not args.time_reference:
+        ref = jax.jit(lambda x, w, a, b_, c: segmented_matmul(
+            x, w, None, a, b_, c, backend="reference"))(xs[0], w, *segs)
+        continue
       fn = jax.jit(lambda x, w, a, b_, c, backend=backend: segmented_matmul(
           x, w, None, a, b_, c, backend=backend))
       try:
@@ -218,14 +233,15 @@ def bench(args) -> dict:
 TUNE_CONFIGS = (
     pallas_gpu.BlockSizes(block_m=16, block_n=128, block_k=64, num_warps=4, num_stages=4),
     pallas_gpu.BlockSizes(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4),
-    pallas_gpu.BlockSizes(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=3),
-    pallas_gpu.BlockSizes(block_m=16, block_n=256, block_k=64, num_warps=8, num_stages=3),
-    pallas_gpu.BlockSizes(block_m=32, block_n=128, block_k=64, num_warps=4, num_stages=4),
     pallas_gpu.BlockSizes(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),
+    pallas_gpu.BlockSizes(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=4),
     pallas_gpu.BlockSizes(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=4),
-    pallas_gpu.BlockSizes(block_m=16, block_n=32, block_k=128, num_warps=2, num_stages=5),
+    pallas_gpu.BlockSizes(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
+    pallas_gpu.BlockSizes(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=4),
+    pallas_gpu.BlockSizes(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4,
+                          pairwise_schedule=False),
 )
-TUNE_POINTS = ((1, 1, 1), (8, 32, 1), (32, 8, 8), (256, 1, 1), (256, 32, 32), (256, 32, 8))
+TUNE_POINTS = ((1, 1, 1), (8, 32, 1), (32, 8, 8), (256, 1, 1), (256, 32, 8), (128, 8, 1))
 
 
 def tune(rng, copy_bw, args) -> list[dict]:
@@ -265,7 +281,7 @@ def resblock_vs_dense(copy_bw, args) -> list[dict]:
     y = jnp.matmul(x, w[0], preferred_element_type=jnp.float32) + b.astype(jnp.float32)
     return (jnp.tile(x.astype(jnp.float32), (1, M // K)) + jax.nn.silu(y)).astype(x.dtype)
 
-  for n_rows in (1, 8, 32):
+  for n_rows in (1, 8, 32, 1, 8, 32):  # twice: the spread is part of the result
     xs = [jax.random.normal(jax.random.key(300 + i), (n_rows, K), jnp.bfloat16)
           for i in range(4)]
     segs = row_segments(jnp.zeros((n_rows,), jnp.int32))
@@ -297,19 +313,22 @@ def _dump(out_dir, info, rows_out):
 
 
 def print_table(info) -> None:
-  backends = BACKENDS
+  backends = [b for b in BACKENDS if any(p["t_us"].get(b) for p in info["points"])]
   print(f"\n{info['card']} | JAX {info['jax']} | {info['date']} | K={K} M={M} bf16 |"
-        f" copy {info['copy_bw'] / 1e12:.2f} TB/s")
-  head = "rows loaded active  floor_us " + " ".join(f"{b:>11s} {'x':>5s}" for b in backends)
+        f" copy {info['copy_bw'] / 1e12:.2f} TB/s | read {info['read_bw'] / 1e12:.2f} TB/s")
+  print("x = time / floor(copy bw); xr = time / floor(read bw)")
+  head = "rows loaded active floor_us " + " ".join(f"{b:>11s} {'x':>5s} {'xr':>5s}"
+                                                   for b in backends)
   print(head + "  rd/pallas")
   for p in info["points"]:
     cells = []
     for b in backends:
       t = p["t_us"].get(b)
-      cells.append(f"{t:11.1f} {t / p['floor_us']:5.2f}" if t else f"{'fail':>11s} {'':5s}")
+      cells.append(f"{t:11.1f} {t / p['floor_us']:5.2f} {t / p['floor_read_us']:5.2f}" if t
+                   else f"{'-':>11s} {'':5s} {'':5s}")
     rd, pg = p["t_us"].get("ragged_dot"), p["t_us"].get("pallas_gpu")
     ratio = f"{rd / pg:9.2f}" if rd and pg else "        -"
-    print(f"{p['rows']:4d} {p['loaded']:6d} {p['active']:6d} {p['floor_us']:9.1f} "
+    print(f"{p['rows']:4d} {p['loaded']:6d} {p['active']:6d} {p['floor_us']:8.1f} "
           + " ".join(cells) + "  " + ratio)
 
 
@@ -319,6 +338,8 @@ def main(argv=None) -> int:
   parser.add_argument("--quick", action="store_true", help="a 2x2 corner of the grid")
   parser.add_argument("--tune", action="store_true", help="sweep pallas_gpu block sizes")
   parser.add_argument("--calls", type=int, default=20)
+  parser.add_argument("--no-reference-timing", dest="time_reference", action="store_false",
+                      help="compute the reference backend for checks but do not time it")
   parser.add_argument("--k", type=int, default=K, help="contraction size (smoke tests)")
   parser.add_argument("--m", type=int, default=M, help="output size (smoke tests)")
   args = parser.parse_args(argv)

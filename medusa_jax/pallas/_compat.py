@@ -48,6 +48,11 @@ def cost_estimate(*, flops: int, bytes_accessed: int, transcendentals: int = 0):
                          transcendentals=transcendentals)
 
 
-def on_cpu() -> bool:
-  """True when the default backend has no accelerator (kernels then interpret)."""
-  return jax.default_backend() == "cpu"
+def default_interpret(kernel_platform: str) -> bool:
+  """Interpret a kernel written for ``kernel_platform`` ("gpu" or "tpu") unless
+  the default backend is that platform (a Triton kernel cannot lower on TPU,
+  nor a TPU kernel on GPU; both interpret on CPU)."""
+  platform = jax.default_backend()
+  if platform == "cuda":
+    platform = "gpu"
+  return platform != kernel_platform

@@ -131,3 +131,39 @@ def build_schedule(row_adapter: Array, num_adapters: int, block_m: int, *,
   tile_adapter = jnp.where(t_T < num_tiles, tile_group_T, num_adapters + 1).astype(jnp.int32)
   return Schedule(row_adapter=row_adapter, tile_adapter=tile_adapter, tile_rows=tile_rows,
                   row_slot=row_slot.astype(jnp.int32), num_tiles=num_tiles.astype(jnp.int32))
+
+
+def build_schedule_pairwise(row_adapter: Array, num_adapters: int, block_m: int, *,
+                            with_null: bool) -> Schedule:
+  """Same result as :func:`build_schedule`, from pairwise comparisons.
+
+  Ranks come from an [N, N] "same group, earlier row" count and slots are
+  filled by matching [slots, N] instead of a scatter: O(N^2) work but no
+  cumulative sums or scatters, so XLA fuses it into a few kernels. At decode
+  sizes (N <= a few hundred) launch count, not work, is what costs.
+  """
+  n_rows = row_adapter.shape[0]
+  num_groups = num_adapters + 1 if with_null else num_adapters
+  n_tiles = max_tiles(n_rows, num_groups, block_m)
+  rows_N = jnp.arange(n_rows, dtype=jnp.int32)
+  groups_G = jnp.arange(num_groups, dtype=jnp.int32)
+  same_NxN = row_adapter[:, None] == row_adapter[None, :]
+  rank_N = jnp.sum((same_NxN & (rows_N[None, :] < rows_N[:, None])).astype(jnp.int32), axis=1)
+  counts_G = jnp.sum((row_adapter[:, None] == groups_G[None, :]).astype(jnp.int32), axis=0)
+  tiles_G = (counts_G + block_m - 1) // block_m
+  before_GxG = groups_G[None, :] < groups_G[:, None]
+  tile_begin_G = jnp.sum(jnp.where(before_GxG, tiles_G[None, :], 0), axis=1)
+  tile_end_G = tile_begin_G + tiles_G
+  num_tiles = jnp.sum(tiles_G)
+  scheduled_N = row_adapter < num_groups
+  group_N = jnp.minimum(row_adapter, num_groups - 1)
+  row_slot = jnp.where(scheduled_N, tile_begin_G[group_N] * block_m + rank_N, -1)
+  slots_P = jnp.arange(n_tiles * block_m, dtype=jnp.int32)
+  match_PxN = slots_P[:, None] == row_slot[None, :]
+  tile_rows = jnp.where(jnp.any(match_PxN, axis=1),
+                        jnp.argmax(match_PxN, axis=1).astype(jnp.int32), -1)
+  t_T = jnp.arange(n_tiles, dtype=jnp.int32)
+  tile_group_T = jnp.sum((tile_end_G[None, :] <= t_T[:, None]).astype(jnp.int32), axis=1)
+  tile_adapter = jnp.where(t_T < num_tiles, tile_group_T, num_adapters + 1).astype(jnp.int32)
+  return Schedule(row_adapter=row_adapter, tile_adapter=tile_adapter, tile_rows=tile_rows,
+                  row_slot=row_slot.astype(jnp.int32), num_tiles=num_tiles.astype(jnp.int32))

@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 
 from medusa_jax.errors import SegmentError
 from medusa_jax.pallas import _compat
-from medusa_jax.pallas._schedule import build_schedule, row_adapters
+from medusa_jax.pallas._schedule import build_schedule, build_schedule_pairwise, row_adapters
 
 Array = jax.Array
 
@@ -62,20 +62,24 @@ class BlockSizes:
     block_k: contraction slice per pipelined step.
     num_warps: warps per program.
     num_stages: software-pipelining depth of the K loop.
+    pairwise_schedule: build the tile schedule from pairwise comparisons
+      (fewer XLA kernels) rather than cumulative sums and a scatter.
   """
   block_m: int = 16
   block_n: int = 128
   block_k: int = 64
   num_warps: int = 4
   num_stages: int = 4
+  pairwise_schedule: bool = True
 
   @classmethod
   def for_shape(cls, n_rows: int, num_adapters: int, k: int, m: int) -> "BlockSizes":
-    """Heuristic: block_m near the mean rows per adapter (16..64); block_n 128."""
-    del k, m
-    per_adapter = max(1, n_rows // max(1, num_adapters))
-    block_m = min(64, max(16, 1 << (per_adapter - 1).bit_length()))
-    return cls(block_m=block_m)
+    """Heuristic from H200 measurements (docs/perf_segmented_matmul.md): the
+    kernel is bound by weight reads, so padding rows cost nothing while
+    splitting one adapter's rows over several tiles re-reads its weights;
+    hence block_m = next power of two of N, clamped to [16, 64]."""
+    del num_adapters, k, m
+    return cls(block_m=min(64, max(16, 1 << max(0, (n_rows - 1).bit_length()))))
 
 
 def _pow2_at_most(value: int, cap: int) -> int:
@@ -107,7 +111,8 @@ def segmented_matmul_gpu(x: Array, w: Array, b: Array | None, s_start: Array, s_
   bn = min(block_sizes.block_n, _pow2_at_most(m, block_sizes.block_n))
   bk = min(block_sizes.block_k, _pow2_at_most(k, block_sizes.block_k))
   adapter_N = row_adapters(n_rows, s_start, s_end, seg_weight, num_adapters)
-  sched = build_schedule(adapter_N, num_adapters, bm, with_null=True)
+  builder = build_schedule_pairwise if block_sizes.pairwise_schedule else build_schedule
+  sched = builder(adapter_N, num_adapters, bm, with_null=True)
   n_tiles = sched.tile_adapter.shape[0]
   grid = (n_tiles, pl.cdiv(m, bn))
   kernel = functools.partial(_kernel, num_adapters=num_adapters, k=k, m=m, bm=bm, bn=bn, bk=bk,

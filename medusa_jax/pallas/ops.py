@@ -98,7 +98,9 @@ def segmented_matmul(x: Array, w: Array, b: Array | None, s_start, s_end, seg_we
     seg_weight: [S] integer, the adapter (index into ``w``) of each segment.
     backend: auto | reference | ragged_dot | pallas_gpu | pallas_tpu.
     epilogue: none | resblock (requires M % K == 0).
-    interpret: run Pallas kernels in the interpreter; None = on CPU only.
+    interpret: run Pallas kernels in the interpreter; None = unless the
+      default backend is the kernel's platform (GPU for pallas_gpu, TPU for
+      pallas_tpu).
     block_sizes: the backend's ``BlockSizes`` (pallas backends), None = heuristic.
 
   Returns:
@@ -118,8 +120,6 @@ def segmented_matmul(x: Array, w: Array, b: Array | None, s_start, s_end, seg_we
   n_rows, m = x.shape[0], w.shape[2]
   if n_rows == 0 or s_start.shape[0] == 0:
     return jnp.zeros((n_rows, m), x.dtype)
-  if interpret is None:
-    interpret = _compat.on_cpu()
   if backend is Backend.REFERENCE:
     from medusa_jax.pallas.reference import segmented_matmul_reference
     return segmented_matmul_reference(x, w, b, s_start, s_end, seg_weight, resblock=resblock)
@@ -129,10 +129,14 @@ def segmented_matmul(x: Array, w: Array, b: Array | None, s_start, s_end, seg_we
   if backend is Backend.PALLAS_GPU:
     from medusa_jax.pallas import gpu
     sizes = block_sizes or gpu.BlockSizes.for_shape(n_rows, w.shape[0], x.shape[1], m)
+    if interpret is None:
+      interpret = _compat.default_interpret("gpu")
     return gpu.segmented_matmul_gpu(x, w, b, s_start, s_end, seg_weight, resblock=resblock,
                                     block_sizes=sizes, interpret=bool(interpret))
   from medusa_jax.pallas import tpu
   sizes = block_sizes or tpu.BlockSizes.for_shape(n_rows, w.shape[0], x.shape[1], m)
+  if interpret is None:
+    interpret = _compat.default_interpret("tpu")
   return tpu.segmented_matmul_tpu(x, w, b, s_start, s_end, seg_weight, resblock=resblock,
                                   block_sizes=sizes, interpret=bool(interpret))
 

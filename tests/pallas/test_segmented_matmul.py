@@ -258,5 +258,6 @@ def test_kernel_block_size_errors():
 def test_block_size_heuristics():
   assert pallas_gpu.BlockSizes.for_shape(1, 1, 4096, 16384).block_m == 16
   assert pallas_gpu.BlockSizes.for_shape(256, 1, 4096, 16384).block_m == 64
-  assert pallas_gpu.BlockSizes.for_shape(256, 32, 4096, 16384).block_m == 16
+  assert pallas_gpu.BlockSizes.for_shape(8, 32, 4096, 16384).block_m == 16
+  assert pallas_gpu.BlockSizes.for_shape(256, 32, 4096, 16384).block_m == 64
   assert pallas_tpu.BlockSizes.for_shape(256, 1, 4096, 16384).block_m == 128
