@@ -72,7 +72,34 @@ def sample(key: Array, logits: Array, temperature, top_p=1.0) -> Array:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   if key is None:
     raise RequestError("key: sampling with temperature > 0 needs a PRNG key, got None")
-  return jax.random.categorical(key, warp(logits, temperature, top_p), axis=-1).astype(jnp.int32)
+  uniform = jax.random.uniform(key, logits.shape[:-1], jnp.float32)
+  return inverse_cdf(warp(logits, temperature, top_p), uniform)
+
+
+def inverse_cdf(log_probs: Array, uniform: Array) -> Array:
+  """Turns one uniform number per row into a token of that row's distribution.
+
+  Inverse-CDF sampling needs one random number per row instead of one per
+  token (as Gumbel-max does), which keeps the random-bit work of a [B, T, V]
+  verification small.
+
+  Args:
+    log_probs: [..., V] log-probabilities (need not be normalised; -inf for
+      impossible tokens).
+    uniform: [...] float32 in [0, 1).
+
+  Returns:
+    [...] int32: the first token whose cumulative probability exceeds
+    ``uniform`` times the total; never a token of probability 0.
+  """
+  probs = jnp.exp(log_probs.astype(jnp.float32) - jnp.max(log_probs, axis=-1, keepdims=True))
+  cdf = jnp.cumsum(probs, axis=-1)
+  target = (uniform.astype(jnp.float32) * cdf[..., -1])[..., None]
+  token = jnp.sum((cdf <= target).astype(jnp.int32), axis=-1)
+  # Rounding can put `target` at the very end: fall back to the last possible token.
+  vocab = log_probs.shape[-1]
+  last = vocab - 1 - jnp.argmax(jnp.flip(probs > 0, axis=-1), axis=-1).astype(jnp.int32)
+  return jnp.minimum(token, last)
 
 
 def argmax_mask(x: Array) -> Array:
@@ -99,7 +126,8 @@ def _per_row(value):
   """A per-row option as something that broadcasts against [..., V]."""
   if isinstance(value, Real):
     return value
-  return jnp.asarray(value, jnp.float32)[..., None]
+  value = jnp.asarray(value, jnp.float32)
+  return value if value.ndim == 0 else value[..., None]
 
 
 def _check_scalar_options(temperature, top_p) -> None:

@@ -206,12 +206,8 @@ def choose_root(logits: Array, strategy: Strategy, key: Array | None = None) -> 
   if isinstance(strategy, Sampling):
     return sampling.sample(key, logits, strategy.temperature, strategy.top_p)
   if isinstance(strategy, Typical):
-    probs = jax.nn.softmax(logits.astype(jnp.float32) / strategy.temperature, axis=-1)
-    keep = probs >= _typical_threshold(probs, strategy)[..., None]
-    # The argmax always passes when alpha <= 1; keep it in any case.
-    keep = keep | sampling.argmax_mask(probs)
-    masked = jnp.where(keep, jnp.log(probs), -jnp.inf)
-    return jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
+    uniform = jax.random.uniform(key, logits.shape[:-1], jnp.float32)
+    return sampling.inverse_cdf(_typical_log_probs(logits, strategy), uniform)
   raise RequestError(f"strategy: expected Greedy, Typical or Sampling, got {strategy!r}")
 
 
@@ -261,12 +257,15 @@ def _walk_match(tree, tokens_BxT, logits_BxTxV, strategy, key):
   internal = np.flatnonzero(~tree.is_leaf)
   slot = np.zeros(tree.num_nodes, np.int64)  # node -> its index among internal nodes
   slot[internal] = np.arange(internal.size)
-  if isinstance(strategy, Greedy):
-    key_y = key_bonus = None
-  else:
-    key_y, key_bonus = jax.random.split(key)
+  b = tokens_BxT.shape[0]
+  logits_BxIxV = logits_BxTxV[:, internal]
   # Only internal nodes need a choice for the walk; a leaf's is drawn if it ends it.
-  y_BxI = choose_root(logits_BxTxV[:, internal], strategy, key_y)
+  if isinstance(strategy, Greedy):
+    y_BxI = jnp.argmax(logits_BxIxV, axis=-1).astype(jnp.int32)
+  else:
+    # One uniform per internal node, plus one for a leaf's bonus.
+    uniform_BxI1 = jax.random.uniform(key, (b, internal.size + 1), jnp.float32)
+    y_BxI = sampling.inverse_cdf(_warp(logits_BxIxV, strategy), uniform_BxI1[:, :-1])
   match_BxT = tokens_BxT[:, 1:] == y_BxI[:, slot[parent[1:]]]
   match_BxT = jnp.concatenate([jnp.ones_like(match_BxT[:, :1]), match_BxT], axis=1)
   # Siblings with equal tokens (only possible for hand-made tree tokens): the
@@ -277,10 +276,17 @@ def _walk_match(tree, tokens_BxT, logits_BxTxV, strategy, key):
   accepted_BxT = _accept_down(tree, match_BxT & ~blocked_BxT)
   best_B = _deepest(tree, accepted_BxT)
   logits_best_BxV = jnp.take_along_axis(logits_BxTxV, best_B[:, None, None], axis=1)[:, 0]
-  fresh_B = choose_root(logits_best_BxV, strategy, key_bonus)
+  if isinstance(strategy, Greedy):
+    fresh_B = jnp.argmax(logits_best_BxV, axis=-1).astype(jnp.int32)
+  else:
+    fresh_B = sampling.inverse_cdf(_warp(logits_best_BxV, strategy), uniform_BxI1[:, -1])
   y_best_B = jnp.take_along_axis(y_BxI, jnp.asarray(slot, jnp.int32)[best_B][:, None], axis=1)[:, 0]
   bonus_B = jnp.where(jnp.asarray(tree.is_leaf)[best_B], fresh_B, y_best_B)
   return best_B, bonus_B
+
+
+def _warp(logits_xV: Array, strategy: Sampling) -> Array:
+  return sampling.warp(logits_xV, strategy.temperature, strategy.top_p)
 
 
 def _walk_typical(tree, tokens_BxT, logits_BxTxV, strategy, key):
@@ -307,6 +313,15 @@ def _walk_typical(tree, tokens_BxT, logits_BxTxV, strategy, key):
   best_B = jnp.argmax(jnp.where(longest_BxT, score_BxT, -jnp.inf), axis=1).astype(jnp.int32)
   logits_best_BxV = jnp.take_along_axis(logits_BxTxV, best_B[:, None, None], axis=1)[:, 0]
   return best_B, choose_root(logits_best_BxV, strategy, key)
+
+
+def _typical_log_probs(logits_xV: Array, strategy: Typical) -> Array:
+  """log p at the strategy's temperature, -inf below the typical threshold."""
+  probs = jax.nn.softmax(logits_xV.astype(jnp.float32) / strategy.temperature, axis=-1)
+  keep = probs >= _typical_threshold(probs, strategy)[..., None]
+  # The argmax always passes when alpha <= 1; keep it in any case.
+  keep = keep | sampling.argmax_mask(probs)
+  return jnp.where(keep, jnp.log(probs), -jnp.inf)
 
 
 def _typical_threshold(probs_xV: Array, strategy: Typical) -> Array:
