@@ -332,6 +332,43 @@ def print_table(info) -> None:
           + " ".join(cells) + "  " + ratio)
 
 
+def plot(info, png_path: str) -> None:
+  """time / floor (copy bandwidth) per loaded-adapter count, one panel each."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  points = info["points"]
+  loaded = sorted({p["loaded"] for p in points})
+  fig, axes = plt.subplots(1, len(loaded), figsize=(4 * len(loaded), 3.6), sharey=True)
+  axes = np.atleast_1d(axes)
+  styles = {"all": "-", "quarter": "--", "one": ":"}
+  colors = {"ragged_dot": "tab:red", "pallas_gpu": "tab:blue", "reference": "tab:gray"}
+  for ax, a in zip(axes, loaded):
+    for which in ("all", "quarter", "one"):
+      want = {"all": a, "quarter": max(1, a // 4), "one": 1}[which]
+      if which != "all" and want == a:
+        continue
+      for backend, color in colors.items():
+        sel = [p for p in points if p["loaded"] == a and p["t_us"].get(backend)
+               and p["active"] == min(want, p["rows"])]
+        if not sel:
+          continue
+        ax.plot([p["rows"] for p in sel], [p["t_us"][backend] / p["floor_us"] for p in sel],
+                styles[which], color=color, marker="o", ms=3,
+                label=f"{backend}, {which} active")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_title(f"{a} adapter(s) loaded")
+    ax.set_xlabel("rows")
+  axes[0].set_ylabel("time / floor (copy bandwidth)")
+  axes[-1].legend(fontsize=6, loc="upper left")
+  fig.suptitle(f"segmented_matmul K={K} M={M} bf16, {info['card']}, JAX {info['jax']},"
+               f" {info['date'][:10]}", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(png_path, dpi=110)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -342,8 +379,14 @@ def main(argv=None) -> int:
                       help="compute the reference backend for checks but do not time it")
   parser.add_argument("--k", type=int, default=K, help="contraction size (smoke tests)")
   parser.add_argument("--m", type=int, default=M, help="output size (smoke tests)")
+  parser.add_argument("--plot-from", help="only plot this JSON (of an earlier run) to --png")
+  parser.add_argument("--png", default="segmented_matmul.png")
   args = parser.parse_args(argv)
   globals().update(K=args.k, M=args.m)
+  if args.plot_from:
+    with open(args.plot_from) as f:
+      plot(json.load(f), args.png)
+    return 0
   info = bench(args)
   print_table(info)
   return 0
