@@ -233,13 +233,18 @@ class HostStats:
     head_accepts: [S, n] int64 steps in which head k's draft was accepted.
     tokens: [S, max_new_tokens] int64 generated ids, -1 after the end.
     wall_s: seconds the host spent generating (compilation included).
+    decode_s: seconds of steady-state decode steps (each call's first step,
+      which compiles, excluded; ``GenerationResult.decode_s``).
+    decode_tokens: tokens those steps emitted.
   """
   prompt_ids: np.ndarray
-  tokens: np.ndarray
   new_tokens: np.ndarray
   steps: np.ndarray
   head_accepts: np.ndarray
+  tokens: np.ndarray
   wall_s: float
+  decode_s: float = 0.0
+  decode_tokens: int = 0
 
 
 def run_host(engine, prompts: Sequence[Any], ids: Sequence[int], cfg: PodEvalConfig,
@@ -252,9 +257,12 @@ def run_host(engine, prompts: Sequence[Any], ids: Sequence[int], cfg: PodEvalCon
                   tokens=np.full((slots, cfg.max_new_tokens), -1, np.int64), wall_s=0.0)
   chat = not cfg.tiny
   t0 = time.perf_counter()
+  decode_s, decode_tokens = 0.0, 0
   for start in range(0, len(prompts), cfg.batch_size):
     res = engine.generate(list(prompts[start:start + cfg.batch_size]),
                           max_new_tokens=cfg.max_new_tokens, speculate=cfg.speculate, chat=chat)
+    decode_s += res.decode_s
+    decode_tokens += res.decode_tokens
     for j, stats in enumerate(res.stats):
       k = start + j
       out.prompt_ids[k] = ids[k]
@@ -263,15 +271,19 @@ def run_host(engine, prompts: Sequence[Any], ids: Sequence[int], cfg: PodEvalCon
       acc = np.asarray(stats.head_accepts[:n], np.int64)
       out.head_accepts[k, :acc.shape[0]] = acc
       out.tokens[k, :len(res.tokens[j])] = res.tokens[j]
-  return dataclasses.replace(out, wall_s=time.perf_counter() - t0)
+  return dataclasses.replace(out, wall_s=time.perf_counter() - t0, decode_s=decode_s,
+                             decode_tokens=decode_tokens)
 
 
 def gather_hosts(stats: HostStats) -> dict[str, np.ndarray]:
-  """Every host's :class:`HostStats`, stacked on a leading [P] axis, on every host."""
+  """Every host's :class:`HostStats`, stacked on a leading [P] axis, on every host.
+
+  The scalars travel as ``timing`` [P, 3]: wall seconds, decode seconds, decode tokens.
+  """
   from jax.experimental import multihost_utils
   local = dict(prompt_ids=stats.prompt_ids, new_tokens=stats.new_tokens, steps=stats.steps,
                head_accepts=stats.head_accepts, tokens=stats.tokens,
-               wall_s=np.asarray([stats.wall_s], np.float64))
+               timing=np.asarray([stats.wall_s, stats.decode_s, stats.decode_tokens], np.float64))
   return {k: np.asarray(v) for k, v in multihost_utils.process_allgather(local).items()}
 
 
@@ -283,13 +295,14 @@ def summarize(gathered: dict[str, np.ndarray], cfg: PodEvalConfig) -> dict[str, 
     tokens = int(gathered["new_tokens"][p][valid].sum())
     steps = int(gathered["steps"][p][valid].sum())
     accepts = gathered["head_accepts"][p][valid].sum(axis=0)
-    wall = float(gathered["wall_s"][p][0])
+    wall, decode_s, decode_tokens = (float(v) for v in gathered["timing"][p])
     hosts.append(dict(
         process=p, prompts=int(valid.sum()), new_tokens=tokens, steps=steps,
         # The prefill's token is not a decode step's (RowStats convention).
         tokens_per_step=(tokens - int(valid.sum())) / steps if steps else None,
         head_acceptance=[float(a) / steps if steps else None for a in accepts],
-        wall_s=wall, tokens_per_s=tokens / wall if wall > 0 else None))
+        wall_s=wall, tokens_per_s=tokens / wall if wall > 0 else None,
+        decode_tokens_per_s=decode_tokens / decode_s if decode_s > 0 else None))
   valid = gathered["prompt_ids"] >= 0
   tokens, steps = int(gathered["new_tokens"][valid].sum()), int(gathered["steps"][valid].sum())
   accepts = gathered["head_accepts"][valid].sum(axis=0)
@@ -303,7 +316,8 @@ def summarize(gathered: dict[str, np.ndarray], cfg: PodEvalConfig) -> dict[str, 
       total=dict(prompts=int(valid.sum()), new_tokens=tokens, steps=steps,
                  tokens_per_step=(tokens - int(valid.sum())) / steps if steps else None,
                  head_acceptance=[float(a) / steps if steps else None for a in accepts],
-                 tokens_per_s=tokens / max(h["wall_s"] for h in hosts)))
+                 tokens_per_s=tokens / max(h["wall_s"] for h in hosts),
+                 decode_tokens_per_s=sum(h["decode_tokens_per_s"] or 0 for h in hosts)))
 
 
 def write_report(summary: dict[str, Any], out_dir: str) -> tuple[str, str]:

@@ -112,7 +112,7 @@ def test_summarize_hand_checked_and_report(tmp_path):
       steps=np.array([[2, 4, 2], [3, 3, 99]]),
       head_accepts=np.array([[[2, 0], [3, 2], [0, 0]], [[3, 1], [0, 0], [9, 9]]]),
       tokens=np.arange(2 * 3 * 9).reshape(2, 3, 9),
-      wall_s=np.array([[2.0], [1.0]]))
+      timing=np.array([[2.0, 1.5, 6.0], [1.0, 0.5, 4.0]]))  # wall, decode_s, decode_tokens
   cfg = pod_eval.PodEvalConfig(tiny=True)
   s = pod_eval.summarize(gathered, cfg)
   h0, h1 = s["hosts"]
@@ -120,12 +120,14 @@ def test_summarize_hand_checked_and_report(tmp_path):
   assert h0["tokens_per_step"] == pytest.approx((17 - 3) / 8)
   assert h0["head_acceptance"] == pytest.approx([5 / 8, 2 / 8])
   assert h0["tokens_per_s"] == pytest.approx(17 / 2.0)
+  assert h0["decode_tokens_per_s"] == pytest.approx(6.0 / 1.5)
   assert (h1["prompts"], h1["new_tokens"], h1["steps"]) == (2, 11, 6)
   assert h1["head_acceptance"] == pytest.approx([3 / 6, 1 / 6])
   t = s["total"]
   assert (t["prompts"], t["new_tokens"], t["steps"]) == (5, 28, 14)
   assert t["tokens_per_step"] == pytest.approx(23 / 14)
   assert t["tokens_per_s"] == pytest.approx(28 / 2.0)
+  assert t["decode_tokens_per_s"] == pytest.approx(4.0 + 8.0)
   assert [r["prompt"] for r in s["per_prompt"]] == [0, 1, 2, 3, 4]
   assert s["per_prompt"][1]["tokens"] == list(range(27, 34))  # host 1 slot 0, 7 tokens
   json_path, png_path = pod_eval.write_report(s, str(tmp_path / "r"))
