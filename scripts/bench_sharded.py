@@ -22,7 +22,6 @@ of the weights) over the copy bandwidth measured in the same run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
