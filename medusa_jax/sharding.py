@@ -52,7 +52,8 @@ from jax.sharding import PartitionSpec as P
 
 from medusa_jax.config import MedusaConfig
 from medusa_jax.errors import MissingTensorError, ShardingError, WeightsNotFoundError
-from medusa_jax.heads import MedusaModel, MedusaV2, speculation_max_batch_size
+from medusa_jax.heads import (HeadsSharding, MedusaModel, MedusaV2,
+                              speculation_max_batch_size)
 
 Array = jax.Array
 LMHead = Callable[[Array], Array]
@@ -133,7 +134,7 @@ class PartitionRules:
   """Partition specs as data: ordered ``(regex, spec)`` pairs.
 
   A parameter's path in an NNX state, joined with ``/`` (e.g.
-  ``medusa/heads/0/out`` or ``layers/3/attn/q_proj/kernel``), takes the spec
+  ``medusa/heads/0/out`` or ``layers/3/self_attn/q_proj/kernel``), takes the spec
   of the first pattern that ``re.search``-matches it; unmatched paths are
   replicated.
   """
@@ -155,6 +156,13 @@ MEDUSA_RULES = PartitionRules(rules=(
     (r"heads/\d+/blocks/\d+/bias$", P(MODEL)),
     (r"heads/\d+/out$", P(None, MODEL)),                 # V1 output projection [H, V]
 ))
+
+# The same V1 layout as a HeadsSharding, for building V1 heads already sharded
+# (``MedusaModel(..., shd=V1_HEADS_SHARDING)`` inside ``jax.set_mesh(mesh)``).
+# V2's fused weight has no such spec: its layout needs the [H, n, H] view
+# (ShardedMedusaV2).
+V1_HEADS_SHARDING = HeadsSharding(block_w_hh=P(None, MODEL), block_b_h=P(MODEL),
+                                  out_w_hv=P(None, MODEL))
 
 # Megatron-style rules for the base Llama ([in, out] kernels). The embedding
 # [V, H] and a separate lm_head [H, V] split over the vocabulary.

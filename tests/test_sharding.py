@@ -324,6 +324,16 @@ def test_v1_sharded_matches_unsharded(data, model):
   assert _rel(spec[:, 1], h @ np.asarray(ref_model.medusa.heads[1].out[...], np.float64)) < 1e-5
 
 
+def test_v1_heads_built_sharded_under_set_mesh():
+  mesh = sh.make_mesh(2, 4)
+  with jax.set_mesh(mesh):
+    model = MedusaModel(_cfg(2, 2), 16, 32, rngs=nnx.Rngs(0), shd=sh.V1_HEADS_SHARDING)
+  head = model.medusa.heads[1]
+  assert head.out[...].sharding.spec == P(None, "model")
+  assert head.blocks[0].kernel[...].sharding.spec == P(None, "model")
+  assert head.blocks[0].bias[...].sharding.spec == P("model")
+
+
 # ------------------------------------------------------------------------- compiles
 
 
