@@ -701,11 +701,13 @@ def test_greedy_generation_sharded_matches_unsharded():
   llama = _tiny_llama(seed=2, num_hidden_layers=1)
   heads = _random_heads(llama, 2, 81)
   prompts = [rng.integers(3, 128, size).tolist() for size in (3, 6)]
+  # Tree speculation: top-k over vocabulary-split draft logits builds the candidates.
   want = Engine(llama, None, heads, max_cache_len=64).generate(
-      prompts, max_new_tokens=6, speculate="chain")
+      prompts, max_new_tokens=6, speculate="tree")
   mesh = sh.make_mesh(1, 8)
   eng = Engine(sh.shard_llama(llama, mesh), None, sh.shard_medusa_model(heads, mesh),
                max_cache_len=64)
-  got = eng.generate(prompts, max_new_tokens=6, speculate="chain")
+  got = eng.generate(prompts, max_new_tokens=6, speculate="tree")
+  assert got.tree_nodes > 3
   assert got.tokens == want.tokens and all(len(t) == 6 for t in got.tokens)
   assert got.steps == want.steps
