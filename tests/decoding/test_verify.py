@@ -398,11 +398,14 @@ def _first_two_tokens(tree, strategy, table, rows, key, context=(2, 4)):
   """
   heads = tree.depth
   table = jnp.asarray(table, jnp.float32)
+  draft_bias = jnp.asarray([[[2.0, 1.0, 0.0, -0.5, -1.0, 1.5]]], jnp.float32)
   parent = np.maximum(tree.parent, 0)
   is_root_1xT = jnp.asarray(tree.parent < 0)[None, :]
 
   def step(prev_B, root_B, k_draft, k_verify):
-    spec = 2.0 * jax.random.normal(k_draft, (rows, heads, VOCAB))
+    # Drafts prefer some tokens over others, as real heads do; with uniform
+    # drafts some biased verifiers would go unnoticed.
+    spec = 2.0 * jax.random.normal(k_draft, (rows, heads, VOCAB)) + draft_bias
     tokens_BxT = vf.tree_candidates(tree, root_B, spec)
     prev_BxT = jnp.where(is_root_1xT, prev_B[:, None], tokens_BxT[:, parent])
     return vf.verify_tree(tree, tokens_BxT, table[prev_BxT, tokens_BxT], strategy, k_verify)
