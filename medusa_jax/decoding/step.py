@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import inspect
 from typing import Any
 
 import flax
@@ -422,6 +423,11 @@ class Decoder:
     self.cfg = llama.cfg
     self.graphs = Graphs(llama=llama_def, heads=heads_def)
     self.params = Params(llama=llama_state, heads=heads_state)
+    # The jitted steps take the parameters as one flat tuple: flattening an
+    # nnx.State costs Python time on every call (about 0.3-1 ms for a
+    # 30-layer model), a tuple of arrays is flattened in C++.
+    leaves, self._params_def = jax.tree.flatten(self.params)
+    self.param_leaves = tuple(leaves)
     self.num_heads = None if heads is None else int(getattr(heads, "num_heads", 0)) or None
     self.trace_counts: collections.Counter = collections.Counter()
     self._prefill_forward = jax.jit(self._counted("prefill", prefill_forward),
@@ -436,14 +442,21 @@ class Decoder:
                           donate_argnames=("state",))
 
   def _counted(self, name, fn):
-    """``fn`` with the graphs bound and a trace counter (jit keeps the signature)."""
+    """``fn(graphs, params, ...)`` as ``f(param_leaves, ...)``, counting its traces."""
     counter = self.trace_counts
+    graphs, params_def = self.graphs, self._params_def
 
     @functools.wraps(fn)
-    def traced(*args, **kwargs):
+    def traced(param_leaves, *args, **kwargs):
       counter[name] += 1  # runs once per trace, never per call
-      return fn(*args, **kwargs)
-    return functools.partial(traced, self.graphs)
+      return fn(graphs, jax.tree.unflatten(params_def, param_leaves), *args, **kwargs)
+    # jit reads the signature for donate/static names: fn's, minus ``graphs``.
+    del traced.__wrapped__
+    sig = inspect.signature(fn)
+    rest = list(sig.parameters.values())[1:]
+    rest[0] = rest[0].replace(name="param_leaves")
+    traced.__signature__ = sig.replace(parameters=rest)
+    return traced
 
   def init_cache(self, batch: int, length: int, dtype):
     """An empty ``KVCache`` of ``batch`` rows and ``length`` slots."""
@@ -455,16 +468,16 @@ class Decoder:
 
     Args and returns as :func:`prefill_forward` then :func:`prefill_start`.
     """
-    cache, x = self._prefill_forward(self.params, cache, prompt, prompt_lens)
-    return self._prefill_start(self.params, cache, x, prompt_lens, max_new, done, rng,
+    cache, x = self._prefill_forward(self.param_leaves, cache, prompt, prompt_lens)
+    return self._prefill_start(self.param_leaves, cache, x, prompt_lens, max_new, done, rng,
                                config=config)
 
   def step(self, state: DecodeState, *, config: StepConfig):
     """A plain or speculative step, by ``config.tree``. DONATES state."""
     if config.tree is None:
-      return self._plain(self.params, state, config=config)
-    return self._spec(self.params, state, config=config)
+      return self._plain(self.param_leaves, state, config=config)
+    return self._spec(self.param_leaves, state, config=config)
 
   def decode_step(self, state: DecodeState):
     """See :func:`decode_step`. DONATES state."""
-    return self._lorax(self.params, state)
+    return self._lorax(self.param_leaves, state)
