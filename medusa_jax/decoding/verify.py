@@ -23,6 +23,7 @@ Strategies:
   token is an exact target sample given its prefix: the output has the
   target's distribution. The bonus at a node that has children is the very
   sample its children failed to match (drawing afresh there would bias it).
+  Samples are drawn by inverse CDF, one uniform number per internal node.
 * :class:`Typical`: FasterDecoding/Medusa's typical acceptance: accept child c
   of u iff p_u(token c) > min(eps, alpha * exp(-H(p_u))) with p_u at the
   strategy's temperature; the longest accepted path wins, ties by the largest
@@ -254,9 +255,7 @@ def verify_tree(tree: TreeBuffers, tree_tokens: Array, logits: Array, strategy: 
 def _walk_match(tree, tokens_BxT, logits_BxTxV, strategy, key):
   """Sample-then-match (or argmax-then-match) walk; returns (best, bonus)."""
   parent = tree.parent
-  internal = np.flatnonzero(~tree.is_leaf)
-  slot = np.zeros(tree.num_nodes, np.int64)  # node -> its index among internal nodes
-  slot[internal] = np.arange(internal.size)
+  internal, slot = _internal_slots(tree)
   b = tokens_BxT.shape[0]
   logits_BxIxV = logits_BxTxV[:, internal]
   # Only internal nodes need a choice for the walk; a leaf's is drawn if it ends it.
@@ -285,6 +284,14 @@ def _walk_match(tree, tokens_BxT, logits_BxTxV, strategy, key):
   return best_B, bonus_B
 
 
+def _internal_slots(tree: TreeBuffers) -> tuple[np.ndarray, np.ndarray]:
+  """Nodes with children, and each node's index among them (0 for leaves)."""
+  internal = np.flatnonzero(~tree.is_leaf)
+  slot = np.zeros(tree.num_nodes, np.int64)
+  slot[internal] = np.arange(internal.size)
+  return internal, slot
+
+
 def _warp(logits_xV: Array, strategy: Sampling) -> Array:
   return sampling.warp(logits_xV, strategy.temperature, strategy.top_p)
 
@@ -292,9 +299,7 @@ def _warp(logits_xV: Array, strategy: Sampling) -> Array:
 def _walk_typical(tree, tokens_BxT, logits_BxTxV, strategy, key):
   """Medusa's typical acceptance walk; returns (best, bonus)."""
   parent = tree.parent
-  internal = np.flatnonzero(~tree.is_leaf)
-  slot = np.zeros(tree.num_nodes, np.int64)
-  slot[internal] = np.arange(internal.size)
+  internal, slot = _internal_slots(tree)
   probs_BxIxV = jax.nn.softmax(
       logits_BxTxV[:, internal].astype(jnp.float32) / strategy.temperature, axis=-1)
   threshold_BxI = _typical_threshold(probs_BxIxV, strategy)
