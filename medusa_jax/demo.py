@@ -34,7 +34,8 @@ def run_demo(num_prompts: int = 4, max_new_tokens: int = 32, batch_size: int | N
     engine: an :class:`~medusa_jax.decoding.engine.Engine` (default:
       ``Engine.load()``: SmolLM2 + bundled heads).
     max_tree_rows: B * T budget of the adaptive tree (default: 16 on CPU,
-      where a verification forward costs about its row count, else 256).
+      where a verification forward costs about its row count, else the
+      engine's default, 64).
     temperature: 0 = greedy (speculation is then lossless: same answers).
     seed: sampling seed.
     log: where lines go (``print``; None = silent).
@@ -51,7 +52,7 @@ def run_demo(num_prompts: int = 4, max_new_tokens: int = 32, batch_size: int | N
   modes = [Speculate.parse(m) for m in speculate]
   if engine is None:
     if max_tree_rows is None:
-      max_tree_rows = 16 if jax.default_backend() == "cpu" else 256
+      max_tree_rows = 16 if jax.default_backend() == "cpu" else 64
     engine = Engine.load(max_cache_len=1024, max_tree_rows=max_tree_rows)
   if engine.heads_notice:
     log(f"NOTE: {engine.heads_notice}")
@@ -117,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="modes to compare: none chain tree (default: none tree)")
   parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
   parser.add_argument("--max-tree-rows", type=int, default=None,
-                      help="B*T budget of the adaptive tree (default: 16 on CPU, else 256)")
+                      help="B*T budget of the adaptive tree (default: 16 on CPU, else 64)")
   parser.add_argument("--json", action="store_true", help="print the results as JSON as well")
   ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
   out = run_demo(ns.prompts, ns.max_new_tokens, ns.batch_size, ns.speculate,

@@ -146,7 +146,7 @@ def _time_forward(dec, cfg, batch, num_nodes, cache_len, dtype, reps):
   if num_nodes == 1:
     tree_mask, depth = np.ones((1, 1), bool), np.zeros((1,), np.int32)
   else:
-    tree = tree_for_batch(1, 4, max_tree_rows=num_nodes)
+    tree = tree_for_batch(1, 4, max_tree_rows=num_nodes)  # the same node count, at batch 1
     tree_mask, depth = tree.attn_mask, tree.node_depth
   rng = np.random.default_rng(1)
   tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, size=(batch, len(depth))), jnp.int32)
@@ -349,7 +349,7 @@ def main(argv=None) -> int:
   p.add_argument("--prompt-len", type=int, default=128)
   p.add_argument("--new-tokens", type=int, default=64, help="engine / HF new tokens")
   p.add_argument("--heads", type=int, default=5, help="Medusa heads (the bundled SmolLM2 adapter has 5)")
-  p.add_argument("--max-tree-rows", type=int, default=256)
+  p.add_argument("--max-tree-rows", type=int, default=64)
   p.add_argument("--dtype", choices=("bf16", "f32"), default="bf16")
   p.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke test)")
   p.add_argument("--only-plain", action="store_true", help="plain and tree steps only")

@@ -165,7 +165,7 @@ class Engine:
   """
 
   def __init__(self, llama, tokenizer=None, medusa=None, *, max_cache_len: int = 2048,
-               cache_dtype=None, max_tree_rows: int = 256, tree_choices=None,
+               cache_dtype=None, max_tree_rows: int = 64, tree_choices=None,
                max_batch_size: int | None = None, heads_notice: str | None = None,
                chat_template=None, eos_ids: Sequence[int] | None = None,
                min_cache_len: int = 64):
@@ -175,7 +175,10 @@ class Engine:
       medusa: ``MedusaWeights``, a ``MedusaModel``, or None (plain decoding only).
       max_cache_len: the largest KV cache (prompt + new tokens + tree nodes).
       cache_dtype: KV cache dtype (default: the model's compute dtype).
-      max_tree_rows: budget B * T of the adaptive tree policy.
+      max_tree_rows: budget B * T of the adaptive tree policy. 64 gives the
+        64-node tree at batch 1, 16 nodes at batch 4 and LoRAX's chain from
+        batch 16 on; on an H100 a 64-node tree at batch 4 cost 2.2x a plain
+        step, more than trained SmolLM2 heads gain (docs/perf_decode.md).
       tree_choices: the best-first path list the adaptive policy cuts trees
         from (None: Medusa's ``mc_sim_7b_63``).
       max_batch_size: LoRAX's speculation guard for ``chain`` (None: the heads'
