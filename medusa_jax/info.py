@@ -1,4 +1,4 @@
-"""What this installation has: cached assets, bundled heads, devices, versions (``medusa-jax info``)."""
+"""What this installation has (``medusa-jax info``): cached assets, heads, devices, versions."""
 
 from __future__ import annotations
 
@@ -41,6 +41,10 @@ def cached_assets(home: str | os.PathLike | None = None) -> dict[str, Any]:
       continue
     out["assets"][name] = {"path": str(path), "present": os.path.exists(path),
                            "bytes": _size(path)}
+  # `medusa-jax train` keeps its work directories (data caches, checkpoints) here by default.
+  runs = paths.home / "training"
+  out["training_runs"] = (sorted(p.name for p in runs.iterdir() if p.is_dir())
+                          if runs.is_dir() else [])
   return out
 
 
@@ -104,6 +108,8 @@ def format_report(report: dict[str, Any]) -> str:
   for name, a in cache["assets"].items():
     state = _human(a["bytes"]) if a["present"] else "missing (run `medusa-jax fetch`)"
     lines.append(f"  {name:18s} {state:>12s}  {a['path']}")
+  if cache["training_runs"]:
+    lines.append(f"  training runs: {', '.join(cache['training_runs'])}")
   heads = report["bundled_heads"]
   if heads["present"] and isinstance(heads["config"], dict):
     c = heads["config"]

@@ -78,6 +78,7 @@ def test_info_json_reports_cache_devices_versions(tmp_path):
   report = json.loads(res.stdout)
   assert report["cache"]["home"] == str(tmp_path)
   assert all(not a["present"] for a in report["cache"]["assets"].values())
+  assert report["cache"]["training_runs"] == []
   assert report["devices"]["backend"] == "cpu" and report["devices"]["count"] >= 1
   for name in ("jax", "flax", "optax", "orbax-checkpoint"):
     assert report["versions"][name]
@@ -88,11 +89,13 @@ def test_info_json_reports_cache_devices_versions(tmp_path):
 def test_info_text_lists_present_assets(tmp_path, capsys):
   (tmp_path / "mtbench").mkdir()
   (tmp_path / "mtbench" / "question.jsonl").write_text("{}\n")
+  (tmp_path / "training" / "smollm2_v2").mkdir(parents=True)
   assert cli.main(["info", "--home", str(tmp_path), "--no-devices"]) == 0
   out = capsys.readouterr().out
   line = next(ln for ln in out.splitlines() if "mtbench_jsonl" in ln)
   assert "3 B" in line and "missing" not in line
   assert "missing (run `medusa-jax fetch`)" in out and "devices:" not in out
+  assert "training runs: smollm2_v2" in out
 
 
 # ----------------------------------------------------------------------------- generate / chat
