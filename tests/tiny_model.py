@@ -70,8 +70,6 @@ def make_tiny_llama_dir(out: str | os.PathLike, *, seed: int = 0, hidden: int = 
 def make_tiny_adapter_dir(out: str | os.PathLike, *, hidden: int = 32, num_heads: int = 3,
                           seed: int = 1, base: str = "tiny-llama") -> str:
   """A LoRAX-layout V2 adapter (config.json + model.safetensors) for the tiny model."""
-  import sys
-  sys.path.insert(0, os.path.dirname(__file__))
   from medusa_files import head_tensors
   from safetensors.numpy import save_file
   out = os.fspath(out)
