@@ -111,7 +111,7 @@ class GenerationResult:
   Attributes:
     tokens: new token ids per request (EOS included when hit; [] on error).
     steps: decode steps per request.
-    texts: decoded texts (None without a tokenizer).
+    texts: decoded texts without special tokens (None without a tokenizer).
     stats: per-request :class:`RowStats` (None on error).
     errors: per-request RequestError, or None.
     speculate: the mode asked for.
@@ -335,13 +335,20 @@ class Engine:
     stats = [self._row_stats(outs[i], config) if i in outs else None for i in range(len(prompts))]
     texts = None
     if self.tokenizer is not None:
-      texts = [self.tokenizer.decode(t) if t else "" for t in tokens]
+      texts = [self._decode(t) if t else "" for t in tokens]
     return GenerationResult(tokens=tokens, steps=[s.steps if s else 0 for s in stats],
                             texts=texts, stats=stats, errors=errors, speculate=mode,
                             tree_nodes=config.num_nodes, speculation_skipped=skipped,
                             wall_s=wall, decode_s=decode_s, decode_tokens=decode_tokens)
 
   # ------------------------------------------------------------------------- internals
+
+  def _decode(self, ids: list[int]) -> str:
+    """Text of new tokens, without special tokens (EOS) when the tokenizer can drop them."""
+    try:
+      return self.tokenizer.decode(ids, skip_special_tokens=True)
+    except TypeError:
+      return self.tokenizer.decode(ids)
 
   @staticmethod
   def _strategy(temperature, top_p, typical):

@@ -254,3 +254,30 @@ def test_stats_are_consistent(tiny):
     assert len(s.head_accepts) == 2 and s.head_accepts[0] >= s.head_accepts[1]
     assert s.wall_s > 0
   assert res.steps == [s.steps for s in res.stats]
+
+
+class _CharTokenizer:
+  """Characters to ids modulo a small vocabulary; enough to drive the string path."""
+
+  def __init__(self, vocab):
+    self.vocab = vocab
+    self.seen = []
+
+  def encode(self, text):
+    self.seen.append(text)
+    return [ord(c) % self.vocab for c in text]
+
+  def decode(self, ids):
+    return "".join(chr(ord("a") + i) for i in ids)
+
+
+def test_string_prompts_use_the_tokenizer_and_chat_template(tiny):
+  llama, heads = tiny
+  tok = _CharTokenizer(llama.cfg.vocab_size)
+  eng = Engine(llama, tok, heads, max_cache_len=256)
+  res = eng.generate(["hi", "hello there"], 3, chat=True)
+  assert "<|im_start|>user\nhi<|im_end|>" in tok.seen[0]
+  assert tok.seen[0].endswith("<|im_start|>assistant\n")
+  by_ids = eng.generate([tok.encode(tok.seen[0]), tok.encode(tok.seen[1])], 3)
+  assert res.tokens == by_ids.tokens
+  assert res.texts == ["".join(chr(ord("a") + i) for i in t) for t in res.tokens]

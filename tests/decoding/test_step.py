@@ -197,3 +197,31 @@ def test_no_recompilation_for_the_same_bucket(tiny):
   assert traced["prefill"] >= 1 and traced["speculative"] >= 1
   run([9, 2, 5])  # other prompt lengths and batch size, same buckets
   assert dict(dec.trace_counts) == traced
+
+
+def test_decode_step_routes_rows_through_batch_medusa_weights(tiny):
+  from medusa_jax.batching import BatchMedusaWeights
+  from medusa_jax.weights import MedusaWeights
+  cfg, llama, heads, _ = tiny
+  other = _heads(cfg, 3, seed=21)
+  weights = {0: MedusaWeights(heads.config, heads), 2: MedusaWeights(other.config, other)}
+  adapter_ids = [2, 0, 2]
+  batch = BatchMedusaWeights.load(weights, adapter_ids, backend="reference")
+  dec = Decoder(llama, batch)
+  rng = np.random.default_rng(8)
+  rows = len(adapter_ids)
+  state = step_mod.DecodeState(
+      cache=dec.init_cache(rows, CACHE, jnp.float32), lengths=jnp.zeros((rows,), jnp.int32),
+      tokens=jnp.asarray(rng.integers(3, cfg.vocab_size, size=(rows, 1)), jnp.int32),
+      generated=jnp.zeros((rows,), jnp.int32), max_new=jnp.full((rows,), 4, jnp.int32),
+      done=jnp.zeros((rows,), bool), rng=jax.random.PRNGKey(0))
+  fed = np.asarray(state.tokens[:, 0])
+  logits, draft, _ = dec.decode_step(state)
+  for b, adapter in enumerate(adapter_ids):
+    hidden, _, _ = _forward_all(llama, [int(fed[b])])
+    own = other if adapter == 2 else heads
+    want_logits, want_draft = own(hidden[-1:], llama.lm_head)
+    np.testing.assert_allclose(np.asarray(logits[b]), np.asarray(want_logits[0]),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(draft[b]), np.asarray(want_draft[0]),
+                               rtol=1e-5, atol=1e-5)
