@@ -24,7 +24,6 @@ Quick CPU check: ``python scripts/bench_decode.py --tiny --batches 1 2 --steps 4
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform

@@ -443,40 +443,42 @@ class Engine:
     state, pending = dec.prefill(cache, jnp.asarray(prompt), jnp.asarray(lens),
                                  jnp.asarray(budget), jnp.asarray(pad),
                                  jax.random.PRNGKey(seed), config=config)
-    outs = {r.index: dict(tokens=[], steps=0, hist=[0] * config.width, finished=None)
-            for r in valid}
-    index_of = [r.index for r in valid]
-    is_prefill = True
-    steps_seen = 0
+    n = len(valid)
+    outputs = []      # host copies of every step's StepOutput (prefill first)
+    finished = np.full((n,), np.nan)
     decode_t0, decode_tokens = None, 0
     # Dispatch step k+1 before reading step k's output, so the host read overlaps
-    # device work; finished rows make the extra step a no-op.
-    for _ in range(max(r.max_new for r in valid) + 1):
+    # device work; finished rows make the extra step a no-op. The per-step host
+    # work is a few vectorised NumPy operations, whatever the batch size.
+    for k in range(max(r.max_new for r in valid) + 1):
       state, nxt = dec.step(state, config=config)
       host = jax.device_get(pending)
       now = time.perf_counter()
-      for b, i in enumerate(index_of):
-        o = outs[i]
-        if not host.active[b]:
-          continue
-        c = int(host.count[b])
-        o["tokens"].extend(int(t) for t in host.tokens[b, :c])
-        if not is_prefill:
-          o["steps"] += 1
-          o["hist"][int(host.accept_len[b])] += 1
-          if steps_seen >= 2:
-            decode_tokens += c
-        if host.done[b] and o["finished"] is None:
-          o["finished"] = now - t_start
-      if not is_prefill:
-        steps_seen += 1
-        if steps_seen == 1:
-          decode_t0 = now  # the first step paid for compilation
-      is_prefill = False
-      if bool(np.all(host.done[:len(valid)])):
+      outputs.append(host)
+      newly_done = host.done[:n] & np.isnan(finished)
+      finished[newly_done] = now - t_start
+      if k == 1:
+        decode_t0 = now  # the first decode step paid for its compilation
+      elif k > 1:
+        decode_tokens += int(host.count[:n].sum())
+      if bool(np.all(host.done[:n])):
         break
       pending = nxt
     decode_s = (time.perf_counter() - decode_t0) if decode_t0 is not None else 0.0
+
+    tokens_SxBxW = np.stack([np.pad(o.tokens[:n], ((0, 0), (0, config.width - o.tokens.shape[1])),
+                                    constant_values=-1) for o in outputs])
+    count_SxB = np.stack([o.count[:n] for o in outputs])
+    active_SxB = np.stack([o.active[:n] for o in outputs])
+    accept_SxB = np.stack([o.accept_len[:n] for o in outputs])
+    outs = {}
+    for b, r in enumerate(valid):
+      emitted = [tokens_SxBxW[s, b, :count_SxB[s, b]] for s in range(len(outputs))]
+      steps_b = active_SxB[1:, b]  # decode steps the row took part in
+      hist = np.bincount(accept_SxB[1:, b][steps_b], minlength=config.width)
+      outs[r.index] = dict(tokens=[int(t) for t in np.concatenate(emitted)],
+                           steps=int(steps_b.sum()), hist=[int(h) for h in hist],
+                           finished=None if np.isnan(finished[b]) else float(finished[b]))
     return outs, decode_s, decode_tokens
 
   @staticmethod

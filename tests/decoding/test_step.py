@@ -9,7 +9,7 @@ from flax import nnx
 from medusa_jax.config import MedusaConfig
 from medusa_jax.decoding import step as step_mod
 from medusa_jax.decoding.step import Decoder, StepConfig
-from medusa_jax.decoding.tree import build_tree, chain_choices
+from medusa_jax.decoding.tree import build_tree
 from medusa_jax.decoding.verify import Greedy
 from medusa_jax.heads import MedusaModel
 from medusa_jax.models.llama import KVCache, Llama, LlamaConfig, causal_mask
