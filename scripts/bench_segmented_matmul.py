@@ -74,6 +74,60 @@ def read_bandwidth() -> float:
   return n * 2 / t
 
 
+def _in_graph(fn, xs, rest, iters=64, repeats=5):
+  """Per-call time with the calls inside one jitted fori_loop (no host dispatch per call)."""
+  xs_stack = jnp.stack(xs)
+
+  @jax.jit
+  def loop(xs_stack, *rest):
+    def body(i, acc):
+      y = fn(xs_stack[i % xs_stack.shape[0]], *rest)
+      return acc + y[0, 0].astype(jnp.float32)
+    return jax.lax.fori_loop(0, iters, body, jnp.float32(0))
+
+  jax.block_until_ready(loop(xs_stack, *rest))
+  samples = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(loop(xs_stack, *rest))
+    samples.append((time.perf_counter() - t0) / iters)
+  return statistics.median(samples)
+
+
+IN_GRAPH_POINTS = ((1, 1, 1), (1, 32, 1), (8, 8, 8), (8, 32, 1), (32, 1, 1), (32, 32, 8),
+                   (256, 1, 1), (256, 32, 32))
+
+
+def in_graph(rng, copy_bw) -> list[dict]:
+  """Small points timed in-graph, to separate GPU time from per-call host dispatch."""
+  out = []
+  for n_rows, num_adapters, active in IN_GRAPH_POINTS:
+    w = _weights(num_adapters, seed=11)
+    row_adapter, active = _layout(rng, n_rows, num_adapters, active)
+    segs = tuple(row_segments(jnp.asarray(row_adapter)))
+    xs = [jax.random.normal(jax.random.key(400 + i), (n_rows, K), jnp.bfloat16)
+          for i in range(4)]
+    rec = dict(rows=n_rows, loaded=num_adapters, active=active,
+               floor_us=(active * K * M * 2 + n_rows * (K + M) * 2) / copy_bw * 1e6, t_us={})
+    for backend in ("ragged_dot", "pallas_gpu"):
+      fn = lambda x, w, a, b_, c, backend=backend: segmented_matmul(x, w, None, a, b_, c,
+                                                                    backend=backend)
+      try:
+        rec["t_us"][backend] = _in_graph(fn, xs, (w,) + segs) * 1e6
+      except Exception as e:
+        rec["t_us"][backend] = None
+        print("in-graph failed", backend, repr(e)[:300], flush=True)
+    if num_adapters == 1:
+      dense = lambda x, w: jnp.matmul(x, w[0], preferred_element_type=jnp.float32).astype(x.dtype)
+      rec["t_us"]["xla_dense"] = _in_graph(dense, xs, (w,)) * 1e6
+    print("in-graph", {k: (round(v, 1) if isinstance(v, float) else v) for k, v in rec.items()
+                       if k != "t_us"}, {k: v and round(v, 1) for k, v in rec["t_us"].items()},
+          flush=True)
+    out.append(rec)
+    del w
+  return out
+
+
 def _np_reference(x, w, b, s_start, s_end, seg_weight, resblock):
   n_rows, k = x.shape
   num_adapters, _, m = w.shape
@@ -169,6 +223,10 @@ def bench(args) -> dict:
   print(json.dumps(info), flush=True)
   info["copy_bw"] = copy_bandwidth()
   info["read_bw"] = read_bandwidth()
+  if args.in_graph_only:
+    info["in_graph"] = in_graph(np.random.default_rng(2), info["copy_bw"])
+    _dump(args.out, info, [])
+    return info
   print(f"copy bandwidth: {info['copy_bw'] / 1e12:.3f} TB/s, read bandwidth:"
         f" {info['read_bw'] / 1e12:.3f} TB/s", flush=True)
   info["small_checks"] = check_small(BACKENDS + ("pallas_tpu",))
@@ -379,6 +437,8 @@ def main(argv=None) -> int:
                       help="compute the reference backend for checks but do not time it")
   parser.add_argument("--k", type=int, default=K, help="contraction size (smoke tests)")
   parser.add_argument("--m", type=int, default=M, help="output size (smoke tests)")
+  parser.add_argument("--in-graph-only", action="store_true",
+                      help="only time a few small points inside one jitted loop")
   parser.add_argument("--plot-from", help="only plot this JSON (of an earlier run) to --png")
   parser.add_argument("--png", default="segmented_matmul.png")
   args = parser.parse_args(argv)
@@ -388,7 +448,8 @@ def main(argv=None) -> int:
       plot(json.load(f), args.png)
     return 0
   info = bench(args)
-  print_table(info)
+  if not args.in_graph_only:
+    print_table(info)
   return 0
 
 

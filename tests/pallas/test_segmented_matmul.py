@@ -257,7 +257,8 @@ def test_kernel_block_size_errors():
 
 def test_block_size_heuristics():
   assert pallas_gpu.BlockSizes.for_shape(1, 1, 4096, 16384).block_m == 16
-  assert pallas_gpu.BlockSizes.for_shape(256, 1, 4096, 16384).block_m == 64
+  assert pallas_gpu.BlockSizes.for_shape(128, 1, 4096, 16384).block_m == 64
+  assert pallas_gpu.BlockSizes.for_shape(256, 1, 4096, 16384).block_m == 128
   assert pallas_gpu.BlockSizes.for_shape(8, 32, 4096, 16384).block_m == 16
-  assert pallas_gpu.BlockSizes.for_shape(256, 32, 4096, 16384).block_m == 64
+  assert pallas_gpu.BlockSizes.for_shape(256, 32, 4096, 16384).num_warps == 8
   assert pallas_tpu.BlockSizes.for_shape(256, 1, 4096, 16384).block_m == 128
