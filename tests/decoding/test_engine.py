@@ -281,3 +281,17 @@ def test_string_prompts_use_the_tokenizer_and_chat_template(tiny):
   by_ids = eng.generate([tok.encode(tok.seen[0]), tok.encode(tok.seen[1])], 3)
   assert res.tokens == by_ids.tokens
   assert res.texts == ["".join(chr(ord("a") + i) for i in t) for t in res.tokens]
+
+
+def test_typical_acceptance_runs_and_stays_in_vocab(tiny):
+  llama, heads = tiny
+  eng = Engine(llama, None, heads, max_cache_len=32)
+  rng = np.random.default_rng(4)
+  prompts = [list(rng.integers(0, 8, size=n)) for n in (3, 6)]
+  res = eng.generate(prompts, 8, speculate="tree", tree=SMALL_TREE, temperature=0.7,
+                     typical=True, seed=3)
+  assert all(len(t) == 8 and all(0 <= x < 8 for x in t) for t in res.tokens)
+  again = eng.generate(prompts, 8, speculate="tree", tree=SMALL_TREE, temperature=0.7,
+                       typical=True, seed=3)
+  assert again.tokens == res.tokens  # seeded
+  assert sum(sum(s.head_accepts) for s in res.stats) > 0
