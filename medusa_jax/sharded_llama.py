@@ -18,7 +18,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from medusa_jax.errors import MissingTensorError, ShardingError
+from medusa_jax.errors import ShardingError
+from medusa_jax.models.llama_config import LlamaConfig
+from medusa_jax.models.llama_weights import abstract_llama, open_checkpoint
 from medusa_jax.partitioning import (MODEL, PartitionRules, axis_size, path_str, place,
                                      rows_axis, shard_state)
 
@@ -33,7 +35,7 @@ LLAMA_RULES = PartitionRules(rules=(
 ))
 
 
-def llama_rules(cfg: Any, mesh: Mesh) -> PartitionRules:
+def llama_rules(cfg: LlamaConfig, mesh: Mesh) -> PartitionRules:
   """Megatron rules for a ``LlamaConfig`` on ``mesh``.
 
   Query heads split over ``model`` (whole heads per device). With fewer kv
@@ -52,13 +54,13 @@ def llama_rules(cfg: Any, mesh: Mesh) -> PartitionRules:
   return PartitionRules(rules=((r"(k_proj|v_proj)(/kernel|/bias)?$", P()),) + LLAMA_RULES.rules)
 
 
-def cache_spec(cfg: Any, batch: int, mesh: Mesh) -> P:
+def cache_spec(cfg: LlamaConfig, batch: int, mesh: Mesh) -> P:
   """Spec of one [B, L, G, D] KV-cache buffer: rows over ``data``, kv heads over ``model``."""
   heads = MODEL if cfg.num_key_value_heads % axis_size(mesh, MODEL) == 0 else None
   return P(rows_axis(batch, mesh), None, heads, None)
 
 
-def shard_cache(cache: Any, cfg: Any, mesh: Mesh) -> Any:
+def shard_cache(cache: Any, cfg: LlamaConfig, mesh: Mesh) -> Any:
   """A ``KVCache`` placed by :func:`cache_spec` (every buffer, every layer)."""
   spec = cache_spec(cfg, cache.k[0].shape[0], mesh)
   return jax.device_put(cache, NamedSharding(mesh, spec))
@@ -74,36 +76,21 @@ def load_llama_sharded(model_dir: str | os.PathLike, mesh: Mesh, *, dtype=jnp.fl
                        param_dtype=None) -> nnx.Module:
   """Loads a Hugging Face Llama checkpoint straight onto ``mesh``.
 
-  Like ``models.llama.load_llama``, but each device reads only its block of
-  each tensor (``get_slice``), so no weight is ever whole on one device.
+  Like :func:`~medusa_jax.models.llama_weights.load_llama`, with the same
+  checks, but each device reads only its block of each tensor (``get_slice``),
+  so no weight is ever whole on one device.
 
   Raises:
-    MissingTensorError: a tensor the model needs is absent.
+    ConfigError, WeightsNotFoundError, MissingTensorError, TensorShapeError,
+    CorruptWeightsError: as ``load_llama``.
     ShardingError: a size does not divide its mesh axis.
   """
-  from safetensors import safe_open
-  from medusa_jax.models import llama as llama_mod
-
-  model_dir = os.fspath(model_dir)
   param_dtype = dtype if param_dtype is None else param_dtype
-  cfg = llama_mod.LlamaConfig.from_hf(model_dir)
+  cfg = LlamaConfig.from_hf(model_dir)
   rules = llama_rules(cfg, mesh)
-  abstract = nnx.eval_shape(lambda: llama_mod.Llama(cfg, rngs=nnx.Rngs(0), dtype=dtype,
-                                                    param_dtype=param_dtype))
-  handles = [safe_open(f, framework="numpy") for f in llama_mod._weight_files(model_dir)]
-  where = {key: h for h in handles for key in h.keys()}
-  by_path = {path: (name, transpose) for name, (path, transpose)
-             in llama_mod._hf_names(cfg).items()}
-  for path, (name, transpose) in by_path.items():
-    if name not in where:
-      raise MissingTensorError(f"{model_dir}: missing tensor {name}")
-    param = llama_mod._get_path(abstract, path)
-    shape = tuple(param.get_value().shape)
-    tensor = where[name].get_slice(name)
-
-    def read(index, tensor=tensor, transpose=transpose):
-      return tensor[tuple(reversed(index))].T if transpose else tensor[index]
-
-    spec = rules.spec(path_str(path))
-    param.set_value(place(read, spec, mesh, shape=shape, dtype=param_dtype, what=name))
-  return abstract
+  model = abstract_llama(cfg, dtype=dtype, param_dtype=param_dtype)
+  with open_checkpoint(model_dir, model) as tensors:
+    for t in tensors:
+      t.param.set_value(place(t.read, rules.spec(path_str(t.path)), mesh, shape=t.shape,
+                              dtype=param_dtype, what=t.name))
+  return model

@@ -16,7 +16,8 @@ from jax.sharding import PartitionSpec as P
 
 from medusa_jax import sharding as sh
 from medusa_jax.config import MedusaConfig
-from medusa_jax.errors import MissingTensorError, SegmentError, ShardingError, WeightsNotFoundError
+from medusa_jax.errors import (MissingTensorError, SegmentError, ShardingError,
+                               TensorShapeError, WeightsNotFoundError)
 from medusa_jax.heads import MedusaModel
 from medusa_jax.pallas import segmented_matmul
 
@@ -624,18 +625,24 @@ def test_load_llama_sharded(tmp_path):
             rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
             tie_word_embeddings=True, max_position_embeddings=256, eos_token_id=2)
   (tmp_path / "config.json").write_text(json.dumps(hf))
-  from medusa_jax.models.llama import _hf_names, _get_path
+  from medusa_jax.models.llama_weights import hf_param_names, param_at
   tensors = {}
-  for name, (path, transpose) in _hf_names(cfg).items():
-    value = np.asarray(_get_path(llama, path)[...])
+  for name, (path, transpose) in hf_param_names(cfg).items():
+    value = np.asarray(param_at(llama, path)[...])
     tensors[name] = np.ascontiguousarray(value.T if transpose else value)
   save_file(tensors, str(tmp_path / "model.safetensors"))
   mesh = sh.make_mesh(2, 4)
   loaded = sh.load_llama_sharded(tmp_path, mesh)
   assert loaded.layers[0].self_attn.o_proj.kernel[...].sharding.spec == P("model", None)
-  for name, (path, _) in _hf_names(cfg).items():
-    np.testing.assert_array_equal(np.asarray(_get_path(loaded, path)[...]),
-                                  np.asarray(_get_path(llama, path)[...]), err_msg=name)
+  for name, (path, _) in hf_param_names(cfg).items():
+    np.testing.assert_array_equal(np.asarray(param_at(loaded, path)[...]),
+                                  np.asarray(param_at(llama, path)[...]), err_msg=name)
+  bad = dict(tensors)
+  bad["model.layers.0.mlp.up_proj.weight"] = bad["model.layers.0.mlp.up_proj.weight"][:, :8]
+  save_file(bad, str(tmp_path / "model.safetensors"))
+  with pytest.raises(TensorShapeError, match=r"up_proj.weight: expected shape \(64, 32\), got "
+                                             r"\(64, 8\)"):
+    sh.load_llama_sharded(tmp_path, mesh)
   del tensors["model.norm.weight"]
   save_file(tensors, str(tmp_path / "model.safetensors"))
   with pytest.raises(MissingTensorError, match="missing tensor model.norm.weight"):

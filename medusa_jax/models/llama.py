@@ -23,13 +23,14 @@ the caller keeps rows in range.
 
 Numerics: matmuls take ``dtype`` operands (f32 or bf16) and accumulate in f32;
 RMSNorm, RoPE and the softmax run in f32; logits are f32.
+
+Checkpoints load through :mod:`medusa_jax.models.llama_weights` (``load_llama``,
+also reachable from here).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from typing import Any
 
 import flax
@@ -38,8 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from medusa_jax.errors import (ConfigError, CorruptWeightsError, MissingTensorError,
-                               RequestError, TensorShapeError, WeightsNotFoundError)
+from medusa_jax.errors import ConfigError, RequestError
 from medusa_jax.models.llama_config import LlamaConfig, RopeScaling, RopeType, rope_inv_freq
 
 __all__ = ["KVCache", "Llama", "LlamaConfig", "RopeScaling", "RopeType", "causal_mask",
@@ -339,107 +339,10 @@ class Llama(nnx.Module):
     return self.norm(x_BxTxH), KVCache(k=tuple(ks), v=tuple(vs))
 
 
-# --------------------------------------------------------------------------- loading
-
-
-def _hf_names(cfg: LlamaConfig) -> dict[str, tuple[tuple[Any, ...], bool]]:
-  """HF tensor name -> (path of the nnx.Param in Llama, transpose?)."""
-  names: dict[str, tuple[tuple[Any, ...], bool]] = {
-      "model.embed_tokens.weight": (("embed_tokens",), False),
-      "model.norm.weight": (("norm", "weight"), False),
-  }
-  if not cfg.tie_word_embeddings:
-    names["lm_head.weight"] = (("lm_head_kernel",), True)
-  for i in range(cfg.num_hidden_layers):
-    p = f"model.layers.{i}."
-    for mod, proj in (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
-                      ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"),
-                      ("mlp", "down_proj")):
-      names[f"{p}{mod}.{proj}.weight"] = (("layers", i, mod, proj, "kernel"), True)
-    for norm in ("input_layernorm", "post_attention_layernorm"):
-      names[f"{p}{norm}.weight"] = (("layers", i, norm, "weight"), False)
-  return names
-
-
-def _weight_files(model_dir: str) -> list[str]:
-  index = os.path.join(model_dir, "model.safetensors.index.json")
-  if os.path.exists(index):
-    try:
-      with open(index, encoding="utf-8") as f:
-        weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-      raise CorruptWeightsError(f"{index}: expected a JSON object with 'weight_map' ({e})") from None
-    return [os.path.join(model_dir, name) for name in sorted(set(weight_map.values()))]
-  single = os.path.join(model_dir, "model.safetensors")
-  if os.path.exists(single):
-    return [single]
-  files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
-  if not files:
-    raise WeightsNotFoundError(f"{model_dir}: expected model.safetensors or "
-                               "model.safetensors.index.json, found no .safetensors file")
-  return [os.path.join(model_dir, f) for f in files]
-
-
-def _get_path(module: Any, path: tuple[Any, ...]) -> nnx.Param:
-  obj = module
-  for key in path:
-    obj = obj[key] if isinstance(key, int) else getattr(obj, key)
-  return obj
-
-
-def load_llama(model_dir: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None) -> Llama:
-  """Loads a Hugging Face Llama checkpoint (``config.json`` + safetensors).
-
-  Sharded checkpoints (``model.safetensors.index.json``) are supported. Torch
-  ``[out, in]`` weights are transposed to ``[in, out]`` kernels.
-
-  Args:
-    model_dir: directory holding ``config.json`` and the safetensors file(s).
-    dtype: compute dtype.
-    param_dtype: storage dtype of the parameters (default: ``dtype``).
-
-  Raises:
-    ConfigError: bad or unsupported ``config.json``.
-    WeightsNotFoundError: no safetensors file.
-    MissingTensorError: a tensor the model needs is absent (named).
-    TensorShapeError: a tensor has the wrong shape (named, with both shapes).
-    CorruptWeightsError: a file cannot be read.
-  """
-  from safetensors import safe_open
-
-  model_dir = os.fspath(model_dir)
-  param_dtype = dtype if param_dtype is None else param_dtype
-  cfg = LlamaConfig.from_hf(model_dir)
-  model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=dtype,
-                                       param_dtype=param_dtype))
-  wanted = _hf_names(cfg)
-  found: set[str] = set()
-  np_dtype = np.dtype(jnp.dtype(param_dtype))
-  for path in _weight_files(model_dir):
-    try:
-      handle = safe_open(path, framework="numpy")
-    except Exception as e:  # safetensors raises its own error types
-      raise CorruptWeightsError(f"{path}: cannot read safetensors ({e})") from None
-    with handle as f:
-      for name in f.keys():
-        if name not in wanted or name in found:
-          continue
-        target, transpose = wanted[name]
-        param = _get_path(model, target)
-        try:
-          arr = f.get_tensor(name)
-        except Exception as e:
-          raise CorruptWeightsError(f"{path}: tensor {name} cannot be read ({e})") from None
-        if transpose:
-          arr = arr.T
-        if arr.shape != tuple(param.get_value().shape):
-          got = arr.T.shape if transpose else arr.shape
-          want = tuple(reversed(param.get_value().shape)) if transpose else tuple(param.get_value().shape)
-          raise TensorShapeError(f"{path}: {name}: expected shape {want}, got {got}")
-        param.set_value(jnp.asarray(np.ascontiguousarray(arr, dtype=np_dtype)))
-        found.add(name)
-  missing = sorted(set(wanted) - found, key=lambda n: (len(n), n))
-  if missing:
-    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-    raise MissingTensorError(f"{model_dir}: missing tensor {missing[0]}{more}")
-  return model
+def __getattr__(name: str) -> Any:
+  # load_llama lives in llama_weights, which imports this module; resolving it
+  # lazily keeps ``from medusa_jax.models.llama import load_llama`` working.
+  if name == "load_llama":
+    from medusa_jax.models.llama_weights import load_llama
+    return load_llama
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

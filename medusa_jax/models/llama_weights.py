@@ -1,0 +1,203 @@
+"""Hugging Face Llama checkpoints: files, tensor names, checked reads, loading.
+
+A checkpoint directory holds ``config.json`` and ``model.safetensors`` (or
+shards listed by ``model.safetensors.index.json``). Tensors are torch
+``[out, in]``; the model's kernels are ``[in, out]``, so projections are
+transposed on the way in. :func:`open_checkpoint` pairs every parameter of a
+(shape-only) :class:`~medusa_jax.models.llama.Llama` with its tensor and checks
+the shapes before any data is read; reads are whole (:func:`load_llama`) or
+block by block (``medusa_jax.sharded_llama.load_llama_sharded``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from typing import Any, Iterator
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from medusa_jax.errors import (CorruptWeightsError, MissingTensorError, TensorShapeError,
+                               WeightsNotFoundError)
+from medusa_jax.models.llama import Llama
+from medusa_jax.models.llama_config import LlamaConfig
+
+ParamPath = tuple[Any, ...]  # attribute names and layer indices, e.g. ("layers", 0, "mlp", ...)
+Index = tuple[slice, ...]
+
+INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def weight_files(model_dir: str | os.PathLike) -> list[str]:
+  """The safetensors files of a checkpoint directory, in a stable order.
+
+  The shards named by ``model.safetensors.index.json`` when it exists, else
+  ``model.safetensors``, else every ``*.safetensors`` file.
+
+  Raises:
+    CorruptWeightsError: the index is not JSON with a ``weight_map``.
+    WeightsNotFoundError: no safetensors file.
+  """
+  model_dir = os.fspath(model_dir)
+  index = os.path.join(model_dir, INDEX_NAME)
+  if os.path.exists(index):
+    try:
+      with open(index, encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise CorruptWeightsError(f"{index}: expected a JSON object with 'weight_map' ({e})") from None
+    return [os.path.join(model_dir, name) for name in sorted(set(weight_map.values()))]
+  single = os.path.join(model_dir, WEIGHTS_NAME)
+  if os.path.exists(single):
+    return [single]
+  files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+  if not files:
+    raise WeightsNotFoundError(f"{model_dir}: expected {WEIGHTS_NAME} or {INDEX_NAME}, found"
+                               " no .safetensors file")
+  return [os.path.join(model_dir, f) for f in files]
+
+
+def hf_param_names(cfg: LlamaConfig) -> dict[str, tuple[ParamPath, bool]]:
+  """Hugging Face tensor name -> (path of the ``nnx.Param`` in :class:`Llama`, transposed?).
+
+  A transposed tensor is a torch ``[out, in]`` weight of an ``[in, out]`` kernel.
+  """
+  names: dict[str, tuple[ParamPath, bool]] = {
+      "model.embed_tokens.weight": (("embed_tokens",), False),
+      "model.norm.weight": (("norm", "weight"), False),
+  }
+  if not cfg.tie_word_embeddings:
+    names["lm_head.weight"] = (("lm_head_kernel",), True)
+  for i in range(cfg.num_hidden_layers):
+    p = f"model.layers.{i}."
+    for mod, proj in (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
+                      ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"),
+                      ("mlp", "down_proj")):
+      names[f"{p}{mod}.{proj}.weight"] = (("layers", i, mod, proj, "kernel"), True)
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+      names[f"{p}{norm}.weight"] = (("layers", i, norm, "weight"), False)
+  return names
+
+
+def param_at(module: nnx.Module, path: ParamPath) -> nnx.Param:
+  """The parameter at ``path`` (from :func:`hf_param_names`) of ``module``."""
+  obj = module
+  for key in path:
+    obj = obj[key] if isinstance(key, int) else getattr(obj, key)
+  return obj
+
+
+def abstract_llama(cfg: LlamaConfig, *, dtype=jnp.float32, param_dtype=None) -> Llama:
+  """A :class:`Llama` with shape-only parameters, to be filled with ``set_value``."""
+  param_dtype = dtype if param_dtype is None else param_dtype
+  return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=dtype,
+                                      param_dtype=param_dtype))
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointTensor:
+  """One checkpoint tensor matched to its parameter; valid inside :func:`open_checkpoint`.
+
+  Attributes:
+    name: the Hugging Face tensor name.
+    file: the safetensors file holding it.
+    path: the parameter's path in the model (see :func:`hf_param_names`).
+    param: the parameter it fills.
+    shape: the parameter's shape (``[in, out]`` for a transposed kernel).
+    transpose: the file holds the ``[out, in]`` transpose.
+  """
+  name: str
+  file: str
+  path: ParamPath
+  param: nnx.Param
+  shape: tuple[int, ...]
+  transpose: bool
+  _handle: Any
+
+  def read(self, index: Index | None = None) -> np.ndarray:
+    """The block ``index`` of the parameter (all of it for None), in its layout."""
+    try:
+      if index is None:
+        array = self._handle.get_tensor(self.name)
+        return array.T if self.transpose else array
+      block = self._handle.get_slice(self.name)
+      return block[tuple(reversed(index))].T if self.transpose else block[index]
+    except Exception as e:  # safetensors raises its own error types
+      raise CorruptWeightsError(f"{self.file}: tensor {self.name} cannot be read ({e})") from None
+
+
+@contextlib.contextmanager
+def open_checkpoint(model_dir: str | os.PathLike, model: Llama) -> Iterator[list[CheckpointTensor]]:
+  """Every parameter of ``model`` paired with its checkpoint tensor, shapes checked.
+
+  The files stay open (and the tensors readable) inside the ``with`` block.
+  A name present in several files is taken from the first.
+
+  Raises:
+    WeightsNotFoundError: no safetensors file.
+    CorruptWeightsError: a file cannot be opened.
+    MissingTensorError: a tensor the model needs is absent (named).
+    TensorShapeError: a tensor has the wrong shape (named, with both shapes).
+  """
+  from safetensors import safe_open
+
+  model_dir = os.fspath(model_dir)
+  wanted = hf_param_names(model.cfg)
+  found: dict[str, CheckpointTensor] = {}
+  with contextlib.ExitStack() as stack:
+    for path in weight_files(model_dir):
+      try:
+        handle = stack.enter_context(safe_open(path, framework="numpy"))
+        names = list(handle.keys())
+      except Exception as e:  # safetensors raises its own error types
+        raise CorruptWeightsError(f"{path}: cannot read safetensors ({e})") from None
+      for name in names:
+        if name not in wanted or name in found:
+          continue
+        param_path, transpose = wanted[name]
+        param = param_at(model, param_path)
+        shape = tuple(param.get_value().shape)
+        got = tuple(handle.get_slice(name).get_shape())
+        want = tuple(reversed(shape)) if transpose else shape
+        if got != want:
+          raise TensorShapeError(f"{path}: {name}: expected shape {want}, got {got}")
+        found[name] = CheckpointTensor(name=name, file=path, path=param_path, param=param,
+                                       shape=shape, transpose=transpose, _handle=handle)
+    missing = sorted(set(wanted) - set(found), key=lambda n: (len(n), n))
+    if missing:
+      more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+      raise MissingTensorError(f"{model_dir}: missing tensor {missing[0]}{more}")
+    yield list(found.values())
+
+
+def load_llama(model_dir: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None) -> Llama:
+  """Loads a Hugging Face Llama checkpoint (``config.json`` + safetensors).
+
+  Sharded checkpoints (``model.safetensors.index.json``) are supported. Torch
+  ``[out, in]`` weights are transposed to ``[in, out]`` kernels. To load onto a
+  device mesh, see ``medusa_jax.sharding.load_llama_sharded``.
+
+  Args:
+    model_dir: directory holding ``config.json`` and the safetensors file(s).
+    dtype: compute dtype.
+    param_dtype: storage dtype of the parameters (default: ``dtype``).
+
+  Raises:
+    ConfigError: bad or unsupported ``config.json``.
+    WeightsNotFoundError: no safetensors file.
+    MissingTensorError: a tensor the model needs is absent (named).
+    TensorShapeError: a tensor has the wrong shape (named, with both shapes).
+    CorruptWeightsError: a file cannot be read.
+  """
+  param_dtype = dtype if param_dtype is None else param_dtype
+  model = abstract_llama(LlamaConfig.from_hf(model_dir), dtype=dtype, param_dtype=param_dtype)
+  np_dtype = np.dtype(jnp.dtype(param_dtype))
+  with open_checkpoint(model_dir, model) as tensors:
+    for t in tensors:
+      t.param.set_value(jnp.asarray(np.ascontiguousarray(t.read(), dtype=np_dtype)))
+  return model
