@@ -154,15 +154,27 @@ class AdapterLayout:
       vocab = shape[0]
     return cls(num_heads=n, num_layers=num_layers, hidden=hidden, vocab=vocab)
 
-  def file_keys(self) -> list[str]:
-    """Every file key the heads read, head by head."""
-    keys = []
+  def v1_param_keys(self) -> dict[str, tuple[str, bool]]:
+    """V1 heads: parameter path in ``MedusaModel`` -> (file key, stored transposed?).
+
+    Paths are ``/``-joined NNX state paths (``medusa/heads/0/blocks/1/kernel``);
+    kernels are ``[in, out]`` in memory and ``[out, in]`` in files.
+    """
+    keys = {}
     for i in range(self.num_heads):
       for j in range(self.num_layers):
-        keys += [block_weight_key(i, j), block_bias_key(i, j)]
-      if self.per_head:
-        keys.append(out_weight_key(i, self.num_layers))
+        block = f"medusa/heads/{i}/blocks/{j}"
+        keys[f"{block}/kernel"] = (block_weight_key(i, j), True)
+        keys[f"{block}/bias"] = (block_bias_key(i, j), False)
+      keys[f"medusa/heads/{i}/out"] = (out_weight_key(i, self.num_layers), True)
     return keys
+
+  def file_keys(self) -> list[str]:
+    """Every file key the heads read, head by head."""
+    if self.per_head:
+      return [key for key, _ in self.v1_param_keys().values()]
+    return [key for i in range(self.num_heads)
+            for key in (block_weight_key(i, 0), block_bias_key(i, 0))]
 
   def expected(self, key: str) -> tuple[tuple[int, ...], str]:
     """(shape, how it was derived) of the file tensor ``key``."""

@@ -23,9 +23,6 @@ they run under :func:`jax.shard_map` with ``check_vma=False``.
 
 from __future__ import annotations
 
-import glob
-import os
-import re
 from typing import Any, Callable
 
 import jax
@@ -37,11 +34,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from medusa_jax.config import MedusaConfig
-from medusa_jax.errors import MissingTensorError, ShardingError, WeightsNotFoundError
+from medusa_jax.errors import ShardingError
 from medusa_jax.heads import (HeadsSharding, MedusaModel, MedusaV2,
                               speculation_max_batch_size)
 from medusa_jax.partitioning import (DATA, MODEL, PartitionRules, axis_size, check_divisible,
-                                     path_str, place, rows_axis, shard_state)
+                                     place, rows_axis, shard_state)
 
 Array = jax.Array
 LMHead = Callable[[Array], Array]
@@ -303,7 +300,7 @@ def sharded_v2_model(config: MedusaConfig, kernel_hnh: Array, bias_nh: Array, *,
 
 def shard_medusa_model(model: MedusaModel, mesh: Mesh, *,
                        rules: PartitionRules = MEDUSA_RULES) -> nnx.Module:
-  """Places an (unsharded) ``MedusaModel`` on ``mesh``.
+  """Places a ``MedusaModel`` on ``mesh`` (one already on a mesh is placed anew).
 
   Returns:
     A ``MedusaModel``: for V2 its ``.medusa`` is a :class:`ShardedMedusaV2`;
@@ -316,119 +313,13 @@ def shard_medusa_model(model: MedusaModel, mesh: Mesh, *,
   if model.is_v2:
     inner = model.medusa
     hidden, n = inner.hidden, inner.num_heads
-    k = np.asarray(jax.device_get(inner.kernel[...])).reshape(hidden, n, hidden)
-    b = np.asarray(jax.device_get(inner.bias[...])).reshape(n, hidden)
+    k, b = (inner.unsharded_arrays() if isinstance(inner, ShardedMedusaV2)
+            else jax.device_get((inner.kernel[...], inner.bias[...])))
+    k = np.asarray(k).reshape(hidden, n, hidden)
+    b = np.asarray(b).reshape(n, hidden)
     return sharded_v2_model(
         model.config, place(k, rules.spec("kernel_hnh"), mesh, what="V2 kernel [H, n, H]"),
         place(b, rules.spec("bias_nh"), mesh, what="V2 bias [n, H]"), mesh=mesh,
         max_batch_size=inner.max_batch_size)
   graphdef, state = nnx.split(model)
   return nnx.merge(graphdef, shard_state(state, rules, mesh))
-
-
-def _safetensors_files(path: str) -> list[str]:
-  if os.path.isdir(path):
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-  else:
-    files = [path] if path.endswith(".safetensors") and os.path.exists(path) else []
-  if not files:
-    raise WeightsNotFoundError(f"{path}: no .safetensors file to load sharded (.pt and"
-                               " orbax adapters load unsharded, then shard_medusa_model)")
-  return files
-
-
-class _TensorIndex:
-  """Lazy access to tensors across safetensors files, by their head-relative name."""
-
-  def __init__(self, files: list[str]):
-    from safetensors import safe_open
-    self._handles = {f: safe_open(f, framework="numpy") for f in files}
-    self._where: dict[str, str] = {}
-    for f, h in self._handles.items():
-      for key in h.keys():
-        self._where[key] = f
-    pattern = re.compile(r"^(.*?)0\.0\.linear\.weight$")
-    prefixes = [m.group(1) for m in map(pattern.match, self._where) if m]
-    if not prefixes:
-      raise MissingTensorError(f"{files[0]}: no tensor named [prefix]0.0.linear.weight")
-    self.prefix = min(prefixes, key=len)
-    self.files = files
-
-  def has(self, name: str) -> bool:
-    return self.prefix + name in self._where
-
-  def slice(self, name: str):
-    key = self.prefix + name
-    if key not in self._where:
-      raise MissingTensorError(f"{key}: missing from {', '.join(self.files)}")
-    return self._handles[self._where[key]].get_slice(key)
-
-  def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self.slice(name).get_shape())
-
-
-def load_medusa_sharded(config: MedusaConfig, path: str, mesh: Mesh, *, dtype=jnp.float32,
-                        max_batch_size: int | None = None,
-                        rules: PartitionRules = MEDUSA_RULES) -> nnx.Module:
-  """Loads Medusa heads straight onto ``mesh`` from safetensors.
-
-  Each device reads only its block of each tensor (``safe_open(...).get_slice``
-  through :func:`place`); no tensor is ever whole on one device. Accepts the
-  LoRAX/TGI (``{k}.{j}.linear.weight``) and Medusa (``medusa_head.{k}...``)
-  key layouts; files hold torch ``[out, in]`` layout.
-
-  Args:
-    config: the adapter's config.
-    path: an adapter directory (every ``*.safetensors`` in it) or one file.
-    mesh: the mesh.
-    dtype: parameter dtype.
-    max_batch_size: the V2 speculation guard (None: env or 32).
-    rules: partition rules.
-
-  Returns:
-    A ``MedusaModel`` (``.medusa`` a :class:`ShardedMedusaV2` for V2, or V1
-    heads with sharded parameters).
-
-  Raises:
-    WeightsNotFoundError, MissingTensorError: no file / a tensor is absent.
-    ShardingError: H or V does not divide the ``model`` axis.
-  """
-  t = _TensorIndex(_safetensors_files(path))
-  n, num_layers = config.medusa_num_heads, config.medusa_num_layers
-  hidden = t.shape("0.0.linear.weight")[1]
-  per_head_lm_head = t.has(f"0.{num_layers}.weight")
-  if num_layers == 1 and not per_head_lm_head:
-    def kernel_block(index):
-      i_in, i_head, i_out = index
-      return np.stack([t.slice(f"{k}.0.linear.weight")[i_out, i_in].T
-                       for k in range(n)[i_head]], axis=1)
-
-    def bias_block(index):
-      i_head, i_out = index
-      return np.stack([t.slice(f"{k}.0.linear.bias")[i_out] for k in range(n)[i_head]])
-
-    kernel = place(kernel_block, rules.spec("kernel_hnh"), mesh, shape=(hidden, n, hidden),
-                   dtype=dtype, what="V2 kernel [H, n, H]")
-    bias = place(bias_block, rules.spec("bias_nh"), mesh, shape=(n, hidden), dtype=dtype,
-                 what="V2 bias [n, H]")
-    return sharded_v2_model(config, kernel, bias, mesh=mesh, max_batch_size=max_batch_size)
-
-  vocab = t.shape(f"0.{num_layers}.weight")[0]
-  abstract = nnx.eval_shape(lambda: MedusaModel(
-      config, hidden, vocab, per_head_lm_head=True, rngs=nnx.Rngs(0), param_dtype=dtype))
-  graphdef, state = nnx.split(abstract)
-
-  def tensor_for(path, leaf):
-    name = path_str(path)
-    m = re.search(r"heads/(\d+)/(?:blocks/(\d+)/(kernel|bias)|out)$", name)
-    k, j, kind = m.groups()
-    if kind == "bias":
-      read = lambda index, key=f"{k}.{j}.linear.bias": t.slice(key)[index[0]]
-    else:
-      key = f"{k}.{j}.linear.weight" if kind == "kernel" else f"{k}.{num_layers}.weight"
-      read = lambda index, key=key: t.slice(key)[index[1], index[0]].T
-    return place(read, rules.spec(name), mesh, shape=leaf.shape, dtype=dtype, what=name)
-
-  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(tensor_for, state))
-
-

@@ -8,8 +8,8 @@ three modules, re-exported here:
   device).
 * :mod:`medusa_jax.sharded_heads`: LoRAX's tensor-parallel Medusa heads (V2
   fused weight split per head on its output dim, one all-gather; lm_head over
-  the vocabulary; V1 heads split by rules) and loading heads straight onto a
-  mesh.
+  the vocabulary; V1 heads split by rules); :mod:`medusa_jax.adapter_loading`
+  loads heads straight onto a mesh.
 * :mod:`medusa_jax.sharded_llama`: the base Llama, Megatron style, its KV
   cache, and loading a checkpoint straight onto a mesh.
 
@@ -22,12 +22,13 @@ documented cases replicate instead: batch rows that do not divide ``data``
 
 from __future__ import annotations
 
+from medusa_jax.adapter_loading import load_medusa_sharded
 from medusa_jax.partitioning import (DATA, MODEL, PartitionRules, axis_size, batch_spec,
                                      check_divisible, make_mesh, partition_specs, path_str,
                                      place, rows_axis, shard_batch, shard_state)
 # _medusa_model: the private name scripts/bench_sharded.py still uses (now sharded_v2_model).
 from medusa_jax.sharded_heads import (MEDUSA_RULES, V1_HEADS_SHARDING, ShardedMedusaV2,
-                                      _medusa_model, load_medusa_sharded, shard_medusa_model,
+                                      _medusa_model, shard_medusa_model,
                                       sharded_segmented_matmul, sharded_v2_model,
                                       v2_heads_hidden, v2_heads_hidden_segmented,
                                       vocab_parallel_lm_head)

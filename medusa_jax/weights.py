@@ -17,13 +17,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax.sharding import Mesh
+
 from medusa_jax.adapter_files import (ORBAX_META_NAME, AdapterLayout, block_bias_key,
                                       block_weight_key, convert_to_safetensors,
                                       open_adapter_files, out_weight_key, weight_files)
+from medusa_jax.adapter_loading import read_heads
 from medusa_jax.config import CONFIG_NAME, MedusaConfig
 from medusa_jax.errors import (ArchitectureError, CheckpointExistsError, CorruptWeightsError,
                                TensorShapeError, WeightsNotFoundError)
 from medusa_jax.heads import MedusaModel, MedusaV2
+from medusa_jax.sharded_heads import ShardedMedusaV2, shard_medusa_model
 
 __all__ = ["MedusaWeights", "load_medusa_adapter", "convert_to_safetensors", "block_weight_key",
            "block_bias_key", "out_weight_key", "weight_files", "WEIGHTS_NAME",
@@ -88,7 +92,7 @@ class MedusaWeights:
   def init(cls, config: MedusaConfig, hidden_size: int, vocab_size: int | None = None, *,
            rngs: nnx.Rngs | None = None, seed: int = 0, dtype=jnp.float32,
            per_head_lm_head: bool = False, lm_head_weight: Any = None,
-           max_batch_size: int | None = None) -> "MedusaWeights":
+           max_batch_size: int | None = None) -> MedusaWeights:
     """Fresh heads for training.
 
     ResBlocks start as the identity (zero weight and bias), as in Medusa. V1
@@ -139,7 +143,8 @@ class MedusaWeights:
 
   @classmethod
   def load(cls, config: MedusaConfig, path: str | os.PathLike, *, dtype=jnp.float32,
-           max_batch_size: int | None = None, check_finite: bool = True) -> "MedusaWeights":
+           max_batch_size: int | None = None, check_finite: bool = True,
+           mesh: Mesh | None = None) -> MedusaWeights:
     """Loads heads from a weight file or a directory of them.
 
     A directory contributes the union of its top-level ``*.safetensors``
@@ -154,6 +159,9 @@ class MedusaWeights:
       dtype: parameter dtype (float32, bfloat16, ...).
       max_batch_size: the V2 speculation guard (None: env, else 32).
       check_finite: reject tensors holding NaN or inf.
+      mesh: place the heads on this ``(data, model)`` mesh as they are read
+        (each device reads only its block: no weight is whole on one device);
+        see :func:`medusa_jax.sharding.load_medusa_sharded`. None: one device.
 
     Raises:
       WeightsNotFoundError: no such path, or no weight file in the directory.
@@ -162,27 +170,20 @@ class MedusaWeights:
       MissingTensorError: a needed tensor is absent (the message names it).
       TensorShapeError / TensorDtypeError: a tensor has the wrong shape / dtype.
       NonFiniteWeightsError: a tensor holds NaN or inf (``check_finite``).
+      ShardingError: with a mesh, H or V does not divide its ``model`` axis.
     """
     with open_adapter_files(path) as index:
-      layout = AdapterLayout.infer(config, index)
-      model = layout.abstract_model(config, dtype, max_batch_size)
-
-      def read(key: str) -> np.ndarray:
-        return index.read(key, layout.expected(key), check_finite=check_finite)
-
-      if layout.per_head:
-        for i, head in enumerate(model.medusa.heads):
-          for j, block in enumerate(head.blocks):
-            block.kernel.set_value(_to_jax(read(block_weight_key(i, j)).T, dtype))
-            block.bias.set_value(_to_jax(read(block_bias_key(i, j)), dtype))
-          head.out.set_value(_to_jax(read(out_weight_key(i, layout.num_layers)).T, dtype))
-      else:
-        heads = range(layout.num_heads)
-        kernel_HxnH = np.concatenate([read(block_weight_key(i, 0)).T for i in heads], axis=1)
-        bias_nH = np.concatenate([read(block_bias_key(i, 0)) for i in heads])
-        model.medusa.kernel.set_value(_to_jax(kernel_HxnH, dtype))
-        model.medusa.bias.set_value(_to_jax(bias_nH, dtype))
+      model = read_heads(config, index, dtype=dtype, max_batch_size=max_batch_size,
+                         check_finite=check_finite, mesh=mesh)
     return cls(config, model, source=os.fspath(path))
+
+  def shard(self, mesh: Mesh) -> MedusaWeights:
+    """These heads placed on ``mesh`` (see :func:`medusa_jax.sharding.shard_medusa_model`).
+
+    Raises:
+      ShardingError: H or V does not divide the ``model`` axis.
+    """
+    return MedusaWeights(self.config, shard_medusa_model(self.model, mesh), source=self.source)
 
   # -- safetensors out --------------------------------------------------------------------------
 
@@ -197,16 +198,18 @@ class MedusaWeights:
       and for V1 ``"0.{L}.weight"`` [V, H].
     """
     def host(a) -> np.ndarray:
-      a = jnp.asarray(a)
+      a = np.asarray(jax.device_get(a))  # a sharded array is gathered on the host
       if dtype is not None:
-        a = a.astype(dtype)
-      return np.ascontiguousarray(np.asarray(jax.device_get(a)))
+        a = a.astype(jnp.dtype(dtype))
+      return np.ascontiguousarray(a)
 
     out: dict[str, np.ndarray] = {}
     medusa = self.model.medusa
     if isinstance(medusa, MedusaV2):
       hidden, n = medusa.hidden, medusa.num_heads
-      kernel, bias = host(medusa.kernel[...]), host(medusa.bias[...])
+      kernel, bias = (medusa.unsharded_arrays() if isinstance(medusa, ShardedMedusaV2)
+                      else (medusa.kernel[...], medusa.bias[...]))
+      kernel, bias = host(kernel), host(bias)
       for i in range(n):
         cols = slice(i * hidden, (i + 1) * hidden)
         out[block_weight_key(i, 0)] = np.ascontiguousarray(kernel[:, cols].T)
@@ -247,6 +250,8 @@ class MedusaWeights:
 
     Layout: ``path/config.json``, ``path/medusa_jax.json`` (H, V, V1 flag,
     dtype) and ``path/state/`` (an Orbax StandardCheckpointer checkpoint).
+    Heads on a mesh are saved in the unsharded layout; :meth:`load_orbax`
+    restores them on one device (or onto a mesh of any shape).
 
     Args:
       path: the checkpoint directory.
@@ -279,20 +284,39 @@ class MedusaWeights:
       f.write("\n")
     checkpointer = ocp.StandardCheckpointer()
     try:
-      checkpointer.save(state_path, nnx.state(self.model, nnx.Param), force=overwrite)
+      checkpointer.save(state_path, self._unsharded_state(), force=overwrite)
       checkpointer.wait_until_finished()
     finally:
       checkpointer.close()
     return path
 
+  def _unsharded_state(self) -> nnx.State:
+    """The parameters in the unsharded layout (what Orbax stores); arrays may stay on a mesh."""
+    medusa = self.model.medusa
+    if not isinstance(medusa, ShardedMedusaV2):
+      return nnx.state(self.model, nnx.Param)
+    layout = AdapterLayout(num_heads=medusa.num_heads, num_layers=1, hidden=medusa.hidden,
+                           vocab=None)
+    model = layout.abstract_model(self.config, self.dtype, medusa.max_batch_size)
+    hidden, n = medusa.hidden, medusa.num_heads
+    model.medusa.kernel.set_value(medusa.kernel_hnh[...].reshape(hidden, n * hidden))
+    model.medusa.bias.set_value(medusa.bias_nh[...].reshape(n * hidden))
+    return nnx.state(model, nnx.Param)
+
   @classmethod
-  def load_orbax(cls, path: str | os.PathLike, *, max_batch_size: int | None = None
-                 ) -> "MedusaWeights":
+  def load_orbax(cls, path: str | os.PathLike, *, max_batch_size: int | None = None,
+                 mesh: Mesh | None = None) -> MedusaWeights:
     """Restores weights written by :meth:`save_orbax`, bit for bit.
+
+    Args:
+      path: the checkpoint directory.
+      max_batch_size: the V2 speculation guard (None: env, else 32).
+      mesh: restore, then place the heads on this mesh (:meth:`shard`).
 
     Raises:
       WeightsNotFoundError: ``path`` lacks the config, metadata or state.
       CorruptWeightsError: the metadata or the Orbax state cannot be read.
+      ShardingError: with a mesh, H or V does not divide its ``model`` axis.
     """
     import orbax.checkpoint as ocp
 
@@ -314,8 +338,11 @@ class MedusaWeights:
     layout = AdapterLayout(num_heads=config.medusa_num_heads,
                            num_layers=config.medusa_num_layers, hidden=hidden,
                            vocab=vocab if per_head else None)
-    model = layout.abstract_model(config, dtype, max_batch_size)
-    graphdef, abstract = nnx.split(model)
+    graphdef, abstract = nnx.split(layout.abstract_model(config, dtype, max_batch_size))
+    # Restore onto one device whatever the saving process's devices were.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                            abstract)
     checkpointer = ocp.StandardCheckpointer()
     try:
       state = checkpointer.restore(state_path, abstract)
@@ -323,20 +350,26 @@ class MedusaWeights:
       raise CorruptWeightsError(f"{state_path}: cannot restore the Orbax state ({e})") from e
     finally:
       checkpointer.close()
-    return cls(config, nnx.merge(graphdef, state), source=path)
+    weights = cls(config, nnx.merge(graphdef, state), source=path)
+    return weights if mesh is None else weights.shard(mesh)
 
 
 def load_medusa_adapter(adapter_dir: str | os.PathLike, *, dtype=jnp.float32,
-                        max_batch_size: int | None = None) -> MedusaWeights:
+                        max_batch_size: int | None = None,
+                        mesh: Mesh | None = None) -> MedusaWeights:
   """Loads an adapter directory: ``config.json`` plus its weight files.
+
+  Args:
+    adapter_dir: the adapter directory.
+    dtype: parameter dtype.
+    max_batch_size: the V2 speculation guard (None: env, else 32).
+    mesh: place the heads on this mesh as they are read (see :meth:`MedusaWeights.load`).
 
   Raises:
     ConfigError: ``config.json`` is missing or invalid.
     WeightsError: see :meth:`MedusaWeights.load`.
+    ShardingError: with a mesh, H or V does not divide its ``model`` axis.
   """
   config = MedusaConfig.from_pretrained(adapter_dir)
-  return MedusaWeights.load(config, adapter_dir, dtype=dtype, max_batch_size=max_batch_size)
-
-
-def _to_jax(a: np.ndarray, dtype) -> jax.Array:
-  return jnp.asarray(np.ascontiguousarray(a)).astype(dtype)
+  return MedusaWeights.load(config, adapter_dir, dtype=dtype, max_batch_size=max_batch_size,
+                            mesh=mesh)

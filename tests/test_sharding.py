@@ -16,8 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from medusa_jax import sharding as sh
 from medusa_jax.config import MedusaConfig
-from medusa_jax.errors import (MissingTensorError, SegmentError, ShardingError,
-                               TensorShapeError, WeightsNotFoundError)
+from medusa_jax.errors import MissingTensorError, SegmentError, ShardingError, TensorShapeError
 from medusa_jax.heads import MedusaModel
 from medusa_jax.pallas import segmented_matmul
 
@@ -498,82 +497,6 @@ def test_mixed_adapter_batch_sharded_matches_unsharded(data, model, backend):
     m = adapters.get(int(adapter), adapters[0]).model.medusa
     _, want_row = _v2_reference(x[r:r + 1], m.kernel[...], m.bias[...], lm, n)
     assert _rel(spec[r:r + 1], want_row) < 1e-5
-
-
-# ------------------------------------------------------------------------- loading
-
-
-def _write_adapter(tmp_path, rng, hidden, n, layers=1, vocab=None, prefix=""):
-  from safetensors.numpy import save_file
-  tensors = {}
-  for k in range(n):
-    for j in range(layers):
-      tensors[f"{prefix}{k}.{j}.linear.weight"] = rng.standard_normal((hidden, hidden)).astype(
-          np.float32)
-      tensors[f"{prefix}{k}.{j}.linear.bias"] = rng.standard_normal((hidden,)).astype(np.float32)
-    if vocab is not None:
-      tensors[f"{prefix}{k}.{layers}.weight"] = rng.standard_normal((vocab, hidden)).astype(
-          np.float32)
-  save_file(tensors, str(tmp_path / "model.safetensors"))
-  return {key[len(prefix):]: v for key, v in tensors.items()}
-
-
-@pytest.mark.parametrize("prefix", ["", "medusa_head."])
-def test_load_medusa_sharded_v2(tmp_path, prefix):
-  rng = np.random.default_rng(60)
-  hidden, n, vocab = 16, 3, 32
-  t = _write_adapter(tmp_path, rng, hidden, n, prefix=prefix)
-  mesh = sh.make_mesh(2, 4)
-  model = sh.load_medusa_sharded(_cfg(n), str(tmp_path), mesh, dtype=jnp.float32)
-  assert isinstance(model, MedusaModel) and isinstance(model.medusa, sh.ShardedMedusaV2)
-  assert model.medusa.kernel_hnh[...].sharding.spec == P(None, None, "model")
-  kernel = np.concatenate([t[f"{k}.0.linear.weight"].T for k in range(n)], axis=1)
-  bias = np.concatenate([t[f"{k}.0.linear.bias"] for k in range(n)])
-  got_k, got_b = model.medusa.unsharded_arrays()
-  np.testing.assert_array_equal(got_k, kernel)
-  np.testing.assert_array_equal(got_b, bias)
-  lm = rng.standard_normal((hidden, vocab)).astype(np.float32)
-  x = jnp.asarray(rng.standard_normal((4, hidden)), jnp.float32)
-  _, _, (logits, spec) = _forward(model, sh.place(lm, P(None, "model"), mesh), x, mesh)
-  want_logits, want_spec = _v2_reference(x, kernel, bias, lm, n)
-  assert _rel(spec, want_spec) < 1e-5 and _rel(logits, want_logits) < 1e-5
-
-
-def test_load_medusa_sharded_v1(tmp_path):
-  rng = np.random.default_rng(61)
-  hidden, n, layers, vocab = 16, 2, 2, 24
-  t = _write_adapter(tmp_path, rng, hidden, n, layers, vocab)
-  mesh = sh.make_mesh(1, 8)
-  model = sh.load_medusa_sharded(_cfg(n, layers), str(tmp_path / "model.safetensors"), mesh,
-                                 dtype=jnp.bfloat16)
-  assert not model.is_v2
-  out = model.medusa.heads[1].out[...]
-  assert out.dtype == jnp.bfloat16 and out.sharding.spec == P(None, "model")
-  np.testing.assert_array_equal(np.asarray(out, np.float32),
-                                t["1.2.weight"].T.astype(jnp.bfloat16).astype(np.float32))
-  blk = model.medusa.heads[0].blocks[1]
-  np.testing.assert_array_equal(np.asarray(blk.kernel[...], np.float32),
-                                t["0.1.linear.weight"].T.astype(jnp.bfloat16).astype(np.float32))
-  np.testing.assert_array_equal(np.asarray(blk.bias[...], np.float32),
-                                t["0.1.linear.bias"].astype(jnp.bfloat16).astype(np.float32))
-
-
-def test_load_medusa_sharded_errors(tmp_path):
-  rng = np.random.default_rng(62)
-  mesh = sh.make_mesh(1, 8)
-  with pytest.raises(WeightsNotFoundError, match="no .safetensors file"):
-    sh.load_medusa_sharded(_cfg(2), str(tmp_path), mesh)
-  _write_adapter(tmp_path, rng, 16, 2)
-  with pytest.raises(MissingTensorError, match=r"^2\.0\.linear\.weight: missing from"):
-    sh.load_medusa_sharded(_cfg(3), str(tmp_path), mesh)
-  with pytest.raises(MissingTensorError, match=r"0\.2\.weight: missing"):
-    sh.load_medusa_sharded(_cfg(2, 2), str(tmp_path), mesh)
-  other = tmp_path / "odd"
-  other.mkdir()
-  _write_adapter(other, rng, 12, 2)
-  with pytest.raises(ShardingError, match=r"dim 2 of size 12 is not divisible by mesh axis "
-                                          r"'model' of size 8"):
-    sh.load_medusa_sharded(_cfg(2), str(other), mesh)
 
 
 # ------------------------------------------------------------ base model and engine
