@@ -25,7 +25,6 @@ all of them by default, or the first ``num_heads``. Tensor dtypes are kept
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 import os
 import shutil
@@ -34,23 +33,16 @@ from typing import Sequence
 
 from medusa_jax.config import CONFIG_NAME, MedusaConfig
 from medusa_jax.errors import ConfigError, MissingTensorError, WeightsNotFoundError
+from medusa_jax.options import Option
 
 
-class Target(enum.Enum):
+class Target(Option):
   """What ``convert`` writes."""
+  __option__ = "--to"
+  __error__ = ConfigError
   LORAX = "lorax"
   ORBAX = "orbax"
   SAFETENSORS = "safetensors"
-
-  @classmethod
-  def parse(cls, value: "str | Target") -> "Target":
-    if isinstance(value, cls):
-      return value
-    try:
-      return cls(str(value).lower())
-    except ValueError:
-      valid = ", ".join(m.value for m in cls)
-      raise ConfigError(f"--to={value!r}; expected one of {valid}") from None
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

@@ -16,13 +16,13 @@ in :func:`medusa_jax.pallas._schedule.row_adapters`.
 
 from __future__ import annotations
 
-import enum
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from medusa_jax.errors import SegmentError
+from medusa_jax.options import Option
 from medusa_jax.pallas import _compat
 
 Array = jax.Array
@@ -36,23 +36,9 @@ class SegmentLayoutError(SegmentError):
   """Concrete segment bounds or adapter indices are out of range, or overlap."""
 
 
-class _ParsedEnum(enum.Enum):
-
-  @classmethod
-  def parse(cls, value):
-    """The member named by ``value`` (a member or its string value)."""
-    if isinstance(value, cls):
-      return value
-    try:
-      return cls(value)
-    except ValueError:
-      name = cls.__name__.lower()
-      raise SegmentError(f"{name}={value!r}; expected one of "
-                         + ", ".join(m.value for m in cls)) from None
-
-
-class Backend(_ParsedEnum):
+class Backend(Option):
   """Which implementation ``segmented_matmul`` runs."""
+  __error__ = SegmentError
   AUTO = "auto"
   REFERENCE = "reference"
   RAGGED_DOT = "ragged_dot"
@@ -71,8 +57,9 @@ class Backend(_ParsedEnum):
     return Backend.REFERENCE
 
 
-class Epilogue(_ParsedEnum):
+class Epilogue(Option):
   """What follows ``y = x @ W + b``: nothing, or the Medusa ResBlock."""
+  __error__ = SegmentError
   NONE = "none"
   RESBLOCK = "resblock"
 
