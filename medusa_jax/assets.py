@@ -35,6 +35,8 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+# The packages' readers, re-exported: assets.load_sharegpt / assets.load_mtbench.
+from medusa_jax.datasets import load_mtbench, load_sharegpt
 from medusa_jax.errors import AssetError, MedusaError
 
 HOME_ENV = "MEDUSA_JAX_HOME"
@@ -95,7 +97,7 @@ class AssetPaths:
   """Converted SmolLM2: model.safetensors, config.json, tokenizer.json, chat_template.jinja."""
   gguf_path: Path
   sharegpt_json: Path
-  """ShareGPT V3 (a truncated JSON list; read it with :func:`load_sharegpt`)."""
+  """ShareGPT V3, a truncated JSON list (read with :func:`load_sharegpt`)."""
   mtbench_jsonl: Path
   """MT-bench's 80 questions (read with :func:`load_mtbench`)."""
 
@@ -423,75 +425,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     for field in dataclasses.fields(paths):
       print(f"{field.name:14s} {getattr(paths, field.name)}")
   return 0
-
-
-# --------------------------------------------------------------------------- readers
-
-
-def load_sharegpt(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """Reads ShareGPT's (possibly truncated) JSON list, keeping whole conversations.
-
-  The file is a JSON array cut off mid-record; every complete object before
-  the cut is returned, the partial one is dropped.
-
-  Returns:
-    ``[{"id": ..., "conversations": [{"from": "human"|"gpt"|..., "value": str}, ...]}, ...]``
-    as stored.
-
-  Raises:
-    AssetError: the file is missing or does not start with a JSON array.
-  """
-  try:
-    with open(path, encoding="utf-8", errors="replace") as f:
-      text = f.read()
-  except OSError as e:
-    raise AssetError(f"{path}: cannot read ShareGPT file ({e})") from None
-  start = text.find("[")
-  if start < 0 or text[:start].strip():
-    raise AssetError(f"{path}: expected a JSON array of conversations")
-  decoder = json.JSONDecoder()
-  i, n, out = start + 1, len(text), []
-  while True:
-    while i < n and text[i] in " \t\r\n,":
-      i += 1
-    if i >= n or text[i] == "]":
-      break
-    try:
-      obj, i = decoder.raw_decode(text, i)
-    except json.JSONDecodeError:
-      break  # the truncated tail
-    if isinstance(obj, dict):
-      out.append(obj)
-  return out
-
-
-def load_mtbench(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """Reads MT-bench ``question.jsonl``.
-
-  Returns:
-    ``[{"question_id": int, "category": str, "turns": [str, ...]}, ...]`` in file order.
-
-  Raises:
-    AssetError: the file is missing, or a line is not a valid question (line named).
-  """
-  out = []
-  try:
-    with open(path, encoding="utf-8") as f:
-      lines = f.readlines()
-  except OSError as e:
-    raise AssetError(f"{path}: cannot read MT-bench questions ({e})") from None
-  for lineno, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    try:
-      q = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise AssetError(f"{path}:{lineno}: not valid JSON ({e})") from None
-    if (not isinstance(q, dict) or not isinstance(q.get("question_id"), int)
-        or not isinstance(q.get("turns"), list) or not q["turns"]
-        or not all(isinstance(t, str) for t in q["turns"])):
-      raise AssetError(f"{path}:{lineno}: expected question_id (int), category and turns "
-                       "(non-empty list of str)")
-    out.append({"question_id": q["question_id"], "category": str(q.get("category", "")),
-                "turns": list(q["turns"])})
-  return out

@@ -74,3 +74,11 @@ class ShardingError(MedusaError):
 
 class AssetError(MedusaError):
   """A model or data package could not be fetched, verified or converted."""
+
+
+class DataFormatError(MedusaError):
+  """A data file is not in its expected format (e.g. ShareGPT without a top-level array)."""
+
+
+class TrainingDataError(MedusaError):
+  """Training data is malformed, or overlaps the evaluation questions."""

@@ -50,7 +50,8 @@ def weight_files(model_dir: str | os.PathLike) -> list[str]:
       with open(index, encoding="utf-8") as f:
         weight_map = json.load(f)["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-      raise CorruptWeightsError(f"{index}: expected a JSON object with 'weight_map' ({e})") from None
+      raise CorruptWeightsError(
+          f"{index}: expected a JSON object with 'weight_map' ({e})") from None
     return [os.path.join(model_dir, name) for name in sorted(set(weight_map.values()))]
   single = os.path.join(model_dir, WEIGHTS_NAME)
   if os.path.exists(single):

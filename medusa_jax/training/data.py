@@ -2,8 +2,9 @@
 
 The pipeline (each stage cached as JSONL under the run's work directory):
 
-1. ``parse_sharegpt``: the package's JSON is cut short, so whole conversation
-   objects are decoded one by one and the partial tail is dropped.
+1. ``load_sharegpt_conversations``: the package's JSON is cut short, so whole
+   conversation objects are decoded one by one (``medusa_jax.datasets``) and
+   the partial tail is dropped.
 2. ``first_user_prompts``: the first user turn of each well-formed
    conversation (roles ``human``/``user`` -> user, ``gpt``/``chatgpt`` ->
    assistant), minus anything that overlaps an MT-bench question, split into
@@ -26,14 +27,11 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from medusa_jax.errors import MedusaError
+from medusa_jax.datasets import iter_json_array_objects, load_sharegpt
+from medusa_jax.errors import TrainingDataError
 
 USER_ROLES = frozenset({"human", "user"})
 ASSISTANT_ROLES = frozenset({"gpt", "chatgpt", "assistant"})
-
-
-class TrainingDataError(MedusaError):
-  """Training data is malformed, or overlaps the evaluation questions."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,33 +76,6 @@ class Example:
 # --------------------------------------------------------------------------- ShareGPT
 
 
-def iter_json_array_objects(text: str) -> Iterator[Any]:
-  """Decodes the elements of a JSON array one by one, stopping at a cut.
-
-  The array may be truncated anywhere: every element that decodes in full
-  is yielded, and the partial tail is dropped.
-
-  Raises:
-    TrainingDataError: the text does not start with a JSON array.
-  """
-  decoder = json.JSONDecoder()
-  start = text.find("[")
-  if start < 0 or text[:start].strip():
-    raise TrainingDataError("ShareGPT JSON: expected a top-level array '[', got"
-                            f" {text[:20]!r}")
-  i, n = start + 1, len(text)
-  while True:
-    while i < n and text[i] in " \t\r\n,":
-      i += 1
-    if i >= n or text[i] == "]":
-      return
-    try:
-      obj, i = decoder.raw_decode(text, i)
-    except json.JSONDecodeError:
-      return  # the cut: a partial object
-    yield obj
-
-
 def conversation_messages(conv: Any) -> list[dict[str, str]] | None:
   """Maps a ShareGPT conversation to chat messages, or None when malformed.
 
@@ -137,15 +108,14 @@ def conversation_messages(conv: Any) -> list[dict[str, str]] | None:
   return messages
 
 
-def parse_sharegpt(text: str) -> list[tuple[str, list[dict[str, str]]]]:
-  """Whole, well-formed conversations of a (possibly truncated) ShareGPT file.
+def sharegpt_conversations(convs: Iterable[Any]) -> list[tuple[str, list[dict[str, str]]]]:
+  """Whole, well-formed conversations as ``(conv_id, messages)`` pairs, in order.
 
-  Returns:
-    ``(conv_id, messages)`` pairs in file order; conversations without an id
-    get ``"#<index>"``.
+  Conversations without an id get ``"#<index>"``; malformed ones (see
+  :func:`conversation_messages`) are dropped.
   """
   out = []
-  for index, conv in enumerate(iter_json_array_objects(text)):
+  for index, conv in enumerate(convs):
     messages = conversation_messages(conv)
     if messages is None:
       continue
@@ -154,10 +124,22 @@ def parse_sharegpt(text: str) -> list[tuple[str, list[dict[str, str]]]]:
   return out
 
 
+def parse_sharegpt(text: str) -> list[tuple[str, list[dict[str, str]]]]:
+  """:func:`sharegpt_conversations` of a (possibly truncated) ShareGPT JSON text.
+
+  Raises:
+    DataFormatError: the text does not start with a JSON array.
+  """
+  return sharegpt_conversations(iter_json_array_objects(text))
+
+
 def load_sharegpt_conversations(path: str | os.PathLike) -> list[tuple[str, list[dict[str, str]]]]:
-  """Reads and parses a ShareGPT JSON file (see ``parse_sharegpt``)."""
-  with open(path, encoding="utf-8", errors="replace") as f:
-    return parse_sharegpt(f.read())
+  """:func:`sharegpt_conversations` of a ShareGPT file (``medusa_jax.datasets.load_sharegpt``).
+
+  Raises:
+    AssetError: the file is missing or not a JSON array.
+  """
+  return sharegpt_conversations(load_sharegpt(path))
 
 
 # --------------------------------------------------------------------------- MT-bench

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from medusa_jax.errors import MedusaError
+from medusa_jax.errors import AssetError, DataFormatError, MedusaError, TrainingDataError
 from medusa_jax.training import data as D
 from medusa_jax.training.pipeline import mtbench_turns
 
@@ -40,26 +40,21 @@ def test_truncated_json_keeps_every_whole_object():
   assert [m["role"] for m in parsed[1][1]] == ["user", "assistant", "user", "assistant"]
 
 
-def test_iter_objects_stops_at_any_cut():
+def test_file_reader_matches_text_parser(tmp_path):
   rng = np.random.default_rng()
-  objs = [{"k": int(v), "s": "x]" * int(v)} for v in rng.integers(0, 9, 12)]
-  parts = [json.dumps(o) for o in objs]
-  text = "[" + ", ".join(parts) + "]"
-  ends, pos = [], 1
-  for part in parts:  # index just past each element
-    pos += len(part)
-    ends.append(pos)
-    pos += 2
-  for cut in rng.integers(1, len(text), 30):
-    got = list(D.iter_json_array_objects(text[:cut]))
-    assert got == objs[:sum(e <= cut for e in ends)]
-  assert list(D.iter_json_array_objects(text)) == objs
+  text = _truncated_sharegpt(rng)
+  path = tmp_path / "sg.json"
+  path.write_text(text, encoding="utf-8")
+  assert D.load_sharegpt_conversations(path) == D.parse_sharegpt(text)
+  with pytest.raises(DataFormatError, match="top-level array"):
+    D.parse_sharegpt('{"id": 1}')
+  with pytest.raises(AssetError, match="JSON array"):
+    path.write_text('{"id": 1}')
+    D.load_sharegpt_conversations(path)
 
 
-def test_not_an_array_raises():
-  with pytest.raises(D.TrainingDataError, match="top-level array"):
-    list(D.iter_json_array_objects('{"id": 1}'))
-  assert issubclass(D.TrainingDataError, MedusaError)
+def test_training_data_error_lives_in_errors():
+  assert D.TrainingDataError is TrainingDataError and issubclass(TrainingDataError, MedusaError)
 
 
 def test_missing_id_gets_index():
