@@ -30,7 +30,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from medusa_jax.errors import ConfigError, ShardingError
+from medusa_jax.errors import ShardingError
+from medusa_jax.validation import require_ints
 
 RESULT_JSON = "pod_eval.json"
 RESULT_PNG = "pod_eval.png"
@@ -76,15 +77,9 @@ class PodEvalConfig:
   seed: int = 0
 
   def __post_init__(self):
-    for name in ("batch_size", "max_new_tokens"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
-    for name in ("num_prompts", "model_parallel", "num_processes"):
-      value = getattr(self, name)
-      if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                or value < 1):
-        raise ConfigError(f"{name}: expected a positive integer or None, got {value!r}")
+    require_ints(self, ("batch_size", "max_new_tokens"), minimum=1)
+    require_ints(self, ("num_prompts", "model_parallel", "num_processes"), minimum=1,
+                 allow_none=True)
 
 
 # ---------------------------------------------------------------------------- set-up

@@ -64,6 +64,17 @@ V1_HEADS_SHARDING = HeadsSharding(block_w_hh=P(None, MODEL), block_b_h=P(MODEL),
 # ------------------------------------------------------------------- sharded kernels
 
 
+def _local_bounds(s_start: Array, s_end: Array, n_local: int, rows: str | None
+                  ) -> tuple[Array, Array]:
+  """Inside shard_map: global segment bounds [S] as row numbers of this device's rows.
+
+  With rows split over ``data`` (``rows`` set) device group g holds rows
+  ``g*n_local:(g+1)*n_local``; bounds are shifted and clipped to them.
+  """
+  offset = lax.axis_index(DATA) * n_local if rows else 0
+  return jnp.clip(s_start - offset, 0, n_local), jnp.clip(s_end - offset, 0, n_local)
+
+
 def sharded_segmented_matmul(x: Array, w: Array, b: Array | None, s_start: Array,
                              s_end: Array, seg_weight: Array, *, mesh: Mesh,
                              backend: Any = "auto", epilogue: Any = "none") -> Array:
@@ -101,10 +112,7 @@ def sharded_segmented_matmul(x: Array, w: Array, b: Array | None, s_start: Array
   def local(x_nxK, w_AxKxm, *rest):
     b_Axm = rest[0] if has_bias else None
     s0, s1, sw = rest[-3:]
-    n_local = x_nxK.shape[0]
-    offset = lax.axis_index(DATA) * n_local if rows else 0
-    s0 = jnp.clip(s0 - offset, 0, n_local)
-    s1 = jnp.clip(s1 - offset, 0, n_local)
+    s0, s1 = _local_bounds(s0, s1, x_nxK.shape[0], rows)
     return segmented_matmul(x_nxK, w_AxKxm, b_Axm, s0, s1, sw, backend=backend)
 
   specs = [P(rows, None), P(None, None, MODEL)] + ([P(None, MODEL)] if has_bias else [])
@@ -198,9 +206,7 @@ def v2_heads_hidden_segmented(x: Array, w: Array, b: Array, s_start: Array, s_en
 
   def local(x_nxH, w_AxHxnxw, b_Axnxw, s0, s1, sw):
     n_local = x_nxH.shape[0]
-    offset = lax.axis_index(DATA) * n_local if rows else 0
-    s0 = jnp.clip(s0 - offset, 0, n_local)
-    s1 = jnp.clip(s1 - offset, 0, n_local)
+    s0, s1 = _local_bounds(s0, s1, n_local, rows)
     y = segmented_matmul(x_nxH, w_AxHxnxw.reshape(n_adapters, hidden, num_heads * width),
                          b_Axnxw.reshape(n_adapters, num_heads * width), s0, s1, sw,
                          backend=backend)

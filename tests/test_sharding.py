@@ -365,18 +365,23 @@ def _segments(rng, rows, adapters):
           jnp.asarray(weights, jnp.int32))
 
 
-@pytest.mark.parametrize("data,model", MESHES)
-def test_sharded_segmented_matmul(data, model):
-  rng = np.random.default_rng(40 + data)
-  rows, k, m, adapters = 8, 12, 16, 3
-  mesh = sh.make_mesh(data, model)
+def _segmented_case(rng, rows, k, m, adapters):
+  """x [rows, K], w [A, K, M], b [A, M], segments and the float64 segmented product."""
   x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
   w = rng.standard_normal((adapters, k, m)).astype(np.float32)
   b = rng.standard_normal((adapters, m)).astype(np.float32)
-  s0, s1, sw = _segments(rng, rows, adapters)
+  segments = _segments(rng, rows, adapters)
   want = np.zeros((rows, m))
-  for a, z, i in zip(np.asarray(s0), np.asarray(s1), np.asarray(sw)):
+  for a, z, i in zip(*map(np.asarray, segments)):
     want[a:z] = np.asarray(x, np.float64)[a:z] @ w[i] + b[i]
+  return x, w, b, segments, want
+
+
+@pytest.mark.parametrize("data,model", MESHES)
+def test_sharded_segmented_matmul(data, model):
+  rng = np.random.default_rng(40 + data)
+  mesh = sh.make_mesh(data, model)
+  x, w, b, (s0, s1, sw), want = _segmented_case(rng, rows=8, k=12, m=16, adapters=3)
   w_s = sh.place(w, P(None, None, "model"), mesh)
   b_s = sh.place(b, P(None, "model"), mesh)
   fn = jax.jit(lambda *a: sh.sharded_segmented_matmul(*a, mesh=mesh, backend="reference"))
@@ -393,15 +398,8 @@ def test_sharded_segmented_matmul(data, model):
 def test_sharded_segmented_matmul_backends(backend):
   """Opaque kernels (interpret mode here) under shard_map, rows over data, M over model."""
   rng = np.random.default_rng(42)
-  rows, k, m, adapters = 8, 16, 32, 3
   mesh = sh.make_mesh(2, 4)
-  x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
-  w = rng.standard_normal((adapters, k, m)).astype(np.float32)
-  b = rng.standard_normal((adapters, m)).astype(np.float32)
-  s0, s1, sw = _segments(rng, rows, adapters)
-  want = np.zeros((rows, m))
-  for a, z, i in zip(np.asarray(s0), np.asarray(s1), np.asarray(sw)):
-    want[a:z] = np.asarray(x, np.float64)[a:z] @ w[i] + b[i]
+  x, w, b, (s0, s1, sw), want = _segmented_case(rng, rows=8, k=16, m=32, adapters=3)
   got = jax.jit(lambda *a: sh.sharded_segmented_matmul(*a, mesh=mesh, backend=backend))(
       x, sh.place(w, P(None, None, "model"), mesh), sh.place(b, P(None, "model"), mesh),
       s0, s1, sw)

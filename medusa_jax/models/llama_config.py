@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import math
 import os
 from typing import Any, Mapping
@@ -15,6 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from medusa_jax.errors import ConfigError
+from medusa_jax.validation import read_json_object, require_ints
 
 
 class RopeType(enum.Enum):
@@ -144,12 +144,9 @@ class LlamaConfig:
   """RoPE frequency scaling (none by default)."""
 
   def __post_init__(self):
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                 "num_attention_heads", "num_key_value_heads", "head_dim",
-                 "max_position_embeddings"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"LlamaConfig.{name}: expected a positive integer, got {value!r}")
+    require_ints(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                        "num_attention_heads", "num_key_value_heads", "head_dim",
+                        "max_position_embeddings"), minimum=1, prefix="LlamaConfig.")
     if self.num_attention_heads % self.num_key_value_heads:
       raise ConfigError(
           f"LlamaConfig.num_key_value_heads={self.num_key_value_heads}: expected a divisor of "
@@ -196,15 +193,7 @@ class LlamaConfig:
       if os.path.isdir(path):
         path = os.path.join(path, "config.json")
       where = path
-      try:
-        with open(path, encoding="utf-8") as f:
-          config = json.load(f)
-      except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-      except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-      if not isinstance(config, Mapping):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(config).__name__}")
+      config = read_json_object(path)
     d = config
     hidden = _require(d, "hidden_size", int, where)
     heads = _require(d, "num_attention_heads", int, where)

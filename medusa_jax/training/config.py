@@ -7,45 +7,30 @@ the fields below; unknown keys are an error, so a typo cannot pass silently.
 from __future__ import annotations
 
 import dataclasses
-import enum
-import json
 import os
 from typing import Any, Mapping
 
 import jax.numpy as jnp
 
 from medusa_jax.errors import ConfigError
+from medusa_jax.options import Option
+from medusa_jax.validation import read_json_object, require_ints
 
 
-class HeadKind(enum.Enum):
+class HeadKind(Option):
   """Head architecture: V2 shares the base lm_head (LoRAX V2); V1 owns one per head."""
+  __option__ = "head_kind"
+  __error__ = ConfigError
   V2 = "v2"
   V1 = "v1"
 
-  @classmethod
-  def parse(cls, value: "str | HeadKind") -> "HeadKind":
-    if isinstance(value, cls):
-      return value
-    for kind in cls:
-      if kind.value == value:
-        return kind
-    raise ConfigError(f"head_kind={value!r}; expected one of {', '.join(k.value for k in cls)}")
 
-
-class ComputeDType(enum.Enum):
+class ComputeDType(Option):
   """Dtype of the heads' and lm_head's matmul operands (accumulation is f32)."""
+  __option__ = "compute_dtype"
+  __error__ = ConfigError
   FLOAT32 = "float32"
   BFLOAT16 = "bfloat16"
-
-  @classmethod
-  def parse(cls, value: "str | ComputeDType") -> "ComputeDType":
-    if isinstance(value, cls):
-      return value
-    for kind in cls:
-      if kind.value == value:
-        return kind
-    raise ConfigError(f"compute_dtype={value!r}; expected one of"
-                      f" {', '.join(k.value for k in cls)}")
 
   @property
   def jnp_dtype(self):
@@ -124,19 +109,11 @@ class TrainConfig:
   def __post_init__(self):
     object.__setattr__(self, "head_kind", HeadKind.parse(self.head_kind))
     object.__setattr__(self, "compute_dtype", ComputeDType.parse(self.compute_dtype))
-    for name in ("num_heads", "num_layers", "num_prompts", "max_prompt_tokens",
-                 "max_new_tokens", "gen_batch_size", "hidden_batch_size", "length_bucket",
-                 "seq_bucket",
-                 "batch_rows",
-                 "steps", "eval_every", "log_every", "checkpoint_every", "max_to_keep",
-                 "max_rank", "tree_nodes"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
-    for name in ("warmup_steps", "eval_max_rows", "seed"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{name}: expected a non-negative integer, got {value!r}")
+    require_ints(self, ("num_heads", "num_layers", "num_prompts", "max_prompt_tokens",
+                        "max_new_tokens", "gen_batch_size", "hidden_batch_size", "length_bucket",
+                        "seq_bucket", "batch_rows", "steps", "eval_every", "log_every",
+                        "checkpoint_every", "max_to_keep", "max_rank", "tree_nodes"), minimum=1)
+    require_ints(self, ("warmup_steps", "eval_max_rows", "seed"), minimum=0)
     if self.warmup_steps >= self.steps:
       raise ConfigError(f"warmup_steps={self.warmup_steps}: expected fewer than"
                         f" steps={self.steps}")
@@ -168,14 +145,7 @@ class TrainConfig:
   def from_file(cls, path: str | os.PathLike) -> "TrainConfig":
     """Reads a JSON config file."""
     path = os.fspath(path)
-    try:
-      with open(path, encoding="utf-8") as f:
-        raw = json.load(f)
-    except FileNotFoundError:
-      raise ConfigError(f"{path}: training config file not found") from None
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return cls.load(raw, source=path)
+    return cls.load(read_json_object(path, what="training config file"), source=path)
 
   def to_dict(self) -> dict[str, Any]:
     d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
