@@ -421,6 +421,9 @@ class Engine:
       tree = tree_mod.build_tree(tree)
     if tree.depth > n:
       raise RequestError(f"tree: depth {tree.depth} exceeds the {n} Medusa heads")
+    if tree.max_rank + 1 > self.cfg.vocab_size:
+      raise RequestError(f"tree: uses top-{tree.max_rank + 1} ranks; expected at most the"
+                         f" vocabulary size ({self.cfg.vocab_size})")
     return tree, False
 
   def _run(self, valid: list[_Request], config: StepConfig, seed: int, t_start: float):

@@ -298,9 +298,12 @@ def tree_for_batch(batch_size: int, num_heads: int, *, max_tree_rows: int = DEFA
   should be best-first, as ``MC_SIM_7B_63`` and :func:`tree_from_accuracies`
   are) of 63, 31, 15, 7 and 3 nodes, each with paths deeper than ``num_heads``
   dropped. The largest candidate with ``batch_size * T <= max_tree_rows`` and
-  at least as many rows as the chain wins; otherwise the chain of ``num_heads`` nodes
-  (LoRAX's scheme) is used whatever the budget, so large batches still
-  speculate. T therefore never grows with the batch size.
+  at least as many rows as the chain of ``num_heads`` drafts wins; failing
+  that, the full chain (LoRAX's scheme) if it fits. Below that the policy
+  shrinks the chain instead of switching speculation off: the best-first
+  prefix of ``max_tree_rows // batch_size - 1`` paths (so at least one
+  draft, whatever the budget), so large batches still speculate with the
+  rows they can afford. T never grows with the batch size.
 
   Args:
     batch_size: B, sequences verified together.
@@ -346,7 +349,13 @@ def _tree_for_budget(max_nodes: int, num_heads: int, ordered: Choices, topk: int
     tree = build_tree(_closed_prefix(shallow, size), topk)
     if chain.num_nodes <= tree.num_nodes <= max_nodes:
       return tree
-  return chain
+  if chain.num_nodes <= max_nodes:
+    return chain
+  # Fewer rows than the chain: the best-first paths that fit, at least one.
+  small = _closed_prefix(shallow, max(1, max_nodes - 1)) if shallow else ()
+  if not small or (0,) not in small:
+    return build_tree(chain_choices(min(num_heads, max(1, max_nodes - 1))), topk)
+  return build_tree(small, topk)
 
 
 def _closed_prefix(ordered: Choices, size: int) -> Choices:

@@ -193,12 +193,17 @@ def test_bad_requests_fail_alone(tiny):
     (dict(top_p=0.0), r"top_p=0.0: expected 0 < top_p <= 1"),
     (dict(top_p=1.5), r"top_p=1.5"),
     (dict(on_error="ignore"), r"on_error='ignore'; expected one of raise, skip"),
+    # Bad trees fail on the host, before any device work (tiny vocab: 8 tokens).
+    (dict(speculate="tree", tree=[[0], [8]]), r"tree: uses top-9 ranks; expected at most the"
+                                              r" vocabulary size \(8\)"),
+    (dict(speculate="tree", tree=[[0], [0, 0], [0, 0, 0]]), r"depth 3 exceeds the 2 Medusa"),
 ])
 def test_bad_options_raise_typed_errors(tiny, kwargs, pattern):
   llama, heads = tiny
   eng = Engine(llama, None, heads, max_cache_len=32)
   with pytest.raises(RequestError, match=pattern):
     eng.generate([[1, 2, 3]], 4, **kwargs)
+  assert not eng.decoder.trace_counts  # nothing was traced or run
 
 
 def test_speculate_is_parsed_once():

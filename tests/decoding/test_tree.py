@@ -150,21 +150,31 @@ def test_named_trees_are_trees_and_greedy_prefixes():
 def test_tree_for_batch_shrinks_with_batch(num_heads, budget):
   chain_rows = num_heads + 1
   sizes = []
-  for batch in (1, 2, 3, 4, 8, 16, 32, 64, 128, 512):
+  for batch in (1, 2, 3, 4, 8, 16, 32, 64, 128, 512, 2048):
     t = tr.tree_for_batch(batch, num_heads, max_tree_rows=budget)
     assert t.depth <= num_heads
-    assert t.num_nodes >= chain_rows
-    assert batch * t.num_nodes <= budget or t == tr.build_tree(tr.chain_choices(num_heads))
+    assert t.num_nodes >= 2  # always at least one draft
+    assert batch * t.num_nodes <= budget or t.num_nodes == 2
+    if batch * chain_rows <= budget:
+      assert t.num_nodes >= chain_rows  # never less than the chain when it fits
     assert t.choices == tuple(sorted(t.choices, key=lambda p: (len(p), p)))
     sizes.append(t.num_nodes)
   assert sizes == sorted(sizes, reverse=True), sizes
-  assert sizes[-1] == chain_rows  # huge batches still speculate, with the chain
+  assert sizes[-1] == 2  # huge batches still speculate, with one draft
 
 
 def test_tree_for_batch_values():
   assert tr.tree_for_batch(1, 4).choices == tr.build_tree(tr.MC_SIM_7B_63).choices
   assert tr.tree_for_batch(8, 4, max_tree_rows=256).num_nodes == 32
-  assert tr.tree_for_batch(64, 4, max_tree_rows=256).choices == tr.chain_choices(4)
+  # 4 rows per sequence: less than the 5-node chain, so the best-first 3 paths.
+  assert tr.tree_for_batch(64, 4, max_tree_rows=256).choices == tr.build_tree(
+      tr.MC_SIM_7B_63[:3]).choices
+  assert tr.tree_for_batch(64, 4, max_tree_rows=320).choices == tr.chain_choices(4)
+  # A chain list shortens to the drafts that fit, down to one.
+  assert tr.tree_for_batch(16, 4, max_tree_rows=48, choices="chain_5").choices == (
+      tr.chain_choices(2))
+  assert tr.tree_for_batch(64, 4, max_tree_rows=64, choices="chain_5").choices == ((0,),)
+  assert tr.tree_for_batch(64, 4, max_tree_rows=64).choices == ((0,),)
   shallow = tr.tree_for_batch(1, 2)
   assert shallow.depth == 2
   assert set(shallow.choices) == {p for p in tr.MC_SIM_7B_63 if len(p) <= 2}
