@@ -24,6 +24,15 @@ the caller keeps rows in range.
 Numerics: matmuls take ``dtype`` operands (f32 or bf16) and accumulate in f32;
 RMSNorm, RoPE and the softmax run in f32; logits are f32.
 
+Speed: at decode sizes a step is bound by the number of kernels, not by bytes
+(SmolLM2-135M reads 0.09 ms of weights but ran 1.5 ms per step on an H100).
+So the RoPE tables and the additive mask bias are computed once per call and
+shared by every layer, q and k are rotated together, and
+:meth:`Llama.fuse_projections` turns q/k/v and gate/up into one matmul each
+(``qkv_proj``, ``gate_up_proj``). Checkpoints load in the unfused layout (the
+Hugging Face names, which the sharded loader also splits by columns); fusing
+is a separate step for a single-device model.
+
 Checkpoints load through :mod:`medusa_jax.models.llama_weights` (``load_llama``,
 also reachable from here).
 """
@@ -42,8 +51,8 @@ from flax import nnx
 from medusa_jax.errors import ConfigError, RequestError
 from medusa_jax.models.llama_config import LlamaConfig, RopeScaling, RopeType, rope_inv_freq
 
-__all__ = ["KVCache", "Llama", "LlamaConfig", "RopeScaling", "RopeType", "causal_mask",
-           "load_llama", "rope", "rope_inv_freq"]
+__all__ = ["KVCache", "Llama", "LlamaConfig", "RopeScaling", "RopeType", "apply_rope",
+           "causal_mask", "load_llama", "mask_bias", "rope", "rope_inv_freq", "rope_tables"]
 
 Array = jax.Array
 
@@ -118,6 +127,23 @@ def _dense(x: Array, w: Array) -> Array:
   return jnp.matmul(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
+def rope_tables(positions_BxT: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
+  """cos and sin of the RoPE angles, [B, T, 1, D/2] float32 each (shared by all layers)."""
+  f_BxTxD2 = positions_BxT.astype(jnp.float32)[:, :, None] * jnp.asarray(
+      inv_freq, jnp.float32)[None, None, :]
+  return jnp.cos(f_BxTxD2)[:, :, None, :], jnp.sin(f_BxTxD2)[:, :, None, :]
+
+
+def apply_rope(x_BxTxNxD: Array, cos_BxTx1xD2: Array, sin_BxTx1xD2: Array) -> Array:
+  """Rotates ``x`` (rotate-half layout) in f32 by :func:`rope_tables`; same dtype as ``x``."""
+  D = x_BxTxNxD.shape[-1]
+  x = x_BxTxNxD.astype(jnp.float32)
+  x1, x2 = x[..., :D // 2], x[..., D // 2:]
+  out = jnp.concatenate([x1 * cos_BxTx1xD2 - x2 * sin_BxTx1xD2,
+                         x2 * cos_BxTx1xD2 + x1 * sin_BxTx1xD2], axis=-1)
+  return out.astype(x_BxTxNxD.dtype)
+
+
 def rope(x_BxTxNxD: Array, positions_BxT: Array, inv_freq: np.ndarray) -> Array:
   """Rotary embedding in Hugging Face's rotate-half layout, computed in f32.
 
@@ -129,15 +155,17 @@ def rope(x_BxTxNxD: Array, positions_BxT: Array, inv_freq: np.ndarray) -> Array:
   Returns:
     [B, T, N, D], same dtype as ``x``.
   """
-  D = x_BxTxNxD.shape[-1]
-  f_BxTxD2 = positions_BxT.astype(jnp.float32)[:, :, None] * jnp.asarray(
-      inv_freq, jnp.float32)[None, None, :]
-  cos = jnp.cos(f_BxTxD2)[:, :, None, :]
-  sin = jnp.sin(f_BxTxD2)[:, :, None, :]
-  x = x_BxTxNxD.astype(jnp.float32)
-  x1, x2 = x[..., :D // 2], x[..., D // 2:]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxTxNxD.dtype)
+  return apply_rope(x_BxTxNxD, *rope_tables(positions_BxT, inv_freq))
+
+
+def mask_bias(attn_mask_BxTxL: Array) -> Array:
+  """The boolean mask as an additive f32 bias [B, 1, 1, T, L] (0 or a large negative).
+
+  Adding it to a score gives the same softmax as masking: the negative value
+  swamps any finite score (so a fully masked row is uniform, not NaN).
+  """
+  bias_BxTxL = jnp.where(attn_mask_BxTxL, jnp.float32(0.0), jnp.float32(_MASK_VALUE))
+  return bias_BxTxL[:, None, None, :, :]
 
 
 class RMSNorm(nnx.Module):
@@ -173,26 +201,55 @@ class Linear(nnx.Module):
 
 
 class Attention(nnx.Module):
-  """Grouped-query attention over a KV cache, with an explicit mask."""
+  """Grouped-query attention over a KV cache, with an additive mask bias.
+
+  Unfused it holds ``q_proj``, ``k_proj``, ``v_proj`` (the checkpoint layout);
+  fused (``fused=True``) one ``qkv_proj`` whose kernel is their column
+  concatenation ``[H, (Q + 2G) * D]``: one matmul instead of three.
+  """
 
   def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                rope_theta: float, rngs: nnx.Rngs, rope_scaling: RopeScaling = RopeScaling(),
-               dtype=jnp.float32, param_dtype=jnp.float32):
+               dtype=jnp.float32, param_dtype=jnp.float32, fused: bool = False):
     self.num_heads = num_heads
     self.num_kv_heads = num_kv_heads
     self.head_dim = head_dim
     # A static tuple (not an array attribute) so that nnx treats it as graph data.
     self.inv_freq = tuple(float(f) for f in rope_inv_freq(head_dim, rope_theta, rope_scaling))
     self.dtype = dtype
+    self.fused = bool(fused)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.q_proj = Linear(hidden, num_heads * head_dim, **kw)
-    self.k_proj = Linear(hidden, num_kv_heads * head_dim, **kw)
-    self.v_proj = Linear(hidden, num_kv_heads * head_dim, **kw)
+    if self.fused:
+      self.qkv_proj = Linear(hidden, (num_heads + 2 * num_kv_heads) * head_dim, **kw)
+    else:
+      self.q_proj = Linear(hidden, num_heads * head_dim, **kw)
+      self.k_proj = Linear(hidden, num_kv_heads * head_dim, **kw)
+      self.v_proj = Linear(hidden, num_kv_heads * head_dim, **kw)
     self.o_proj = Linear(num_heads * head_dim, hidden, **kw)
 
-  def __call__(self, x_BxTxH: Array, positions_BxT: Array, k_BxLxGxD: Array, v_BxLxGxD: Array,
-               cache_index_B: Array, mask_BxTxL: Array) -> tuple[Array, Array, Array]:
+  def _qkv(self, x_BxTxH: Array) -> tuple[Array, Array]:
+    """([B, T, Q + G, D] queries then keys, [B, T, G, D] values), compute dtype."""
+    B, T, _ = x_BxTxH.shape
+    Q, G, D = self.num_heads, self.num_kv_heads, self.head_dim
+    if self.fused:
+      qkv_BxTxN = self.qkv_proj(x_BxTxH)
+      qk_BxTxN, v_BxTxN = qkv_BxTxN[..., :(Q + G) * D], qkv_BxTxN[..., (Q + G) * D:]
+    else:
+      qk_BxTxN = jnp.concatenate([self.q_proj(x_BxTxH), self.k_proj(x_BxTxH)], axis=-1)
+      v_BxTxN = self.v_proj(x_BxTxH)
+    return qk_BxTxN.reshape(B, T, Q + G, D), v_BxTxN.reshape(B, T, G, D)
+
+  def __call__(self, x_BxTxH: Array, rope_cs: tuple[Array, Array], k_BxLxGxD: Array,
+               v_BxLxGxD: Array, cache_index_B: Array, bias_Bx1x1xTxL: Array
+               ) -> tuple[Array, Array, Array]:
     """Attends the T new tokens to the cache after writing their K/V into it.
+
+    Args:
+      x_BxTxH: normed input.
+      rope_cs: (cos, sin) from :func:`rope_tables` at the tokens' positions.
+      k_BxLxGxD, v_BxLxGxD: this layer's cache.
+      cache_index_B: [B] slot of each row's first new token.
+      bias_Bx1x1xTxL: additive mask bias (:func:`mask_bias`).
 
     Returns:
       out [B, T, H] (compute dtype) and the updated k, v caches [B, L, G, D].
@@ -200,10 +257,9 @@ class Attention(nnx.Module):
     B, T, _ = x_BxTxH.shape
     Q, G, D = self.num_heads, self.num_kv_heads, self.head_dim
     R = Q // G
-    inv_freq = np.asarray(self.inv_freq, np.float32)
-    q_BxTxQxD = rope(self.q_proj(x_BxTxH).reshape(B, T, Q, D), positions_BxT, inv_freq)
-    k_BxTxGxD = rope(self.k_proj(x_BxTxH).reshape(B, T, G, D), positions_BxT, inv_freq)
-    v_BxTxGxD = self.v_proj(x_BxTxH).reshape(B, T, G, D)
+    qk_BxTxNxD, v_BxTxGxD = self._qkv(x_BxTxH)
+    qk_BxTxNxD = apply_rope(qk_BxTxNxD, *rope_cs)  # q and k rotated in one pass
+    q_BxTxQxD, k_BxTxGxD = qk_BxTxNxD[:, :, :Q], qk_BxTxNxD[:, :, Q:]
     k_BxLxGxD = _write(k_BxLxGxD, k_BxTxGxD, cache_index_B)
     v_BxLxGxD = _write(v_BxLxGxD, v_BxTxGxD, cache_index_B)
 
@@ -211,8 +267,8 @@ class Attention(nnx.Module):
     q_BxTxGxRxD = q_BxTxQxD.reshape(B, T, G, R, D)
     s_BxGxRxTxL = jnp.einsum("btgrd,bsgd->bgrts", q_BxTxGxRxD,
                              k_BxLxGxD.astype(q_BxTxGxRxD.dtype),
-                             preferred_element_type=jnp.float32) * (1.0 / math.sqrt(D))
-    s_BxGxRxTxL = jnp.where(mask_BxTxL[:, None, None, :, :], s_BxGxRxTxL, _MASK_VALUE)
+                             preferred_element_type=jnp.float32)
+    s_BxGxRxTxL = s_BxGxRxTxL * (1.0 / math.sqrt(D)) + bias_Bx1x1xTxL
     p_BxGxRxTxL = jax.nn.softmax(s_BxGxRxTxL, axis=-1)  # f32
     o_BxTxGxRxD = jnp.einsum("bgrts,bsgd->btgrd", p_BxGxRxTxL.astype(self.dtype),
                              v_BxLxGxD.astype(self.dtype), preferred_element_type=jnp.float32)
@@ -221,36 +277,47 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """``down(silu(gate(x)) * up(x))``."""
+  """``down(silu(gate(x)) * up(x))``; fused, gate and up are one ``gate_up_proj`` [H, 2F]."""
 
   def __init__(self, hidden: int, intermediate: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32):
+               param_dtype=jnp.float32, fused: bool = False):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.gate_proj = Linear(hidden, intermediate, **kw)
-    self.up_proj = Linear(hidden, intermediate, **kw)
+    self.intermediate = intermediate
+    self.fused = bool(fused)
+    if self.fused:
+      self.gate_up_proj = Linear(hidden, 2 * intermediate, **kw)
+    else:
+      self.gate_proj = Linear(hidden, intermediate, **kw)
+      self.up_proj = Linear(hidden, intermediate, **kw)
     self.down_proj = Linear(intermediate, hidden, **kw)
 
   def __call__(self, x: Array) -> Array:
     """x: [..., H] -> [..., H]."""
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    if self.fused:
+      gu = self.gate_up_proj(x)
+      gate, up = gu[..., :self.intermediate], gu[..., self.intermediate:]
+    else:
+      gate, up = self.gate_proj(x), self.up_proj(x)
+    return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class Block(nnx.Module):
   """Pre-norm decoder layer: attention then MLP, each with a residual."""
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32):
+               param_dtype=jnp.float32, fused: bool = False):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
     self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads,
                                cfg.num_key_value_heads, cfg.head_dim,
-                               rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, **kw)
+                               rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
+                               fused=fused, **kw)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
-    self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, **kw)
+    self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, fused=fused, **kw)
 
-  def __call__(self, x_BxTxH, positions_BxT, k, v, cache_index_B, mask_BxTxL):
-    a_BxTxH, k, v = self.self_attn(self.input_layernorm(x_BxTxH), positions_BxT, k, v,
-                                   cache_index_B, mask_BxTxL)
+  def __call__(self, x_BxTxH, rope_cs, k, v, cache_index_B, bias_Bx1x1xTxL):
+    a_BxTxH, k, v = self.self_attn(self.input_layernorm(x_BxTxH), rope_cs, k, v,
+                                   cache_index_B, bias_Bx1x1xTxL)
     x_BxTxH = x_BxTxH + a_BxTxH
     x_BxTxH = x_BxTxH + self.mlp(self.post_attention_layernorm(x_BxTxH))
     return x_BxTxH, k, v
@@ -270,16 +337,28 @@ class Llama(nnx.Module):
     pos = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (2, 5))
     h, cache = model(tokens, pos, cache, idx, causal_mask(idx, 5, 64))
     logits = model.lm_head(h[:, -1])
+    fast = model.fuse_projections()   # same function, fewer kernels per step
   """
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32):
+               param_dtype=jnp.float32, fused_projections: bool = False):
+    """Args:
+      cfg: the architecture.
+      rngs: initialisation keys.
+      dtype: compute dtype.
+      param_dtype: storage dtype of the parameters.
+      fused_projections: build the fused layout (``qkv_proj``, ``gate_up_proj``)
+        directly; checkpoints load into the unfused one (see
+        :meth:`fuse_projections`).
+    """
     self.cfg = cfg
     self.dtype = dtype
+    self.fused_projections = bool(fused_projections)
     init = nnx.initializers.normal(0.02)
     self.embed_tokens = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
                                        param_dtype))
-    self.layers = nnx.List([Block(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.layers = nnx.List([Block(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                                  fused=fused_projections)
                             for _ in range(cfg.num_hidden_layers)])
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, dtype=dtype,
                         param_dtype=param_dtype)
@@ -288,6 +367,41 @@ class Llama(nnx.Module):
     else:
       self.lm_head_kernel = nnx.Param(init(rngs.params(), (cfg.hidden_size, cfg.vocab_size),
                                            param_dtype))
+
+  def fuse_projections(self) -> Llama:
+    """The same model with q/k/v and gate/up fused into one kernel each.
+
+    Computes the same function (each output column is the same dot product)
+    with two matmuls fewer per attention and one fewer per MLP: at decode
+    sizes, where a step is bound by kernel launches, that is the speed-up.
+    The parameters are concatenated once here (the model's memory doubles
+    until the unfused one is dropped); ``self`` is left unchanged. A model
+    already fused is returned as is.
+
+    Returns:
+      A new :class:`Llama` with ``fused_projections=True``.
+    """
+    if self.fused_projections:
+      return self
+    cfg = self.cfg
+    param_dtype = self.embed_tokens.get_value().dtype
+    fused = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=self.dtype,
+                                         param_dtype=param_dtype, fused_projections=True))
+    cat = lambda *ps: jnp.concatenate([p.get_value() for p in ps], axis=1)  # noqa: E731
+    fused.embed_tokens.set_value(self.embed_tokens.get_value())
+    fused.norm.weight.set_value(self.norm.weight.get_value())
+    if self.lm_head_kernel is not None:
+      fused.lm_head_kernel.set_value(self.lm_head_kernel.get_value())
+    for src, dst in zip(self.layers, fused.layers):
+      a, m = src.self_attn, src.mlp
+      dst.self_attn.qkv_proj.kernel.set_value(cat(a.q_proj.kernel, a.k_proj.kernel,
+                                                  a.v_proj.kernel))
+      dst.self_attn.o_proj.kernel.set_value(a.o_proj.kernel.get_value())
+      dst.mlp.gate_up_proj.kernel.set_value(cat(m.gate_proj.kernel, m.up_proj.kernel))
+      dst.mlp.down_proj.kernel.set_value(m.down_proj.kernel.get_value())
+      for norm in ("input_layernorm", "post_attention_layernorm"):
+        getattr(dst, norm).weight.set_value(getattr(src, norm).weight.get_value())
+    return fused
 
   def embed(self, tokens: Array) -> Array:
     """tokens: [...] int32 -> [..., H] in the compute dtype."""
@@ -331,9 +445,12 @@ class Llama(nnx.Module):
       raise RequestError(f"cache: expected batch {B} and {len(self.layers)} layers, got batch "
                         f"{cache.batch} and {len(cache.k)} layers")
     x_BxTxH = self.embed(tokens)
+    # Shared by every layer: computed once per call, not once per layer.
+    rope_cs = rope_tables(positions, np.asarray(self.layers[0].self_attn.inv_freq, np.float32))
+    bias_Bx1x1xTxL = mask_bias(attn_mask)
     ks, vs = [], []
     for layer, k, v in zip(self.layers, cache.k, cache.v):
-      x_BxTxH, k, v = layer(x_BxTxH, positions, k, v, cache_index, attn_mask)
+      x_BxTxH, k, v = layer(x_BxTxH, rope_cs, k, v, cache_index, bias_Bx1x1xTxL)
       ks.append(k)
       vs.append(v)
     return self.norm(x_BxTxH), KVCache(k=tuple(ks), v=tuple(vs))

@@ -14,7 +14,8 @@ from flax import nnx
 
 from medusa_jax.errors import (ConfigError, CorruptWeightsError, MissingTensorError,
                                RequestError, TensorShapeError, WeightsNotFoundError)
-from medusa_jax.models.llama import KVCache, Llama, LlamaConfig, causal_mask, load_llama
+from medusa_jax.models.llama import (KVCache, Llama, LlamaConfig, apply_rope, causal_mask,
+                                     load_llama, mask_bias, rope, rope_tables)
 
 
 # ----------------------------------------------------------------- reference
@@ -291,6 +292,96 @@ def test_bad_call_shapes_raise():
     KVCache.init(cfg, 0, 8)
 
 
+# ----------------------------------------------------------------- fused projections
+
+
+@pytest.mark.parametrize("tied,dtype", [(False, jnp.float32), (True, jnp.bfloat16)])
+def test_fuse_projections_computes_the_same_function(tied, dtype):
+  cfg = LlamaConfig.tiny(tie_word_embeddings=tied)
+  m32 = _model(seed=21, tie_word_embeddings=tied)
+  model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
+  nnx.update(model, jax.tree.map(lambda x: x.astype(dtype), nnx.state(m32)))
+  fused = model.fuse_projections()
+  assert fused.fused_projections and not model.fused_projections
+  assert fused.fuse_projections() is fused
+  Q, G, D, F = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
+  for src, dst in zip(model.layers, fused.layers):
+    a, m = src.self_attn, src.mlp
+    qkv = np.asarray(dst.self_attn.qkv_proj.kernel[...].astype(jnp.float32))
+    assert qkv.shape == (cfg.hidden_size, (Q + 2 * G) * D)
+    assert dst.self_attn.qkv_proj.kernel[...].dtype == dtype
+    np.testing.assert_array_equal(qkv[:, :Q * D], np.asarray(a.q_proj.kernel[...].astype(jnp.float32)))
+    np.testing.assert_array_equal(qkv[:, (Q + G) * D:],
+                                  np.asarray(a.v_proj.kernel[...].astype(jnp.float32)))
+    gu = np.asarray(dst.mlp.gate_up_proj.kernel[...].astype(jnp.float32))
+    np.testing.assert_array_equal(gu[:, F:], np.asarray(m.up_proj.kernel[...].astype(jnp.float32)))
+    assert not hasattr(dst.self_attn, "q_proj") and not hasattr(dst.mlp, "gate_proj")
+  assert hasattr(model.layers[0].self_attn, "q_proj")  # the source keeps its layout
+
+  rng = np.random.default_rng(22)
+  B, P, T, L = 2, 5, 4, 16
+  prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, P)), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+  idx0 = jnp.zeros((B,), jnp.int32)
+  outs = []
+  for m in (model, fused):
+    h, cache = _fwd(m, prompt, pos, KVCache.init(cfg, B, L, dtype), idx0, causal_mask(idx0, P, L))
+    idx = jnp.asarray([P, P - 2], jnp.int32)  # then a T-token step at per-row offsets
+    tok = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32) if not outs else outs[0][3]
+    h2, cache = _fwd(m, tok, idx[:, None] + jnp.arange(T, dtype=jnp.int32)[None], cache, idx,
+                     causal_mask(idx, T, L))
+    outs.append((h, h2, cache, tok))
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  for a, b in zip(jax.tree.leaves(outs[0][:3]), jax.tree.leaves(outs[1][:3])):
+    a32, b32 = np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32))
+    assert np.isfinite(b32).all()
+    err = np.linalg.norm(a32 - b32) / np.linalg.norm(a32)
+    assert err <= tol, err
+
+
+def test_fused_model_built_directly_and_through_the_engine():
+  """A model built fused from scratch has the fused parameter shapes, and the
+  engine's greedy tokens are the same with the fused and the unfused layout."""
+  from medusa_jax.decoding.engine import Engine
+  cfg = LlamaConfig.tiny(eos_token_ids=())
+  direct = Llama(cfg, rngs=nnx.Rngs(0), fused_projections=True)
+  shapes = {"/".join(map(str, k)): v.get_value().shape
+            for k, v in nnx.to_flat_state(nnx.state(direct))}
+  assert shapes["layers/0/self_attn/qkv_proj/kernel"] == (32, 64)
+  assert shapes["layers/1/mlp/gate_up_proj/kernel"] == (32, 96)
+  assert not any(f"/{name}/" in k for k in shapes
+                 for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
+  model = _model(seed=23, eos_token_ids=())
+  rng = np.random.default_rng(24)
+  prompts = [list(rng.integers(3, cfg.vocab_size, n)) for n in (3, 7)]
+  tokens = [Engine(m, max_cache_len=32).generate(prompts, 6).tokens
+            for m in (model, model.fuse_projections())]
+  assert tokens[0] == tokens[1] and all(len(t) == 6 for t in tokens[0])
+
+
+def test_rope_tables_and_mask_bias():
+  rng = np.random.default_rng(25)
+  x = jnp.asarray(rng.standard_normal((2, 3, 4, 8)), jnp.float32)
+  pos = jnp.asarray(rng.integers(0, 50, (2, 3)), jnp.int32)
+  inv = LlamaConfig.tiny().inv_freq
+  np.testing.assert_allclose(np.asarray(rope(x, pos, inv)),
+                             _ref_rope(np.asarray(x, np.float64).reshape(6, 4, 8),
+                                       np.asarray(pos).reshape(6), 1e4).reshape(2, 3, 4, 8),
+                             rtol=1e-5, atol=1e-5)
+  cos, sin = rope_tables(pos, inv)
+  assert cos.shape == sin.shape == (2, 3, 1, 4)
+  np.testing.assert_array_equal(np.asarray(apply_rope(x, cos, sin)), np.asarray(rope(x, pos, inv)))
+  mask = jnp.asarray(rng.random((2, 3, 5)) < 0.5).at[1, 2].set(False)
+  bias = np.asarray(mask_bias(mask))
+  assert bias.shape == (2, 1, 1, 3, 5) and bias.dtype == np.float32
+  np.testing.assert_array_equal(bias[:, 0, 0] == 0, np.asarray(mask))
+  scores = jnp.asarray(rng.standard_normal((2, 1, 1, 3, 5)) * 30, jnp.float32)
+  p = np.asarray(jax.nn.softmax(scores + bias, axis=-1))
+  np.testing.assert_allclose(p[1, 0, 0, 2], np.full(5, 0.2), rtol=1e-6)  # fully masked: uniform
+  seen = np.asarray(mask).any(-1, keepdims=True)  # rows with a visible slot: masked slots get 0
+  assert (p[:, 0, 0][~np.asarray(mask) & seen] == 0).all()
+
+
 # ----------------------------------------------------------------- config
 
 
@@ -482,32 +573,33 @@ def test_smollm2_matches_transformers(smollm2):
       out = hf(torch.tensor([[ref_gen[-1]]]), past_key_values=past, use_cache=True)
       past = out.past_key_values
 
-  graphdef, state = nnx.split(model)
+  for m in (model, model.fuse_projections()):  # the checkpoint layout, then the fused one
+    graphdef, state = nnx.split(m)
 
-  def step(state, tokens, positions, cache, cache_index):
-    m = nnx.merge(graphdef, state)
-    T = tokens.shape[1]
-    h, cache = m(tokens, positions, cache, cache_index, causal_mask(cache_index, T, L))
-    return m.lm_head(h), cache
+    def step(state, tokens, positions, cache, cache_index, graphdef=graphdef):
+      m = nnx.merge(graphdef, state)
+      T = tokens.shape[1]
+      h, cache = m(tokens, positions, cache, cache_index, causal_mask(cache_index, T, L))
+      return m.lm_head(h), cache
 
-  jstep = jax.jit(step, donate_argnames=("cache",))
-  cache = KVCache.init(model.cfg, 1, L)
-  idx = jnp.zeros((1,), jnp.int32)
-  logits, cache = jstep(state, jnp.asarray([ids], jnp.int32),
-                        jnp.arange(P, dtype=jnp.int32)[None], cache, idx)
-  logits = np.asarray(logits[0])
-  diff = np.abs(logits - ref_logits).max()
-  assert diff < 5e-4, f"max |logit diff| {diff}"
-  np.testing.assert_array_equal(logits.argmax(-1), ref_logits.argmax(-1))
+    jstep = jax.jit(step, donate_argnames=("cache",))
+    cache = KVCache.init(model.cfg, 1, L)
+    idx = jnp.zeros((1,), jnp.int32)
+    logits, cache = jstep(state, jnp.asarray([ids], jnp.int32),
+                          jnp.arange(P, dtype=jnp.int32)[None], cache, idx)
+    logits = np.asarray(logits[0])
+    diff = np.abs(logits - ref_logits).max()
+    assert diff < 5e-4, f"fused={m.fused_projections}: max |logit diff| {diff}"
+    np.testing.assert_array_equal(logits.argmax(-1), ref_logits.argmax(-1))
 
-  out, cur, nxt = [], P, int(logits[-1].argmax())
-  for _ in range(steps):
-    out.append(nxt)
-    idx = jnp.asarray([cur], jnp.int32)
-    logits, cache = jstep(state, jnp.asarray([[nxt]], jnp.int32), idx[:, None], cache, idx)
-    nxt = int(np.asarray(logits)[0, -1].argmax())
-    cur += 1
-  assert out == ref_gen, (tok.decode(out), tok.decode(ref_gen))
+    out, cur, nxt = [], P, int(logits[-1].argmax())
+    for _ in range(steps):
+      out.append(nxt)
+      idx = jnp.asarray([cur], jnp.int32)
+      logits, cache = jstep(state, jnp.asarray([[nxt]], jnp.int32), idx[:, None], cache, idx)
+      nxt = int(np.asarray(logits)[0, -1].argmax())
+      cur += 1
+    assert out == ref_gen, (m.fused_projections, tok.decode(out), tok.decode(ref_gen))
 
 
 @pytest.mark.parametrize("rope", [None, {"rope_type": "linear", "factor": 2.0},
