@@ -39,6 +39,7 @@ also reachable from here).
 
 from __future__ import annotations
 
+import enum
 import math
 from typing import Any
 
@@ -51,7 +52,7 @@ from flax import nnx
 from medusa_jax.errors import ConfigError, RequestError
 from medusa_jax.models.llama_config import LlamaConfig, RopeScaling, RopeType, rope_inv_freq
 
-__all__ = ["KVCache", "Llama", "LlamaConfig", "RopeScaling", "RopeType", "apply_rope",
+__all__ = ["AttentionScores", "KVCache", "Llama", "LlamaConfig", "RopeScaling", "RopeType", "apply_rope",
            "causal_mask", "load_llama", "mask_bias", "rope", "rope_inv_freq", "rope_tables"]
 
 Array = jax.Array
@@ -59,6 +60,38 @@ Array = jax.Array
 # Added to masked-out attention scores. Finite, so a fully masked query row
 # gives a uniform (not NaN) softmax; large enough that exp() underflows to 0.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+
+class AttentionScores(enum.Enum):
+  """How the scores of the new tokens against the cache are computed.
+
+  Both give the same attention; they differ in the matmul XLA has to run.
+  """
+  GROUPED = "grouped"
+  """One matmul per (row, kv head). Its batch dimensions (b, g) are not the
+  leading ones of the cache layout [B, L, G, D], so a backend may copy the
+  cache into [B, G, L, D] first, in every layer."""
+  FLAT = "flat"
+  """One matmul per row over all L * G cache entries ([B, L*G, D] is a free
+  view of the cache), then each query head keeps the scores of its own kv
+  head: G times the (small) score work and no copy of the cache. Used for
+  calls of at most ``FLAT_MAX_TOKENS`` new tokens per row (decode and tree
+  verification); longer calls (prefill) use GROUPED."""
+
+  @classmethod
+  def parse(cls, value: str | AttentionScores) -> AttentionScores:
+    if isinstance(value, cls):
+      return value
+    try:
+      return cls(value)
+    except ValueError:
+      raise ConfigError(f"attention_scores={value!r}; expected one of "
+                        f"{', '.join(m.value for m in cls)}") from None
+
+
+FLAT_MAX_TOKENS = 64
+"""Longest call (new tokens per row) that :attr:`AttentionScores.FLAT` applies to."""
 
 
 # --------------------------------------------------------------------------- cache
@@ -210,8 +243,10 @@ class Attention(nnx.Module):
 
   def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                rope_theta: float, rngs: nnx.Rngs, rope_scaling: RopeScaling = RopeScaling(),
-               dtype=jnp.float32, param_dtype=jnp.float32, fused: bool = False):
+               dtype=jnp.float32, param_dtype=jnp.float32, fused: bool = False,
+               scores: AttentionScores = AttentionScores.GROUPED):
     self.num_heads = num_heads
+    self.scores = AttentionScores.parse(scores)
     self.num_kv_heads = num_kv_heads
     self.head_dim = head_dim
     # A static tuple (not an array attribute) so that nnx treats it as graph data.
@@ -264,7 +299,18 @@ class Attention(nnx.Module):
     v_BxLxGxD = _write(v_BxLxGxD, v_BxTxGxD, cache_index_B)
 
     # Query head g*R + r reads kv head g (Hugging Face's repeat_kv order).
-    q_BxTxGxRxD = q_BxTxQxD.reshape(B, T, G, R, D)
+    if self.scores is AttentionScores.FLAT and T <= FLAT_MAX_TOKENS:
+      o_BxTxQxD = self._flat(q_BxTxQxD, k_BxLxGxD, v_BxLxGxD, bias_Bx1x1xTxL)
+    else:
+      o_BxTxQxD = self._grouped(q_BxTxQxD, k_BxLxGxD, v_BxLxGxD, bias_Bx1x1xTxL)
+    out_BxTxH = self.o_proj(o_BxTxQxD.astype(self.dtype).reshape(B, T, Q * D))
+    return out_BxTxH, k_BxLxGxD, v_BxLxGxD
+
+  def _grouped(self, q_BxTxQxD, k_BxLxGxD, v_BxLxGxD, bias_Bx1x1xTxL):
+    """Attention output [B, T, Q, D] f32, batched over (row, kv head)."""
+    B, T, Q, D = q_BxTxQxD.shape
+    G = self.num_kv_heads
+    q_BxTxGxRxD = q_BxTxQxD.reshape(B, T, G, Q // G, D)
     s_BxGxRxTxL = jnp.einsum("btgrd,bsgd->bgrts", q_BxTxGxRxD,
                              k_BxLxGxD.astype(q_BxTxGxRxD.dtype),
                              preferred_element_type=jnp.float32)
@@ -272,8 +318,30 @@ class Attention(nnx.Module):
     p_BxGxRxTxL = jax.nn.softmax(s_BxGxRxTxL, axis=-1)  # f32
     o_BxTxGxRxD = jnp.einsum("bgrts,bsgd->btgrd", p_BxGxRxTxL.astype(self.dtype),
                              v_BxLxGxD.astype(self.dtype), preferred_element_type=jnp.float32)
-    out_BxTxH = self.o_proj(o_BxTxGxRxD.astype(self.dtype).reshape(B, T, Q * D))
-    return out_BxTxH, k_BxLxGxD, v_BxLxGxD
+    return o_BxTxGxRxD.reshape(B, T, Q, D)
+
+  def _flat(self, q_BxTxQxD, k_BxLxGxD, v_BxLxGxD, bias_Bx1x1xTxL):
+    """Attention output [B, T, Q, D] f32, one matmul per row over all L * G entries."""
+    B, T, Q, D = q_BxTxQxD.shape
+    L, G = k_BxLxGxD.shape[1], self.num_kv_heads
+    R = Q // G
+    own_GxG = np.eye(G, dtype=bool)  # query group g keeps the scores of kv head g
+    s_BxMxN = jnp.einsum("bmd,bnd->bmn", q_BxTxQxD.reshape(B, T * Q, D),
+                         k_BxLxGxD.reshape(B, L * G, D).astype(q_BxTxQxD.dtype),
+                         preferred_element_type=jnp.float32)
+    s_BxTxGxRxLxG = s_BxMxN.reshape(B, T, G, R, L, G)
+    # Adding exact zeros: the kept score is bit-identical to the grouped one.
+    s_BxTxGxRxL = jnp.sum(jnp.where(own_GxG[None, None, :, None, None, :], s_BxTxGxRxLxG, 0.0),
+                          axis=-1)
+    bias_BxTx1x1xL = jnp.moveaxis(bias_Bx1x1xTxL, 3, 1)
+    p_BxTxGxRxL = jax.nn.softmax(s_BxTxGxRxL * (1.0 / math.sqrt(D)) + bias_BxTx1x1xL, axis=-1)
+    p_BxTxGxRxLxG = jnp.where(own_GxG[None, None, :, None, None, :],
+                              p_BxTxGxRxL.astype(self.dtype)[..., None],
+                              jnp.zeros((), self.dtype))
+    o_BxMxD = jnp.einsum("bmn,bnd->bmd", p_BxTxGxRxLxG.reshape(B, T * Q, L * G),
+                         v_BxLxGxD.reshape(B, L * G, D).astype(self.dtype),
+                         preferred_element_type=jnp.float32)
+    return o_BxMxD.reshape(B, T, Q, D)
 
 
 class MLP(nnx.Module):
@@ -305,13 +373,14 @@ class Block(nnx.Module):
   """Pre-norm decoder layer: attention then MLP, each with a residual."""
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, fused: bool = False):
+               param_dtype=jnp.float32, fused: bool = False,
+               scores: AttentionScores = AttentionScores.GROUPED):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
     self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads,
                                cfg.num_key_value_heads, cfg.head_dim,
                                rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
-                               fused=fused, **kw)
+                               fused=fused, scores=scores, **kw)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
     self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, fused=fused, **kw)
 
@@ -341,7 +410,8 @@ class Llama(nnx.Module):
   """
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, fused_projections: bool = False):
+               param_dtype=jnp.float32, fused_projections: bool = False,
+               attention_scores: AttentionScores | str = AttentionScores.GROUPED):
     """Args:
       cfg: the architecture.
       rngs: initialisation keys.
@@ -350,15 +420,20 @@ class Llama(nnx.Module):
       fused_projections: build the fused layout (``qkv_proj``, ``gate_up_proj``)
         directly; checkpoints load into the unfused one (see
         :meth:`fuse_projections`).
+      attention_scores: how attention scores are computed (:class:`AttentionScores`).
+
+    Raises:
+      ConfigError: an unknown ``attention_scores``.
     """
     self.cfg = cfg
     self.dtype = dtype
     self.fused_projections = bool(fused_projections)
+    self.attention_scores = AttentionScores.parse(attention_scores)
     init = nnx.initializers.normal(0.02)
     self.embed_tokens = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
                                        param_dtype))
     self.layers = nnx.List([Block(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                                  fused=fused_projections)
+                                  fused=fused_projections, scores=self.attention_scores)
                             for _ in range(cfg.num_hidden_layers)])
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, dtype=dtype,
                         param_dtype=param_dtype)
@@ -386,7 +461,8 @@ class Llama(nnx.Module):
     cfg = self.cfg
     param_dtype = self.embed_tokens.get_value().dtype
     fused = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=self.dtype,
-                                         param_dtype=param_dtype, fused_projections=True))
+                                         param_dtype=param_dtype, fused_projections=True,
+                                         attention_scores=self.attention_scores))
     cat = lambda *ps: jnp.concatenate([p.get_value() for p in ps], axis=1)  # noqa: E731
     fused.embed_tokens.set_value(self.embed_tokens.get_value())
     fused.norm.weight.set_value(self.norm.weight.get_value())
@@ -402,6 +478,23 @@ class Llama(nnx.Module):
       for norm in ("input_layernorm", "post_attention_layernorm"):
         getattr(dst, norm).weight.set_value(getattr(src, norm).weight.get_value())
     return fused
+
+  def with_attention_scores(self, scores: AttentionScores | str) -> Llama:
+    """The same model (sharing its parameter arrays) computing scores by ``scores``.
+
+    Raises:
+      ConfigError: an unknown ``scores``.
+    """
+    scores = AttentionScores.parse(scores)
+    if scores is self.attention_scores:
+      return self
+    param_dtype = self.embed_tokens.get_value().dtype
+    new = nnx.eval_shape(lambda: Llama(self.cfg, rngs=nnx.Rngs(0), dtype=self.dtype,
+                                       param_dtype=param_dtype,
+                                       fused_projections=self.fused_projections,
+                                       attention_scores=scores))
+    nnx.update(new, nnx.state(self))
+    return new
 
   def embed(self, tokens: Array) -> Array:
     """tokens: [...] int32 -> [..., H] in the compute dtype."""

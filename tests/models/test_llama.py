@@ -14,8 +14,8 @@ from flax import nnx
 
 from medusa_jax.errors import (ConfigError, CorruptWeightsError, MissingTensorError,
                                RequestError, TensorShapeError, WeightsNotFoundError)
-from medusa_jax.models.llama import (KVCache, Llama, LlamaConfig, apply_rope, causal_mask,
-                                     load_llama, mask_bias, rope, rope_tables)
+from medusa_jax.models.llama import (AttentionScores, KVCache, Llama, LlamaConfig, apply_rope,
+                                     causal_mask, load_llama, mask_bias, rope, rope_tables)
 
 
 # ----------------------------------------------------------------- reference
@@ -357,6 +357,45 @@ def test_fused_model_built_directly_and_through_the_engine():
   tokens = [Engine(m, max_cache_len=32).generate(prompts, 6).tokens
             for m in (model, model.fuse_projections())]
   assert tokens[0] == tokens[1] and all(len(t) == 6 for t in tokens[0])
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_flat_attention_scores_match_grouped(fused):
+  """FLAT scores (decode and tree calls) give the grouped attention: a prefill,
+  a tree step with a fully masked padding row, and per-row cache offsets."""
+  model = _model(seed=26)
+  model = model.fuse_projections() if fused else model
+  flat = model.with_attention_scores("flat")
+  assert flat.attention_scores is AttentionScores.FLAT and model.with_attention_scores(
+      AttentionScores.GROUPED) is model
+  assert flat.layers[0].mlp.down_proj.kernel.get_value() is model.layers[0].mlp.down_proj.kernel.get_value()
+  assert flat.fuse_projections().attention_scores is AttentionScores.FLAT
+  cfg = model.cfg
+  rng = np.random.default_rng(27)
+  B, P, T, L = 3, 6, 5, 16
+  prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, P)), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+  idx0 = jnp.zeros((B,), jnp.int32)
+  tok = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
+  idx = jnp.asarray([P, P - 3, P], jnp.int32)
+  mask = np.asarray(causal_mask(idx, T, L)).copy()
+  mask[2] = False
+  outs = []
+  for m in (model, flat):
+    _, cache = _fwd(m, prompt, pos, KVCache.init(cfg, B, L), idx0, causal_mask(idx0, P, L))
+    h, cache = _fwd(m, tok, idx[:, None] + jnp.arange(T, dtype=jnp.int32)[None], cache, idx,
+                    jnp.asarray(mask))
+    outs.append((np.asarray(h), np.asarray(cache.k[1]), np.asarray(cache.v[0])))
+  assert np.isfinite(outs[1][0]).all()
+  for a, b in zip(*outs):
+    np.testing.assert_allclose(b, a, rtol=2e-6, atol=2e-6)
+
+
+def test_attention_scores_errors():
+  with pytest.raises(ConfigError, match="attention_scores='dense'"):
+    Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0), attention_scores="dense")
+  with pytest.raises(ConfigError, match="attention_scores"):
+    _model(seed=28).with_attention_scores("pairs")
 
 
 def test_rope_tables_and_mask_bias():
