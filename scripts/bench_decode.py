@@ -1,13 +1,15 @@
 """Decode benchmark: plain, chain and tree steps of the jitted engine, and HF generate.
 
 Random weights of the exact SmolLM2-135M shape (step times do not depend on
-the weights; acceptance does, and is measured with trained heads on the real
-model elsewhere). For each batch size it reports:
+the weights; acceptance does: ``--real-model`` measures it end to end). The
+base model is timed with fused projections (``Llama.fuse_projections``);
+``--compare-unfused`` also times the unfused layout at the first batch size,
+in the same process. For each batch size it reports:
 
 * step times (device time per call, from a loop of dispatched calls ended by one
   ``block_until_ready``; and in-graph, ``fori_loop`` over the step, which
   removes per-call dispatch) for plain decoding, LoRAX's chain (n = 4) and the
-  adaptive Medusa tree;
+  adaptive Medusa tree; the kernels of the compiled plain step;
 * the break-even tokens per step of each speculative mode (its step time over
   the plain step time): speculation wins when the heads beat it;
 * the forward-only cost of verifying T tree nodes against a one-token forward;
@@ -16,6 +18,12 @@ model elsewhere). For each batch size it reports:
   numbers show the overhead of speculating, not its gain;
 * Hugging Face transformers ``generate`` (eager, same shape, same dtype);
 * the memory floor of a plain step from a copy bandwidth measured in the run.
+
+With ``--real-model DIR --questions FILE`` it instead runs the real model
+(bf16, fused projections) and Medusa heads through ``Engine.generate`` on
+MT-bench first turns, greedy: tokens/s of plain, chain and tree decoding per
+batch size, tokens per step, speed-up, and whether each output equals plain
+decoding (also in f32 at batch 1, where equality must hold).
 
 Usage (GPU): ``PYTHONPATH=. python3 scripts/bench_decode.py --out $OUT``
 Quick CPU check: ``python scripts/bench_decode.py --tiny --batches 1 2 --steps 4 --no-hf``
@@ -43,14 +51,15 @@ def _smollm2_config(tiny: bool):
                      eos_token_ids=(), pad_token_id=2)
 
 
-def _build(cfg, dtype, num_heads, seed=0):
+def _build(cfg, dtype, num_heads, seed=0, fused=True, attention="grouped"):
   import jax
   from flax import nnx
 
   from medusa_jax.config import MedusaConfig
   from medusa_jax.models.llama import Llama
   from medusa_jax.weights import MedusaWeights
-  llama = Llama(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=dtype)
+  llama = Llama(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=dtype,
+                fused_projections=fused, attention_scores=attention)
   mc = MedusaConfig(base_model_name_or_path="smollm2-shape", medusa_num_heads=num_heads,
                     medusa_num_layers=1, version=2.0)
   medusa = MedusaWeights.init(mc, cfg.hidden_size, seed=seed + 1, dtype=dtype)
@@ -76,16 +85,29 @@ def _copy_bandwidth():
 
 
 def _start_state(dec, cfg, batch, cache_len, prompt_len, config, dtype, seed):
+  """A decode state after a ``prompt_len``-token prompt, without a prefill compile.
+
+  The cache holds random values (never zeros) and every row has ``prompt_len``
+  committed tokens; step times do not depend on what the cache holds.
+  """
   import jax
   import jax.numpy as jnp
   import numpy as np
+
+  from medusa_jax.decoding.step import DecodeState
+  from medusa_jax.models.llama import KVCache
+  shape = (batch, cache_len, cfg.num_key_value_heads, cfg.head_dim)
+  keys = jax.random.split(jax.random.PRNGKey(seed), 2 * cfg.num_hidden_layers)
+  fill = jax.jit(lambda k: jax.random.normal(k, shape, jnp.float32).astype(dtype))
+  n = cfg.num_hidden_layers
+  cache = KVCache(k=tuple(fill(keys[i]) for i in range(n)),
+                  v=tuple(fill(keys[n + i]) for i in range(n)))
   rng = np.random.default_rng(seed)
-  prompt = jnp.asarray(rng.integers(3, cfg.vocab_size, size=(batch, prompt_len)), jnp.int32)
-  lens = jnp.full((batch,), prompt_len, jnp.int32)
-  cache = dec.init_cache(batch, cache_len, dtype)
-  state, _ = dec.prefill(cache, prompt, lens, jnp.full((batch,), 1 << 30, jnp.int32),
-                         jnp.zeros((batch,), bool), jax.random.PRNGKey(seed), config=config)
-  return state
+  tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, size=(batch, config.num_nodes)), jnp.int32)
+  return DecodeState(cache=cache, lengths=jnp.full((batch,), prompt_len, jnp.int32),
+                     tokens=tokens, generated=jnp.zeros((batch,), jnp.int32),
+                     max_new=jnp.full((batch,), 1 << 30, jnp.int32),
+                     done=jnp.zeros((batch,), bool), rng=jax.random.PRNGKey(seed))
 
 
 def _time_steps(dec, state, config, steps, warmup=3):
@@ -101,8 +123,12 @@ def _time_steps(dec, state, config, steps, warmup=3):
   return 1e3 * (time.perf_counter() - t) / steps, state
 
 
-def _time_in_graph(dec, state, config, steps):
-  """ms per step with ``steps`` steps inside one jitted fori_loop (no dispatch)."""
+def _time_in_graph(dec, state, config, steps, repeats=2):
+  """([ms per step] per repeat, state): ``steps`` steps inside one jitted fori_loop.
+
+  No per-call dispatch: device time only. Every step stays in range of the
+  cache because the loop rewinds ``lengths`` to where it started.
+  """
   import functools
 
   import jax
@@ -113,18 +139,47 @@ def _time_in_graph(dec, state, config, steps):
 
   @functools.partial(jax.jit, donate_argnums=1)
   def many(params, state):
-    return jax.lax.fori_loop(0, steps, lambda i, s: body(params, s, config=config)[0], state)
+    start = state.lengths
+    state = jax.lax.fori_loop(0, steps, lambda i, s: body(params, s, config=config)[0], state)
+    return state.replace(lengths=start)
 
   state = many(dec.params, state)  # compile + warm
   jax.block_until_ready(state)
-  t = time.perf_counter()
-  state = many(dec.params, state)
-  jax.block_until_ready(state)
-  return 1e3 * (time.perf_counter() - t) / steps, state
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    state = many(dec.params, state)
+    jax.block_until_ready(state)
+    times.append(1e3 * (time.perf_counter() - t) / steps)
+  return times, state
 
 
-def _time_forward(dec, cfg, batch, num_nodes, cache_len, dtype, reps):
-  """ms of one base forward of ``num_nodes`` tokens per row + LM head (tree mask, mid cache)."""
+def _kernel_counts(dec, state, config) -> dict:
+  """Top-level kernels of the compiled step (fusions, library calls, copies)."""
+  import re
+  compiled = dec._plain.lower(dec.param_leaves, state, config=config).compile()
+  text = compiled.as_text()
+  bodies = re.split(r"\n(?=\S)", text)  # one chunk per computation
+  kinds = {"fusion": 0, "custom-call": 0, "copy": 0, "scatter": 0, "dot": 0, "other": 0}
+  for body in bodies:
+    head = body.split("\n", 1)[0]
+    if "fused_computation" in head or "fusion" in head.split("(")[0] or "region" in head:
+      continue  # bodies of fusions and reductions are not kernels of their own
+    for m in re.finditer(r"= \S+ ([a-z\-]+)\(", body):
+      op = m.group(1)
+      if op in kinds:
+        kinds[op] += 1
+  return kinds
+
+
+def _time_forward(dec, cfg, batch, num_nodes, cache_len, dtype, steps, repeats=2):
+  """ms of one base forward of ``num_nodes`` tokens per row + LM head, in-graph.
+
+  A fori_loop of ``steps`` forwards (tree mask, cache half full); the cache
+  is carried through the loop so that its writes are not dead code.
+  """
+  import functools
+
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -134,31 +189,38 @@ def _time_forward(dec, cfg, batch, num_nodes, cache_len, dtype, reps):
   from medusa_jax.decoding.tree import tree_for_batch
   graphs = dec.graphs
 
-  @jax.jit
-  def fwd(params, cache, tokens, lengths, tree_mask, depth):
-    llama = nnx.merge(graphs.llama, params.llama)
-    mask = cache_ops.tree_attention_mask(lengths, tree_mask, cache.length)
-    pos = lengths[:, None] + depth[None, :]
-    hidden, cache = llama(tokens, pos, cache, lengths, mask)
-    return llama.lm_head(hidden).max(axis=-1), cache
-
   if num_nodes == 1:
     tree_mask, depth = np.ones((1, 1), bool), np.zeros((1,), np.int32)
   else:
-    tree = tree_for_batch(1, 4, max_tree_rows=num_nodes)  # the same node count, at batch 1
+    tree = tree_for_batch(1, 5, max_tree_rows=num_nodes)  # the same node count, at batch 1
     tree_mask, depth = tree.attn_mask, tree.node_depth
+
+  @functools.partial(jax.jit, donate_argnums=1)
+  def many(params, cache, tokens, lengths, tree_mask, depth):
+    llama = nnx.merge(graphs.llama, params.llama)
+    mask = cache_ops.tree_attention_mask(lengths, tree_mask, cache.length)
+    pos = lengths[:, None] + depth[None, :]
+
+    def body(i, carry):
+      cache, acc = carry
+      hidden, cache = llama(tokens, pos, cache, lengths, mask)
+      return cache, acc + llama.lm_head(hidden).max(axis=-1)
+    return jax.lax.fori_loop(0, steps, body, (cache, jnp.zeros(tokens.shape, jnp.float32)))
+
   rng = np.random.default_rng(1)
   tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, size=(batch, len(depth))), jnp.int32)
   lengths = jnp.full((batch,), cache_len // 2, jnp.int32)
   cache = dec.init_cache(batch, cache_len, dtype)
-  args = (jnp.asarray(tree_mask), jnp.asarray(depth))
-  out, cache = fwd(dec.params, cache, tokens, lengths, *args)
-  jax.block_until_ready(out)
-  t = time.perf_counter()
-  for _ in range(reps):
-    out, cache = fwd(dec.params, cache, tokens, lengths, *args)
-  jax.block_until_ready(out)
-  return 1e3 * (time.perf_counter() - t) / reps, len(depth)
+  args = (tokens, lengths, jnp.asarray(tree_mask), jnp.asarray(depth))
+  cache, acc = many(dec.params, cache, *args)
+  jax.block_until_ready(acc)
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    cache, acc = many(dec.params, cache, *args)
+    jax.block_until_ready(acc)
+    times.append(1e3 * (time.perf_counter() - t) / steps)
+  return times, len(depth)
 
 
 def _engine_tokens_per_s(engine, cfg, batch, prompt_len, new_tokens, mode, seed=0):
@@ -173,18 +235,33 @@ def _engine_tokens_per_s(engine, cfg, batch, prompt_len, new_tokens, mode, seed=
               tokens_per_step=res.tokens_per_step, tree_nodes=res.tree_nodes, wall_s=wall)
 
 
+def _time_plain(dec, cfg, args, batch, dtype, in_graph: bool, kernels: bool,
+                dispatched: bool = True) -> dict:
+  """Plain step of ``dec`` at one batch size: dispatched, in-graph, kernel counts."""
+  from medusa_jax.decoding.step import StepConfig
+  from medusa_jax.decoding.verify import Greedy
+  config = StepConfig(tree=None, strategy=Greedy(), eos_ids=())
+  state = _start_state(dec, cfg, batch, args.cache_len, args.prompt_len, config, dtype, 0)
+  row = {"kernels": _kernel_counts(dec, state, config)} if kernels else {}
+  if dispatched:
+    row["step_ms"], state = _time_steps(dec, state, config, args.steps)
+  if in_graph:
+    row["in_graph_ms"], state = _time_in_graph(dec, state, config, args.steps)
+  return row
+
+
 def bench_jax(args) -> dict:
   import jax
   import jax.numpy as jnp
 
   from medusa_jax.decoding.engine import Engine
-  from medusa_jax.decoding.step import StepConfig
+  from medusa_jax.decoding.step import Decoder, StepConfig
   from medusa_jax.decoding.tree import build_tree, chain_choices, tree_for_batch
   from medusa_jax.decoding.verify import Greedy
 
   dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
   cfg = _smollm2_config(args.tiny)
-  llama, medusa = _build(cfg, dtype, args.heads)
+  llama, medusa = _build(cfg, dtype, args.heads, fused=args.fused, attention=args.attention)
   # One cache bucket for the step timings and the engine, so they share compilations.
   engine = Engine(llama, None, medusa, max_cache_len=args.cache_len, cache_dtype=dtype,
                   min_cache_len=args.cache_len, max_tree_rows=args.max_tree_rows)
@@ -195,6 +272,7 @@ def bench_jax(args) -> dict:
   out = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
              jax=jax.__version__, dtype=args.dtype, cache_len=args.cache_len,
              prompt_len=args.prompt_len, params=int(n_params), copy_bw_tb_s=bw / 1e12,
+             fused_projections=args.fused, attention=args.attention, steps=args.steps,
              xla_flags=os.environ.get("XLA_FLAGS", ""), rows=[])
   kv_row_bytes = (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
                   * jnp.dtype(dtype).itemsize)
@@ -204,31 +282,59 @@ def bench_jax(args) -> dict:
       out["skipped_batches"] = args.batches[i:]
       break
     row = dict(batch=batch)
+    # Floor: weights once and the KV entries in use once, at the copy bandwidth.
     floor_ms = 1e3 * (weight_bytes + batch * args.prompt_len * kv_row_bytes) / bw
     row["plain_floor_ms"] = floor_ms
-    modes = {"plain": None, "chain": build_tree(chain_choices(args.heads)),
-             "tree": tree_for_batch(batch, args.heads, max_tree_rows=args.max_tree_rows)}
+    plain = _time_plain(dec, cfg, args, batch, dtype, args.in_graph, kernels=i == 0)
+    row.update(plain_step_ms=plain["step_ms"], plain_kernels=plain.get("kernels", {}),
+               plain_nodes=1)
+    if "in_graph_ms" in plain:
+      row["plain_step_in_graph_ms"] = min(plain["in_graph_ms"])
+      row["plain_step_in_graph_repeats_ms"] = plain["in_graph_ms"]
+    if i == 0 and args.compare_unfused and args.fused:
+      # The same weights in the checkpoint layout: the before/after of fusing.
+      unfused = _unfused_copy(llama, cfg, dtype)
+      udec = Decoder(unfused, medusa.model)
+      u = _time_plain(udec, cfg, args, batch, dtype, args.in_graph, kernels=True)
+      row.update(unfused_plain_step_ms=u["step_ms"], unfused_plain_kernels=u["kernels"])
+      if "in_graph_ms" in u:
+        row["unfused_plain_step_in_graph_ms"] = min(u["in_graph_ms"])
+        row["unfused_plain_step_in_graph_repeats_ms"] = u["in_graph_ms"]
+      del udec, unfused
+    if batch in (args.compare_attention or ()):
+      # The other way of computing attention scores, same weights (in-graph only).
+      other = "flat" if args.attention == "grouped" else "grouped"
+      odec = Decoder(llama.with_attention_scores(other), medusa.model)
+      o = _time_plain(odec, cfg, args, batch, dtype, True, kernels=i == 0, dispatched=False)
+      row[f"{other}_plain_step_in_graph_ms"] = min(o["in_graph_ms"])
+      row[f"{other}_plain_step_in_graph_repeats_ms"] = o["in_graph_ms"]
+      if "kernels" in o:
+        row[f"{other}_plain_kernels"] = o["kernels"]
+      del odec
+    modes = {}
+    if not args.only_plain:
+      modes["chain"] = build_tree(chain_choices(args.heads))
+    if args.tree_batches is None or batch in args.tree_batches:
+      modes["tree"] = tree_for_batch(batch, args.heads, max_tree_rows=args.max_tree_rows)
     for name, tree in modes.items():
-      if args.only_plain and name == "chain":
-        continue
       config = StepConfig(tree=tree, strategy=Greedy(), eos_ids=())
       state = _start_state(dec, cfg, batch, args.cache_len, args.prompt_len, config, dtype, 0)
       ms, state = _time_steps(dec, state, config, args.steps)
       row[f"{name}_step_ms"] = ms
-      row[f"{name}_nodes"] = 1 if tree is None else tree.num_nodes
-      if args.in_graph and tree is None and not args.only_plain:
-        state = _start_state(dec, cfg, batch, args.cache_len, args.prompt_len, config, dtype, 1)
-        row[f"{name}_step_in_graph_ms"], _ = _time_in_graph(dec, state, config, args.steps)
+      row[f"{name}_nodes"] = tree.num_nodes
+      row[f"{name}_break_even_tokens_per_step"] = ms / row["plain_step_ms"]
+      if args.in_graph:
+        times, _ = _time_in_graph(dec, state, config, args.steps)
+        row[f"{name}_step_in_graph_ms"] = min(times)
+        row[f"{name}_in_graph_over_plain"] = min(times) / row["plain_step_in_graph_ms"]
       del state
-    for name in ("chain", "tree"):
-      if f"{name}_step_ms" in row:
-        row[f"{name}_break_even_tokens_per_step"] = row[f"{name}_step_ms"] / row["plain_step_ms"]
-    if i == 0 and not args.only_plain:  # the forward-only verify cost at the first batch size
+    if i == 0 and "tree" in modes and args.in_graph:
+      # Forward-only verify cost: T tree nodes vs one token, same batch, in-graph.
       fwd1, _ = _time_forward(dec, cfg, batch, 1, args.cache_len, dtype, args.steps)
       fwdT, t_nodes = _time_forward(dec, cfg, batch, row["tree_nodes"], args.cache_len, dtype,
                                     args.steps)
-      row.update(forward_1_ms=fwd1, forward_tree_ms=fwdT, forward_tree_nodes=t_nodes,
-                 verify_cost_ratio=fwdT / fwd1)
+      row.update(forward_1_ms=min(fwd1), forward_tree_ms=min(fwdT), forward_tree_nodes=t_nodes,
+                 verify_cost_ratio=min(fwdT) / min(fwd1))
     if not args.only_plain and args.engine:
       for name, mode in (("plain", "none"), ("chain", "chain"), ("tree", "tree")):
         row[f"engine_{name}"] = _engine_tokens_per_s(engine, cfg, batch, args.prompt_len,
@@ -240,11 +346,141 @@ def bench_jax(args) -> dict:
   return out
 
 
-def _save(args, res) -> None:
+def _unfused_copy(fused_llama, cfg, dtype):
+  """An unfused :class:`Llama` holding the same weights as a fused one (split back)."""
+  from flax import nnx
+
+  from medusa_jax.models.llama import Llama
+  Q, G, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  F = cfg.intermediate_size
+  m = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
+                                   attention_scores=fused_llama.attention_scores))
+  m.embed_tokens.set_value(fused_llama.embed_tokens.get_value())
+  m.norm.weight.set_value(fused_llama.norm.weight.get_value())
+  if fused_llama.lm_head_kernel is not None:
+    m.lm_head_kernel.set_value(fused_llama.lm_head_kernel.get_value())
+  for src, dst in zip(fused_llama.layers, m.layers):
+    qkv = src.self_attn.qkv_proj.kernel.get_value()
+    dst.self_attn.q_proj.kernel.set_value(qkv[:, :Q * D])
+    dst.self_attn.k_proj.kernel.set_value(qkv[:, Q * D:(Q + G) * D])
+    dst.self_attn.v_proj.kernel.set_value(qkv[:, (Q + G) * D:])
+    dst.self_attn.o_proj.kernel.set_value(src.self_attn.o_proj.kernel.get_value())
+    gu = src.mlp.gate_up_proj.kernel.get_value()
+    dst.mlp.gate_proj.kernel.set_value(gu[:, :F])
+    dst.mlp.up_proj.kernel.set_value(gu[:, F:])
+    dst.mlp.down_proj.kernel.set_value(src.mlp.down_proj.kernel.get_value())
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+      getattr(dst, norm).weight.set_value(getattr(src, norm).weight.get_value())
+  return m
+
+
+def bench_real(args) -> dict:
+  """The real model and trained heads through ``Engine.generate`` on MT-bench first turns.
+
+  Per batch size B: the first B questions at once (B = 1: the first
+  ``--e2e-bs1-questions`` one at a time), greedy, ``--new-tokens`` each; plain,
+  chain and tree with the engine's own adaptive policy. Each generate runs
+  twice with the same shapes and the second is timed (no compilation in it).
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from medusa_jax.decoding.engine import BUNDLED_HEADS, Engine
+
+  heads = args.heads_dir or BUNDLED_HEADS
+  with open(args.questions, encoding="utf-8") as f:
+    questions = json.load(f)
+  prompts = [list(q["turn1_ids"]) for q in questions]
+  out = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
+             jax=jax.__version__, model=args.real_model, heads=os.path.basename(heads.rstrip("/")),
+             new_tokens=args.new_tokens, fused_projections=args.fused,
+             attention=args.attention if args.fused else "grouped", runs=[])
+  t0 = time.time()
+
+  def engine_for(dtype):
+    base = Engine.load(args.real_model, heads, dtype=dtype, max_cache_len=args.cache_len,
+                       min_cache_len=args.e2e_min_cache_len)
+    if not args.fused:
+      return base
+    # The same engine over the fused model (fusing is a load-time transform).
+    llama = base.llama.fuse_projections().with_attention_scores(args.attention)
+    return Engine(llama, base.tokenizer, base.medusa,
+                  max_cache_len=args.cache_len, min_cache_len=args.e2e_min_cache_len,
+                  tree_choices=base.tree_choices, chat_template=base.chat_template)
+
+  def run(engine, batch_prompts, mode):
+    kw = {} if mode == "none" else {"adaptive": True}
+    engine.generate(batch_prompts, args.new_tokens, speculate=mode, **kw)  # compile
+    return engine.generate(batch_prompts, args.new_tokens, speculate=mode, **kw)
+
+  def one_config(engine, dtype_name, batch):
+    if batch == 1:
+      sets = [[p] for p in prompts[:args.e2e_bs1_questions]]
+    else:
+      sets = [prompts[:batch]]
+    entry = dict(dtype=dtype_name, batch=batch, prompts=sum(len(s) for s in sets))
+    plain_tokens = None
+    for mode in ("none", "chain", "tree"):
+      res = [run(engine, s, mode) for s in sets]
+      toks = [t for r in res for t in r.tokens]
+      steps = sum(sum(r.steps) for r in res)
+      dec_tokens = sum(r.decode_tokens for r in res)
+      dec_s = sum(r.decode_s for r in res)
+      wall = sum(r.wall_s for r in res)
+      m = dict(tokens_per_s=dec_tokens / dec_s if dec_s else float("nan"),
+               e2e_tokens_per_s=sum(len(t) for t in toks) / wall,
+               tokens_per_step=(sum(len(t) - 1 for t in toks) / steps) if steps else 0.0,
+               tree_nodes=res[0].tree_nodes,
+               skipped=bool(getattr(res[0], "speculation_skipped", False)))
+      if mode == "none":
+        plain_tokens = toks
+      else:
+        same = sum(a == b for a, b in zip(toks, plain_tokens))
+        m["matches_plain"] = f"{same}/{len(toks)}"
+        m["speedup"] = m["tokens_per_s"] / entry["none"]["tokens_per_s"]
+        m["e2e_speedup"] = m["e2e_tokens_per_s"] / entry["none"]["e2e_tokens_per_s"]
+      entry[mode] = m
+    print(json.dumps(entry), flush=True)
+    return entry
+
+  engine = engine_for(jnp.bfloat16)
+  out["load_s"] = time.time() - t0
+  for batch in args.batches:
+    if time.time() - t0 > args.time_budget:
+      out.setdefault("skipped", []).append(f"bf16 B={batch}")
+      continue
+    out["runs"].append(one_config(engine, "bf16", batch))
+    _save(args, out, "bench_e2e.json")
+  del engine
+  if args.e2e_f32 and time.time() - t0 < args.time_budget:
+    out["runs"].append(one_config(engine_for(jnp.float32), "f32", 1))
+  elif args.e2e_f32:
+    out.setdefault("skipped", []).append("f32 B=1")
+  out["total_s"] = time.time() - t0
+  return out
+
+
+def _e2e_table(res: dict) -> str:
+  lines = [f"{res['device']} ({res['backend']}), JAX {res['jax']}, heads {res['heads']}, "
+           f"{res['new_tokens']} new tokens, MT-bench turn 1, greedy, decode-only tokens/s",
+           f"{'dtype':>5} {'B':>3} {'plain':>7} {'chain':>7} {'x':>5} {'tok/st':>6} {'T':>3} "
+           f"{'=plain':>7} {'tree':>7} {'x':>5} {'tok/st':>6} {'T':>3} {'=plain':>7}"]
+  for r in res["runs"]:
+    c, t = r["chain"], r["tree"]
+    lines.append(
+        f"{r['dtype']:>5} {r['batch']:>3} {r['none']['tokens_per_s']:>7.0f} "
+        f"{c['tokens_per_s']:>7.0f} {c['speedup']:>5.2f} {c['tokens_per_step']:>6.2f} "
+        f"{c['tree_nodes']:>3} {c['matches_plain']:>7} {t['tokens_per_s']:>7.0f} "
+        f"{t['speedup']:>5.2f} {t['tokens_per_step']:>6.2f} {t['tree_nodes']:>3} "
+        f"{t['matches_plain']:>7}")
+  return "\n".join(lines)
+
+
+def _save(args, res, name="bench_decode.json") -> None:
   """Writes the results so far (a run cut short keeps what it measured)."""
   if args.out and not args.json_line:
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_decode.json"), "w") as f:
+    with open(os.path.join(args.out, name), "w") as f:
       json.dump(res, f, indent=1)
 
 
@@ -315,28 +551,40 @@ def _flag_variants(args) -> list:
 
 
 def _table(res: dict) -> str:
+  nan = float("nan")
   lines = [f"{res['device']} ({res['backend']}), JAX {res['jax']}, {res['dtype']}, cache "
-           f"{res['cache_len']}, prompt {res['prompt_len']}, copy {res['copy_bw_tb_s']:.2f} TB/s",
-           f"{'B':>3} {'plain ms':>9} {'in-graph':>9} {'floor':>7} {'chain ms':>9} "
-           f"{'tree ms':>8} {'T':>3} {'tree/plain':>10} {'verify T/1':>10} "
+           f"{res['cache_len']}, prompt {res['prompt_len']}, copy {res['copy_bw_tb_s']:.2f} TB/s, "
+           f"fused projections {res.get('fused_projections')}",
+           f"{'B':>3} {'plain ms':>9} {'in-graph':>9} {'floor':>7} {'kernels':>7} {'chain ms':>9} "
+           f"{'tree ms':>8} {'T':>3} {'tree/plain':>10} {'in-graph':>8} {'verify T/1':>10} "
            f"{'eng plain':>10} {'eng tree':>9} {'HF tok/s':>9}"]
   hf = {r["batch"]: r for r in res.get("hf", [])}
   for r in res["rows"]:
     b = r["batch"]
-    eng_p = r.get("engine_plain", {}).get("tokens_per_s", float("nan"))
-    eng_t = r.get("engine_tree", {}).get("tokens_per_s", float("nan"))
+    eng_p = r.get("engine_plain", {}).get("tokens_per_s", nan)
+    eng_t = r.get("engine_tree", {}).get("tokens_per_s", nan)
+    kernels = sum(r.get("plain_kernels", {}).values()) or "-"
     lines.append(
-        f"{b:>3} {r['plain_step_ms']:>9.3f} {r.get('plain_step_in_graph_ms', float('nan')):>9.3f} "
-        f"{r['plain_floor_ms']:>7.3f} {r.get('chain_step_ms', float('nan')):>9.3f} "
-        f"{r['tree_step_ms']:>8.3f} {r['tree_nodes']:>3} "
-        f"{r['tree_step_ms'] / r['plain_step_ms']:>10.2f} {r.get('verify_cost_ratio', float('nan')):>10.2f} "
-        f"{eng_p:>10.0f} {eng_t:>9.0f} {hf.get(b, {}).get('tokens_per_s', float('nan')):>9.0f}")
+        f"{b:>3} {r['plain_step_ms']:>9.3f} {r.get('plain_step_in_graph_ms', nan):>9.3f} "
+        f"{r['plain_floor_ms']:>7.3f} {kernels:>7} {r.get('chain_step_ms', nan):>9.3f} "
+        f"{r.get('tree_step_ms', nan):>8.3f} {r.get('tree_nodes', 0):>3} "
+        f"{r.get('tree_step_ms', nan) / r['plain_step_ms']:>10.2f} "
+        f"{r.get('tree_in_graph_over_plain', nan):>8.2f} {r.get('verify_cost_ratio', nan):>10.2f} "
+        f"{eng_p:>10.0f} {eng_t:>9.0f} {hf.get(b, {}).get('tokens_per_s', nan):>9.0f}")
+    if "unfused_plain_step_ms" in r:
+      lines.append(f"    unfused (checkpoint layout): {r['unfused_plain_step_ms']:.3f} ms dispatched,"
+                   f" {r.get('unfused_plain_step_in_graph_ms', nan):.3f} ms in-graph,"
+                   f" {sum(r['unfused_plain_kernels'].values())} kernels")
+    for other in ("flat", "grouped"):
+      if f"{other}_plain_step_in_graph_ms" in r:
+        lines.append(f"    {other} attention scores: {r[f'{other}_plain_step_in_graph_ms']:.3f} ms"
+                     f" in-graph, {sum(r.get(f'{other}_plain_kernels', {}).values()) or '-'} kernels")
   for v in res.get("flags", []):
     if "error" in v:
       lines.append(f"flags {v['variant']}: error {v['error'][-200:]}")
     else:
       lines.append(f"flags {v['variant']} ({v['flags']}): plain B=1 {v['plain_step_ms']:.3f} ms,"
-                   f" tree {v['tree_step_ms']:.3f} ms (T={v['tree_nodes']})")
+                   f" tree {v.get('tree_step_ms', nan):.3f} ms (T={v.get('tree_nodes', 0)})")
   return "\n".join(lines)
 
 
@@ -352,6 +600,25 @@ def main(argv=None) -> int:
   p.add_argument("--dtype", choices=("bf16", "f32"), default="bf16")
   p.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke test)")
   p.add_argument("--only-plain", action="store_true", help="plain and tree steps only")
+  p.add_argument("--no-fused", dest="fused", action="store_false",
+                 help="time the unfused (checkpoint) layout of the base model")
+  p.add_argument("--compare-unfused", action="store_true",
+                 help="also time the unfused layout at the first batch size")
+  p.add_argument("--attention", choices=("grouped", "flat"), default="grouped",
+                 help="how the base model computes attention scores (AttentionScores)")
+  p.add_argument("--compare-attention", type=int, nargs="*", default=None,
+                 help="batch sizes that also time the other --attention, in-graph")
+  p.add_argument("--tree-batches", type=int, nargs="*", default=None,
+                 help="batch sizes that time the tree step (default: all)")
+  p.add_argument("--real-model", help="a Hugging Face Llama dir: end-to-end mode (see above)")
+  p.add_argument("--questions", help="pre-tokenised MT-bench questions (eval_mtbench.py"
+                 " --write-questions)")
+  p.add_argument("--heads-dir", help="Medusa adapter dir (default: the bundled heads)")
+  p.add_argument("--e2e-bs1-questions", type=int, default=4,
+                 help="questions run one at a time for batch 1")
+  p.add_argument("--e2e-f32", action="store_true", help="also run f32 at batch 1")
+  p.add_argument("--e2e-min-cache-len", type=int, default=512,
+                 help="smallest cache bucket of the end-to-end engine (fewer compilations)")
   p.add_argument("--no-hf", dest="hf", action="store_false")
   p.add_argument("--no-flags", dest="flags", action="store_false")
   p.add_argument("--no-engine", dest="engine", action="store_false")
@@ -365,6 +632,13 @@ def main(argv=None) -> int:
   p.add_argument("--out", default=os.environ.get("OUT"))
   args = p.parse_args(argv)
   t0 = time.time()
+  if args.real_model:
+    res = bench_real(args)
+    res.update(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               python=platform.python_version())
+    _save(args, res, "bench_e2e.json")
+    print(_e2e_table(res))
+    return 0
   res = bench_jax(args)
   if args.hf:
     try:

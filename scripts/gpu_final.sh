@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The decode benchmarks of docs/perf_decode.md on one GPU, in two stages that fit two
+# consecutive device calls (the model's GGUF travels in two parts):
+#
+#   bash scripts/gpu_final.sh bench   # random weights, SmolLM2 shape: step times, kernels,
+#                                     # tree-verify cost, copy bandwidth -> $OUT/bench_decode.json
+#   bash scripts/gpu_final.sh e2e     # real SmolLM2 + bundled heads through Engine.generate on
+#                                     # MT-bench first turns -> $OUT/bench_e2e.json
+#
+# e2e expects /root/assets/gguf.part00 (copied there by an earlier call), .assets/train2/
+# (gguf.part01, questions.json) and the gguf wheel in .whl/. Each stage ends within its
+# time budget (BENCH_BUDGET / E2E_BUDGET seconds after which no new configuration starts);
+# BENCH_EXTRA / E2E_EXTRA append options to bench_decode.py (a later option wins), e.g.
+# E2E_EXTRA="--batches 1 --new-tokens 4" for a quick CPU check.
+set -uo pipefail
+STAGE=${1:?usage: gpu_final.sh bench|e2e}
+OUT=${OUT:-/tmp/gpu_final_out}
+ASSETS=${ASSETS:-/root/assets}
+BENCH_BUDGET=${BENCH_BUDGET:-110}
+E2E_BUDGET=${E2E_BUDGET:-190}
+GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/root/jax_cache}
+mkdir -p "$OUT"
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader || true
+  python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+} 2>&1 | tee "$OUT/$STAGE.log"
+
+case "$STAGE" in
+  bench)
+    python3 scripts/bench_decode.py --out "$OUT" --batches 1 4 16 64 --steps 100 \
+      --compare-unfused --compare-attention 1 64 --tree-batches 1 --only-plain --no-engine \
+      --no-hf --no-flags --time-budget "$BENCH_BUDGET" ${BENCH_EXTRA:-} 2>&1 | tee -a "$OUT/$STAGE.log"
+    # The attention-score method that won (in-graph, summed over the compared batch sizes)
+    # is what the e2e stage runs.
+    mkdir -p "$ASSETS"
+    python3 - "$OUT/bench_decode.json" > "$ASSETS/attention.txt" <<'PY' || echo grouped > "$ASSETS/attention.txt"
+import json, sys
+res = json.load(open(sys.argv[1]))
+main, other = res["attention"], "flat" if res["attention"] == "grouped" else "grouped"
+rows = [r for r in res["rows"] if f"{other}_plain_step_in_graph_ms" in r]
+t_main = sum(r["plain_step_in_graph_ms"] for r in rows)
+t_other = sum(r[f"{other}_plain_step_in_graph_ms"] for r in rows)
+print(other if rows and t_other < 0.97 * t_main else main)
+PY
+    echo "attention scores for e2e: $(cat "$ASSETS/attention.txt")" | tee -a "$OUT/$STAGE.log"
+    ;;
+  e2e)
+    if [ -d .whl ]; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site || exit 1
+    fi
+    GGUF=$ASSETS/smollm2.gguf
+    cat "$ASSETS/gguf.part00" .assets/train2/gguf.part01 > "$GGUF" || exit 1
+    echo "$GGUF_SHA256  $GGUF" | sha256sum -c - || exit 1
+    MODEL=$ASSETS/smollm2-135m-instruct
+    python3 - "$GGUF" "$MODEL" <<'PY' 2>&1 | tee -a "$OUT/$STAGE.log" || exit 1
+import sys, time
+from medusa_jax.models.chat import ChatTemplate
+from medusa_jax.models.gguf import convert_gguf, open_gguf
+from medusa_jax.models.tokenizer import Tokenizer
+t = time.time()
+gguf, out = sys.argv[1], sys.argv[2]
+reader = open_gguf(gguf)
+convert_gguf(gguf, out, dtype="float32", reader=reader)
+Tokenizer.from_gguf(gguf, reader=reader).save(f"{out}/tokenizer.json")
+ChatTemplate.from_gguf(gguf, reader=reader).save(out)
+print(f"converted in {time.time() - t:.1f} s")
+PY
+    ATTENTION=$(cat "$ASSETS/attention.txt" 2>/dev/null || echo grouped)
+    python3 scripts/bench_decode.py --real-model "$MODEL" --questions .assets/train2/questions.json \
+      --out "$OUT" --attention "$ATTENTION" --batches 1 4 16 64 --new-tokens 256 --cache-len 1024 --e2e-f32 \
+      --time-budget "$E2E_BUDGET" ${E2E_EXTRA:-} 2>&1 | tee -a "$OUT/$STAGE.log"
+    ;;
+  *) echo "unknown stage $STAGE (expected bench or e2e)"; exit 2 ;;
+esac
