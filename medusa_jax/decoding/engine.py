@@ -263,8 +263,10 @@ class Engine:
   # ------------------------------------------------------------------------- generation
 
   def generate(self, prompts: Sequence[Sequence[int] | str], max_new_tokens: int | Sequence[int] = 64,
-               *, speculate: str | Speculate = "none", temperature: float = 0.0,
-               top_p: float = 1.0, typical: bool = False, seed: int = 0, tree=None,
+               *, speculate: str | Speculate = "none",
+               temperature: float | Sequence[float] = 0.0,
+               top_p: float | Sequence[float] = 1.0, typical: bool = False, seed: int = 0,
+               tree=None,
                chat: bool = False, adaptive: bool | None = None,
                on_error: str | OnError = "raise") -> GenerationResult:
     """Generates continuations of a batch of prompts.
@@ -275,8 +277,10 @@ class Engine:
       max_new_tokens: one budget for all, or one per prompt (>= 1).
       speculate: "none", "chain" or "tree".
       temperature: 0 = greedy; > 0 samples (lossless: each emitted token is a
-        sample of the warped target distribution).
-      top_p: nucleus mass in (0, 1].
+        sample of the warped target distribution). One value for all, or one
+        per prompt: the values are traced arrays, so changing them never
+        recompiles and greedy and sampled rows can share a batch.
+      top_p: nucleus mass in (0, 1]; one value or one per prompt.
       typical: Medusa's typical acceptance (temperature > 0).
       seed: PRNG seed.
       tree: for "tree": Medusa choices (a list of paths) or ``TreeBuffers``;
@@ -295,9 +299,9 @@ class Engine:
     t_start = time.perf_counter()
     mode = Speculate.parse(speculate)
     on_error = OnError.parse(on_error)
-    strategy = self._strategy(temperature, top_p, typical)
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
       raise RequestError(f"prompts: expected a list of prompts, got {type(prompts).__name__}")
+    strategy, temps, top_ps = self._strategy(temperature, top_p, typical, len(prompts))
     if mode is not Speculate.NONE and self.heads is None:
       raise RequestError(f"speculate={mode.value!r}: this engine has no Medusa heads")
     budgets = self._budgets(max_new_tokens, len(prompts))
@@ -329,7 +333,7 @@ class Engine:
     outs: dict[int, dict] = {}
     decode_s, decode_tokens = 0.0, 0
     if valid:
-      outs, decode_s, decode_tokens = self._run(valid, config, seed, t_start)
+      outs, decode_s, decode_tokens = self._run(valid, config, seed, t_start, temps, top_ps)
     wall = time.perf_counter() - t_start
     tokens = [outs[i]["tokens"] if i in outs else [] for i in range(len(prompts))]
     stats = [self._row_stats(outs[i], config) if i in outs else None for i in range(len(prompts))]
@@ -351,16 +355,36 @@ class Engine:
       return self.tokenizer.decode(ids)
 
   @staticmethod
-  def _strategy(temperature, top_p, typical):
-    from medusa_jax.decoding.verify import parse_strategy
+  def _strategy(temperature, top_p, typical, count: int):
+    """(static strategy kind, per-prompt temperatures, per-prompt top-p)."""
+    from medusa_jax.decoding.verify import Greedy, Sampling, Typical
+    values = {}
     for name, value in (("temperature", temperature), ("top_p", top_p)):
-      if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RequestError(f"{name}={value!r}: expected a finite number")
-    if temperature < 0:
-      raise RequestError(f"temperature={temperature!r}: expected >= 0 (0 = greedy)")
-    if not 0 < top_p <= 1:
-      raise RequestError(f"top_p={top_p!r}: expected 0 < top_p <= 1")
-    return parse_strategy(float(temperature), float(top_p), typical=bool(typical))
+      if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        if len(value) != count:
+          raise RequestError(f"{name}: expected one value per prompt ({count}), got {len(value)}")
+        items = list(value)
+      else:
+        items = [value] * count
+      for v in items:
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or (
+            not math.isfinite(v)):
+          raise RequestError(f"{name}={v!r}: expected a finite number")
+      values[name] = [float(v) for v in items]
+    for t in values["temperature"]:
+      if t < 0:
+        raise RequestError(f"temperature={t!r}: expected >= 0 (0 = greedy)")
+    for p in values["top_p"]:
+      if not 0 < p <= 1:
+        raise RequestError(f"top_p={p!r}: expected 0 < top_p <= 1")
+    if not isinstance(typical, bool):
+      raise RequestError(f"typical={typical!r}: expected a bool")
+    # Only the kind is static: the values travel as per-row arrays.
+    if all(t == 0 for t in values["temperature"]):
+      kind = Greedy()
+    else:
+      kind = Typical() if typical else Sampling()
+    return kind, values["temperature"], values["top_p"]
 
   @staticmethod
   def _budgets(max_new_tokens, count: int) -> list:
@@ -426,7 +450,8 @@ class Engine:
                          f" vocabulary size ({self.cfg.vocab_size})")
     return tree, False
 
-  def _run(self, valid: list[_Request], config: StepConfig, seed: int, t_start: float):
+  def _run(self, valid: list[_Request], config: StepConfig, seed: int, t_start: float,
+           temps: Sequence[float], top_ps: Sequence[float]):
     """Prefill + the step loop for the valid requests. Returns (outs, decode_s, decode_tokens)."""
     rows = buckets.batch_bucket(len(valid))
     longest = max(len(r.prompt) for r in valid)
@@ -437,15 +462,19 @@ class Engine:
     lens = np.ones((rows,), np.int32)
     budget = np.ones((rows,), np.int32)
     pad = np.ones((rows,), bool)
+    temp_B = np.zeros((rows,), np.float32)
+    top_p_B = np.ones((rows,), np.float32)
     for b, r in enumerate(valid):
       prompt[b, :len(r.prompt)] = r.prompt
       lens[b], budget[b], pad[b] = len(r.prompt), r.max_new, False
+      temp_B[b], top_p_B[b] = temps[r.index], top_ps[r.index]
 
     dec = self.decoder
     cache = dec.init_cache(rows, cache_len, self.cache_dtype)
     state, pending = dec.prefill(cache, jnp.asarray(prompt), jnp.asarray(lens),
                                  jnp.asarray(budget), jnp.asarray(pad),
-                                 jax.random.PRNGKey(seed), config=config)
+                                 jax.random.PRNGKey(seed), config=config,
+                                 temperature=jnp.asarray(temp_B), top_p=jnp.asarray(top_p_B))
     n = len(valid)
     outputs = []      # host copies of every step's StepOutput (prefill first)
     finished = np.full((n,), np.nan)

@@ -1,9 +1,10 @@
 """Logits warping (temperature, top-p) and sampling, jittable and batched.
 
-``temperature == 0`` means greedy. It must then be a Python number, so that
-the choice between argmax and sampling is made when tracing, not by a traced
-branch. Non-zero temperatures and any top-p may be Python numbers or arrays
-of the logits' leading shape (one value per row).
+``temperature == 0`` means greedy. As a Python number, the choice between
+argmax and sampling is made when tracing. Temperatures and top-p may also be
+arrays of the logits' leading shape (one value per row, so one compilation
+serves every value); rows whose temperature is 0 then take the greedy limit
+(all mass on the argmax) inside the same computation.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def warp(logits: Array, temperature, top_p=1.0) -> Array:
 
   Args:
     logits: [..., V] any float dtype; computed in float32.
-    temperature: a Python number >= 0, or a positive array of shape [...].
+    temperature: a Python number >= 0, or an array >= 0 of shape [...].
       0 gives the greedy limit: log-probability 0 at the argmax, -inf elsewhere.
     top_p: a Python number in (0, 1], or an array of shape [...].
 
@@ -49,7 +50,13 @@ def warp(logits: Array, temperature, top_p=1.0) -> Array:
   logits = logits.astype(jnp.float32)  # softmax statistics in f32
   if is_greedy(temperature):
     return jnp.where(argmax_mask(logits), 0.0, -jnp.inf)
-  logp = jax.nn.log_softmax(logits / _per_row(temperature), axis=-1)
+  if isinstance(temperature, Real):
+    logp = jax.nn.log_softmax(logits / temperature, axis=-1)
+  else:
+    # Per-row temperatures: rows at 0 take the greedy limit, the others sample.
+    t_x1 = _per_row(temperature)
+    sampled = jax.nn.log_softmax(logits / jnp.where(t_x1 > 0, t_x1, 1.0), axis=-1)
+    logp = jnp.where(t_x1 > 0, sampled, jnp.where(argmax_mask(logits), 0.0, -jnp.inf))
   if isinstance(top_p, Real) and top_p >= 1:
     return logp
   return _top_p_log_probs(logp, top_p)

@@ -88,6 +88,9 @@ class DecodeState:
     max_new: [B] int32 per-row budget of new tokens.
     done: [B] bool; finished and padding rows.
     rng: PRNG key, split once per step.
+    temperature: [B] float32 per-row temperature (0 = greedy), or None for
+      the strategy's own.
+    top_p: [B] float32 per-row nucleus mass, or None for the strategy's own.
   """
   cache: Any
   lengths: Array
@@ -96,6 +99,16 @@ class DecodeState:
   max_new: Array
   done: Array
   rng: Array
+  temperature: Array | None = None
+  top_p: Array | None = None
+
+
+def _row_params(state: DecodeState):
+  """The state's per-row sampling options, or None (the strategy's own apply)."""
+  if state.temperature is None:
+    return None
+  from medusa_jax.decoding.verify import RowParams
+  return RowParams(temperature=state.temperature, top_p=state.top_p)
 
 
 @flax.struct.dataclass
@@ -125,9 +138,35 @@ class Graphs:
 
 @flax.struct.dataclass
 class Params:
-  """The array halves of ``nnx.split``: base model and heads state (or None)."""
+  """The array halves of ``nnx.split``: base model and heads state (or None).
+
+  Attributes:
+    llama: the base model's state.
+    heads: the heads' state, or None.
+    lm_head_t: [H, V] a transposed copy of a tied embedding, or None (see
+      :class:`Decoder`).
+  """
   llama: Any
   heads: Any
+  lm_head_t: Any = None
+
+
+def _lm_head(llama, params: Params):
+  """The LM head ``[..., H] -> [..., V]`` float32 the steps use.
+
+  With ``params.lm_head_t`` the tied embedding is read in ``[H, V]`` layout:
+  XLA:CPU runs ``[M, H] @ [H, V]`` for a few rows M at about the cost of one
+  row, while ``[M, H] x [V, H]^T`` costs 2-3x more from M = 2 on, which made
+  every verification step pay for its tree twice.
+  """
+  w_HxV = params.lm_head_t
+  if w_HxV is None:
+    return llama.lm_head
+
+  def lm_head(h: Array) -> Array:
+    return jnp.einsum("...h,hv->...v", h.astype(w_HxV.dtype), w_HxV,
+                      preferred_element_type=jnp.float32)
+  return lm_head
 
 
 # ----------------------------------------------------------------------------- heads
@@ -266,7 +305,8 @@ def prefill_forward(graphs: Graphs, params: Params, cache, prompt: Array, prompt
 
 
 def prefill_start(graphs: Graphs, params: Params, cache, x: Array, prompt_lens: Array,
-                  max_new: Array, done: Array, rng: Array, *, config: StepConfig
+                  max_new: Array, done: Array, rng: Array, temperature: Array | None = None,
+                  top_p: Array | None = None, *, config: StepConfig
                   ) -> tuple[DecodeState, StepOutput]:
   """Chooses each row's first token and its first drafts. DONATES cache.
 
@@ -278,25 +318,35 @@ def prefill_start(graphs: Graphs, params: Params, cache, x: Array, prompt_lens: 
     max_new: [B] int32 budgets (>= 1).
     done: [B] bool; True for padding rows.
     rng: PRNG key.
-    config: static knobs.
+    temperature: [B] float32 per-row temperatures (0 = greedy), or None for
+      the strategy's own; traced, so every value shares one compilation.
+    top_p: [B] float32 per-row nucleus mass (with ``temperature``).
+    config: static knobs; ``config.strategy`` chooses the rule (greedy,
+      sampling, typical).
 
   Returns:
     The decode state (``lengths = prompt_lens``) and the first emitted tokens.
   """
   llama = _merge(graphs.llama, params.llama)
   heads = _merge(graphs.heads, params.heads)
+  lm_head = _lm_head(llama, params)
   batch = x.shape[0]
   zero_B = jnp.zeros((batch,), jnp.int32)
   if config.tree is None:
-    logits_BxV, draft = llama.lm_head(x), None
+    logits_BxV, draft = lm_head(x), None
   else:
-    logits_BxV, draft = base_and_draft(heads, x, llama.lm_head, config.tree.depth)
+    logits_BxV, draft = base_and_draft(heads, x, lm_head, config.tree.depth)
   from medusa_jax.decoding.verify import choose_root
   rng, key = jax.random.split(rng)
-  root_B = choose_root(logits_BxV, config.strategy, key).astype(jnp.int32)
+  if temperature is not None:
+    temperature = jnp.asarray(temperature, jnp.float32)
+    top_p = (jnp.ones_like(temperature) if top_p is None
+             else jnp.asarray(top_p, jnp.float32))
   start = DecodeState(cache=cache, lengths=prompt_lens.astype(jnp.int32),
                       tokens=jnp.zeros((batch, config.num_nodes), jnp.int32),
-                      generated=zero_B, max_new=max_new.astype(jnp.int32), done=done, rng=rng)
+                      generated=zero_B, max_new=max_new.astype(jnp.int32), done=done, rng=rng,
+                      temperature=temperature, top_p=top_p)
+  root_B = choose_root(logits_BxV, config.strategy, key, _row_params(start)).astype(jnp.int32)
   out, count, generated, new_done = _finish(start, root_B[:, None], jnp.ones_like(zero_B),
                                             config.eos_ids)
   state = start.replace(tokens=_next_tokens(config, root_B, draft), generated=generated,
@@ -313,10 +363,10 @@ def plain_step(graphs: Graphs, params: Params, state: DecodeState, *, config: St
   mask = cache_ops.tree_attention_mask(state.lengths, jnp.ones((1, 1), bool), cache.length)
   hidden_Bx1xH, cache = llama(state.tokens[:, :1], state.lengths[:, None], cache,
                               state.lengths, mask)
-  logits_BxV = llama.lm_head(hidden_Bx1xH[:, 0])
+  logits_BxV = _lm_head(llama, params)(hidden_Bx1xH[:, 0])
   from medusa_jax.decoding.verify import choose_root
   rng, key = jax.random.split(state.rng)
-  next_B = choose_root(logits_BxV, config.strategy, key).astype(jnp.int32)
+  next_B = choose_root(logits_BxV, config.strategy, key, _row_params(state)).astype(jnp.int32)
   active_B = ~state.done
   out, count, generated, done = _finish(state, next_B[:, None], jnp.ones_like(state.lengths),
                                         config.eos_ids)
@@ -344,14 +394,16 @@ def speculative_step(graphs: Graphs, params: Params, state: DecodeState, *,
   mask = cache_ops.tree_attention_mask(state.lengths, jnp.asarray(tree.attn_mask, bool),
                                        cache.length)
   hidden_BxTxH, cache = llama(state.tokens, positions_BxT, cache, state.lengths, mask)
-  logits_BxTxV = llama.lm_head(hidden_BxTxH)
+  lm_head = _lm_head(llama, params)
+  logits_BxTxV = lm_head(hidden_BxTxH)
   rng, key = jax.random.split(state.rng)
-  verdict = verify_tree(tree, state.tokens, logits_BxTxV, config.strategy, key)
+  verdict = verify_tree(tree, state.tokens, logits_BxTxV, config.strategy, key,
+                        _row_params(state))
   path_BxP = verdict.path_nodes.astype(jnp.int32)
   cache = cache_ops.compact_cache(cache, state.lengths, path_BxP)
   best_B = verdict.best_node.astype(jnp.int32)
   x_BxH = jnp.take_along_axis(hidden_BxTxH, best_B[:, None, None], axis=1)[:, 0]
-  draft_BxDxV = draft_only(heads, x_BxH, llama.lm_head, tree.depth)
+  draft_BxDxV = draft_only(heads, x_BxH, lm_head, tree.depth)
   next_root_B = verdict.next_root.astype(jnp.int32)
   active_B = ~state.done
   accept_B = verdict.accept_len.astype(jnp.int32)
@@ -412,17 +464,26 @@ class Decoder:
   shapes and config does not grow it (no recompilation).
   """
 
-  def __init__(self, llama, heads=None):
+  def __init__(self, llama, heads=None, *, transpose_lm_head: bool | None = None):
     """Args:
       llama: the base ``Llama``.
       heads: ``MedusaModel``, ``BatchMedusaWeights`` (per-row adapters; its
         rows must match the batch), or None.
+      transpose_lm_head: keep a ``[H, V]`` copy of a tied embedding for the
+        LM head (one more embedding in memory; see :func:`_lm_head`). None:
+        on the CPU backend only, where it makes a tree step markedly cheaper.
     """
     llama_def, llama_state = nnx.split(llama)
     heads_def, heads_state = _split(heads)
     self.cfg = llama.cfg
     self.graphs = Graphs(llama=llama_def, heads=heads_def)
-    self.params = Params(llama=llama_state, heads=heads_state)
+    if transpose_lm_head is None:
+      transpose_lm_head = jax.default_backend() == "cpu"
+    lm_head_t = None
+    if transpose_lm_head and getattr(llama, "lm_head_kernel", None) is None:
+      # A real copy (not a lazy transpose): the layout is the point.
+      lm_head_t = jnp.array(llama.embed_tokens[...].astype(llama.dtype).T, copy=True)
+    self.params = Params(llama=llama_state, heads=heads_state, lm_head_t=lm_head_t)
     # The jitted steps take the parameters as one flat tuple: flattening an
     # nnx.State costs Python time on every call (about 0.3-1 ms for a
     # 30-layer model), a tuple of arrays is flattened in C++.
@@ -463,14 +524,15 @@ class Decoder:
     from medusa_jax.models.llama import KVCache
     return KVCache.init(self.cfg, batch, length, dtype)
 
-  def prefill(self, cache, prompt, prompt_lens, max_new, done, rng, *, config: StepConfig):
+  def prefill(self, cache, prompt, prompt_lens, max_new, done, rng, *, config: StepConfig,
+              temperature=None, top_p=None):
     """Prompt forward, then first tokens and drafts: two jitted calls. DONATES cache.
 
     Args and returns as :func:`prefill_forward` then :func:`prefill_start`.
     """
     cache, x = self._prefill_forward(self.param_leaves, cache, prompt, prompt_lens)
     return self._prefill_start(self.param_leaves, cache, x, prompt_lens, max_new, done, rng,
-                               config=config)
+                               temperature, top_p, config=config)
 
   def step(self, state: DecodeState, *, config: StepConfig):
     """A plain or speculative step, by ``config.tree``. DONATES state."""

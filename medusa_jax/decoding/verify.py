@@ -100,6 +100,47 @@ class Sampling:
 Strategy = Greedy | Typical | Sampling
 
 
+@flax.struct.dataclass
+class RowParams:
+  """Per-row sampling options, traced (one compilation serves every value).
+
+  When given to :func:`choose_root` / :func:`verify_tree`, they replace the
+  strategy's own ``temperature`` (and ``top_p`` for :class:`Sampling`); the
+  strategy then only says which rule applies. A row at temperature 0 takes
+  the greedy limit, so greedy and sampled requests can share a batch.
+
+  Attributes:
+    temperature: [B] float32 >= 0.
+    top_p: [B] float32 in (0, 1].
+  """
+  temperature: Array
+  top_p: Array
+
+  @classmethod
+  def full(cls, batch: int, temperature: float = 0.0, top_p: float = 1.0) -> "RowParams":
+    """The same options for ``batch`` rows."""
+    return cls(temperature=jnp.full((batch,), temperature, jnp.float32),
+               top_p=jnp.full((batch,), top_p, jnp.float32))
+
+
+def _rows(value_B: Array, shape: tuple[int, ...]) -> Array:
+  """A per-row [B] option broadcast to ``shape`` = (B, ...)."""
+  value = jnp.asarray(value_B, jnp.float32)
+  return jnp.broadcast_to(value.reshape(value.shape + (1,) * (len(shape) - 1)), shape)
+
+
+def _temperature(strategy, params: "RowParams | None", shape):
+  if params is None:
+    return strategy.temperature
+  return _rows(params.temperature, shape)
+
+
+def _top_p(strategy, params: "RowParams | None", shape):
+  if params is None:
+    return strategy.top_p
+  return _rows(params.top_p, shape)
+
+
 def parse_strategy(temperature=0.0, top_p=1.0, typical: bool = False) -> Strategy:
   """Maps request options to a strategy.
 
@@ -188,7 +229,8 @@ def tree_candidates(tree: TreeBuffers, root_token: Array, spec_logits: Array) ->
   return jnp.concatenate([root_Bx1, drafts_BxT1.astype(jnp.int32)], axis=1)
 
 
-def choose_root(logits: Array, strategy: Strategy, key: Array | None = None) -> Array:
+def choose_root(logits: Array, strategy: Strategy, key: Array | None = None,
+                params: RowParams | None = None) -> Array:
   """The target's token choice from one position (prefill or plain decode).
 
   Args:
@@ -196,6 +238,7 @@ def choose_root(logits: Array, strategy: Strategy, key: Array | None = None) -> 
     strategy: Greedy (argmax), Sampling (a warped sample) or Typical (a sample
       of p at the strategy's temperature truncated by the typical threshold).
     key: PRNG key; unused (may be None) for Greedy.
+    params: per-row options replacing the strategy's (see :class:`RowParams`).
 
   Returns:
     [B] int32 tokens.
@@ -205,10 +248,12 @@ def choose_root(logits: Array, strategy: Strategy, key: Array | None = None) -> 
   if key is None:
     raise RequestError(f"key: {type(strategy).__name__} needs a PRNG key, got None")
   if isinstance(strategy, Sampling):
-    return sampling.sample(key, logits, strategy.temperature, strategy.top_p)
+    lead = logits.shape[:-1]
+    return sampling.sample(key, logits, _temperature(strategy, params, lead),
+                           _top_p(strategy, params, lead))
   if isinstance(strategy, Typical):
     uniform = jax.random.uniform(key, logits.shape[:-1], jnp.float32)
-    return sampling.inverse_cdf(_typical_log_probs(logits, strategy), uniform)
+    return sampling.inverse_cdf(_typical_log_probs(logits, strategy, params), uniform)
   raise RequestError(f"strategy: expected Greedy, Typical or Sampling, got {strategy!r}")
 
 
@@ -216,7 +261,7 @@ def choose_root(logits: Array, strategy: Strategy, key: Array | None = None) -> 
 
 
 def verify_tree(tree: TreeBuffers, tree_tokens: Array, logits: Array, strategy: Strategy,
-                key: Array | None = None) -> Verdict:
+                key: Array | None = None, params: RowParams | None = None) -> Verdict:
   """Accepts the longest valid path of each row's tree.
 
   Args:
@@ -226,6 +271,7 @@ def verify_tree(tree: TreeBuffers, tree_tokens: Array, logits: Array, strategy: 
     logits: [B, T, V] target logits at every tree node.
     strategy: Greedy, Sampling or Typical (static).
     key: PRNG key; unused (may be None) for Greedy.
+    params: per-row options replacing the strategy's (see :class:`RowParams`).
 
   Returns:
     The :class:`Verdict`.
@@ -244,15 +290,15 @@ def verify_tree(tree: TreeBuffers, tree_tokens: Array, logits: Array, strategy: 
   tokens_BxT = tree_tokens.astype(jnp.int32)
   if t == 1:
     best_B = jnp.zeros((b,), jnp.int32)
-    return _verdict(tree, tokens_BxT, best_B, choose_root(logits[:, 0], strategy, key))
+    return _verdict(tree, tokens_BxT, best_B, choose_root(logits[:, 0], strategy, key, params))
   if isinstance(strategy, Typical):
-    best_B, bonus_B = _walk_typical(tree, tokens_BxT, logits, strategy, key)
+    best_B, bonus_B = _walk_typical(tree, tokens_BxT, logits, strategy, key, params)
   else:
-    best_B, bonus_B = _walk_match(tree, tokens_BxT, logits, strategy, key)
+    best_B, bonus_B = _walk_match(tree, tokens_BxT, logits, strategy, key, params)
   return _verdict(tree, tokens_BxT, best_B, bonus_B)
 
 
-def _walk_match(tree, tokens_BxT, logits_BxTxV, strategy, key):
+def _walk_match(tree, tokens_BxT, logits_BxTxV, strategy, key, params=None):
   """Sample-then-match (or argmax-then-match) walk; returns (best, bonus)."""
   parent = tree.parent
   internal, slot = _internal_slots(tree)
@@ -264,7 +310,7 @@ def _walk_match(tree, tokens_BxT, logits_BxTxV, strategy, key):
   else:
     # One uniform per internal node, plus one for a leaf's bonus.
     uniform_BxI1 = jax.random.uniform(key, (b, internal.size + 1), jnp.float32)
-    y_BxI = sampling.inverse_cdf(_warp(logits_BxIxV, strategy), uniform_BxI1[:, :-1])
+    y_BxI = sampling.inverse_cdf(_warp(logits_BxIxV, strategy, params), uniform_BxI1[:, :-1])
   match_BxT = tokens_BxT[:, 1:] == y_BxI[:, slot[parent[1:]]]
   match_BxT = jnp.concatenate([jnp.ones_like(match_BxT[:, :1]), match_BxT], axis=1)
   # Siblings with equal tokens (only possible for hand-made tree tokens): the
@@ -278,7 +324,8 @@ def _walk_match(tree, tokens_BxT, logits_BxTxV, strategy, key):
   if isinstance(strategy, Greedy):
     fresh_B = jnp.argmax(logits_best_BxV, axis=-1).astype(jnp.int32)
   else:
-    fresh_B = sampling.inverse_cdf(_warp(logits_best_BxV, strategy), uniform_BxI1[:, -1])
+    fresh_B = sampling.inverse_cdf(_warp(logits_best_BxV, strategy, params),
+                                   uniform_BxI1[:, -1])
   y_best_B = jnp.take_along_axis(y_BxI, jnp.asarray(slot, jnp.int32)[best_B][:, None], axis=1)[:, 0]
   bonus_B = jnp.where(jnp.asarray(tree.is_leaf)[best_B], fresh_B, y_best_B)
   return best_B, bonus_B
@@ -292,16 +339,24 @@ def _internal_slots(tree: TreeBuffers) -> tuple[np.ndarray, np.ndarray]:
   return internal, slot
 
 
-def _warp(logits_xV: Array, strategy: Sampling) -> Array:
-  return sampling.warp(logits_xV, strategy.temperature, strategy.top_p)
+def _warp(logits_xV: Array, strategy: Sampling, params: RowParams | None = None) -> Array:
+  lead = logits_xV.shape[:-1]
+  return sampling.warp(logits_xV, _temperature(strategy, params, lead),
+                       _top_p(strategy, params, lead))
 
 
-def _walk_typical(tree, tokens_BxT, logits_BxTxV, strategy, key):
+def _probs(logits_xV: Array, strategy: Typical, params: RowParams | None) -> Array:
+  """p at the strategy's (or the rows') temperature, float32 [..., V]."""
+  if params is None:
+    return jax.nn.softmax(logits_xV.astype(jnp.float32) / strategy.temperature, axis=-1)
+  return jnp.exp(sampling.warp(logits_xV, _rows(params.temperature, logits_xV.shape[:-1])))
+
+
+def _walk_typical(tree, tokens_BxT, logits_BxTxV, strategy, key, params=None):
   """Medusa's typical acceptance walk; returns (best, bonus)."""
   parent = tree.parent
   internal, slot = _internal_slots(tree)
-  probs_BxIxV = jax.nn.softmax(
-      logits_BxTxV[:, internal].astype(jnp.float32) / strategy.temperature, axis=-1)
+  probs_BxIxV = _probs(logits_BxTxV[:, internal], strategy, params)
   threshold_BxI = _typical_threshold(probs_BxIxV, strategy)
   b = tokens_BxT.shape[0]
   rows_Bx1 = jnp.arange(b)[:, None]
@@ -317,12 +372,13 @@ def _walk_typical(tree, tokens_BxT, logits_BxTxV, strategy, key):
   longest_BxT = reach_BxT == jnp.max(reach_BxT, axis=1, keepdims=True)
   best_B = jnp.argmax(jnp.where(longest_BxT, score_BxT, -jnp.inf), axis=1).astype(jnp.int32)
   logits_best_BxV = jnp.take_along_axis(logits_BxTxV, best_B[:, None, None], axis=1)[:, 0]
-  return best_B, choose_root(logits_best_BxV, strategy, key)
+  return best_B, choose_root(logits_best_BxV, strategy, key, params)
 
 
-def _typical_log_probs(logits_xV: Array, strategy: Typical) -> Array:
+def _typical_log_probs(logits_xV: Array, strategy: Typical,
+                       params: RowParams | None = None) -> Array:
   """log p at the strategy's temperature, -inf below the typical threshold."""
-  probs = jax.nn.softmax(logits_xV.astype(jnp.float32) / strategy.temperature, axis=-1)
+  probs = _probs(logits_xV, strategy, params)
   keep = probs >= _typical_threshold(probs, strategy)[..., None]
   # The argmax always passes when alpha <= 1; keep it in any case.
   keep = keep | sampling.argmax_mask(probs)

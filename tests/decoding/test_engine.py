@@ -1,6 +1,7 @@
 """Engine-level tests: lossless greedy speculation on SmolLM2, sampling distribution,
 bad requests, the chain guard, EOS handling and per-request statistics."""
 
+import dataclasses
 import math
 
 import jax
@@ -136,10 +137,16 @@ def test_sampling_keeps_the_distribution(tiny, mode, temperature, top_p):
       best = (hit, prompt, probs)
   hit, prompt, probs = best
   assert 0.2 < hit < 0.9, hit
-  n = 4000
+  n, n_greedy = 4000, 16
   eng = Engine(llama, None, heads, max_cache_len=64)
-  res = eng.generate([prompt] * n, 2, speculate=mode, temperature=temperature, top_p=top_p,
-                     seed=11, tree=SMALL_TREE if mode == "tree" else None, adaptive=True)
+  tree = SMALL_TREE if mode == "tree" else None
+  # Greedy rows ride along in the same batch (per-row temperatures).
+  temps = [temperature] * n + [0.0] * n_greedy
+  both = eng.generate([prompt] * (n + n_greedy), 2, speculate=mode, temperature=temps,
+                      top_p=top_p, seed=11, tree=tree, adaptive=True)
+  greedy = eng.generate([prompt], 2, speculate="none")
+  assert all(t == greedy.tokens[0] for t in both.tokens[n:])
+  res = dataclasses.replace(both, tokens=both.tokens[:n], stats=both.stats[:n])
   assert res.tree_nodes > 1
   accepted = sum(s.head_accepts[0] for s in res.stats)
   assert 0.5 * hit * n < accepted < n  # drafts accepted often, rejected often
@@ -155,6 +162,29 @@ def test_sampling_keeps_the_distribution(tiny, mode, temperature, top_p):
   keep = exp > 0
   p = scipy_stats.chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()).pvalue
   assert p > 1e-3, p
+
+
+def test_per_row_sampling_options_never_recompile(tiny):
+  llama, heads = tiny
+  eng = Engine(llama, None, heads, max_cache_len=32)
+  rng = np.random.default_rng(21)
+  prompts = [[int(t) for t in rng.integers(0, 8, size=n)] for n in (3, 5, 4, 6)]
+  kw = dict(speculate="tree", tree=SMALL_TREE)
+  greedy = eng.generate(prompts, 6, **kw)
+  first = eng.generate(prompts, 6, temperature=0.7, seed=1, **kw)
+  counts = dict(eng.decoder.trace_counts)
+  second = eng.generate(prompts, 6, temperature=1.3, top_p=0.8, seed=1, **kw)
+  mixed = eng.generate(prompts, 6, temperature=[0.0, 1.0, 0.0, 0.5], top_p=[1.0, 0.9, 0.5, 1.0],
+                       seed=2, **kw)
+  assert dict(eng.decoder.trace_counts) == counts  # one compilation serves every value
+  assert first.tokens != second.tokens  # the values do reach the step
+  assert mixed.tokens[0] == greedy.tokens[0] and mixed.tokens[2] == greedy.tokens[2]
+  cold = eng.generate(prompts, 6, temperature=[1e-4, 1.0, 1e-4, 0.5], seed=2, **kw)
+  assert cold.tokens[0] == greedy.tokens[0] and cold.tokens[2] == greedy.tokens[2]
+  with pytest.raises(RequestError, match=r"temperature: expected one value per prompt \(4\)"):
+    eng.generate(prompts, 6, temperature=[0.5, 0.5])
+  with pytest.raises(RequestError, match=r"top_p=0.0: expected 0 < top_p <= 1"):
+    eng.generate(prompts, 6, temperature=0.5, top_p=[1.0, 0.0, 1.0, 1.0])
 
 
 def test_bad_requests_fail_alone(tiny):

@@ -69,6 +69,29 @@ def test_warp_per_row_options_vs_numpy(jit):
   np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-5, atol=1e-5)
 
 
+def test_warp_per_row_zero_temperature_is_greedy():
+  rng = np.random.default_rng(11)
+  logits = rng.normal(0, 2, (6, 29)).astype(np.float32)
+  temperature = rng.uniform(0.3, 2.0, 6).astype(np.float32)
+  temperature[[1, 4]] = 0.0
+  top_p = rng.uniform(0.2, 1.0, 6).astype(np.float32)
+  got = np.asarray(jax.jit(sampling.warp)(jnp.asarray(logits), jnp.asarray(temperature),
+                                          jnp.asarray(top_p)))
+  for row in range(6):
+    if temperature[row] == 0:
+      want = np.full(29, -np.inf)
+      want[np.argmax(logits[row])] = 0.0
+      np.testing.assert_array_equal(got[row], want)
+    else:
+      ref = _warp_reference(logits[row], temperature[row], top_p[row])
+      np.testing.assert_array_equal(np.isneginf(got[row]), np.isneginf(ref))
+      fin = np.isfinite(ref)
+      np.testing.assert_allclose(got[row][fin], ref[fin], rtol=1e-5, atol=1e-5)
+  key = jax.random.PRNGKey(3)
+  tokens = np.asarray(sampling.sample(key, jnp.asarray(logits), jnp.asarray(temperature)))
+  np.testing.assert_array_equal(tokens[[1, 4]], np.argmax(logits[[1, 4]], axis=-1))
+
+
 def test_top_p_keeps_the_smallest_nucleus_and_the_top_token():
   rng = np.random.default_rng(3)
   logits = rng.normal(0, 1.5, (50, 11)).astype(np.float32)
