@@ -26,12 +26,12 @@ RMSNorm, RoPE and the softmax run in f32; logits are f32.
 
 Speed: at decode sizes a step is bound by the number of kernels, not by bytes
 (SmolLM2-135M reads 0.09 ms of weights but ran 1.5 ms per step on an H100).
-So the RoPE tables and the additive mask bias are computed once per call and
-shared by every layer, q and k are rotated together, and
+So the RoPE tables are computed once per call and shared by every layer, and
 :meth:`Llama.fuse_projections` turns q/k/v and gate/up into one matmul each
 (``qkv_proj``, ``gate_up_proj``). Checkpoints load in the unfused layout (the
 Hugging Face names, which the sharded loader also splits by columns); fusing
-is a separate step for a single-device model.
+is a separate step for a single-device model. :class:`AttentionScores` picks
+how the scores against the cache are laid out as a matmul.
 
 Checkpoints load through :mod:`medusa_jax.models.llama_weights` (``load_llama``,
 also reachable from here).
@@ -53,7 +53,7 @@ from medusa_jax.errors import ConfigError, RequestError
 from medusa_jax.models.llama_config import LlamaConfig, RopeScaling, RopeType, rope_inv_freq
 
 __all__ = ["AttentionScores", "KVCache", "Llama", "LlamaConfig", "RopeScaling", "RopeType", "apply_rope",
-           "causal_mask", "load_llama", "mask_bias", "rope", "rope_inv_freq", "rope_tables"]
+           "causal_mask", "load_llama", "rope", "rope_inv_freq", "rope_tables"]
 
 Array = jax.Array
 
@@ -191,16 +191,6 @@ def rope(x_BxTxNxD: Array, positions_BxT: Array, inv_freq: np.ndarray) -> Array:
   return apply_rope(x_BxTxNxD, *rope_tables(positions_BxT, inv_freq))
 
 
-def mask_bias(attn_mask_BxTxL: Array) -> Array:
-  """The boolean mask as an additive f32 bias [B, 1, 1, T, L] (0 or a large negative).
-
-  Adding it to a score gives the same softmax as masking: the negative value
-  swamps any finite score (so a fully masked row is uniform, not NaN).
-  """
-  bias_BxTxL = jnp.where(attn_mask_BxTxL, jnp.float32(0.0), jnp.float32(_MASK_VALUE))
-  return bias_BxTxL[:, None, None, :, :]
-
-
 class RMSNorm(nnx.Module):
   """``x * rsqrt(mean(x^2) + eps) * w`` with the statistics in f32."""
 
@@ -234,7 +224,7 @@ class Linear(nnx.Module):
 
 
 class Attention(nnx.Module):
-  """Grouped-query attention over a KV cache, with an additive mask bias.
+  """Grouped-query attention over a KV cache, with an explicit mask.
 
   Unfused it holds ``q_proj``, ``k_proj``, ``v_proj`` (the checkpoint layout);
   fused (``fused=True``) one ``qkv_proj`` whose kernel is their column
@@ -262,20 +252,20 @@ class Attention(nnx.Module):
       self.v_proj = Linear(hidden, num_kv_heads * head_dim, **kw)
     self.o_proj = Linear(num_heads * head_dim, hidden, **kw)
 
-  def _qkv(self, x_BxTxH: Array) -> tuple[Array, Array]:
-    """([B, T, Q + G, D] queries then keys, [B, T, G, D] values), compute dtype."""
+  def _qkv(self, x_BxTxH: Array) -> tuple[Array, Array, Array]:
+    """Queries [B, T, Q, D], keys and values [B, T, G, D], compute dtype, before RoPE."""
     B, T, _ = x_BxTxH.shape
     Q, G, D = self.num_heads, self.num_kv_heads, self.head_dim
     if self.fused:
       qkv_BxTxN = self.qkv_proj(x_BxTxH)
-      qk_BxTxN, v_BxTxN = qkv_BxTxN[..., :(Q + G) * D], qkv_BxTxN[..., (Q + G) * D:]
+      q, k, v = (qkv_BxTxN[..., :Q * D], qkv_BxTxN[..., Q * D:(Q + G) * D],
+                 qkv_BxTxN[..., (Q + G) * D:])
     else:
-      qk_BxTxN = jnp.concatenate([self.q_proj(x_BxTxH), self.k_proj(x_BxTxH)], axis=-1)
-      v_BxTxN = self.v_proj(x_BxTxH)
-    return qk_BxTxN.reshape(B, T, Q + G, D), v_BxTxN.reshape(B, T, G, D)
+      q, k, v = self.q_proj(x_BxTxH), self.k_proj(x_BxTxH), self.v_proj(x_BxTxH)
+    return q.reshape(B, T, Q, D), k.reshape(B, T, G, D), v.reshape(B, T, G, D)
 
   def __call__(self, x_BxTxH: Array, rope_cs: tuple[Array, Array], k_BxLxGxD: Array,
-               v_BxLxGxD: Array, cache_index_B: Array, bias_Bx1x1xTxL: Array
+               v_BxLxGxD: Array, cache_index_B: Array, mask_Bx1x1xTxL: Array
                ) -> tuple[Array, Array, Array]:
     """Attends the T new tokens to the cache after writing their K/V into it.
 
@@ -284,7 +274,7 @@ class Attention(nnx.Module):
       rope_cs: (cos, sin) from :func:`rope_tables` at the tokens' positions.
       k_BxLxGxD, v_BxLxGxD: this layer's cache.
       cache_index_B: [B] slot of each row's first new token.
-      bias_Bx1x1xTxL: additive mask bias (:func:`mask_bias`).
+      mask_Bx1x1xTxL: bool, query t sees slot s (the call's mask, shared by all layers).
 
     Returns:
       out [B, T, H] (compute dtype) and the updated k, v caches [B, L, G, D].
@@ -292,21 +282,22 @@ class Attention(nnx.Module):
     B, T, _ = x_BxTxH.shape
     Q, G, D = self.num_heads, self.num_kv_heads, self.head_dim
     R = Q // G
-    qk_BxTxNxD, v_BxTxGxD = self._qkv(x_BxTxH)
-    qk_BxTxNxD = apply_rope(qk_BxTxNxD, *rope_cs)  # q and k rotated in one pass
-    q_BxTxQxD, k_BxTxGxD = qk_BxTxNxD[:, :, :Q], qk_BxTxNxD[:, :, Q:]
+    q_BxTxQxD, k_BxTxGxD, v_BxTxGxD = self._qkv(x_BxTxH)
+    # Rotated apart: a joint [q; k] array would be one more buffer to write and read.
+    q_BxTxQxD = apply_rope(q_BxTxQxD, *rope_cs)
+    k_BxTxGxD = apply_rope(k_BxTxGxD, *rope_cs)
     k_BxLxGxD = _write(k_BxLxGxD, k_BxTxGxD, cache_index_B)
     v_BxLxGxD = _write(v_BxLxGxD, v_BxTxGxD, cache_index_B)
 
     # Query head g*R + r reads kv head g (Hugging Face's repeat_kv order).
     if self.scores is AttentionScores.FLAT and T <= FLAT_MAX_TOKENS:
-      o_BxTxQxD = self._flat(q_BxTxQxD, k_BxLxGxD, v_BxLxGxD, bias_Bx1x1xTxL)
+      o_BxTxQxD = self._flat(q_BxTxQxD, k_BxLxGxD, v_BxLxGxD, mask_Bx1x1xTxL)
     else:
-      o_BxTxQxD = self._grouped(q_BxTxQxD, k_BxLxGxD, v_BxLxGxD, bias_Bx1x1xTxL)
+      o_BxTxQxD = self._grouped(q_BxTxQxD, k_BxLxGxD, v_BxLxGxD, mask_Bx1x1xTxL)
     out_BxTxH = self.o_proj(o_BxTxQxD.astype(self.dtype).reshape(B, T, Q * D))
     return out_BxTxH, k_BxLxGxD, v_BxLxGxD
 
-  def _grouped(self, q_BxTxQxD, k_BxLxGxD, v_BxLxGxD, bias_Bx1x1xTxL):
+  def _grouped(self, q_BxTxQxD, k_BxLxGxD, v_BxLxGxD, mask_Bx1x1xTxL):
     """Attention output [B, T, Q, D] f32, batched over (row, kv head)."""
     B, T, Q, D = q_BxTxQxD.shape
     G = self.num_kv_heads
@@ -314,13 +305,15 @@ class Attention(nnx.Module):
     s_BxGxRxTxL = jnp.einsum("btgrd,bsgd->bgrts", q_BxTxGxRxD,
                              k_BxLxGxD.astype(q_BxTxGxRxD.dtype),
                              preferred_element_type=jnp.float32)
-    s_BxGxRxTxL = s_BxGxRxTxL * (1.0 / math.sqrt(D)) + bias_Bx1x1xTxL
+    # A select, not an additive bias: XLA fuses it into the softmax either way, and
+    # the select gives fewer fusions on the CPU backend.
+    s_BxGxRxTxL = jnp.where(mask_Bx1x1xTxL, s_BxGxRxTxL * (1.0 / math.sqrt(D)), _MASK_VALUE)
     p_BxGxRxTxL = jax.nn.softmax(s_BxGxRxTxL, axis=-1)  # f32
     o_BxTxGxRxD = jnp.einsum("bgrts,bsgd->btgrd", p_BxGxRxTxL.astype(self.dtype),
                              v_BxLxGxD.astype(self.dtype), preferred_element_type=jnp.float32)
     return o_BxTxGxRxD.reshape(B, T, Q, D)
 
-  def _flat(self, q_BxTxQxD, k_BxLxGxD, v_BxLxGxD, bias_Bx1x1xTxL):
+  def _flat(self, q_BxTxQxD, k_BxLxGxD, v_BxLxGxD, mask_Bx1x1xTxL):
     """Attention output [B, T, Q, D] f32, one matmul per row over all L * G entries."""
     B, T, Q, D = q_BxTxQxD.shape
     L, G = k_BxLxGxD.shape[1], self.num_kv_heads
@@ -333,8 +326,9 @@ class Attention(nnx.Module):
     # Adding exact zeros: the kept score is bit-identical to the grouped one.
     s_BxTxGxRxL = jnp.sum(jnp.where(own_GxG[None, None, :, None, None, :], s_BxTxGxRxLxG, 0.0),
                           axis=-1)
-    bias_BxTx1x1xL = jnp.moveaxis(bias_Bx1x1xTxL, 3, 1)
-    p_BxTxGxRxL = jax.nn.softmax(s_BxTxGxRxL * (1.0 / math.sqrt(D)) + bias_BxTx1x1xL, axis=-1)
+    mask_BxTx1x1xL = jnp.moveaxis(mask_Bx1x1xTxL, 3, 1)
+    p_BxTxGxRxL = jax.nn.softmax(
+        jnp.where(mask_BxTx1x1xL, s_BxTxGxRxL * (1.0 / math.sqrt(D)), _MASK_VALUE), axis=-1)
     p_BxTxGxRxLxG = jnp.where(own_GxG[None, None, :, None, None, :],
                               p_BxTxGxRxL.astype(self.dtype)[..., None],
                               jnp.zeros((), self.dtype))
@@ -384,9 +378,9 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
     self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, fused=fused, **kw)
 
-  def __call__(self, x_BxTxH, rope_cs, k, v, cache_index_B, bias_Bx1x1xTxL):
+  def __call__(self, x_BxTxH, rope_cs, k, v, cache_index_B, mask_Bx1x1xTxL):
     a_BxTxH, k, v = self.self_attn(self.input_layernorm(x_BxTxH), rope_cs, k, v,
-                                   cache_index_B, bias_Bx1x1xTxL)
+                                   cache_index_B, mask_Bx1x1xTxL)
     x_BxTxH = x_BxTxH + a_BxTxH
     x_BxTxH = x_BxTxH + self.mlp(self.post_attention_layernorm(x_BxTxH))
     return x_BxTxH, k, v
@@ -540,10 +534,10 @@ class Llama(nnx.Module):
     x_BxTxH = self.embed(tokens)
     # Shared by every layer: computed once per call, not once per layer.
     rope_cs = rope_tables(positions, np.asarray(self.layers[0].self_attn.inv_freq, np.float32))
-    bias_Bx1x1xTxL = mask_bias(attn_mask)
+    mask_Bx1x1xTxL = attn_mask.astype(bool)[:, None, None]
     ks, vs = [], []
     for layer, k, v in zip(self.layers, cache.k, cache.v):
-      x_BxTxH, k, v = layer(x_BxTxH, rope_cs, k, v, cache_index, bias_Bx1x1xTxL)
+      x_BxTxH, k, v = layer(x_BxTxH, rope_cs, k, v, cache_index, mask_Bx1x1xTxL)
       ks.append(k)
       vs.append(v)
     return self.norm(x_BxTxH), KVCache(k=tuple(ks), v=tuple(vs))

@@ -15,7 +15,7 @@ from flax import nnx
 from medusa_jax.errors import (ConfigError, CorruptWeightsError, MissingTensorError,
                                RequestError, TensorShapeError, WeightsNotFoundError)
 from medusa_jax.models.llama import (AttentionScores, KVCache, Llama, LlamaConfig, apply_rope,
-                                     causal_mask, load_llama, mask_bias, rope, rope_tables)
+                                     causal_mask, load_llama, rope, rope_tables)
 
 
 # ----------------------------------------------------------------- reference
@@ -398,7 +398,7 @@ def test_attention_scores_errors():
     _model(seed=28).with_attention_scores("pairs")
 
 
-def test_rope_tables_and_mask_bias():
+def test_rope_tables_are_shared_rope():
   rng = np.random.default_rng(25)
   x = jnp.asarray(rng.standard_normal((2, 3, 4, 8)), jnp.float32)
   pos = jnp.asarray(rng.integers(0, 50, (2, 3)), jnp.int32)
@@ -410,15 +410,6 @@ def test_rope_tables_and_mask_bias():
   cos, sin = rope_tables(pos, inv)
   assert cos.shape == sin.shape == (2, 3, 1, 4)
   np.testing.assert_array_equal(np.asarray(apply_rope(x, cos, sin)), np.asarray(rope(x, pos, inv)))
-  mask = jnp.asarray(rng.random((2, 3, 5)) < 0.5).at[1, 2].set(False)
-  bias = np.asarray(mask_bias(mask))
-  assert bias.shape == (2, 1, 1, 3, 5) and bias.dtype == np.float32
-  np.testing.assert_array_equal(bias[:, 0, 0] == 0, np.asarray(mask))
-  scores = jnp.asarray(rng.standard_normal((2, 1, 1, 3, 5)) * 30, jnp.float32)
-  p = np.asarray(jax.nn.softmax(scores + bias, axis=-1))
-  np.testing.assert_allclose(p[1, 0, 0, 2], np.full(5, 0.2), rtol=1e-6)  # fully masked: uniform
-  seen = np.asarray(mask).any(-1, keepdims=True)  # rows with a visible slot: masked slots get 0
-  assert (p[:, 0, 0][~np.asarray(mask) & seen] == 0).all()
 
 
 # ----------------------------------------------------------------- config
