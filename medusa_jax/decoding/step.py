@@ -17,11 +17,12 @@ A speculative step runs, in one call:
 
 1. one forward of the T tree tokens at positions ``lengths + depth`` with the
    tree mask over the committed prefix (their K/V land at ``lengths + t``);
-2. the base LM head over the T nodes and the acceptance rule
-   (``verify_tree``): accepted path ``c_0..c_a`` and a bonus token;
-3. KV compaction: the path's K/V move to ``lengths + 0..a``; ``lengths += a+1``;
-4. the Medusa heads on the hidden state of the accepted node, whose top-k
-   tokens fill the next tree; the bonus becomes the next root.
+2. the base LM head over the tree's internal nodes and the acceptance walk
+   (``walk_tree``): the accepted path ``c_0..c_a``;
+3. one LM-head call at the accepted node for its own logits and the Medusa
+   heads' drafts: the bonus token (``finish_walk``) and the next tree's
+   top-k tokens; the bonus becomes the next root;
+4. KV compaction: the path's K/V move to ``lengths + 0..a``; ``lengths += a+1``.
 
 A step emits ``c_1..c_a`` and the bonus (``a + 1`` tokens), cut at the first
 EOS or at the row's ``max_new``; finished rows (and padding rows) are masked:
@@ -384,7 +385,7 @@ def speculative_step(graphs: Graphs, params: Params, state: DecodeState, *,
 
   See the module docstring for the algorithm. ``config.tree`` must be set.
   """
-  from medusa_jax.decoding.verify import verify_tree
+  from medusa_jax.decoding.verify import finish_walk, internal_nodes, walk_tree
   tree = config.tree
   llama = _merge(graphs.llama, params.llama)
   heads = _merge(graphs.heads, params.heads)
@@ -395,15 +396,20 @@ def speculative_step(graphs: Graphs, params: Params, state: DecodeState, *,
                                        cache.length)
   hidden_BxTxH, cache = llama(state.tokens, positions_BxT, cache, state.lengths, mask)
   lm_head = _lm_head(llama, params)
-  logits_BxTxV = lm_head(hidden_BxTxH)
+  # The walk reads the logits of internal nodes only; the accepted node's own
+  # logits (for the bonus) come with its drafts from one more LM-head call, so
+  # the LM head runs over I + 1 + D rows instead of T + D.
+  logits_BxIxV = lm_head(hidden_BxTxH[:, internal_nodes(tree)])
   rng, key = jax.random.split(state.rng)
-  verdict = verify_tree(tree, state.tokens, logits_BxTxV, config.strategy, key,
-                        _row_params(state))
+  row_params = _row_params(state)
+  walk = walk_tree(tree, state.tokens, logits_BxIxV, config.strategy, key, row_params)
+  best_B = walk.best_node.astype(jnp.int32)
+  x_BxH = jnp.take_along_axis(hidden_BxTxH, best_B[:, None, None], axis=1)[:, 0]
+  logits_best_BxV, draft_BxDxV = base_and_draft(heads, x_BxH, lm_head, tree.depth)
+  verdict = finish_walk(tree, state.tokens, walk, logits_best_BxV, config.strategy, key,
+                        row_params)
   path_BxP = verdict.path_nodes.astype(jnp.int32)
   cache = cache_ops.compact_cache(cache, state.lengths, path_BxP)
-  best_B = verdict.best_node.astype(jnp.int32)
-  x_BxH = jnp.take_along_axis(hidden_BxTxH, best_B[:, None, None], axis=1)[:, 0]
-  draft_BxDxV = draft_only(heads, x_BxH, lm_head, tree.depth)
   next_root_B = verdict.next_root.astype(jnp.int32)
   active_B = ~state.done
   accept_B = verdict.accept_len.astype(jnp.int32)

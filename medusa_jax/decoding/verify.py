@@ -291,19 +291,85 @@ def verify_tree(tree: TreeBuffers, tree_tokens: Array, logits: Array, strategy: 
   if t == 1:
     best_B = jnp.zeros((b,), jnp.int32)
     return _verdict(tree, tokens_BxT, best_B, choose_root(logits[:, 0], strategy, key, params))
+  internal, _ = _internal_slots(tree)
+  walk = walk_tree(tree, tokens_BxT, logits[:, internal], strategy, key, params)
+  logits_best_BxV = jnp.take_along_axis(logits, walk.best_node[:, None, None], axis=1)[:, 0]
+  return finish_walk(tree, tokens_BxT, walk, logits_best_BxV, strategy, key, params)
+
+
+def internal_nodes(tree: TreeBuffers) -> np.ndarray:
+  """Indices [I] of the nodes with children: the only ones the walk reads logits of."""
+  return _internal_slots(tree)[0]
+
+
+@flax.struct.dataclass
+class Walk:
+  """The first half of :func:`verify_tree`: the accepted path, before the bonus.
+
+  Attributes:
+    best_node: [B] int32, the deepest accepted node u*.
+    choice: [B] int32, the target's choice at u* when u* has children (the
+      sample its children failed to match); unused at a leaf.
+    uniform: [B] float32, the random number reserved for a leaf's bonus.
+  """
+  best_node: Array
+  choice: Array
+  uniform: Array
+
+
+def walk_tree(tree: TreeBuffers, tree_tokens: Array, internal_logits: Array, strategy: Strategy,
+              key: Array | None = None, params: RowParams | None = None) -> Walk:
+  """Walks down the tree with the target logits of its internal nodes only.
+
+  Verification reads the logits of leaves only for the bonus token at the
+  accepted node, so a step can run the LM head over the I internal nodes,
+  then over the accepted node alone (together with the Medusa heads' drafts
+  there) and call :func:`finish_walk`; the result equals :func:`verify_tree`.
+
+  Args:
+    tree: the static tree (T >= 2 nodes).
+    tree_tokens: [B, T] int.
+    internal_logits: [B, I, V] target logits at :func:`internal_nodes`.
+    strategy, key, params: as in :func:`verify_tree`.
+
+  Returns:
+    The :class:`Walk`.
+  """
+  tokens_BxT = tree_tokens.astype(jnp.int32)
   if isinstance(strategy, Typical):
-    best_B, bonus_B = _walk_typical(tree, tokens_BxT, logits, strategy, key, params)
+    return _walk_typical(tree, tokens_BxT, internal_logits, strategy, params)
+  return _walk_match(tree, tokens_BxT, internal_logits, strategy, key, params)
+
+
+def finish_walk(tree: TreeBuffers, tree_tokens: Array, walk: Walk, best_logits: Array,
+                strategy: Strategy, key: Array | None = None,
+                params: RowParams | None = None) -> Verdict:
+  """The bonus token and the :class:`Verdict` of a :func:`walk_tree`.
+
+  Args:
+    tree, tree_tokens, strategy, params: as given to :func:`walk_tree`.
+    walk: its result.
+    best_logits: [B, V] target logits at ``walk.best_node``.
+    key: the key given to :func:`walk_tree`.
+  """
+  tokens_BxT = tree_tokens.astype(jnp.int32)
+  best_B = walk.best_node
+  if isinstance(strategy, Typical):
+    bonus_B = choose_root(best_logits, strategy, key, params)
   else:
-    best_B, bonus_B = _walk_match(tree, tokens_BxT, logits, strategy, key, params)
+    if isinstance(strategy, Greedy):
+      fresh_B = jnp.argmax(best_logits, axis=-1).astype(jnp.int32)
+    else:
+      fresh_B = sampling.inverse_cdf(_warp(best_logits, strategy, params), walk.uniform)
+    bonus_B = jnp.where(jnp.asarray(tree.is_leaf)[best_B], fresh_B, walk.choice)
   return _verdict(tree, tokens_BxT, best_B, bonus_B)
 
 
-def _walk_match(tree, tokens_BxT, logits_BxTxV, strategy, key, params=None):
-  """Sample-then-match (or argmax-then-match) walk; returns (best, bonus)."""
+def _walk_match(tree, tokens_BxT, logits_BxIxV, strategy, key, params=None) -> Walk:
+  """Sample-then-match (or argmax-then-match) walk over internal-node logits."""
   parent = tree.parent
   internal, slot = _internal_slots(tree)
   b = tokens_BxT.shape[0]
-  logits_BxIxV = logits_BxTxV[:, internal]
   # Only internal nodes need a choice for the walk; a leaf's is drawn if it ends it.
   if isinstance(strategy, Greedy):
     y_BxI = jnp.argmax(logits_BxIxV, axis=-1).astype(jnp.int32)
@@ -320,15 +386,10 @@ def _walk_match(tree, tokens_BxT, logits_BxTxV, strategy, key, params=None):
   blocked_BxT = jnp.einsum("bs,cs->bc", match_BxT.astype(jnp.int32), earlier_TxT) > 0
   accepted_BxT = _accept_down(tree, match_BxT & ~blocked_BxT)
   best_B = _deepest(tree, accepted_BxT)
-  logits_best_BxV = jnp.take_along_axis(logits_BxTxV, best_B[:, None, None], axis=1)[:, 0]
-  if isinstance(strategy, Greedy):
-    fresh_B = jnp.argmax(logits_best_BxV, axis=-1).astype(jnp.int32)
-  else:
-    fresh_B = sampling.inverse_cdf(_warp(logits_best_BxV, strategy, params),
-                                   uniform_BxI1[:, -1])
   y_best_B = jnp.take_along_axis(y_BxI, jnp.asarray(slot, jnp.int32)[best_B][:, None], axis=1)[:, 0]
-  bonus_B = jnp.where(jnp.asarray(tree.is_leaf)[best_B], fresh_B, y_best_B)
-  return best_B, bonus_B
+  uniform_B = (jnp.zeros((b,), jnp.float32) if isinstance(strategy, Greedy)
+               else uniform_BxI1[:, -1])
+  return Walk(best_node=best_B, choice=y_best_B, uniform=uniform_B)
 
 
 def _internal_slots(tree: TreeBuffers) -> tuple[np.ndarray, np.ndarray]:
@@ -352,11 +413,11 @@ def _probs(logits_xV: Array, strategy: Typical, params: RowParams | None) -> Arr
   return jnp.exp(sampling.warp(logits_xV, _rows(params.temperature, logits_xV.shape[:-1])))
 
 
-def _walk_typical(tree, tokens_BxT, logits_BxTxV, strategy, key, params=None):
-  """Medusa's typical acceptance walk; returns (best, bonus)."""
+def _walk_typical(tree, tokens_BxT, logits_BxIxV, strategy, params=None) -> Walk:
+  """Medusa's typical acceptance walk over internal-node logits."""
   parent = tree.parent
   internal, slot = _internal_slots(tree)
-  probs_BxIxV = _probs(logits_BxTxV[:, internal], strategy, params)
+  probs_BxIxV = _probs(logits_BxIxV, strategy, params)
   threshold_BxI = _typical_threshold(probs_BxIxV, strategy)
   b = tokens_BxT.shape[0]
   rows_Bx1 = jnp.arange(b)[:, None]
@@ -371,8 +432,8 @@ def _walk_typical(tree, tokens_BxT, logits_BxTxV, strategy, key, params=None):
   reach_BxT = jnp.where(accepted_BxT, depth_1xT, -1)
   longest_BxT = reach_BxT == jnp.max(reach_BxT, axis=1, keepdims=True)
   best_B = jnp.argmax(jnp.where(longest_BxT, score_BxT, -jnp.inf), axis=1).astype(jnp.int32)
-  logits_best_BxV = jnp.take_along_axis(logits_BxTxV, best_B[:, None, None], axis=1)[:, 0]
-  return best_B, choose_root(logits_best_BxV, strategy, key, params)
+  zero_B = jnp.zeros((b,), jnp.int32)
+  return Walk(best_node=best_B, choice=zero_B, uniform=zero_B.astype(jnp.float32))
 
 
 def _typical_log_probs(logits_xV: Array, strategy: Typical,
