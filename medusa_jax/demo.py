@@ -18,6 +18,8 @@ import sys
 from typing import Sequence
 
 DEFAULT_MODES = ("none", "tree")
+CPU_TREE_ROWS = 3
+"""Tree budget on CPU: the root and the two best first drafts (see run_demo)."""
 
 
 def run_demo(num_prompts: int = 4, max_new_tokens: int = 32, batch_size: int | None = 1,
@@ -34,9 +36,11 @@ def run_demo(num_prompts: int = 4, max_new_tokens: int = 32, batch_size: int | N
     speculate: modes to compare; "none" is the baseline of the speed-up.
     engine: an :class:`~medusa_jax.decoding.engine.Engine` (default:
       ``Engine.load()``: SmolLM2 + bundled heads).
-    max_tree_rows: B * T budget of the adaptive tree (default: 8 on CPU,
-      where a verification forward costs about its row count, else the
-      engine's default, 64).
+    max_tree_rows: B * T budget of the adaptive tree (default: 3 on CPU,
+      else the engine's default, 64). On a CPU every verified row costs
+      compute: with SmolLM2 a step over the 3-node best-first tree (root and
+      the heads' top-2 first drafts) costs about 1.5-1.6 plain steps, larger
+      trees more than their extra accepted tokens (docs/perf_decode.md).
     temperature: 0 = greedy (speculation is then lossless: same answers).
     seed: sampling seed.
     log: where lines go (``print``; None = silent).
@@ -53,7 +57,7 @@ def run_demo(num_prompts: int = 4, max_new_tokens: int = 32, batch_size: int | N
   modes = [Speculate.parse(m) for m in speculate]
   if engine is None:
     if max_tree_rows is None:
-      max_tree_rows = 8 if jax.default_backend() == "cpu" else 64
+      max_tree_rows = CPU_TREE_ROWS if jax.default_backend() == "cpu" else 64
     engine = Engine.load(max_cache_len=1024, max_tree_rows=max_tree_rows)
   if engine.heads_notice:
     log(f"NOTE: {engine.heads_notice}")
@@ -99,8 +103,8 @@ def run_demo(num_prompts: int = 4, max_new_tokens: int = 32, batch_size: int | N
     log("greedy answers identical to plain decoding: "
         + ", ".join(f"{m}={'yes' if ok else 'NO'}" for m, ok in same.items()))
   if jax.default_backend() == "cpu" and len(results) > 1:
-    log("(on a CPU every verified tree row costs compute, so speculation gains little or"
-        " nothing here; on a GPU a decode step is bound by memory and kernel launches and the"
+    log("(on a CPU every verified tree row costs compute: a speculative step costs ~1.5 plain"
+        " steps here, about what the heads gain, so expect speed-ups near 1x; on a GPU the"
         " extra rows are nearly free: see docs/perf_decode.md)")
   last = list(results)[-1]
   sample = dict(question=prompts[0], answer=results[last]["texts"][0], mode=last)
@@ -123,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="modes to compare: none chain tree (default: none tree)")
   parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
   parser.add_argument("--max-tree-rows", type=int, default=None,
-                      help="B*T budget of the adaptive tree (default: 8 on CPU, else 64)")
+                      help="B*T budget of the adaptive tree (default: 3 on CPU, else 64)")
   parser.add_argument("--json", action="store_true", help="print the results as JSON as well")
   ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
   out = run_demo(ns.prompts, ns.max_new_tokens, ns.batch_size or None, ns.speculate,
