@@ -46,7 +46,9 @@ class MedusaWeights:
     model: the heads; ``model(x, lm_head, segments=None)`` gives
       ``(logits [N, V], speculative_logits [N, n, V] | None)``. For V2 the fused
       weight is ``model.medusa.kernel[...]`` [H, n*H] and ``model.medusa.bias[...]``
-      [n*H].
+      [n*H]; heads loaded onto a mesh hold a ``ShardedMedusaV2`` there instead
+      (``kernel_hnh`` [H, n, H], ``bias_nh`` [n, H]; ``unsharded_arrays()``
+      gives the fused layout on the host).
     source: where the weights came from (a path), for messages; may be None.
   """
 
