@@ -32,7 +32,7 @@ import math
 import os
 import time
 import warnings
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -145,6 +145,52 @@ class GenerationResult:
     if not done:
       return float("nan")
     return sum(s.tokens_per_step * s.steps for s in done) / sum(s.steps for s in done)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StreamEvent:
+  """One step of :meth:`Engine.stream`: what each request emitted.
+
+  The per-request lists are built on access (a serving loop that does not
+  read them pays no per-row Python work).
+
+  Attributes:
+    step: 0 for the first token (from the prefill), then one per decode step.
+    result: the :class:`GenerationResult`, on the last event only (whose
+      ``tokens`` are then empty).
+  """
+  step: int
+  host: Any = None
+  rows: tuple[int, ...] = ()
+  num_requests: int = 0
+  result: "GenerationResult | None" = None
+
+  @property
+  def tokens(self) -> list[list[int]]:
+    """New tokens per request this step ([] for finished, failed or idle ones)."""
+    out: list[list[int]] = [[] for _ in range(self.num_requests)]
+    if self.host is not None:
+      for b, i in enumerate(self.rows):
+        out[i] = [int(t) for t in self.host.tokens[b, :self.host.count[b]]]
+    return out
+
+  @property
+  def accept_len(self) -> list[int]:
+    """Drafts accepted per request this step (0 for the first event)."""
+    out = [0] * self.num_requests
+    if self.host is not None and self.step > 0:
+      for b, i in enumerate(self.rows):
+        out[i] = int(self.host.accept_len[b])
+    return out
+
+  @property
+  def done(self) -> list[bool]:
+    """Per request: finished after this step (failed requests count as done)."""
+    out = [True] * self.num_requests
+    if self.host is not None:
+      for b, i in enumerate(self.rows):
+        out[i] = bool(self.host.done[b])
+    return out
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -296,6 +342,32 @@ class Engine:
     Raises:
       RequestError: a bad option, or (on_error="raise") a bad request, naming it.
     """
+    events = self.stream(prompts, max_new_tokens, speculate=speculate, temperature=temperature,
+                         top_p=top_p, typical=typical, seed=seed, tree=tree, chat=chat,
+                         adaptive=adaptive, on_error=on_error)
+    for event in events:
+      pass
+    return event.result
+
+  def stream(self, prompts: Sequence[Sequence[int] | str], max_new_tokens: int | Sequence[int] = 64,
+               *, speculate: str | Speculate = "none",
+               temperature: float | Sequence[float] = 0.0,
+               top_p: float | Sequence[float] = 1.0, typical: bool = False, seed: int = 0,
+               tree=None,
+               chat: bool = False, adaptive: bool | None = None,
+               on_error: str | OnError = "raise") -> Iterator[StreamEvent]:
+    """Generates like :meth:`generate`, yielding each step's tokens as soon as read.
+
+    Same arguments and checks as :meth:`generate` (raised on the first
+    ``next``, before any device work). One :class:`StreamEvent` per step,
+    the first with each request's first token; the last event carries the
+    :class:`GenerationResult`.
+
+    Example::
+
+      for event in eng.stream(["Hi!"], 32, speculate="tree", chat=True):
+        print(eng.tokenizer.decode(event.tokens[0]), end="", flush=True)
+    """
     t_start = time.perf_counter()
     mode = Speculate.parse(speculate)
     on_error = OnError.parse(on_error)
@@ -331,19 +403,21 @@ class Engine:
     valid = [r for r in requests if r is not None]
 
     outs: dict[int, dict] = {}
-    decode_s, decode_tokens = 0.0, 0
+    decode_s, decode_tokens, steps = 0.0, 0, 0
     if valid:
-      outs, decode_s, decode_tokens = self._run(valid, config, seed, t_start, temps, top_ps)
+      outs, decode_s, decode_tokens, steps = yield from self._run(
+          valid, config, seed, t_start, temps, top_ps, len(prompts))
     wall = time.perf_counter() - t_start
     tokens = [outs[i]["tokens"] if i in outs else [] for i in range(len(prompts))]
     stats = [self._row_stats(outs[i], config) if i in outs else None for i in range(len(prompts))]
     texts = None
     if self.tokenizer is not None:
       texts = [self._decode(t) if t else "" for t in tokens]
-    return GenerationResult(tokens=tokens, steps=[s.steps if s else 0 for s in stats],
-                            texts=texts, stats=stats, errors=errors, speculate=mode,
-                            tree_nodes=config.num_nodes, speculation_skipped=skipped,
-                            wall_s=wall, decode_s=decode_s, decode_tokens=decode_tokens)
+    result = GenerationResult(tokens=tokens, steps=[s.steps if s else 0 for s in stats],
+                              texts=texts, stats=stats, errors=errors, speculate=mode,
+                              tree_nodes=config.num_nodes, speculation_skipped=skipped,
+                              wall_s=wall, decode_s=decode_s, decode_tokens=decode_tokens)
+    yield StreamEvent(step=steps, num_requests=len(prompts), result=result)
 
   # ------------------------------------------------------------------------- internals
 
@@ -451,8 +525,11 @@ class Engine:
     return tree, False
 
   def _run(self, valid: list[_Request], config: StepConfig, seed: int, t_start: float,
-           temps: Sequence[float], top_ps: Sequence[float]):
-    """Prefill + the step loop for the valid requests. Returns (outs, decode_s, decode_tokens)."""
+           temps: Sequence[float], top_ps: Sequence[float], num_requests: int):
+    """Prefill + the step loop for the valid requests, yielding a StreamEvent per step.
+
+    Returns (through ``yield from``): (outs, decode_s, decode_tokens, steps).
+    """
     rows = buckets.batch_bucket(len(valid))
     longest = max(len(r.prompt) for r in valid)
     need = max(len(r.prompt) + r.max_new for r in valid) + config.num_nodes
@@ -476,6 +553,7 @@ class Engine:
                                  jax.random.PRNGKey(seed), config=config,
                                  temperature=jnp.asarray(temp_B), top_p=jnp.asarray(top_p_B))
     n = len(valid)
+    rows_to_requests = tuple(r.index for r in valid)
     outputs = []      # host copies of every step's StepOutput (prefill first)
     finished = np.full((n,), np.nan)
     decode_t0, decode_tokens = None, 0
@@ -493,6 +571,10 @@ class Engine:
         decode_t0 = now  # the first decode step paid for its compilation
       elif k > 1:
         decode_tokens += int(host.count[:n].sum())
+      t_yield = time.perf_counter()
+      yield StreamEvent(step=k, host=host, rows=rows_to_requests, num_requests=num_requests)
+      if decode_t0 is not None:
+        decode_t0 += time.perf_counter() - t_yield  # the consumer's time is not decoding
       if bool(np.all(host.done[:n])):
         break
       pending = nxt
@@ -511,7 +593,7 @@ class Engine:
       outs[r.index] = dict(tokens=[int(t) for t in np.concatenate(emitted)],
                            steps=int(steps_b.sum()), hist=[int(h) for h in hist],
                            finished=None if np.isnan(finished[b]) else float(finished[b]))
-    return outs, decode_s, decode_tokens
+    return outs, decode_s, decode_tokens, len(outputs) - 1
 
   @staticmethod
   def _row_stats(o: dict, config: StepConfig) -> RowStats:

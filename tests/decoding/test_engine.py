@@ -187,6 +187,27 @@ def test_per_row_sampling_options_never_recompile(tiny):
     eng.generate(prompts, 6, temperature=0.5, top_p=[1.0, 0.0, 1.0, 1.0])
 
 
+def test_stream_yields_each_step_and_the_result(tiny):
+  llama, heads = tiny
+  eng = Engine(llama, None, heads, max_cache_len=32)
+  rng = np.random.default_rng(8)
+  prompts = [[int(t) for t in rng.integers(0, 8, size=n)] for n in (3, 6)] + [[]]
+  want = eng.generate(prompts, [7, 4, 3], speculate="tree", tree=SMALL_TREE, on_error="skip")
+  events = list(eng.stream(prompts, [7, 4, 3], speculate="tree", tree=SMALL_TREE,
+                           on_error="skip"))
+  assert events[-1].result is not None and all(e.result is None for e in events[:-1])
+  assert [e.step for e in events[:-1]] == list(range(len(events) - 1))
+  got = [[t for e in events for t in e.tokens[i]] for i in range(3)]
+  assert got == want.tokens == events[-1].result.tokens
+  assert all(len(e.tokens[0]) == 1 for e in events[:1])  # the prefill's token first
+  assert all(e.tokens[2] == [] and e.done[2] for e in events)  # the failed request
+  assert events[-2].done == [True, True, True]
+  accepted = [e.accept_len[0] for e in events[1:-1] if e.tokens[0]]
+  assert sum(accepted) == sum(want.stats[0].head_accepts)
+  with pytest.raises(RequestError, match="max_new_tokens"):
+    next(eng.stream(prompts[:1], 0))
+
+
 def test_bad_requests_fail_alone(tiny):
   llama, heads = tiny
   eng = Engine(llama, None, heads, max_cache_len=32)
