@@ -26,9 +26,8 @@ from medusa_jax.adapter_loading import load_medusa_sharded
 from medusa_jax.partitioning import (DATA, MODEL, PartitionRules, axis_size, batch_spec,
                                      check_divisible, make_mesh, partition_specs, path_str,
                                      place, rows_axis, shard_batch, shard_state)
-# _medusa_model: the private name scripts/bench_sharded.py still uses (now sharded_v2_model).
 from medusa_jax.sharded_heads import (MEDUSA_RULES, V1_HEADS_SHARDING, ShardedMedusaV2,
-                                      _medusa_model, shard_medusa_model,
+                                      shard_medusa_model,
                                       sharded_segmented_matmul, sharded_v2_model,
                                       v2_heads_hidden, v2_heads_hidden_segmented,
                                       vocab_parallel_lm_head)

@@ -124,8 +124,8 @@ def bench_heads(a, devices, widths, bw):
       plain.medusa.bias[...] = bias.reshape(n * H)
       variants["1gpu"] = plain
     else:
-      variants[f"tp{width}"] = sh._medusa_model(cfg, sh.ShardedMedusaV2(
-          kernel, bias, mesh=mesh, max_batch_size=1 << 20))
+      variants[f"tp{width}"] = sh.sharded_v2_model(cfg, kernel, bias, mesh=mesh,
+                                                  max_batch_size=1 << 20)
     for name, model in variants.items():
       graphdef, state = nnx.split(model)
 
@@ -225,8 +225,7 @@ def bench_llama(a, devices, widths, bw):
     H = lcfg.hidden_size
     kernel = _random(mesh, (H, n, H), P(None, None, "model"), dt, 7, H ** -0.5)
     bias = _random(mesh, (n, H), P(None, "model"), dt, 8, 0.1)
-    heads = sh._medusa_model(mcfg, sh.ShardedMedusaV2(kernel, bias, mesh=mesh,
-                                                      max_batch_size=1 << 20))
+    heads = sh.sharded_v2_model(mcfg, kernel, bias, mesh=mesh, max_batch_size=1 << 20)
     dec = Decoder(llama, heads)
     cache = sh.shard_cache(KVCache.init(lcfg, B, a.cache_len, dt), lcfg, mesh)
     rng = np.random.default_rng(5)
