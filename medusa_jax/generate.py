@@ -174,58 +174,35 @@ def stream_tokens(engine, prompt_ids: Sequence[int], opts: GenerateOptions
     RequestError: an empty prompt, an id out of range, a request that does not
       fit the cache, or speculation without heads.
   """
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-
-  from medusa_jax.decoding import buckets
-  from medusa_jax.decoding.step import StepConfig
-
   ids = _check_prompt(engine, prompt_ids)
   tree, mode = _tree(engine, opts.speculate)
-  config = StepConfig(tree=tree, strategy=opts.strategy, eos_ids=engine.eos_ids)
-  need = len(ids) + opts.max_new_tokens + config.num_nodes
+  nodes = 1 if tree is None else tree.num_nodes
+  need = len(ids) + opts.max_new_tokens + nodes
   if need > engine.max_cache_len:
     raise RequestError(f"prompt ({len(ids)} tokens) + max_new_tokens ({opts.max_new_tokens}) +"
-                       f" tree nodes ({config.num_nodes}) = {need} exceeds max_cache_len"
+                       f" tree nodes ({nodes}) = {need} exceeds max_cache_len"
                        f" ({engine.max_cache_len})")
-  cache_len = buckets.cache_bucket(need, engine.max_cache_len)
-  prompt_1xP = np.zeros((1, buckets.prompt_bucket(len(ids), cache_len)), np.int32)
-  prompt_1xP[0, :len(ids)] = ids
-
   t0 = time.perf_counter()
-  dec = engine.decoder
-  cache = dec.init_cache(1, cache_len, engine.cache_dtype)
-  state, pending = dec.prefill(
-      cache, jnp.asarray(prompt_1xP), jnp.asarray([len(ids)], jnp.int32),
-      jnp.asarray([opts.max_new_tokens], jnp.int32), jnp.asarray([False]),
-      jax.random.PRNGKey(opts.seed), config=config)
-  hist = [0] * config.width
-  new_tokens = steps = 0
-  first = True
-  while True:
-    host = jax.device_get(pending)
-    count = int(host.count[0])
-    tokens = tuple(int(t) for t in host.tokens[0, :count])
-    accepted = 0 if first else int(host.accept_len[0])
-    if not first and host.active[0]:
-      steps += 1
-      hist[accepted] += 1
-    new_tokens += count
-    first = False
-    if host.done[0]:
+  events = engine.stream([ids], opts.max_new_tokens, speculate=mode,
+                         temperature=opts.temperature, top_p=opts.top_p, typical=opts.typical,
+                         seed=opts.seed, tree=tree if mode == "tree" else None)
+  last = None  # the final chunk waits for the result's statistics
+  for event in events:
+    if event.result is not None:
+      row = event.result.stats[0]
       wall = time.perf_counter() - t0
       stats = StreamStats(
-          new_tokens=new_tokens, steps=steps,
-          tokens_per_step=(new_tokens - 1) / steps if steps else 0.0, accept_hist=tuple(hist),
-          head_accepts=tuple(sum(hist[a] for a in range(k + 1, len(hist)))
-                             for k in range(len(hist) - 1)),
-          tree_nodes=config.num_nodes, speculate=mode, wall_s=wall,
-          tokens_per_s=new_tokens / wall if wall > 0 else float("nan"))
-      yield StreamChunk(tokens=tokens, accepted=accepted, stats=stats)
+          new_tokens=row.new_tokens, steps=row.steps, tokens_per_step=row.tokens_per_step,
+          accept_hist=row.accept_hist, head_accepts=row.head_accepts,
+          tree_nodes=event.result.tree_nodes, speculate=mode, wall_s=wall,
+          tokens_per_s=row.new_tokens / wall if wall > 0 else float("nan"))
+      yield dataclasses.replace(last, stats=stats)
       return
-    yield StreamChunk(tokens=tokens, accepted=accepted)
-    state, pending = dec.step(state, config=config)
+    chunk = StreamChunk(tokens=tuple(event.tokens[0]), accepted=event.accept_len[0])
+    if event.done[0]:
+      last = chunk
+    else:
+      yield chunk
 
 
 def stream_text(engine, prompt_ids: Sequence[int], opts: GenerateOptions
