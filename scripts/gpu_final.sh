@@ -30,7 +30,7 @@ mkdir -p "$OUT"
 
 case "$STAGE" in
   bench)
-    python3 scripts/bench_decode.py --out "$OUT" --batches 1 4 16 64 --steps 100 \
+    python3 scripts/bench_decode.py --out "$OUT" --batches 1 64 4 16 --steps 100 \
       --compare-unfused --compare-attention 1 64 --tree-batches 1 --only-plain --no-engine \
       --no-hf --no-flags --time-budget "$BENCH_BUDGET" ${BENCH_EXTRA:-} 2>&1 | tee -a "$OUT/$STAGE.log"
     # The attention-score method that won (in-graph, summed over the compared batch sizes)
@@ -71,7 +71,7 @@ print(f"converted in {time.time() - t:.1f} s")
 PY
     ATTENTION=$(cat "$ASSETS/attention.txt" 2>/dev/null || echo grouped)
     python3 scripts/bench_decode.py --real-model "$MODEL" --questions .assets/train2/questions.json \
-      --out "$OUT" --attention "$ATTENTION" --batches 1 4 16 64 --new-tokens 256 --cache-len 1024 --e2e-f32 \
+      --out "$OUT" --attention "$ATTENTION" --batches 1 64 16 4 --new-tokens 256 --cache-len 1024 --e2e-f32 \
       --time-budget "$E2E_BUDGET" ${E2E_EXTRA:-} 2>&1 | tee -a "$OUT/$STAGE.log"
     ;;
   *) echo "unknown stage $STAGE (expected bench or e2e)"; exit 2 ;;
