@@ -32,7 +32,7 @@ import math
 import os
 import time
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -236,6 +236,10 @@ class Engine:
         distinct shapes, hence fewer compilations, across calls).
     """
     from medusa_jax.heads import speculation_max_batch_size
+    self.adapter_slots: dict[int, int] | None = None
+    routed = None
+    if isinstance(medusa, Mapping):
+      medusa, routed = self._adapters(medusa)
     model = getattr(medusa, "model", medusa)
     self.llama = llama
     self.tokenizer = tokenizer
@@ -254,7 +258,28 @@ class Engine:
     self.chat_template = chat_template
     self.eos_ids = tuple(int(i) for i in (llama.cfg.eos_token_ids if eos_ids is None else eos_ids))
     self.num_heads = None if model is None else int(model.config.medusa_num_heads)
-    self.decoder = Decoder(llama, model)
+    self.decoder = Decoder(llama, model if routed is None else routed)
+
+  def _adapters(self, adapters: Mapping):
+    """(default adapter's weights, BatchMedusaWeights) of an adapter-id -> weights map.
+
+    Sets ``adapter_slots``: every id of the map -> its weight slot; ids whose
+    entry has no Medusa heads (None, other adapter types) use slot 0, the
+    default adapter (id 0), as in LoRAX.
+    """
+    from medusa_jax.batching import BatchMedusaWeights, _is_medusa
+    from medusa_jax.errors import AdapterLoadError
+    adapters = dict(adapters)
+    for k in adapters:
+      if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        raise AdapterLoadError(f"adapters: ids must be integers >= 0, got {k!r}")
+    routed = BatchMedusaWeights.load(adapters, [0])
+    if routed is None:
+      raise AdapterLoadError(f"adapters {sorted(adapters)}: none has Medusa weights")
+    with_heads = sorted(int(k) for k, w in adapters.items() if _is_medusa(w))
+    slot = {a: i for i, a in enumerate(with_heads)}
+    self.adapter_slots = {int(k): slot.get(int(k), 0) for k in adapters}
+    return adapters[0], routed
 
   # ------------------------------------------------------------------------- loading
 
@@ -314,7 +339,8 @@ class Engine:
                top_p: float | Sequence[float] = 1.0, typical: bool = False, seed: int = 0,
                tree=None,
                chat: bool = False, adaptive: bool | None = None,
-               on_error: str | OnError = "raise") -> GenerationResult:
+               on_error: str | OnError = "raise",
+               adapters: Sequence[int] | None = None) -> GenerationResult:
     """Generates continuations of a batch of prompts.
 
     Args:
@@ -335,6 +361,9 @@ class Engine:
       adaptive: lift the chain guard (default: False for chain).
       on_error: "raise" (the default: the first bad request raises before any
         device work) or "skip" (bad requests get an error entry, the others run).
+      adapters: one adapter id per prompt, for an engine built with several
+        Medusa adapters (``medusa={id: weights}``); None = the default (0).
+        Routed per row on device: any mix shares one compilation.
 
     Returns:
       A :class:`GenerationResult`.
@@ -344,7 +373,7 @@ class Engine:
     """
     events = self.stream(prompts, max_new_tokens, speculate=speculate, temperature=temperature,
                          top_p=top_p, typical=typical, seed=seed, tree=tree, chat=chat,
-                         adaptive=adaptive, on_error=on_error)
+                         adaptive=adaptive, on_error=on_error, adapters=adapters)
     for event in events:
       pass
     return event.result
@@ -355,7 +384,8 @@ class Engine:
                top_p: float | Sequence[float] = 1.0, typical: bool = False, seed: int = 0,
                tree=None,
                chat: bool = False, adaptive: bool | None = None,
-               on_error: str | OnError = "raise") -> Iterator[StreamEvent]:
+               on_error: str | OnError = "raise",
+               adapters: Sequence[int] | None = None) -> Iterator[StreamEvent]:
     """Generates like :meth:`generate`, yielding each step's tokens as soon as read.
 
     Same arguments and checks as :meth:`generate` (raised on the first
@@ -374,6 +404,7 @@ class Engine:
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
       raise RequestError(f"prompts: expected a list of prompts, got {type(prompts).__name__}")
     strategy, temps, top_ps = self._strategy(temperature, top_p, typical, len(prompts))
+    slots = self._slots(adapters, len(prompts))
     if mode is not Speculate.NONE and self.heads is None:
       raise RequestError(f"speculate={mode.value!r}: this engine has no Medusa heads")
     budgets = self._budgets(max_new_tokens, len(prompts))
@@ -406,7 +437,7 @@ class Engine:
     decode_s, decode_tokens, steps = 0.0, 0, 0
     if valid:
       outs, decode_s, decode_tokens, steps = yield from self._run(
-          valid, config, seed, t_start, temps, top_ps, len(prompts))
+          valid, config, seed, t_start, temps, top_ps, len(prompts), slots)
     wall = time.perf_counter() - t_start
     tokens = [outs[i]["tokens"] if i in outs else [] for i in range(len(prompts))]
     stats = [self._row_stats(outs[i], config) if i in outs else None for i in range(len(prompts))]
@@ -459,6 +490,22 @@ class Engine:
     else:
       kind = Typical() if typical else Sampling()
     return kind, values["temperature"], values["top_p"]
+
+  def _slots(self, adapters, count: int) -> list[int] | None:
+    """Weight slot per prompt from its adapter id (None: every row the default)."""
+    if adapters is None:
+      return None
+    if isinstance(adapters, (str, bytes)) or not isinstance(adapters, Sequence) or (
+        len(adapters) != count):
+      raise RequestError(f"adapters: expected one adapter id per prompt ({count}), got"
+                         f" {adapters!r}")
+    known = self.adapter_slots or {0: 0}
+    out = []
+    for i, a in enumerate(adapters):
+      if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or int(a) not in known:
+        raise RequestError(f"request {i}: adapter {a!r}; expected one of {sorted(known)}")
+      out.append(known[int(a)])
+    return out
 
   @staticmethod
   def _budgets(max_new_tokens, count: int) -> list:
@@ -525,7 +572,8 @@ class Engine:
     return tree, False
 
   def _run(self, valid: list[_Request], config: StepConfig, seed: int, t_start: float,
-           temps: Sequence[float], top_ps: Sequence[float], num_requests: int):
+           temps: Sequence[float], top_ps: Sequence[float], num_requests: int,
+           slots: Sequence[int] | None = None):
     """Prefill + the step loop for the valid requests, yielding a StreamEvent per step.
 
     Returns (through ``yield from``): (outs, decode_s, decode_tokens, steps).
@@ -545,13 +593,20 @@ class Engine:
       prompt[b, :len(r.prompt)] = r.prompt
       lens[b], budget[b], pad[b] = len(r.prompt), r.max_new, False
       temp_B[b], top_p_B[b] = temps[r.index], top_ps[r.index]
+    slot_B = None
+    if self.adapter_slots is not None:
+      slot_B = np.zeros((rows,), np.int32)
+      for b, r in enumerate(valid):
+        slot_B[b] = 0 if slots is None else slots[r.index]
+      slot_B = jnp.asarray(slot_B)
 
     dec = self.decoder
     cache = dec.init_cache(rows, cache_len, self.cache_dtype)
     state, pending = dec.prefill(cache, jnp.asarray(prompt), jnp.asarray(lens),
                                  jnp.asarray(budget), jnp.asarray(pad),
                                  jax.random.PRNGKey(seed), config=config,
-                                 temperature=jnp.asarray(temp_B), top_p=jnp.asarray(top_p_B))
+                                 temperature=jnp.asarray(temp_B), top_p=jnp.asarray(top_p_B),
+                                 adapter_slot=slot_B)
     n = len(valid)
     rows_to_requests = tuple(r.index for r in valid)
     outputs = []      # host copies of every step's StepOutput (prefill first)

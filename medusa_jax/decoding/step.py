@@ -92,6 +92,8 @@ class DecodeState:
     temperature: [B] float32 per-row temperature (0 = greedy), or None for
       the strategy's own.
     top_p: [B] float32 per-row nucleus mass, or None for the strategy's own.
+    adapter_slot: [B] int32 per-row weight slot of ``BatchMedusaWeights``
+      heads (traced: the batch's adapter mix never recompiles), or None.
   """
   cache: Any
   lengths: Array
@@ -102,6 +104,14 @@ class DecodeState:
   rng: Array
   temperature: Array | None = None
   top_p: Array | None = None
+  adapter_slot: Array | None = None
+
+
+def _route(heads, adapter_slot: Array | None):
+  """Heads routed per row: ``BatchMedusaWeights`` gets the rows' weight slots [B]."""
+  if adapter_slot is None or not hasattr(heads, "row_slot"):
+    return heads
+  return heads.replace(row_slot=adapter_slot.astype(jnp.int32))
 
 
 def _row_params(state: DecodeState):
@@ -307,7 +317,8 @@ def prefill_forward(graphs: Graphs, params: Params, cache, prompt: Array, prompt
 
 def prefill_start(graphs: Graphs, params: Params, cache, x: Array, prompt_lens: Array,
                   max_new: Array, done: Array, rng: Array, temperature: Array | None = None,
-                  top_p: Array | None = None, *, config: StepConfig
+                  top_p: Array | None = None, adapter_slot: Array | None = None, *,
+                  config: StepConfig
                   ) -> tuple[DecodeState, StepOutput]:
   """Chooses each row's first token and its first drafts. DONATES cache.
 
@@ -322,6 +333,8 @@ def prefill_start(graphs: Graphs, params: Params, cache, x: Array, prompt_lens: 
     temperature: [B] float32 per-row temperatures (0 = greedy), or None for
       the strategy's own; traced, so every value shares one compilation.
     top_p: [B] float32 per-row nucleus mass (with ``temperature``).
+    adapter_slot: [B] int32 weight slot per row for ``BatchMedusaWeights``
+      heads, or None.
     config: static knobs; ``config.strategy`` chooses the rule (greedy,
       sampling, typical).
 
@@ -329,7 +342,7 @@ def prefill_start(graphs: Graphs, params: Params, cache, x: Array, prompt_lens: 
     The decode state (``lengths = prompt_lens``) and the first emitted tokens.
   """
   llama = _merge(graphs.llama, params.llama)
-  heads = _merge(graphs.heads, params.heads)
+  heads = _route(_merge(graphs.heads, params.heads), adapter_slot)
   lm_head = _lm_head(llama, params)
   batch = x.shape[0]
   zero_B = jnp.zeros((batch,), jnp.int32)
@@ -346,7 +359,7 @@ def prefill_start(graphs: Graphs, params: Params, cache, x: Array, prompt_lens: 
   start = DecodeState(cache=cache, lengths=prompt_lens.astype(jnp.int32),
                       tokens=jnp.zeros((batch, config.num_nodes), jnp.int32),
                       generated=zero_B, max_new=max_new.astype(jnp.int32), done=done, rng=rng,
-                      temperature=temperature, top_p=top_p)
+                      temperature=temperature, top_p=top_p, adapter_slot=adapter_slot)
   root_B = choose_root(logits_BxV, config.strategy, key, _row_params(start)).astype(jnp.int32)
   out, count, generated, new_done = _finish(start, root_B[:, None], jnp.ones_like(zero_B),
                                             config.eos_ids)
@@ -388,7 +401,7 @@ def speculative_step(graphs: Graphs, params: Params, state: DecodeState, *,
   from medusa_jax.decoding.verify import finish_walk, internal_nodes, walk_tree
   tree = config.tree
   llama = _merge(graphs.llama, params.llama)
-  heads = _merge(graphs.heads, params.heads)
+  heads = _route(_merge(graphs.heads, params.heads), state.adapter_slot)
   cache = state.cache
   depth_T = jnp.asarray(tree.node_depth, jnp.int32)
   positions_BxT = state.lengths[:, None] + depth_T[None, :]
@@ -531,14 +544,14 @@ class Decoder:
     return KVCache.init(self.cfg, batch, length, dtype)
 
   def prefill(self, cache, prompt, prompt_lens, max_new, done, rng, *, config: StepConfig,
-              temperature=None, top_p=None):
+              temperature=None, top_p=None, adapter_slot=None):
     """Prompt forward, then first tokens and drafts: two jitted calls. DONATES cache.
 
     Args and returns as :func:`prefill_forward` then :func:`prefill_start`.
     """
     cache, x = self._prefill_forward(self.param_leaves, cache, prompt, prompt_lens)
     return self._prefill_start(self.param_leaves, cache, x, prompt_lens, max_new, done, rng,
-                               temperature, top_p, config=config)
+                               temperature, top_p, adapter_slot, config=config)
 
   def step(self, state: DecodeState, *, config: StepConfig):
     """A plain or speculative step, by ``config.tree``. DONATES state."""

@@ -208,6 +208,48 @@ def test_stream_yields_each_step_and_the_result(tiny):
     next(eng.stream(prompts[:1], 0))
 
 
+def _random_weights(hidden, n, seed, scale):
+  from medusa_jax.weights import MedusaWeights
+  mc = MedusaConfig(base_model_name_or_path="test", medusa_num_heads=n, medusa_num_layers=1,
+                    version=2.0)
+  w = MedusaWeights.init(mc, hidden, seed=seed)
+  k1, k2 = jax.random.split(jax.random.PRNGKey(seed + 500))
+  w.model.medusa.kernel[...] = scale * jax.random.normal(k1, w.model.medusa.kernel[...].shape)
+  w.model.medusa.bias[...] = scale * jax.random.normal(k2, w.model.medusa.bias[...].shape)
+  return w
+
+
+def test_mixed_adapters_route_per_row(tiny):
+  llama, _ = tiny
+  hidden = llama.cfg.hidden_size
+  w0, w1 = (_random_weights(hidden, 2, seed, 0.5) for seed in (31, 32))
+  multi = Engine(llama, None, {0: w0, 1: w1, 2: None}, max_cache_len=32)
+  alone = {0: Engine(llama, None, w0, max_cache_len=32),
+           1: Engine(llama, None, w1, max_cache_len=32)}
+  rng = np.random.default_rng(5)
+  prompts = [[int(t) for t in rng.integers(0, 8, size=n)] for n in (3, 5, 4, 6)]
+  ids = [1, 0, 2, 1]  # adapter 2 has no Medusa weights: the default's heads
+  kw = dict(speculate="tree", tree=SMALL_TREE)
+  mixed = multi.generate(prompts, 8, adapters=ids, **kw)
+  counts = dict(multi.decoder.trace_counts)
+  again = multi.generate(prompts, 8, adapters=[0, 1, 1, 2], **kw)
+  assert dict(multi.decoder.trace_counts) == counts  # a new mix does not recompile
+  hist = {}
+  for a, e in alone.items():
+    res = e.generate(prompts, 8, **kw)
+    hist[a] = [s.accept_hist for s in res.stats]
+    assert mixed.tokens == res.tokens  # greedy: the heads never change the tokens
+  assert hist[0] != hist[1]  # the two adapters draft differently
+  for row, a in enumerate(ids):
+    assert mixed.stats[row].accept_hist == hist[0 if a == 2 else a][row], row
+  for row, a in enumerate([0, 1, 1, 2]):
+    assert again.stats[row].accept_hist == hist[0 if a == 2 else a][row], row
+  with pytest.raises(RequestError, match=r"request 1: adapter 7; expected one of \[0, 1, 2\]"):
+    multi.generate(prompts[:2], 4, adapters=[0, 7])
+  with pytest.raises(RequestError, match=r"adapters: expected one adapter id per prompt \(2\)"):
+    multi.generate(prompts[:2], 4, adapters=[0])
+
+
 def test_bad_requests_fail_alone(tiny):
   llama, heads = tiny
   eng = Engine(llama, None, heads, max_cache_len=32)
