@@ -639,3 +639,22 @@ def test_greedy_generation_sharded_matches_unsharded():
   assert got.tree_nodes > 3
   assert got.tokens == want.tokens and all(len(t) == 6 for t in got.tokens)
   assert got.steps == want.steps
+
+
+def test_engine_load_on_a_mesh_matches_unsharded(tmp_path):
+  """Engine.load(mesh=) reads the model and adapter onto the mesh and splits batches over data."""
+  import tiny_model
+  from medusa_jax.decoding.engine import Engine
+  model_dir, adapter_dir = tmp_path / "model", tmp_path / "adapter"
+  tiny_model.make_tiny_llama_dir(model_dir, seed=3)
+  tiny_model.make_tiny_adapter_dir(adapter_dir, num_heads=2)
+  rng = np.random.default_rng(90)
+  prompts = [rng.integers(3, 200, size).tolist() for size in (2, 5, 4)]
+  want = Engine.load(model_dir, adapter_dir, max_cache_len=64).generate(
+      prompts, max_new_tokens=5, speculate="tree")
+  mesh = sh.make_mesh(8, 1)
+  eng = Engine.load(model_dir, adapter_dir, max_cache_len=64, mesh=mesh)
+  embed = eng.llama.embed_tokens.get_value()
+  assert embed.sharding.mesh.shape == mesh.shape
+  got = eng.generate(prompts, max_new_tokens=5, speculate="tree")
+  assert got.tokens == want.tokens and got.steps == want.steps

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 import os
 import time
@@ -214,7 +215,7 @@ class Engine:
                cache_dtype=None, max_tree_rows: int = 64, tree_choices=None,
                max_batch_size: int | None = None, heads_notice: str | None = None,
                chat_template=None, eos_ids: Sequence[int] | None = None,
-               min_cache_len: int = 64):
+               min_cache_len: int = 64, mesh=None):
     """Args:
       llama: the base ``Llama``.
       tokenizer: optional; ``encode(str) -> list[int]``, ``decode(ids) -> str``.
@@ -234,6 +235,9 @@ class Engine:
       eos_ids: ids that end a request (None: the model config's).
       min_cache_len: the smallest cache bucket (a larger one means fewer
         distinct shapes, hence fewer compilations, across calls).
+      mesh: a ``('data', 'model')`` mesh the model and heads are placed on
+        (``Engine.load(..., mesh=)`` places them); batches are then padded to a
+        multiple of the ``data`` axis and split over it, with the KV cache.
     """
     from medusa_jax.heads import speculation_max_batch_size
     self.adapter_slots: dict[int, int] | None = None
@@ -242,6 +246,7 @@ class Engine:
       medusa, routed = self._adapters(medusa)
     model = getattr(medusa, "model", medusa)
     self.llama = llama
+    self.mesh = mesh
     self.tokenizer = tokenizer
     self.medusa = medusa
     self.heads = model
@@ -286,7 +291,7 @@ class Engine:
   @classmethod
   def load(cls, base: str | os.PathLike | None = None, medusa: Any = None, *,
            dtype=jnp.float32, max_cache_len: int = 2048, num_heads: int = DEFAULT_NUM_HEADS,
-           seed: int = 0, **kwargs) -> "Engine":
+           seed: int = 0, mesh=None, **kwargs) -> "Engine":
     """Loads a base model and heads.
 
     Args:
@@ -301,15 +306,24 @@ class Engine:
       max_cache_len: see :class:`Engine`.
       num_heads: heads of freshly initialised heads.
       seed: their initialisation seed.
+      mesh: a ``('data', 'model')`` mesh (``medusa_jax.sharding.make_mesh``):
+        the base model and the heads are read straight onto it, each device
+        reading only its block of each tensor (tensor-parallel over ``model``,
+        batches over ``data``).
       **kwargs: passed to :class:`Engine`.
     """
-    from medusa_jax.models.llama import load_llama
     if base is None:
       from medusa_jax import assets
       base = assets.fetch().model_dir
-    llama = load_llama(base, dtype=dtype)
+    if mesh is None:
+      from medusa_jax.models.llama_weights import load_llama
+      llama = load_llama(base, dtype=dtype)
+    else:
+      from medusa_jax.sharding import load_llama_sharded
+      llama = load_llama_sharded(base, mesh, dtype=dtype)
     tokenizer, chat_template = _load_tokenizer(base)
     notice = None
+    loaded_on_mesh = False
     if medusa is None and os.path.exists(os.path.join(BUNDLED_HEADS, "config.json")):
       medusa = BUNDLED_HEADS
     if isinstance(medusa, (str, os.PathLike)):
@@ -317,7 +331,8 @@ class Engine:
       choices = os.path.join(os.fspath(medusa), CHOICES_NAME)
       if "tree_choices" not in kwargs and os.path.exists(choices):
         kwargs["tree_choices"] = _read_choices(choices)
-      medusa = load_medusa_adapter(medusa, dtype=dtype)
+      medusa = load_medusa_adapter(medusa, dtype=dtype, mesh=mesh)
+      loaded_on_mesh = True
     elif medusa is None:
       from medusa_jax.config import MedusaConfig
       from medusa_jax.weights import MedusaWeights
@@ -328,8 +343,10 @@ class Engine:
                 " initialised heads (identity ResBlocks), so drafts are rarely accepted and"
                 " speculation shows its overhead, not its speed-up")
       warnings.warn(notice, stacklevel=2)
+    if mesh is not None and not loaded_on_mesh and hasattr(medusa, "shard"):
+      medusa = medusa.shard(mesh)
     return cls(llama, tokenizer, medusa, max_cache_len=max_cache_len, heads_notice=notice,
-               chat_template=chat_template, **kwargs)
+               chat_template=chat_template, mesh=mesh, **kwargs)
 
   # ------------------------------------------------------------------------- generation
 
@@ -579,6 +596,10 @@ class Engine:
     Returns (through ``yield from``): (outs, decode_s, decode_tokens, steps).
     """
     rows = buckets.batch_bucket(len(valid))
+    if self.mesh is not None:
+      from medusa_jax.sharding import DATA, axis_size
+      data = axis_size(self.mesh, DATA)
+      rows = -(-rows // data) * data  # split evenly over the data axis
     longest = max(len(r.prompt) for r in valid)
     need = max(len(r.prompt) + r.max_new for r in valid) + config.num_nodes
     cache_len = buckets.cache_bucket(need, self.max_cache_len, self.min_cache_len)
@@ -598,15 +619,18 @@ class Engine:
       slot_B = np.zeros((rows,), np.int32)
       for b, r in enumerate(valid):
         slot_B[b] = 0 if slots is None else slots[r.index]
-      slot_B = jnp.asarray(slot_B)
 
     dec = self.decoder
     cache = dec.init_cache(rows, cache_len, self.cache_dtype)
-    state, pending = dec.prefill(cache, jnp.asarray(prompt), jnp.asarray(lens),
-                                 jnp.asarray(budget), jnp.asarray(pad),
+    put = jnp.asarray
+    if self.mesh is not None:
+      from medusa_jax.sharding import shard_batch, shard_cache
+      cache = shard_cache(cache, self.cfg, self.mesh)
+      put = functools.partial(shard_batch, mesh=self.mesh)
+    state, pending = dec.prefill(cache, put(prompt), put(lens), put(budget), put(pad),
                                  jax.random.PRNGKey(seed), config=config,
-                                 temperature=jnp.asarray(temp_B), top_p=jnp.asarray(top_p_B),
-                                 adapter_slot=slot_B)
+                                 temperature=put(temp_B), top_p=put(top_p_B),
+                                 adapter_slot=None if slot_B is None else put(slot_B))
     n = len(valid)
     rows_to_requests = tuple(r.index for r in valid)
     outputs = []      # host copies of every step's StepOutput (prefill first)
