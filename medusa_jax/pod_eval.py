@@ -207,11 +207,8 @@ def build_engine(cfg: PodEvalConfig, mesh):
     heads.medusa.kernel[...] = jnp.asarray(rng.standard_normal((h, n * h)) * 0.3, jnp.float32)
     heads.medusa.bias[...] = jnp.asarray(rng.standard_normal((n * h,)) * 0.3, jnp.float32)
     return Engine(sh.shard_llama(llama, mesh), None, sh.shard_medusa_model(heads, mesh),
-                  max_cache_len=128)
-  eng = Engine.load(_base_dir(cfg), cfg.medusa)
-  # TODO(#5): Engine.load(mesh=) places the weights sharded at load time.
-  return Engine(sh.shard_llama(eng.llama, mesh), eng.tokenizer,
-                sh.shard_medusa_model(eng.heads, mesh), max_cache_len=eng.max_cache_len)
+                  max_cache_len=128, mesh=mesh)
+  return Engine.load(_base_dir(cfg), cfg.medusa, mesh=mesh)
 
 
 # ------------------------------------------------------------------------- evaluation
