@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medusa_jax.errors import AdapterLoadError, SegmentError
+from medusa_jax.errors import AdapterLoadError, ArchitectureError, SegmentError
 from medusa_jax.pallas import Backend, segmented_matmul
 from medusa_jax.segments import row_segments, slot_of_rows
 
@@ -159,16 +159,11 @@ class BatchMedusaWeights:
       SegmentError: x is not [N, H] for the N rows and H of the weights.
     """
     n_rows = self.row_slot.shape[0]
-    hidden = self.fused_w.shape[1]
-    if x.ndim != 2 or x.shape != (n_rows, hidden):
-      raise SegmentError(f"x: expected [{n_rows}, {hidden}] (rows of adapter_indices, hidden"
-                         f" of the heads), got {tuple(x.shape)}")
+    self._check_rows(x)
     if self.is_v2 and self.max_batch_size is not None and n_rows > self.max_batch_size:
       return lm_head(x), None
     segs = row_segments(self.row_slot)
-    h_NxnH = segmented_matmul(x, self.fused_w, self.fused_b, *segs, backend=self.backend,
-                              epilogue="resblock")
-    h_NxnxH = h_NxnH.reshape(n_rows, self.num_heads, hidden)
+    h_NxnxH = self._first_blocks(x, segs)
     if self.is_v2:
       stacked_Nx1nxH = jnp.concatenate([x[:, None, :], h_NxnxH], axis=1)
       logits_Nx1nxV = lm_head(stacked_Nx1nxH)
@@ -184,6 +179,35 @@ class BatchMedusaWeights:
       spec_NxV = segmented_matmul(h_NxH, self.out_w[i], None, *segs, backend=self.backend)
       spec.append(spec_NxV.astype(logits_NxV.dtype))
     return logits_NxV, jnp.stack(spec, axis=1)
+
+
+  def heads_hidden(self, x: Array) -> Array:
+    """V2: every row's heads' hidden states [N, n, H] through its own adapter.
+
+    Always drafts (no max-batch guard): the speculative engine applies its own
+    policy once per batch, like ``MedusaV2.heads_hidden``.
+
+    Raises:
+      ArchitectureError: the batch holds V1 adapters (their heads end in their
+        own output projections, not in hidden states).
+    """
+    if not self.is_v2:
+      raise ArchitectureError("heads_hidden: V1 adapters have no shared-lm_head hidden"
+                              " states; call the batch with an lm_head instead")
+    self._check_rows(x)
+    return self._first_blocks(x, row_segments(self.row_slot))
+
+  def _check_rows(self, x: Array) -> None:
+    n_rows, hidden = self.row_slot.shape[0], self.fused_w.shape[1]
+    if x.ndim != 2 or x.shape != (n_rows, hidden):
+      raise SegmentError(f"x: expected [{n_rows}, {hidden}] (rows of adapter_indices, hidden"
+                         f" of the heads), got {tuple(x.shape)}")
+
+  def _first_blocks(self, x: Array, segs) -> Array:
+    """Each row's first ResBlock of every head, fused: [N, n, H] in ``x.dtype``."""
+    h_NxnH = segmented_matmul(x, self.fused_w, self.fused_b, *segs, backend=self.backend,
+                              epilogue="resblock")
+    return h_NxnH.reshape(x.shape[0], self.num_heads, x.shape[1])
 
 
 def _is_medusa(weights: Any) -> bool:

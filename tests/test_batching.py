@@ -10,7 +10,7 @@ from flax import nnx
 
 from medusa_jax.batching import BatchMedusaWeights
 from medusa_jax.config import MedusaConfig
-from medusa_jax.errors import AdapterLoadError, SegmentError
+from medusa_jax.errors import AdapterLoadError, ArchitectureError, SegmentError
 from medusa_jax.heads import MedusaModel
 
 H, V, N_HEADS = 8, 24, 3
@@ -163,3 +163,22 @@ def test_call_checks_x_shape(lm):
   batch = BatchMedusaWeights.load({0: _adapter(1)}, [0, 0, 0], backend="reference")
   with pytest.raises(SegmentError, match=r"x: expected \[3, 8\].*got \(2, 8\)"):
     batch(jnp.ones((2, H), jnp.float32), lambda h: jnp.matmul(h, lm))
+
+
+def test_heads_hidden_always_drafts_above_the_guard(lm):
+  """heads_hidden is the guard-free V2 path the speculative engine uses."""
+  adapters = {0: _adapter(1, max_batch_size=2), 2: _adapter(2)}
+  ids = [2, 0, 2, 2, 0]
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((5, H)), jnp.float32)
+  batch = BatchMedusaWeights.load(adapters, ids, backend="reference")
+  h_NxnxH = jax.jit(lambda b, x: b.heads_hidden(x))(batch, x)
+  assert h_NxnxH.shape == (5, N_HEADS, H)
+  for r, a in enumerate(ids):
+    _, want_spec = _row_reference(adapters[a], _f64(x[r]), _f64(lm))
+    got_spec = _f64(h_NxnxH[r]) @ _f64(lm)
+    assert np.linalg.norm(got_spec - want_spec) / np.linalg.norm(want_spec) < 1e-5
+  v1 = BatchMedusaWeights.load({0: _adapter(4, layers=2)}, [0, 0], backend="reference")
+  with pytest.raises(ArchitectureError, match="V1"):
+    v1.heads_hidden(x[:2])
+  with pytest.raises(SegmentError, match=r"x: expected \[5, 8\]"):
+    batch.heads_hidden(x[:3])

@@ -205,9 +205,15 @@ def _merge(graphdef, state):
 
 
 def _v2(heads):
-  """The fused V2 module behind ``heads``, or None."""
+  """The V2 heads behind ``heads`` (``MedusaV2``, or a V2 ``BatchMedusaWeights``), or None.
+
+  Both expose ``heads_hidden(x) -> [N, n, H]``, which always drafts.
+  """
   v2 = heads.medusa if isinstance(heads, MedusaModel) and heads.is_v2 else heads
-  return v2 if isinstance(v2, MedusaV2) else None
+  if isinstance(v2, MedusaV2):
+    return v2
+  from medusa_jax.batching import BatchMedusaWeights
+  return v2 if isinstance(v2, BatchMedusaWeights) and v2.is_v2 else None
 
 
 def base_and_draft(heads, x: Array, lm_head, num_drafts: int | None = None

@@ -393,3 +393,20 @@ def test_typical_acceptance_runs_and_stays_in_vocab(tiny):
                        typical=True, seed=3)
   assert again.tokens == res.tokens  # seeded
   assert sum(sum(s.head_accepts) for s in res.stats) > 0
+
+
+def test_mixed_adapters_speculate_above_the_max_batch_size(tiny):
+  """40 rows (> the V2 guard's 32): routed heads still draft, per row, under the tree policy."""
+  llama, _ = tiny
+  hidden = llama.cfg.hidden_size
+  w0, w1 = (_random_weights(hidden, 2, seed, 0.5) for seed in (41, 42))
+  multi = Engine(llama, None, {0: w0, 1: w1}, max_cache_len=32)
+  rng = np.random.default_rng(6)
+  prompts = [[int(t) for t in rng.integers(0, 8, size=int(rng.integers(2, 6)))]
+             for _ in range(40)]
+  ids = [int(a) for a in rng.integers(0, 2, size=40)]
+  got = multi.generate(prompts, 4, adapters=ids, speculate="tree")
+  plain = Engine(llama, None, w0, max_cache_len=32).generate(prompts, 4)
+  assert not got.speculation_skipped and got.tree_nodes > 1
+  assert got.tokens == plain.tokens
+  assert sum(sum(s.head_accepts) for s in got.stats) > 0  # drafts were made and accepted
