@@ -291,7 +291,7 @@ class Engine:
   @classmethod
   def load(cls, base: str | os.PathLike | None = None, medusa: Any = None, *,
            dtype=jnp.float32, max_cache_len: int = 2048, num_heads: int = DEFAULT_NUM_HEADS,
-           seed: int = 0, mesh=None, **kwargs) -> "Engine":
+           seed: int = 0, mesh=None, fuse_projections: bool = True, **kwargs) -> "Engine":
     """Loads a base model and heads.
 
     Args:
@@ -310,6 +310,9 @@ class Engine:
         the base model and the heads are read straight onto it, each device
         reading only its block of each tensor (tensor-parallel over ``model``,
         batches over ``data``).
+      fuse_projections: fuse q/k/v and gate/up into one matmul each
+        (``Llama.fuse_projections``: the same function with fewer kernels per
+        step); on a mesh the Megatron layout keeps them apart.
       **kwargs: passed to :class:`Engine`.
     """
     if base is None:
@@ -318,6 +321,8 @@ class Engine:
     if mesh is None:
       from medusa_jax.models.llama_weights import load_llama
       llama = load_llama(base, dtype=dtype)
+      if fuse_projections:
+        llama = llama.fuse_projections()
     else:
       from medusa_jax.sharding import load_llama_sharded
       llama = load_llama_sharded(base, mesh, dtype=dtype)
