@@ -394,19 +394,18 @@ def bench_real(args) -> dict:
   out = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
              jax=jax.__version__, model=args.real_model, heads=os.path.basename(heads.rstrip("/")),
              new_tokens=args.new_tokens, fused_projections=args.fused,
-             attention=args.attention if args.fused else "grouped", runs=[])
+             attention=args.attention, runs=[])
   t0 = time.time()
 
   def engine_for(dtype):
     base = Engine.load(args.real_model, heads, dtype=dtype, max_cache_len=args.cache_len,
-                       min_cache_len=args.e2e_min_cache_len)
-    if not args.fused:
+                       min_cache_len=args.e2e_min_cache_len, fuse_projections=args.fused)
+    llama = base.llama.with_attention_scores(args.attention)
+    if llama is base.llama:
       return base
-    # The same engine over the fused model (fusing is a load-time transform).
-    llama = base.llama.fuse_projections().with_attention_scores(args.attention)
-    return Engine(llama, base.tokenizer, base.medusa,
-                  max_cache_len=args.cache_len, min_cache_len=args.e2e_min_cache_len,
-                  tree_choices=base.tree_choices, chat_template=base.chat_template)
+    return Engine(llama, base.tokenizer, base.medusa, max_cache_len=args.cache_len,
+                  min_cache_len=args.e2e_min_cache_len, tree_choices=base.tree_choices,
+                  chat_template=base.chat_template)
 
   def run(engine, batch_prompts, mode):
     kw = {} if mode == "none" else {"adaptive": True}
