@@ -386,6 +386,9 @@ def fetch(home: str | os.PathLike | None = None, *, quiet: bool = False, verify:
     nonlocal bar
     if quiet:
       return
+    if not sys.stderr.isatty():  # logs (CI, pipes) get plain lines, not carriage returns
+      print(f"medusa-jax fetch: {message}", file=sys.stderr, flush=True)
+      return
     if bar is None:  # created on the first real work: a complete cache prints nothing
       from tqdm.auto import tqdm
       bar = tqdm(total=len(PACKAGES) + 1, initial=done, desc="medusa-jax fetch", unit="step",
