@@ -391,6 +391,13 @@ def test_flat_attention_scores_match_grouped(fused):
     np.testing.assert_allclose(b, a, rtol=2e-6, atol=2e-6)
 
 
+def test_attention_scores_auto_resolves_by_backend():
+  model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
+  want = AttentionScores.FLAT if jax.default_backend() == "gpu" else AttentionScores.GROUPED
+  assert model.attention_scores is want and model.layers[1].self_attn.scores is want
+  assert model.with_attention_scores("auto") is model
+
+
 def test_attention_scores_errors():
   with pytest.raises(ConfigError, match="attention_scores='dense'"):
     Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0), attention_scores="dense")
