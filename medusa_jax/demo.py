@@ -31,8 +31,8 @@ def run_demo(num_prompts: int = 4, max_new_tokens: int = 32, batch_size: int | N
   Args:
     num_prompts: MT-bench questions (first turns), spread over the categories.
     max_new_tokens: answer budget per question.
-    batch_size: questions decoded together (default 1, Medusa's setting, where
-      speculation pays even on a CPU; None = all at once).
+    batch_size: questions decoded together (default 1, Medusa's setting;
+      None = all at once).
     speculate: modes to compare; "none" is the baseline of the speed-up.
     engine: an :class:`~medusa_jax.decoding.engine.Engine` (default:
       ``Engine.load()``: SmolLM2 + bundled heads).
