@@ -27,7 +27,6 @@ oscillates):
 from __future__ import annotations
 
 import dataclasses
-import enum
 import functools
 import math
 import os
@@ -42,6 +41,7 @@ import numpy as np
 from medusa_jax.decoding import buckets
 from medusa_jax.decoding.step import Decoder, StepConfig
 from medusa_jax.errors import RequestError
+from medusa_jax.options import Option
 
 BUNDLED_HEADS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bundled", "heads",
                              "smollm2-135m-instruct")
@@ -50,36 +50,20 @@ CHOICES_NAME = "medusa_choices.json"
 """An adapter's best-first tree paths, used by the adaptive tree policy when present."""
 
 
-class Speculate(enum.Enum):
+class Speculate(Option):
   """How drafts are made and verified."""
+  __error__ = RequestError
   NONE = "none"
   CHAIN = "chain"
   TREE = "tree"
 
-  @classmethod
-  def parse(cls, value: "str | Speculate") -> "Speculate":
-    if isinstance(value, cls):
-      return value
-    try:
-      return cls(str(value).lower()) if isinstance(value, str) else cls(value)
-    except ValueError:
-      valid = ", ".join(m.value for m in cls)
-      raise RequestError(f"speculate={value!r}; expected one of {valid}") from None
 
-
-class OnError(enum.Enum):
+class OnError(Option):
   """What ``generate`` does with a bad request."""
+  __option__ = "on_error"
+  __error__ = RequestError
   RAISE = "raise"
   SKIP = "skip"
-
-  @classmethod
-  def parse(cls, value: "str | OnError") -> "OnError":
-    if isinstance(value, cls):
-      return value
-    try:
-      return cls(value)
-    except ValueError:
-      raise RequestError(f"on_error={value!r}; expected one of raise, skip") from None
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
