@@ -31,6 +31,13 @@ import shutil
 import tempfile
 from typing import Sequence
 
+import jax.numpy as jnp
+from safetensors import safe_open
+
+from medusa_jax.adapters.files import ORBAX_META_NAME
+from medusa_jax.adapters.io import convert_to_safetensors
+from medusa_jax.adapters.layout import block_weight_key, out_weight_key
+from medusa_jax.adapters.weights import MedusaWeights
 from medusa_jax.config import CONFIG_NAME, MedusaConfig
 from medusa_jax.errors import ConfigError, MissingTensorError, WeightsNotFoundError
 from medusa_jax.options import Option
@@ -88,7 +95,6 @@ class ConvertResult:
 
 def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
   """True for a directory written by :meth:`MedusaWeights.save_orbax`."""
-  from medusa_jax.weights import ORBAX_META_NAME
   return os.path.isfile(os.path.join(os.fspath(path), ORBAX_META_NAME))
 
 
@@ -98,9 +104,6 @@ def inspect_heads(safetensors_path: str | os.PathLike) -> HeadsInFile:
   Raises:
     MissingTensorError: the file has no ``0.0.linear.weight``.
   """
-  from safetensors import safe_open
-
-  from medusa_jax.weights import block_weight_key, out_weight_key
   with safe_open(os.fspath(safetensors_path), framework="numpy") as f:
     keys = set(f.keys())
     first = block_weight_key(0, 0)
@@ -156,7 +159,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | Target 
 
 
 def _from_orbax(src, dst, target, num_heads, base_model, overwrite) -> ConvertResult:
-  from medusa_jax.weights import MedusaWeights
   weights = MedusaWeights.load_orbax(src)
   found = weights.speculative_tokens
   if num_heads is None and base_model is None:
@@ -170,7 +172,6 @@ def _from_orbax(src, dst, target, num_heads, base_model, overwrite) -> ConvertRe
 
 def _from_weight_files(src, dst, target, num_heads, base_model, overwrite,
                        shown_src: str | None = None) -> ConvertResult:
-  from medusa_jax.weights import MedusaWeights, convert_to_safetensors
   shown_src = shown_src or src
   with tempfile.TemporaryDirectory() as tmp:
     # One unprefixed safetensors file with every head of the source, dtypes kept:
@@ -186,7 +187,6 @@ def _from_weight_files(src, dst, target, num_heads, base_model, overwrite,
       return ConvertResult(src=shown_src, dst=dst, to=target, config=None,
                            heads_in_source=found.num_heads)
     config, notes = _target_config(src, found, num_heads, base_model)
-    import jax.numpy as jnp
     weights = MedusaWeights.load(config, flat, dtype=jnp.dtype(found.dtype))
     return _write(weights, shown_src, dst, target, found.num_heads, notes, overwrite)
 
@@ -300,7 +300,7 @@ examples:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """``medusa-jax convert SRC DST [--to lorax|orbax|safetensors] [--num-heads N]``."""
-  from medusa_jax.cli import ArgumentParser
+  from medusa_jax.app.main import ArgumentParser
   p = ArgumentParser(prog="medusa-jax convert", epilog=_EPILOG,
                      description="Convert Medusa heads: original Medusa (.pt/.safetensors),"
                                  " LoRAX/TGI adapter directories and Orbax checkpoints.")

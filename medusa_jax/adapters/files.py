@@ -1,41 +1,28 @@
-"""Medusa adapter weight files: key layout, discovery, lazy checked reads.
+"""Medusa adapter weight files: discovery and lazy, checked reads.
 
-File layout (LoRAX/TGI, and the original Medusa ``medusa_lm_head.*`` files),
-torch ``[out, in]``, for head ``i < n`` and block ``j < L``:
-
-  ``{i}.{j}.linear.weight``  [H, H]
-  ``{i}.{j}.linear.bias``    [H]
-  ``{i}.{L}.weight``         [V, H]  (V1 only: a per-head output projection)
-
-Full Medusa-2 model files carry the same keys under a ``medusa_head.`` prefix;
-other tensors in such files are never read. Heads beyond ``n`` are ignored
-(released Medusa files hold 5 heads while their config says 2).
-
-In memory the arrays are ``[in, out]``; V2 fuses the heads into one kernel
-``[H, n*H]`` (columns ``k*H:(k+1)*H`` are head k) and a bias ``[n*H]``.
+:func:`weight_files` says which files a path stands for; :class:`TensorIndex`
+reads their tensors by canonical key (see ``adapters/layout.py``), whole or
+block by block, checking dtype and finiteness on every read.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib
 import os
 from typing import Any, Iterator, Mapping
 
 import numpy as np
-from flax import nnx
+from safetensors import safe_open
 
-from medusa_jax.config import MedusaConfig
+from medusa_jax.adapters.layout import canonical_key, is_medusa_key
 from medusa_jax.errors import (CorruptWeightsError, MissingTensorError, NonFiniteWeightsError,
                                TensorDtypeError, TensorShapeError, WeightsFormatError,
                                WeightsNotFoundError)
-from medusa_jax.heads import MedusaModel
 
 # Written beside an Orbax checkpoint; named here so that a directory holding
 # one gets a hint instead of a bare "no weight files".
 ORBAX_META_NAME = "medusa_jax.json"
-_PREFIX = "medusa_head."
 _SAFETENSORS_EXT = (".safetensors",)
 _TORCH_EXT = (".pt", ".pth", ".bin")
 # LoRAX skips hub files whose names carry these words (training arguments).
@@ -48,21 +35,6 @@ _TORCH_HINT = (
     " save_file({{k: v.contiguous() for k, v in sd.items()}}, '{dst}')\"")
 
 Index = tuple[slice, ...]  # a block of a tensor, one slice per dim
-
-
-def block_weight_key(head: int, block: int) -> str:
-  """File key of ResBlock ``block`` of head ``head``: torch [out, in] = [H, H]."""
-  return f"{head}.{block}.linear.weight"
-
-
-def block_bias_key(head: int, block: int) -> str:
-  """File key of the ResBlock bias: [H]."""
-  return f"{head}.{block}.linear.bias"
-
-
-def out_weight_key(head: int, num_layers: int) -> str:
-  """File key of a V1 head's output projection: torch [out, in] = [V, H]."""
-  return f"{head}.{num_layers}.weight"
 
 
 def weight_files(path: str | os.PathLike) -> list[str]:
@@ -100,127 +72,6 @@ def weight_files(path: str | os.PathLike) -> list[str]:
       f" {listing}{hint}")
 
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class AdapterLayout:
-  """The heads' sizes, and the shape each file tensor must have.
-
-  Attributes:
-    num_heads: n.
-    num_layers: L, ResBlocks per head.
-    hidden: H.
-    vocab: V of the per-head output projections; set iff V1.
-  """
-  num_heads: int
-  num_layers: int
-  hidden: int
-  vocab: int | None
-
-  @property
-  def per_head(self) -> bool:
-    """True for V1 heads (own output projections)."""
-    return self.vocab is not None
-
-  @classmethod
-  def infer(cls, config: MedusaConfig, index: TensorIndex) -> AdapterLayout:
-    """H from ``0.0.linear.weight``; V1 iff L > 1 or ``0.{L}.weight`` exists (LoRAX's rule).
-
-    Raises:
-      MissingTensorError: head 0 has fewer ResBlocks than the config says.
-      TensorShapeError: ``0.0.linear.weight`` is not square, or ``0.{L}.weight``
-        is not [V, H].
-    """
-    n, num_layers = config.medusa_num_heads, config.medusa_num_layers
-    key = block_weight_key(0, 0)
-    shape = index.shape(key)
-    if len(shape) != 2 or shape[0] != shape[1]:
-      raise TensorShapeError(f"{key} in {index.file_of(key)}: expected a square [H, H] matrix,"
-                             f" got {list(shape)}")
-    hidden = shape[0]
-    found = 0
-    while index.has(block_weight_key(0, found)):
-      found += 1
-    if found < num_layers:
-      raise MissingTensorError(
-          f"{block_weight_key(0, found)}: missing from {', '.join(index.files)}; the config"
-          f" says medusa_num_layers={num_layers} but head 0 in the files has {found}"
-          " ResBlock(s)")
-    vocab = None
-    key = out_weight_key(0, num_layers)
-    if num_layers > 1 or index.has(key):
-      shape = index.shape(key)
-      if len(shape) != 2 or shape[1] != hidden:
-        raise TensorShapeError(f"{key} in {index.file_of(key)}: expected [V, {hidden}], got"
-                               f" {list(shape)}")
-      vocab = shape[0]
-    return cls(num_heads=n, num_layers=num_layers, hidden=hidden, vocab=vocab)
-
-  def v1_param_keys(self) -> dict[str, tuple[str, bool]]:
-    """V1 heads: parameter path in ``MedusaModel`` -> (file key, stored transposed?).
-
-    Paths are ``/``-joined NNX state paths (``medusa/heads/0/blocks/1/kernel``);
-    kernels are ``[in, out]`` in memory and ``[out, in]`` in files.
-    """
-    keys = {}
-    for i in range(self.num_heads):
-      for j in range(self.num_layers):
-        block = f"medusa/heads/{i}/blocks/{j}"
-        keys[f"{block}/kernel"] = (block_weight_key(i, j), True)
-        keys[f"{block}/bias"] = (block_bias_key(i, j), False)
-      keys[f"medusa/heads/{i}/out"] = (out_weight_key(i, self.num_layers), True)
-    return keys
-
-  def file_keys(self) -> list[str]:
-    """Every file key the heads read, head by head."""
-    if self.per_head:
-      return [key for key, _ in self.v1_param_keys().values()]
-    return [key for i in range(self.num_heads)
-            for key in (block_weight_key(i, 0), block_bias_key(i, 0))]
-
-  def expected(self, key: str) -> tuple[tuple[int, ...], str]:
-    """(shape, how it was derived) of the file tensor ``key``."""
-    origin = f"H={self.hidden} from {block_weight_key(0, 0)}"
-    if key.endswith(".linear.weight"):
-      return (self.hidden, self.hidden), f"[H, H] with {origin}"
-    if key.endswith(".linear.bias"):
-      return (self.hidden,), f"[H] with {origin}"
-    return ((self.vocab, self.hidden),
-            f"[V, H] with V={self.vocab} from {out_weight_key(0, self.num_layers)}, {origin}")
-
-  def check_shapes(self, index: TensorIndex) -> None:
-    """Checks every needed tensor is present with its shape, reading no data.
-
-    Raises:
-      MissingTensorError / TensorShapeError: naming the first bad tensor.
-    """
-    for key in self.file_keys():
-      index.check_shape(key, self.expected(key))
-
-  def abstract_model(self, config: MedusaConfig, dtype, max_batch_size: int | None
-                     ) -> MedusaModel:
-    """The heads with shape-only parameters, to be filled with ``set_value``.
-
-    Avoids materialising a random init of V1's [H, V] projections only to
-    overwrite it.
-    """
-    return nnx.eval_shape(lambda: MedusaModel(
-        config, self.hidden, self.vocab, per_head_lm_head=self.per_head,
-        rngs=nnx.Rngs(params=0), param_dtype=dtype, max_batch_size=max_batch_size))
-
-
-def _canonical(key: str) -> tuple[str, int]:
-  """(key without any ``...medusa_head.`` prefix, priority: 0 = bare key, 1 = prefixed)."""
-  at = key.rfind(_PREFIX)
-  if at < 0:
-    return key, 0
-  return key[at + len(_PREFIX):], 1
-
-
-def _is_medusa_key(key: str) -> bool:
-  parts = key.split(".")
-  return (len(parts) in (3, 4) and parts[0].isdigit() and parts[1].isdigit()
-          and (parts[2:] in (["weight"], ["linear", "weight"], ["linear", "bias"])))
-
-
 def _import_torch():
   try:
     return importlib.import_module("torch")
@@ -251,7 +102,7 @@ class TensorIndex:
         raw_keys = (self._open_safetensors(path) if path.endswith(_SAFETENSORS_EXT)
                     else self._open_torch(path))
         for raw in raw_keys:
-          key, priority = _canonical(raw)
+          key, priority = canonical_key(raw)
           if key not in self._entries or priority < self._entries[key][0]:
             self._entries[key] = (priority, path, raw)
     except BaseException:
@@ -263,7 +114,6 @@ class TensorIndex:
     self._stack.close()
 
   def _open_safetensors(self, path: str) -> list[str]:
-    from safetensors import safe_open
     try:
       handle = self._stack.enter_context(safe_open(path, framework="numpy"))
       keys = list(handle.keys())
@@ -298,7 +148,7 @@ class TensorIndex:
 
   def medusa_keys(self) -> list[str]:
     """Every Medusa-head key in the files (canonical, sorted)."""
-    return sorted(k for k in self._entries if _is_medusa_key(k))
+    return sorted(k for k in self._entries if is_medusa_key(k))
 
   def file_of(self, key: str) -> str:
     return self._entry(key)[1]
@@ -381,25 +231,3 @@ def open_adapter_files(path: str | os.PathLike) -> Iterator[TensorIndex]:
     yield index
 
 
-def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike) -> str:
-  """Copies the Medusa-head tensors of ``src`` (any supported file or dir) to safetensors.
-
-  Keys lose any ``medusa_head.`` prefix; dtypes are kept (torch bf16 becomes
-  bf16). All heads in the source are kept. Needs torch for ``.pt`` sources.
-
-  Returns:
-    ``dst``.
-
-  Raises:
-    MissingTensorError: ``src`` holds no Medusa-head tensor.
-  """
-  from safetensors.numpy import save_file
-
-  with open_adapter_files(src) as index:
-    tensors = {k: index.read(k, check_finite=False) for k in index.medusa_keys()}
-  if not tensors:
-    raise MissingTensorError(f"{os.fspath(src)}: holds no Medusa-head tensors"
-                             f" ({block_weight_key(0, 0)}, ...)")
-  dst = os.fspath(dst)
-  save_file(tensors, dst, metadata={"format": "pt"})
-  return dst

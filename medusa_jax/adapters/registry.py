@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from medusa_jax.errors import AdapterLoadError
-from medusa_jax.weights import MedusaWeights
+from medusa_jax.adapters.weights import MedusaWeights
 
 DEFAULT_INDEX = 0
 MIN_DYNAMIC_VERSION = 2.0

@@ -1,14 +1,12 @@
-"""MedusaWeights: a Medusa adapter's config and heads, in and out of files.
+"""MedusaWeights: a Medusa adapter's config and heads.
 
-Reading goes through :mod:`medusa_jax.adapter_files` (key layout, file
-discovery, checked reads); this module builds the heads from it and writes
-them back in the LoRAX layout (safetensors) or as Orbax checkpoints. The file
-API is re-exported here.
+Files are read and written by ``adapters/io.py``; this container holds what
+they describe and gives LoRAX's API (``speculative_tokens``, ``model(x,
+lm_head)``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -16,26 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
 from jax.sharding import Mesh
 
-from medusa_jax.adapter_files import (ORBAX_META_NAME, AdapterLayout, block_bias_key,
-                                      block_weight_key, convert_to_safetensors,
-                                      open_adapter_files, out_weight_key, weight_files)
-from medusa_jax.adapter_loading import read_heads
-from medusa_jax.config import CONFIG_NAME, MedusaConfig
-from medusa_jax.errors import (ArchitectureError, CheckpointExistsError, CorruptWeightsError,
-                               TensorShapeError, WeightsNotFoundError)
-from medusa_jax.heads import MedusaModel, MedusaV2
-from medusa_jax.sharded_heads import ShardedMedusaV2, shard_medusa_model
-
-__all__ = ["MedusaWeights", "load_medusa_adapter", "convert_to_safetensors", "block_weight_key",
-           "block_bias_key", "out_weight_key", "weight_files", "WEIGHTS_NAME",
-           "ORBAX_STATE_DIR", "ORBAX_META_NAME"]
-
-WEIGHTS_NAME = "model.safetensors"
-ORBAX_STATE_DIR = "state"
-_ORBAX_FORMAT = 1
+from medusa_jax.adapters import io
+from medusa_jax.adapters.layout import file_tensors
+from medusa_jax.config import MedusaConfig, speculation_max_batch_size
+from medusa_jax.errors import ArchitectureError, TensorShapeError
+from medusa_jax.heads.modules import MedusaModel
 
 
 class MedusaWeights:
@@ -43,12 +28,10 @@ class MedusaWeights:
 
   Attributes:
     config: the adapter's MedusaConfig.
-    model: the heads; ``model(x, lm_head, segments=None)`` gives
-      ``(logits [N, V], speculative_logits [N, n, V] | None)``. For V2 the fused
-      weight is ``model.medusa.kernel[...]`` [H, n*H] and ``model.medusa.bias[...]``
-      [n*H]; heads loaded onto a mesh hold a ``ShardedMedusaV2`` there instead
-      (``kernel_hnh`` [H, n, H], ``bias_nh`` [n, H]; ``unsharded_arrays()``
-      gives the fused layout on the host).
+    model: the heads; ``model(x, lm_head)`` gives ``(logits [N, V],
+      speculative_logits [N, n, V] | None)``. For V2 the fused weight is
+      ``model.medusa.kernel[...]`` [H, n, H] (its reshape [H, n*H] is LoRAX's
+      layout) and ``model.medusa.bias[...]`` [n, H], sharded or not.
     source: where the weights came from (a path), for messages; may be None.
   """
 
@@ -136,7 +119,8 @@ class MedusaWeights:
     if rngs is None:
       rngs = nnx.Rngs(params=seed)
     model = MedusaModel(config, hidden_size, vocab_size, per_head_lm_head=per_head_lm_head,
-                        rngs=rngs, param_dtype=dtype, max_batch_size=max_batch_size)
+                        rngs=rngs, param_dtype=dtype,
+                        max_batch_size=speculation_max_batch_size(max_batch_size))
     if lm_head_weight is not None:
       out = jnp.asarray(lm_head_weight).astype(dtype)
       for head in model.medusa.heads:
@@ -162,8 +146,8 @@ class MedusaWeights:
       max_batch_size: the V2 speculation guard (None: env, else 32).
       check_finite: reject tensors holding NaN or inf.
       mesh: place the heads on this ``(data, model)`` mesh as they are read
-        (each device reads only its block: no weight is whole on one device);
-        see :func:`medusa_jax.sharding.load_medusa_sharded`. None: one device.
+        (each device reads only its block: no weight is whole on one device).
+        None: one device.
 
     Raises:
       WeightsNotFoundError: no such path, or no weight file in the directory.
@@ -174,55 +158,23 @@ class MedusaWeights:
       NonFiniteWeightsError: a tensor holds NaN or inf (``check_finite``).
       ShardingError: with a mesh, H or V does not divide its ``model`` axis.
     """
-    with open_adapter_files(path) as index:
-      model = read_heads(config, index, dtype=dtype, max_batch_size=max_batch_size,
-                         check_finite=check_finite, mesh=mesh)
+    model = io.read_adapter(config, path, dtype=dtype, max_batch_size=max_batch_size,
+                            check_finite=check_finite, mesh=mesh)
     return cls(config, model, source=os.fspath(path))
 
   def shard(self, mesh: Mesh) -> MedusaWeights:
-    """These heads placed on ``mesh`` (see :func:`medusa_jax.sharding.shard_medusa_model`).
+    """These heads placed on ``mesh`` (see :meth:`MedusaModel.shard`).
 
     Raises:
       ShardingError: H or V does not divide the ``model`` axis.
     """
-    return MedusaWeights(self.config, shard_medusa_model(self.model, mesh), source=self.source)
+    return MedusaWeights(self.config, self.model.shard(mesh), source=self.source)
 
-  # -- safetensors out --------------------------------------------------------------------------
+  # -- out --------------------------------------------------------------------------------------
 
   def lorax_tensors(self, dtype=None) -> dict[str, np.ndarray]:
-    """The heads as file tensors: LoRAX keys, torch ``[out, in]`` layout.
-
-    Args:
-      dtype: cast to this dtype; None keeps the parameter dtype.
-
-    Returns:
-      ``{key: array}``, e.g. ``"0.0.linear.weight"`` [H, H], ``"0.0.linear.bias"`` [H],
-      and for V1 ``"0.{L}.weight"`` [V, H].
-    """
-    def host(a) -> np.ndarray:
-      a = np.asarray(jax.device_get(a))  # a sharded array is gathered on the host
-      if dtype is not None:
-        a = a.astype(jnp.dtype(dtype))
-      return np.ascontiguousarray(a)
-
-    out: dict[str, np.ndarray] = {}
-    medusa = self.model.medusa
-    if isinstance(medusa, MedusaV2):
-      hidden, n = medusa.hidden, medusa.num_heads
-      kernel, bias = (medusa.unsharded_arrays() if isinstance(medusa, ShardedMedusaV2)
-                      else (medusa.kernel[...], medusa.bias[...]))
-      kernel, bias = host(kernel), host(bias)
-      for i in range(n):
-        cols = slice(i * hidden, (i + 1) * hidden)
-        out[block_weight_key(i, 0)] = np.ascontiguousarray(kernel[:, cols].T)
-        out[block_bias_key(i, 0)] = np.ascontiguousarray(bias[cols])
-    else:
-      for i, head in enumerate(medusa.heads):
-        for j, block in enumerate(head.blocks):
-          out[block_weight_key(i, j)] = np.ascontiguousarray(host(block.kernel[...]).T)
-          out[block_bias_key(i, j)] = host(block.bias[...])
-        out[out_weight_key(i, len(head.blocks))] = np.ascontiguousarray(host(head.out[...]).T)
-    return out
+    """The heads as file tensors (LoRAX keys, torch ``[out, in]``): see ``layout.file_tensors``."""
+    return file_tensors(self.model, dtype)
 
   def save(self, out_dir: str | os.PathLike, *, dtype=None) -> str:
     """Writes ``config.json`` and ``model.safetensors`` (LoRAX layout) to ``out_dir``.
@@ -237,73 +189,15 @@ class MedusaWeights:
     Returns:
       The path of the safetensors file.
     """
-    from safetensors.numpy import save_file  # heavy import, only when saving
-
-    out_dir = os.fspath(out_dir)
-    self.config.save(out_dir)
-    path = os.path.join(out_dir, WEIGHTS_NAME)
-    save_file(self.lorax_tensors(dtype), path, metadata={"format": "pt"})
-    return path
-
-  # -- orbax ------------------------------------------------------------------------------------
+    return io.save_safetensors(self.config, self.model, out_dir, dtype=dtype)
 
   def save_orbax(self, path: str | os.PathLike, *, overwrite: bool = False) -> str:
-    """Saves the NNX parameter state with Orbax, with the config beside it.
-
-    Layout: ``path/config.json``, ``path/medusa_jax.json`` (H, V, V1 flag,
-    dtype) and ``path/state/`` (an Orbax StandardCheckpointer checkpoint).
-    Heads on a mesh are saved in the unsharded layout; :meth:`load_orbax`
-    restores them on one device (or onto a mesh of any shape).
-
-    Args:
-      path: the checkpoint directory.
-      overwrite: replace an existing ``path/state``.
-
-    Returns:
-      The absolute checkpoint directory.
+    """Saves the heads as an Orbax checkpoint (see :func:`~medusa_jax.adapters.io.save_orbax`).
 
     Raises:
       CheckpointExistsError: ``path/state`` exists and ``overwrite`` is False.
     """
-    import orbax.checkpoint as ocp
-
-    path = os.path.abspath(os.fspath(path))
-    state_path = os.path.join(path, ORBAX_STATE_DIR)
-    if os.path.exists(state_path) and not overwrite:
-      raise CheckpointExistsError(f"{state_path}: a checkpoint exists; pass overwrite=True to"
-                                  " replace it")
-    os.makedirs(path, exist_ok=True)
-    self.config.save(path)
-    meta = {
-        "format": _ORBAX_FORMAT,
-        "hidden_size": self.hidden_size,
-        "vocab_size": self.vocab_size,
-        "per_head_lm_head": not self.is_v2,
-        "dtype": jnp.dtype(self.dtype).name,
-    }
-    with open(os.path.join(path, ORBAX_META_NAME), "w", encoding="utf-8") as f:
-      json.dump(meta, f, indent=2)
-      f.write("\n")
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-      checkpointer.save(state_path, self._unsharded_state(), force=overwrite)
-      checkpointer.wait_until_finished()
-    finally:
-      checkpointer.close()
-    return path
-
-  def _unsharded_state(self) -> nnx.State:
-    """The parameters in the unsharded layout (what Orbax stores); arrays may stay on a mesh."""
-    medusa = self.model.medusa
-    if not isinstance(medusa, ShardedMedusaV2):
-      return nnx.state(self.model, nnx.Param)
-    layout = AdapterLayout(num_heads=medusa.num_heads, num_layers=1, hidden=medusa.hidden,
-                           vocab=None)
-    model = layout.abstract_model(self.config, self.dtype, medusa.max_batch_size)
-    hidden, n = medusa.hidden, medusa.num_heads
-    model.medusa.kernel.set_value(medusa.kernel_hnh[...].reshape(hidden, n * hidden))
-    model.medusa.bias.set_value(medusa.bias_nh[...].reshape(n * hidden))
-    return nnx.state(model, nnx.Param)
+    return io.save_orbax(self.config, self.model, path, overwrite=overwrite)
 
   @classmethod
   def load_orbax(cls, path: str | os.PathLike, *, max_batch_size: int | None = None,
@@ -320,39 +214,8 @@ class MedusaWeights:
       CorruptWeightsError: the metadata or the Orbax state cannot be read.
       ShardingError: with a mesh, H or V does not divide its ``model`` axis.
     """
-    import orbax.checkpoint as ocp
-
-    path = os.path.abspath(os.fspath(path))
-    meta_path = os.path.join(path, ORBAX_META_NAME)
-    state_path = os.path.join(path, ORBAX_STATE_DIR)
-    for needed in (os.path.join(path, CONFIG_NAME), meta_path, state_path):
-      if not os.path.exists(needed):
-        raise WeightsNotFoundError(f"{needed}: missing; expected an Orbax checkpoint written by"
-                                   " MedusaWeights.save_orbax")
-    config = MedusaConfig.from_pretrained(path)
-    try:
-      with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
-      hidden, vocab = int(meta["hidden_size"]), meta["vocab_size"]
-      per_head, dtype = bool(meta["per_head_lm_head"]), jnp.dtype(meta["dtype"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-      raise CorruptWeightsError(f"{meta_path}: unreadable checkpoint metadata ({e})") from None
-    layout = AdapterLayout(num_heads=config.medusa_num_heads,
-                           num_layers=config.medusa_num_layers, hidden=hidden,
-                           vocab=vocab if per_head else None)
-    graphdef, abstract = nnx.split(layout.abstract_model(config, dtype, max_batch_size))
-    # Restore onto one device whatever the saving process's devices were.
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                            abstract)
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-      state = checkpointer.restore(state_path, abstract)
-    except Exception as e:  # Orbax raises many types (ValueError, FileNotFoundError, ...)
-      raise CorruptWeightsError(f"{state_path}: cannot restore the Orbax state ({e})") from e
-    finally:
-      checkpointer.close()
-    weights = cls(config, nnx.merge(graphdef, state), source=path)
+    config, model = io.load_orbax(path, max_batch_size=max_batch_size)
+    weights = cls(config, model, source=os.path.abspath(os.fspath(path)))
     return weights if mesh is None else weights.shard(mesh)
 
 

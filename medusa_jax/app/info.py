@@ -32,7 +32,7 @@ def cached_assets(home: str | os.PathLike | None = None) -> dict[str, Any]:
 
   Reads the filesystem only; nothing is fetched or hashed.
   """
-  from medusa_jax import assets
+  from medusa_jax.assets import cache as assets
   paths = assets.asset_paths(home)
   out: dict[str, Any] = {"home": str(paths.home), "home_env": assets.HOME_ENV, "assets": {}}
   for name in ("model_dir", "gguf_path", "sharegpt_json", "mtbench_jsonl"):
@@ -134,7 +134,7 @@ examples:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """``medusa-jax info [--json] [--home DIR] [--no-devices]``."""
-  from medusa_jax.cli import ArgumentParser
+  from medusa_jax.app.main import ArgumentParser
   p = ArgumentParser(prog="medusa-jax info", epilog=_EPILOG,
                      description="Show cached assets, bundled heads, JAX devices and versions.")
   p.add_argument("--json", action="store_true", help="print one JSON object")

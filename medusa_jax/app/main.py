@@ -23,20 +23,20 @@ DEBUG_ENV = "MEDUSA_JAX_DEBUG"
 
 # subcommand -> (module, function taking argv and returning an exit code, one-line help)
 _COMMANDS: dict[str, tuple[str, str, str]] = {
-    "fetch": ("medusa_jax.assets", "main",
+    "fetch": ("medusa_jax.assets.cache", "main",
               "download, verify and convert SmolLM2 + ShareGPT + MT-bench"),
-    "demo": ("medusa_jax.demo", "main", "MT-bench prompts: plain vs Medusa decoding on SmolLM2"),
-    "generate": ("medusa_jax.generate", "generate_main",
+    "demo": ("medusa_jax.app.demo", "main", "MT-bench prompts: plain vs Medusa decoding on SmolLM2"),
+    "generate": ("medusa_jax.app.generate", "generate_main",
                  "prompt in, streamed text out (plain, chain or tree speculation)"),
-    "chat": ("medusa_jax.generate", "chat_main", "interactive ChatML chat over stdin"),
-    "bench": ("medusa_jax.generate", "bench_main",
+    "chat": ("medusa_jax.app.generate", "chat_main", "interactive ChatML chat over stdin"),
+    "bench": ("medusa_jax.app.generate", "bench_main",
               "tokens/s, tokens per step and speed-up of plain vs Medusa decoding"),
     "train": ("medusa_jax.training.train", "main", "train Medusa heads (optax, orbax)"),
     "eval": ("medusa_jax.training.evaluate", "main",
              "MT-bench: tokens per step, head accuracy, speed-up"),
-    "convert": ("medusa_jax.convert", "main",
+    "convert": ("medusa_jax.adapters.convert", "main",
                 "convert heads: Medusa .pt/.safetensors, LoRAX dirs, Orbax checkpoints"),
-    "info": ("medusa_jax.info", "main", "cached assets, devices and library versions"),
+    "info": ("medusa_jax.app.info", "main", "cached assets, devices and library versions"),
 }
 
 _EPILOG = """\
@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  # Through the package module, so that `python -m medusa_jax.cli` and the console
+  # Through the package module, so that `python -m medusa_jax.app.main` and the console
   # script share one UsageError class with the subcommands.
-  from medusa_jax.cli import main as _main
+  from medusa_jax.app.main import main as _main
   sys.exit(_main())

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 # The packages' readers, re-exported: assets.load_sharegpt / assets.load_mtbench.
-from medusa_jax.datasets import load_mtbench, load_sharegpt
+from medusa_jax.assets.datasets import load_mtbench, load_sharegpt
 from medusa_jax.errors import AssetError, MedusaError
 
 HOME_ENV = "MEDUSA_JAX_HOME"

@@ -6,96 +6,88 @@ per head. Arrays in memory are ``[in, out]`` so that ``y = x @ w``.
 * ``ResBlock``: ``x + silu(x @ W + b)``.
 * ``MedusaHead``: L ResBlocks, then an output projection ``[H, V]`` (no bias).
 * ``MedusaV1``: n independent heads; ``spec[:, k] = head_k(x)``.
-* ``MedusaV2``: all heads' first (and only) ResBlock fused in one ``[H, n*H]``
-  linear (head-major columns); the n hidden states and ``x`` itself go through
-  the base ``lm_head`` in **one** call over ``[N, n+1, H]``; row 0 gives the
-  base logits.
+* ``MedusaV2``: all heads' first (and only) ResBlock fused in one linear,
+  held as ``kernel [H, n, H]`` (``[in, head, out]``; its free reshape
+  ``[H, n*H]`` is LoRAX's head-major fused weight) and ``bias [n, H]``; the n
+  hidden states and ``x`` itself go through the base ``lm_head`` in **one**
+  call over ``[N, n+1, H]``; row 0 gives the base logits. Placed on a mesh by
+  a :class:`~medusa_jax.heads.sharded.HeadsSharding`, the same class runs
+  LoRAX's tensor-parallel layout.
 * ``MedusaModel``: V1 when L > 1 or head 0 has its own output projection,
   else V2 (LoRAX's rule: the architecture follows the tensors, not ``version``).
 
-Matmuls take bf16 (or f32) operands and accumulate in f32; the activation and
-residual are computed in f32 and cast back to the input dtype once.
+All of them implement :class:`~medusa_jax.heads.protocol.Heads`. Matmuls take
+bf16 (or f32) operands and accumulate in f32; the activation and residual are
+computed in f32 and cast back to the input dtype once.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-from typing import Any, Callable, Protocol
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from medusa_jax.config import MedusaConfig
-from medusa_jax.errors import ArchitectureError, ConfigError
+from medusa_jax.config import DEFAULT_MAX_BATCH, MedusaConfig, speculation_max_batch_size
+from medusa_jax.errors import ArchitectureError
+from medusa_jax.heads.protocol import LMHead, exceeds_guard, shared_lm_head
+from medusa_jax.heads.sharded import MEDUSA_RULES, HeadsSharding, v2_heads_hidden
+from medusa_jax.parallel.mesh import check_divisible, shard_state
 
 Array = jax.Array
-LMHead = Callable[[Array], Array]  # [..., H] -> [..., V]
-
-MAX_BATCH_ENV = "LORAX_SPECULATION_MAX_BATCH_SIZE"
-DEFAULT_MAX_BATCH = 32
 
 
-def speculation_max_batch_size(limit: int | None = None) -> int:
-  """The speculation max-batch guard: ``limit``, else env, else 32.
+# ------------------------------------------------------- the fused <-> per-head layout
 
-  V2 heads skip drafting when the rows entering the LM head exceed it.
+
+def fused_view(kernel_HxnxH: Any) -> Any:
+  """[H, n, H] -> LoRAX's head-major fused weight [H, n*H] (a free reshape)."""
+  return kernel_HxnxH.reshape(kernel_HxnxH.shape[0], -1)
+
+
+def stack_heads(kernels: Sequence[Any], biases: Sequence[Any]) -> tuple[Any, Any]:
+  """Per-head ResBlocks -> the V2 layout.
+
+  Args:
+    kernels: n arrays [H, H] (``[in, out]``), NumPy or JAX.
+    biases: n arrays [H].
+
+  Returns:
+    (kernel [H, n, H], bias [n, H]), NumPy for NumPy inputs, else JAX.
   """
-  if limit is None:
-    raw = os.environ.get(MAX_BATCH_ENV)
-    if raw is None or raw.strip() == "":
-      return DEFAULT_MAX_BATCH
-    try:
-      limit = int(raw)
-    except ValueError:
-      limit = -1
-    if limit < 0:
-      raise ConfigError(f"{MAX_BATCH_ENV}={raw!r}: expected a non-negative integer")
-    return limit
-  if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-    raise ConfigError(f"max_batch_size: expected a non-negative integer, got {limit!r}")
-  return limit
+  xp = jnp if any(isinstance(a, jax.Array) for a in (*kernels, *biases)) else np
+  return xp.stack(list(kernels), axis=1), xp.stack(list(biases), axis=0)
 
 
-class HeadSegments(Protocol):
-  """Per-row adapter routing for the fused V2 projection (see segments.py).
-
-  Attributes:
-    w: [A, H, n*H] stacked fused weights of the A adapters.
-    b: [A, n*H] their biases.
-    s_start, s_end: [S] int32 row ranges; segment s covers rows
-      ``s_start[s]:s_end[s]`` and uses adapter ``seg_weight[s]``.
-    seg_weight: [S] int32.
-    backend: a segmented-matmul backend name.
-  """
-  w: Array
-  b: Array
-  s_start: Array
-  s_end: Array
-  seg_weight: Array
-  backend: Any
+def unstack_heads(kernel_HxnxH: Any, bias_nxH: Any) -> list[tuple[Any, Any]]:
+  """The V2 layout -> n pairs (kernel [H, H] ``[in, out]``, bias [H])."""
+  return [(kernel_HxnxH[:, k, :], bias_nxH[k]) for k in range(kernel_HxnxH.shape[1])]
 
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class HeadsSharding:
-  """Partition specs of the head parameters; all None = unsharded.
-
-  Names end with the axes they cover: ``fused_w_hm`` is the V2 ``[H, n*H]``
-  weight, ``fused_b_m`` its bias, ``block_w_hh``/``block_b_h`` a ResBlock,
-  ``out_w_hv`` a V1 output projection.
-  """
-  fused_w_hm: Any = None
-  fused_b_m: Any = None
-  block_w_hh: Any = None
-  block_b_h: Any = None
-  out_w_hv: Any = None
+# ------------------------------------------------------------------------ modules
 
 
-def _param(value: Array, sharding) -> nnx.Param:
-  if sharding is None:
+def _param(value: Array, spec: P | None, mesh: Mesh | None) -> nnx.Param:
+  """A parameter placed by ``spec``: on ``mesh`` when given, else on the context mesh."""
+  if spec is None:
     return nnx.Param(value)
-  return nnx.Param(value, out_sharding=sharding)
+  if mesh is not None:
+    return nnx.Param(jax.device_put(value, NamedSharding(mesh, spec)))
+  return nnx.Param(value, out_sharding=spec)  # needs ``with jax.set_mesh(mesh)``
+
+
+def _check_limit(max_batch_size: int | None) -> int:
+  """The guard as a plain integer; None is LoRAX's default, 32.
+
+  The environment variable is read at the loading boundary
+  (``config.speculation_max_batch_size``), never here.
+  """
+  return DEFAULT_MAX_BATCH if max_batch_size is None else speculation_max_batch_size(
+      max_batch_size)
 
 
 def _dense(x: Array, w: Array) -> Array:
@@ -129,10 +121,10 @@ class ResBlock(nnx.Module):
 
   def __init__(self, hidden: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
                kernel_init=nnx.initializers.zeros_init(),
-               shd: HeadsSharding = HeadsSharding()):
+               shd: HeadsSharding = HeadsSharding(), mesh: Mesh | None = None):
     self.kernel = _param(kernel_init(rngs.params(), (hidden, hidden), param_dtype),
-                         shd.block_w_hh)
-    self.bias = _param(jnp.zeros((hidden,), param_dtype), shd.block_b_h)
+                         shd.block_w_hh, mesh)
+    self.bias = _param(jnp.zeros((hidden,), param_dtype), shd.block_b_h, mesh)
 
   def __call__(self, x: Array) -> Array:
     """x: [..., H] -> [..., H]."""
@@ -143,13 +135,14 @@ class MedusaHead(nnx.Module):
   """One V1 head: L ResBlocks, then an output projection ``[H, V]`` without bias."""
 
   def __init__(self, hidden: int, vocab: int, num_layers: int, *, rngs: nnx.Rngs,
-               param_dtype=jnp.float32, shd: HeadsSharding = HeadsSharding()):
+               param_dtype=jnp.float32, shd: HeadsSharding = HeadsSharding(),
+               mesh: Mesh | None = None):
     self.blocks = nnx.List([
-        ResBlock(hidden, rngs=rngs, param_dtype=param_dtype, shd=shd)
+        ResBlock(hidden, rngs=rngs, param_dtype=param_dtype, shd=shd, mesh=mesh)
         for _ in range(num_layers)
     ])
     init = nnx.initializers.lecun_normal()
-    self.out = _param(init(rngs.params(), (hidden, vocab), param_dtype), shd.out_w_hv)
+    self.out = _param(init(rngs.params(), (hidden, vocab), param_dtype), shd.out_w_hv, mesh)
 
   def __call__(self, x: Array) -> Array:
     """x: [..., H] -> logits [..., V] (float32)."""
@@ -161,103 +154,150 @@ class MedusaHead(nnx.Module):
 class MedusaV1(nnx.Module):
   """n independent heads, each with its own output projection.
 
-  Like LoRAX, V1 ignores ``segments`` and has no max-batch guard.
+  Like LoRAX, V1 has no max-batch guard. On a mesh its parameters are placed
+  by ``shd`` and GSPMD partitions the products; ``mesh`` is kept for routed
+  batches, whose opaque kernels run under ``shard_map``.
   """
 
   def __init__(self, hidden: int, vocab: int, num_heads: int, num_layers: int, *,
                rngs: nnx.Rngs, param_dtype=jnp.float32,
-               shd: HeadsSharding = HeadsSharding()):
+               shd: HeadsSharding = HeadsSharding(), mesh: Mesh | None = None):
     self.hidden = hidden
     self.vocab = vocab
-    self.num_heads = num_heads
+    self._num_heads = num_heads
     self.num_layers = num_layers
+    self.mesh = mesh
     self.heads = nnx.List([
-        MedusaHead(hidden, vocab, num_layers, rngs=rngs, param_dtype=param_dtype, shd=shd)
+        MedusaHead(hidden, vocab, num_layers, rngs=rngs, param_dtype=param_dtype, shd=shd,
+                   mesh=mesh)
         for _ in range(num_heads)
     ])
 
-  def __call__(self, x: Array, lm_head: LMHead, segments: HeadSegments | None = None
+  @property
+  def num_heads(self) -> int:
+    return self._num_heads
+
+  @property
+  def is_v2(self) -> bool:
+    return False
+
+  @property
+  def max_batch_size(self) -> None:
+    return None
+
+  def __call__(self, x: Array, lm_head: LMHead, *, row_slot: Array | None = None
                ) -> tuple[Array, Array]:
     """Base and draft logits.
 
     Args:
       x: [N, H] hidden states after the final norm.
       lm_head: the base LM head, [..., H] -> [..., V].
-      segments: ignored (V1 heads are the same for every row).
+      row_slot: ignored (every row uses these heads).
 
     Returns:
       logits [N, V] = lm_head(x); speculative_logits [N, n, V].
     """
-    del segments
+    return self.logits_and_drafts(x, lm_head)
+
+  def logits_and_drafts(self, x: Array, lm_head: LMHead, num_drafts: int | None = None, *,
+                        row_slot: Array | None = None) -> tuple[Array, Array]:
+    """(lm_head(x) [N, V], the first ``num_drafts`` heads' logits [N, D, V])."""
+    del row_slot
     logits = lm_head(x)
-    spec = jnp.stack([head(x).astype(logits.dtype) for head in self.heads], axis=1)
+    heads = list(self.heads)[:num_drafts]
+    spec = jnp.stack([head(x).astype(logits.dtype) for head in heads], axis=1)
     return logits, spec
 
 
 class MedusaV2(nnx.Module):
-  """All heads fused in one ``[H, n*H]`` linear, sharing the base LM head.
+  """All heads fused in one linear ``kernel [H, n, H]``, sharing the base LM head.
 
-  ``h_k = x + silu(x @ W[:, kH:(k+1)H] + b[kH:(k+1)H])`` and
+  ``h_k = x + silu(x @ kernel[:, k] + bias[k])`` and
   ``[logits, spec_0..spec_{n-1}] = lm_head([x, h_0, ..., h_{n-1}])`` in one call.
   When N exceeds ``max_batch_size`` the heads are skipped and the result is
   ``(lm_head(x), None)``, as LoRAX does.
+
+  With ``shd`` and ``mesh`` the parameters are placed on the mesh
+  (``HeadsSharding.tensor_parallel()`` is LoRAX's layout) and
+  :meth:`heads_hidden` runs tensor-parallel under ``shard_map``; the math and
+  the results are those of the unsharded heads.
   """
 
   def __init__(self, hidden: int, num_heads: int, num_layers: int = 1, *,
-               rngs: nnx.Rngs, param_dtype=jnp.float32, max_batch_size: int | None = None,
+               rngs: nnx.Rngs, param_dtype=jnp.float32,
+               max_batch_size: int = DEFAULT_MAX_BATCH,
                kernel_init=nnx.initializers.zeros_init(),
-               shd: HeadsSharding = HeadsSharding()):
+               shd: HeadsSharding = HeadsSharding(), mesh: Mesh | None = None):
     if num_layers != 1:
       raise ArchitectureError(
           f"medusa_num_layers={num_layers}: MedusaV2 (fused heads sharing the base lm_head)"
           " supports exactly 1 ResBlock per head; use MedusaV1 for deeper heads")
     self.hidden = hidden
-    self.num_heads = num_heads
-    self.max_batch_size = speculation_max_batch_size(max_batch_size)
-    self.kernel = _param(kernel_init(rngs.params(), (hidden, num_heads * hidden), param_dtype),
-                         shd.fused_w_hm)
-    self.bias = _param(jnp.zeros((num_heads * hidden,), param_dtype), shd.fused_b_m)
+    self._num_heads = num_heads
+    self._max_batch_size = _check_limit(max_batch_size)
+    self.mesh = mesh
+    self.shd = shd
+    self.kernel = _param(kernel_init(rngs.params(), (hidden, num_heads, hidden), param_dtype),
+                         shd.fused_w_hnh, mesh)
+    self.bias = _param(jnp.zeros((num_heads, hidden), param_dtype), shd.fused_b_nh, mesh)
 
-  def heads_hidden(self, x: Array, segments: HeadSegments | None = None) -> Array:
-    """The n heads' hidden states, before the LM head.
+  @property
+  def num_heads(self) -> int:
+    return self._num_heads
+
+  @property
+  def is_v2(self) -> bool:
+    return True
+
+  @property
+  def max_batch_size(self) -> int:
+    return self._max_batch_size
+
+  @property
+  def tensor_parallel(self) -> bool:
+    """Whether :meth:`heads_hidden` runs LoRAX's sharded kernel (placed on a mesh)."""
+    return self.mesh is not None and self.shd.fused_w_hnh is not None
+
+  def heads_hidden(self, x: Array, *, row_slot: Array | None = None) -> Array:
+    """The n heads' hidden states, before the LM head (always drafts).
 
     Args:
-      x: [N, H].
-      segments: per-row adapter routing; None uses this module's own weights.
+      x: [N, H], any sharding.
+      row_slot: ignored (every row uses these heads).
 
     Returns:
       [N, n, H] in ``x.dtype``.
     """
-    n_rows, hidden = x.shape
-    if segments is None:
-      y_NxM = _add_bias(_dense(x, self.kernel[...]), self.bias[...])
-      x_NxnxH = x.astype(jnp.float32)[:, None, :]
-      h_NxnxH = x_NxnxH + jax.nn.silu(y_NxM.reshape(n_rows, self.num_heads, hidden))
-      return h_NxnxH.astype(x.dtype)
-    from medusa_jax.pallas import segmented_matmul  # kernels import nothing from heads
-    h_NxM = segmented_matmul(x, segments.w, segments.b, segments.s_start, segments.s_end,
-                             segments.seg_weight, backend=segments.backend,
-                             epilogue="resblock")
-    return h_NxM.reshape(n_rows, self.num_heads, hidden).astype(x.dtype)
+    del row_slot
+    if self.tensor_parallel:
+      return v2_heads_hidden(x, self.kernel[...], self.bias[...], mesh=self.mesh)
+    y_NxnxH = jnp.einsum("nh,hkm->nkm", x, self.kernel[...].astype(x.dtype),
+                         preferred_element_type=jnp.float32)
+    y_NxnxH = y_NxnxH + self.bias[...].astype(jnp.float32)[None]
+    h_NxnxH = x.astype(jnp.float32)[:, None, :] + jax.nn.silu(y_NxnxH)
+    return h_NxnxH.astype(x.dtype)
 
-  def __call__(self, x: Array, lm_head: LMHead, segments: HeadSegments | None = None
+  def __call__(self, x: Array, lm_head: LMHead, *, row_slot: Array | None = None
                ) -> tuple[Array, Array | None]:
     """Base and draft logits through one LM-head call.
 
     Args:
       x: [N, H] hidden states after the final norm.
       lm_head: the base LM head, [..., H] -> [..., V].
-      segments: per-row adapter routing (BatchMedusaWeights); None = own weights.
+      row_slot: ignored.
 
     Returns:
       logits [N, V]; speculative_logits [N, n, V], or None when N > max_batch_size.
     """
-    if x.shape[0] > self.max_batch_size:
+    if exceeds_guard(x.shape[0], self.max_batch_size):
       return lm_head(x), None
-    h_NxnxH = self.heads_hidden(x, segments)
-    stacked_Nx1nxH = jnp.concatenate([x[:, None, :], h_NxnxH], axis=1)
-    logits3 = lm_head(stacked_Nx1nxH)
-    return logits3[:, 0], logits3[:, 1:]
+    return shared_lm_head(x, self.heads_hidden(x), lm_head)
+
+  def logits_and_drafts(self, x: Array, lm_head: LMHead, num_drafts: int | None = None, *,
+                        row_slot: Array | None = None) -> tuple[Array, Array]:
+    """(logits [N, V], drafts [N, D, V]) with no guard: heads past D skip the LM head."""
+    del row_slot
+    return shared_lm_head(x, self.heads_hidden(x)[:, :num_drafts], lm_head)
 
 
 class MedusaModel(nnx.Module):
@@ -269,7 +309,8 @@ class MedusaModel(nnx.Module):
 
   def __init__(self, config: MedusaConfig, hidden: int, vocab: int | None = None, *,
                per_head_lm_head: bool = False, rngs: nnx.Rngs, param_dtype=jnp.float32,
-               max_batch_size: int | None = None, shd: HeadsSharding = HeadsSharding()):
+               max_batch_size: int = DEFAULT_MAX_BATCH, shd: HeadsSharding = HeadsSharding(),
+               mesh: Mesh | None = None):
     self.config = config
     n, num_layers = config.medusa_num_heads, config.medusa_num_layers
     if num_layers > 1 or per_head_lm_head:
@@ -277,18 +318,26 @@ class MedusaModel(nnx.Module):
         raise ArchitectureError("vocab: MedusaV1 heads need the vocabulary size for their"
                                 " output projections")
       self.medusa = MedusaV1(hidden, vocab, n, num_layers, rngs=rngs,
-                             param_dtype=param_dtype, shd=shd)
+                             param_dtype=param_dtype, shd=shd, mesh=mesh)
     else:
       self.medusa = MedusaV2(hidden, n, num_layers, rngs=rngs, param_dtype=param_dtype,
-                             max_batch_size=max_batch_size, shd=shd)
+                             max_batch_size=max_batch_size, shd=shd, mesh=mesh)
 
   @property
   def is_v2(self) -> bool:
-    return isinstance(self.medusa, MedusaV2)
+    return self.medusa.is_v2
 
   @property
   def num_heads(self) -> int:
-    return self.config.medusa_num_heads
+    return self.medusa.num_heads
+
+  @property
+  def max_batch_size(self) -> int | None:
+    return self.medusa.max_batch_size
+
+  @property
+  def mesh(self) -> Mesh | None:
+    return self.medusa.mesh
 
   @property
   def hidden_size(self) -> int:
@@ -297,9 +346,47 @@ class MedusaModel(nnx.Module):
   @property
   def vocab_size(self) -> int | None:
     """V of the per-head output projections (V1); None for V2, which uses the base lm_head."""
-    return self.medusa.vocab if isinstance(self.medusa, MedusaV1) else None
+    return None if self.is_v2 else self.medusa.vocab
 
-  def __call__(self, x: Array, lm_head: LMHead, segments: HeadSegments | None = None
+  def __call__(self, x: Array, lm_head: LMHead, *, row_slot: Array | None = None
                ) -> tuple[Array, Array | None]:
     """x: [N, H] -> (logits [N, V], speculative_logits [N, n, V] | None)."""
-    return self.medusa(x, lm_head, segments)
+    return self.medusa(x, lm_head, row_slot=row_slot)
+
+  def logits_and_drafts(self, x: Array, lm_head: LMHead, num_drafts: int | None = None, *,
+                        row_slot: Array | None = None) -> tuple[Array, Array]:
+    """See :meth:`~medusa_jax.heads.protocol.Heads.logits_and_drafts`."""
+    return self.medusa.logits_and_drafts(x, lm_head, num_drafts, row_slot=row_slot)
+
+  def shard(self, mesh: Mesh) -> "MedusaModel":
+    """These heads placed on ``mesh`` in LoRAX's layout (a copy; placed anew if on a mesh).
+
+    V2: kernel ``P(None, None, "model")``, bias ``P(None, "model")``, sharded
+    kernels from then on. V1: ResBlocks split on their output dim, output
+    projections over V (:data:`~medusa_jax.heads.sharded.MEDUSA_RULES`).
+
+    Raises:
+      ShardingError: H (V2, V1) or V (V1) does not divide the ``model`` axis.
+    """
+    if self.is_v2:  # name the tensor as users know it
+      check_divisible(self.medusa.kernel.shape, HeadsSharding.tensor_parallel().fused_w_hnh,
+                      mesh, "V2 kernel [H, n, H]")
+    graphdef, state = nnx.split(self)
+    placed = nnx.merge(graphdef, shard_state(state, MEDUSA_RULES, mesh))
+    placed.medusa.mesh = mesh
+    if placed.is_v2:
+      placed.medusa.shd = HeadsSharding.tensor_parallel()
+    return placed
+
+
+def abstract_heads(config: MedusaConfig, hidden: int, vocab: int | None, dtype, *,
+                   max_batch_size: int | None = None) -> MedusaModel:
+  """Heads with shape-only parameters, to be filled with ``set_value``.
+
+  Avoids materialising a random init of V1's [H, V] projections only to
+  overwrite it. ``max_batch_size`` None reads LoRAX's environment variable.
+  """
+  limit = speculation_max_batch_size(max_batch_size)
+  return nnx.eval_shape(lambda: MedusaModel(
+      config, hidden, vocab, per_head_lm_head=vocab is not None, rngs=nnx.Rngs(params=0),
+      param_dtype=dtype, max_batch_size=limit))

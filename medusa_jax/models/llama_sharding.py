@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from medusa_jax.errors import ShardingError
 from medusa_jax.models.llama_config import LlamaConfig
 from medusa_jax.models.llama_weights import abstract_llama, open_checkpoint
-from medusa_jax.partitioning import (MODEL, PartitionRules, axis_size, path_str, place,
+from medusa_jax.parallel.mesh import (MODEL, PartitionRules, axis_size, path_str, place,
                                      rows_axis, shard_state)
 
 # Megatron-style rules for the base Llama ([in, out] kernels). The embedding

@@ -71,6 +71,38 @@ def axis_size(mesh: Mesh, axis: str) -> int:
   return int(mesh.shape[axis])
 
 
+def has_explicit_axes(mesh: Mesh) -> bool:
+  """Whether any axis of ``mesh`` is ``AxisType.Explicit`` (``jax.make_mesh``'s default)."""
+  return any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+
+
+def row_spec_of(x: Array, mesh: Mesh) -> Any:
+  """The mesh axes ``x``'s first dim is split over, as its sharding type says.
+
+  Known only on Explicit axes (the type carries the sharding); None elsewhere
+  (replicated, or an Auto axis whose layout GSPMD still chooses).
+  """
+  if not has_explicit_axes(mesh):
+    return None
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  return spec[0] if spec else None
+
+
+def constrain(x: Array, spec: P, mesh: Mesh) -> Array:
+  """``x`` laid out as ``NamedSharding(mesh, spec)``, whatever its sharding was.
+
+  Works eagerly (a device-to-device copy) and under ``jit``, on Auto axes (a
+  sharding constraint GSPMD honours) and on Explicit axes (a ``reshard``, since
+  there the sharding is part of the type and ``shard_map`` checks it).
+  """
+  sharding = NamedSharding(mesh, spec)
+  if not isinstance(x, jax.core.Tracer):
+    return jax.device_put(x, sharding)
+  if has_explicit_axes(mesh):
+    return jax.sharding.reshard(x, sharding)
+  return jax.lax.with_sharding_constraint(x, sharding)
+
+
 def check_divisible(shape: Sequence[int], spec: P, mesh: Mesh, what: str) -> None:
   """Raises ShardingError when a dim of ``shape`` does not divide its mesh axes.
 

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from medusa_jax.errors import ShardingError
-from medusa_jax.validation import require_ints
+from medusa_jax._validate import require_ints
 
 RESULT_JSON = "pod_eval.json"
 RESULT_PNG = "pod_eval.png"
@@ -108,7 +108,7 @@ def pod_mesh(model_parallel: int | None = None):
   import jax
   from jax.sharding import AxisType, Mesh
 
-  from medusa_jax.sharding import DATA, MODEL
+  from medusa_jax.parallel.mesh import DATA, MODEL
   by_host: dict[int, list] = {}
   for d in sorted(jax.devices(), key=lambda d: (d.process_index, d.id)):
     by_host.setdefault(d.process_index, []).append(d)
@@ -145,7 +145,7 @@ def _model_parallel(cfg: PodEvalConfig, local_devices: int) -> int:
 def _base_dir(cfg: PodEvalConfig) -> str:
   if cfg.base is not None:
     return cfg.base
-  from medusa_jax import assets
+  from medusa_jax.assets import cache as assets
   return str(assets.fetch(quiet=True).model_dir)
 
 
@@ -175,7 +175,7 @@ def load_prompts(cfg: PodEvalConfig, vocab_size: int | None = None) -> list[Any]
     count = cfg.num_prompts or 8
     return [rng.integers(3, vocab_size, int(rng.integers(3, 12))).tolist()
             for _ in range(count)]
-  from medusa_jax import assets
+  from medusa_jax.assets import cache as assets
   questions = assets.load_mtbench(assets.fetch(quiet=True).mtbench_jsonl)
   prompts = [q["turns"][0] for q in questions]
   return prompts[:cfg.num_prompts] if cfg.num_prompts else prompts
@@ -185,13 +185,13 @@ def build_engine(cfg: PodEvalConfig, mesh):
   """The engine on ``mesh`` (a host's rows of the pod mesh)."""
   from flax import nnx
 
-  from medusa_jax import sharding as sh
+  from medusa_jax.models.llama_sharding import shard_llama
   from medusa_jax.decoding.engine import Engine
   if cfg.tiny:
     import jax.numpy as jnp
 
     from medusa_jax.config import MedusaConfig
-    from medusa_jax.heads import MedusaModel
+    from medusa_jax.heads.modules import MedusaModel
     from medusa_jax.models.llama import Llama, LlamaConfig
     model_width = mesh.devices.shape[1]
     lcfg = LlamaConfig.tiny(vocab_size=64 * model_width, hidden_size=8 * model_width,
@@ -204,9 +204,9 @@ def build_engine(cfg: PodEvalConfig, mesh):
     heads = MedusaModel(mcfg, lcfg.hidden_size, rngs=nnx.Rngs(cfg.seed + 1))
     rng = np.random.default_rng(cfg.seed + 2)
     h, n = lcfg.hidden_size, mcfg.medusa_num_heads
-    heads.medusa.kernel[...] = jnp.asarray(rng.standard_normal((h, n * h)) * 0.3, jnp.float32)
-    heads.medusa.bias[...] = jnp.asarray(rng.standard_normal((n * h,)) * 0.3, jnp.float32)
-    return Engine(sh.shard_llama(llama, mesh), None, sh.shard_medusa_model(heads, mesh),
+    heads.medusa.kernel[...] = jnp.asarray(rng.standard_normal((h, n, h)) * 0.3, jnp.float32)
+    heads.medusa.bias[...] = jnp.asarray(rng.standard_normal((n, h)) * 0.3, jnp.float32)
+    return Engine(shard_llama(llama, mesh), None, heads.shard(mesh),
                   max_cache_len=128, mesh=mesh)
   return Engine.load(_base_dir(cfg), cfg.medusa, mesh=mesh)
 

@@ -1,4 +1,4 @@
-"""medusa_jax.convert: Medusa / LoRAX / Orbax / safetensors conversions round-trip exactly."""
+"""medusa_jax.adapters.convert: Medusa / LoRAX / Orbax / safetensors conversions round-trip exactly."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from safetensors.numpy import load_file, save_file
 
 from medusa_files import head_tensors
 from medusa_jax.config import MedusaConfig
-from medusa_jax.convert import Target, convert, inspect_heads, is_orbax_checkpoint, main
+from medusa_jax.adapters.convert import Target, convert, inspect_heads, is_orbax_checkpoint, main
 from medusa_jax.errors import (ConfigError, CorruptWeightsError, MissingTensorError,
                                WeightsNotFoundError)
-from medusa_jax.weights import MedusaWeights, load_medusa_adapter
+from medusa_jax.adapters.weights import MedusaWeights, load_medusa_adapter
 
 H, V = 16, 40
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from medusa_jax.adapters import AdapterRegistry
+from medusa_jax.adapters.registry import AdapterRegistry
 from medusa_jax.config import MedusaConfig
 from medusa_jax.errors import AdapterLoadError, MedusaError
-from medusa_jax.weights import MedusaWeights
+from medusa_jax.adapters.weights import MedusaWeights
 
 H = 8
 
@@ -134,3 +134,25 @@ def test_registries_are_independent(default3):
   with pytest.raises(AdapterLoadError):
     b.load_dynamic(1, _w(3))
   assert issubclass(AdapterLoadError, MedusaError)
+
+
+def test_engine_holds_its_adapters_under_loras_rules():
+  """The engine loads a map of adapters through the registry: what LoRAX refuses, it refuses."""
+  from flax import nnx
+
+  from medusa_jax.decoding.engine import Engine
+  from medusa_jax.models.llama import Llama, LlamaConfig
+  llama = Llama(LlamaConfig.tiny(vocab_size=64, hidden_size=H, intermediate_size=16,
+                                 num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                                 eos_token_ids=()), rngs=nnx.Rngs(0))
+  v2_default = _w(3)
+  with pytest.raises(AdapterLoadError, match="adapter 1: Dynamic adapter loading is not"
+                                             " supported for Medusa version 1.0"):
+    Engine(llama, None, {0: v2_default, 1: _w(3, version=1.0)})
+  with pytest.raises(AdapterLoadError, match="different number of heads \\(2\\)"):
+    Engine(llama, None, {0: v2_default, 1: _w(2)})
+  with pytest.raises(AdapterLoadError, match="adapter 0"):
+    Engine(llama, None, {1: _w(3)})  # no default
+  eng = Engine(llama, None, {0: v2_default, 2: _w(3), 3: None}, max_cache_len=32)
+  assert eng.registry.medusa_ids == (0, 2)
+  assert eng.adapter_slots == {0: 0, 2: 1, 3: 0}  # 3 has no Medusa heads: the default's

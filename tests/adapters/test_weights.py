@@ -20,7 +20,9 @@ from medusa_jax.errors import (ArchitectureError, CheckpointExistsError, ConfigE
                                MissingTensorError, NonFiniteWeightsError, TensorDtypeError,
                                TensorShapeError, WeightsError, WeightsFormatError,
                                WeightsNotFoundError)
-from medusa_jax.weights import MedusaWeights, convert_to_safetensors, load_medusa_adapter
+from medusa_jax.adapters.io import convert_to_safetensors
+from medusa_jax.heads.modules import fused_view
+from medusa_jax.adapters.weights import MedusaWeights, load_medusa_adapter
 from medusa_files import head_tensors, ref_v1, ref_v2, rel_err
 
 H, V, N = 16, 40, 5
@@ -59,11 +61,11 @@ def test_lorax_v2_layout_extra_heads_ignored(tmp_path):
   save_file(t, str(tmp_path / "adapter_model.safetensors"))
   w = MedusaWeights.load(_cfg(3), tmp_path)
   assert w.is_v2 and w.speculative_tokens == 3 and w.hidden_size == H and w.vocab_size is None
-  kernel = np.asarray(w.model.medusa.kernel[...])
+  kernel = fused_view(np.asarray(w.model.medusa.kernel[...]))
   np.testing.assert_array_equal(
       kernel, np.concatenate([t[f"{i}.0.linear.weight"].T for i in range(3)], axis=1))
   np.testing.assert_array_equal(
-      np.asarray(w.model.medusa.bias[...]),
+      np.asarray(w.model.medusa.bias[...]).reshape(-1),
       np.concatenate([t[f"{i}.0.linear.bias"] for i in range(3)]))
   x, lm_w = rng.standard_normal((N, H)), _lm(rng)
   logits, spec = _run(w, x, lm_w)
@@ -112,7 +114,7 @@ def test_bare_key_wins_over_prefixed_and_files_are_unioned(tmp_path):
             str(tmp_path / "training_args.safetensors"))  # skipped, as LoRAX does
   w = MedusaWeights.load(_cfg(2), tmp_path)
   np.testing.assert_array_equal(
-      np.asarray(w.model.medusa.kernel[...]),
+      fused_view(np.asarray(w.model.medusa.kernel[...])),
       np.concatenate([t["0.0.linear.weight"].T, t["1.0.linear.weight"].T], axis=1))
 
 
@@ -124,7 +126,7 @@ def test_bf16_file(tmp_path, dtype):
   w = MedusaWeights.load(_cfg(2), tmp_path, dtype=dtype)
   assert w.dtype == dtype
   want = np.concatenate([t[f"{i}.0.linear.weight"].astype(np.float32).T for i in range(2)], 1)
-  np.testing.assert_array_equal(np.asarray(w.model.medusa.kernel[...], np.float32), want)
+  np.testing.assert_array_equal(fused_view(np.asarray(w.model.medusa.kernel[...], np.float32)), want)
 
 
 def test_torch_pt_file_and_bf16(tmp_path):
@@ -358,7 +360,7 @@ def test_bad_values(tmp_path):
   with pytest.raises(NonFiniteWeightsError, match=r"1\.0\.linear\.weight"):
     MedusaWeights.load(_cfg(2), tmp_path)
   w = MedusaWeights.load(_cfg(2), tmp_path, check_finite=False)
-  assert np.isnan(np.asarray(w.model.medusa.kernel[...])).sum() == 1
+  assert np.isnan(fused_view(np.asarray(w.model.medusa.kernel[...]))).sum() == 1
 
 
 def test_every_weights_error_is_a_value_error():
@@ -370,6 +372,6 @@ def test_every_weights_error_is_a_value_error():
 
 def test_public_api_names():
   import medusa_jax as mj
-  from medusa_jax.adapters import AdapterRegistry
+  from medusa_jax.adapters.registry import AdapterRegistry
   assert mj.MedusaWeights is MedusaWeights and mj.load_medusa_adapter is load_medusa_adapter
   assert mj.AdapterRegistry is AdapterRegistry

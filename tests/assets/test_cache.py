@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from medusa_jax import assets
+from medusa_jax.assets import cache as assets
 from medusa_jax.errors import AssetError
 
 

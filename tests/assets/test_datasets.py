@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from medusa_jax.datasets import iter_json_array_objects
+from medusa_jax.assets.datasets import iter_json_array_objects
 from medusa_jax.errors import DataFormatError, MedusaError
 
 

@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from medusa_jax.config import MedusaConfig
+from medusa_jax.adapters.weights import MedusaWeights
+from medusa_jax.config import MAX_BATCH_ENV, MedusaConfig, speculation_max_batch_size
 from medusa_jax.errors import ArchitectureError, ConfigError
-from medusa_jax.heads import (MAX_BATCH_ENV, HeadsSharding, MedusaHead, MedusaModel, MedusaV1,
-                              MedusaV2, ResBlock, speculation_max_batch_size)
+from medusa_jax.heads.modules import (MedusaHead, MedusaModel, MedusaV1, MedusaV2, ResBlock,
+                                      fused_view, stack_heads, unstack_heads)
+from medusa_jax.heads.protocol import Heads
+from medusa_jax.heads.routed import BatchMedusaWeights
+from medusa_jax.heads.sharded import HeadsSharding
 from medusa_files import ref_resblock, ref_v1, ref_v2, rel_err
 
 H, V = 16, 40
@@ -28,7 +32,7 @@ def _randomize(module: nnx.Module, rng: np.random.Generator) -> nnx.Module:
   graphdef, state = nnx.split(module)
 
   def fill(a):
-    scale = 1.0 / np.sqrt(a.shape[0]) if a.ndim == 2 else 0.5
+    scale = 1.0 / np.sqrt(a.shape[0]) if a.ndim >= 2 else 0.5
     return jnp.asarray(rng.standard_normal(a.shape) * scale).astype(a.dtype)
 
   return nnx.merge(graphdef, jax.tree.map(fill, state))
@@ -38,8 +42,8 @@ def _file_tensors(model: MedusaModel) -> dict[str, np.ndarray]:
   """The model's parameters in file layout ([out, in]) as float64, for the references."""
   medusa, out = model.medusa, {}
   if isinstance(medusa, MedusaV2):
-    kernel = np.asarray(medusa.kernel[...], np.float64)
-    bias = np.asarray(medusa.bias[...], np.float64)
+    kernel = fused_view(np.asarray(medusa.kernel[...], np.float64))  # LoRAX's [H, n*H]
+    bias = np.asarray(medusa.bias[...], np.float64).reshape(-1)
     for i in range(medusa.num_heads):
       out[f"{i}.0.linear.weight"] = kernel[:, i * H:(i + 1) * H].T
       out[f"{i}.0.linear.bias"] = bias[i * H:(i + 1) * H]
@@ -113,7 +117,9 @@ def test_v2_matches_reference_with_one_lm_head_call(n, dtype):
   rng = np.random.default_rng()
   model = _randomize(MedusaModel(_cfg(n), H, rngs=nnx.Rngs(params=0), param_dtype=dtype), rng)
   assert model.is_v2 and model.hidden_size == H and model.vocab_size is None
-  assert model.medusa.kernel[...].shape == (H, n * H) and model.medusa.bias[...].shape == (n * H,)
+  assert model.medusa.kernel[...].shape == (H, n, H) and model.medusa.bias[...].shape == (n, H)
+  assert fused_view(model.medusa.kernel[...]).shape == (H, n * H)
+  assert isinstance(model, Heads) and isinstance(model.medusa, Heads)
   lm_w = rng.standard_normal((H, V)) / np.sqrt(H)
   head = CountingHead(lm_w, dtype)
   x = _x(rng, 6, dtype)
@@ -131,8 +137,8 @@ def test_v2_heads_are_head_major_columns():
   model = _randomize(MedusaModel(_cfg(3), H, rngs=nnx.Rngs(params=0)), rng)
   x = _x(rng, 4, jnp.float32)
   before = np.asarray(model.medusa.heads_hidden(x))
-  kernel = model.medusa.kernel[...]
-  model.medusa.kernel.set_value(kernel.at[:, H:2 * H].add(1.0))
+  kernel = fused_view(model.medusa.kernel[...])
+  model.medusa.kernel.set_value(kernel.at[:, H:2 * H].add(1.0).reshape(H, 3, H))
   after = np.asarray(model.medusa.heads_hidden(x))
   np.testing.assert_array_equal(after[:, 0], before[:, 0])
   np.testing.assert_array_equal(after[:, 2], before[:, 2])
@@ -187,26 +193,58 @@ def test_jitted_over_split_state_matches_eager(v2):
   np.testing.assert_allclose(spec_j, spec_e, rtol=1e-5, atol=1e-6)
 
 
-def test_v2_segments_route_rows_to_adapters():
+def test_v2_routed_rows_use_their_adapters():
   """With per-row routing the fused projection comes from each row's adapter."""
-  from types import SimpleNamespace
   rng = np.random.default_rng()
   n, n_rows = 2, 6
   models = [_randomize(MedusaModel(_cfg(n), H, rngs=nnx.Rngs(params=0)), rng) for _ in range(2)]
-  segments = SimpleNamespace(
-      w=jnp.stack([m.medusa.kernel[...] for m in models]),
-      b=jnp.stack([m.medusa.bias[...] for m in models]),
-      s_start=jnp.array([0, 2], jnp.int32), s_end=jnp.array([2, 6], jnp.int32),
-      seg_weight=jnp.array([1, 0], jnp.int32), backend="reference")
+  batch = BatchMedusaWeights.load({0: MedusaWeights(_cfg(n), models[0]),
+                                   1: MedusaWeights(_cfg(n), models[1])},
+                                  [1, 1, 0, 0, 0, 0], backend="reference")
+  assert isinstance(batch, Heads)
   head = CountingHead(rng.standard_normal((H, V)) / np.sqrt(H), jnp.float32)
   x = _x(rng, n_rows, jnp.float32)
-  logits, spec = models[0](x, head, segments)
+  logits, spec = batch(x, head)
   assert len(head.calls) == 1
   x64 = _as64(x)
   _, spec_a1 = ref_v2(x64[:2], _file_tensors(models[1]), n, _as64(head.w))
   _, spec_a0 = ref_v2(x64[2:], _file_tensors(models[0]), n, _as64(head.w))
   assert rel_err(spec, np.concatenate([spec_a1, spec_a0])) < 1e-5
   assert rel_err(logits, x64 @ _as64(head.w)) < 1e-5
+
+
+def test_stack_and_unstack_heads_round_trip():
+  """The one fused <-> per-head conversion: head k is column block k of the fused view."""
+  rng = np.random.default_rng()
+  n = 3
+  ws = [rng.standard_normal((H, H)) for _ in range(n)]
+  bs = [rng.standard_normal((H,)) for _ in range(n)]
+  kernel, bias = stack_heads(ws, bs)
+  assert kernel.shape == (H, n, H) and bias.shape == (n, H)
+  for k in range(n):
+    np.testing.assert_array_equal(fused_view(kernel)[:, k * H:(k + 1) * H], ws[k])
+  for (w, b), w0, b0 in zip(unstack_heads(kernel, bias), ws, bs):
+    np.testing.assert_array_equal(w, w0)
+    np.testing.assert_array_equal(b, b0)
+  kj, bj = stack_heads([jnp.asarray(w) for w in ws], bs)
+  assert isinstance(kj, jax.Array) and isinstance(bj, jax.Array)
+
+
+def test_logits_and_drafts_ignores_the_guard_and_cuts_heads():
+  """Always drafts (the engine's policy), and heads past D skip the LM head."""
+  rng = np.random.default_rng()
+  for model in (MedusaModel(_cfg(3), H, rngs=nnx.Rngs(params=0), max_batch_size=1),
+                MedusaModel(_cfg(3, 2), H, V, rngs=nnx.Rngs(params=0))):
+    model = _randomize(model, rng)
+    head = CountingHead(rng.standard_normal((H, V)) / np.sqrt(H), jnp.float32)
+    x = _x(rng, 4, jnp.float32)
+    logits, drafts = model.logits_and_drafts(x, head, 2)
+    assert drafts.shape == (4, 2, V)
+    want_logits, want_spec = model.logits_and_drafts(x, head)
+    np.testing.assert_allclose(drafts, want_spec[:, :2], rtol=1e-6)
+    np.testing.assert_allclose(logits, want_logits, rtol=1e-6)
+    if model.is_v2:
+      assert head.calls[0] == (4, 3, H)  # x and two heads, not three
 
 
 def test_guard_at_limit_and_limit_plus_one():
@@ -230,8 +268,10 @@ def test_guard_from_env_and_default(monkeypatch):
   monkeypatch.setenv(MAX_BATCH_ENV, "3")
   assert speculation_max_batch_size() == 3
   assert speculation_max_batch_size(7) == 7  # the argument wins over the env
+  # The variable is read at the loading boundary, never inside a head constructor.
+  assert MedusaV2(H, 2, rngs=nnx.Rngs(params=0)).max_batch_size == 32
   rng = np.random.default_rng()
-  model = _randomize(MedusaModel(_cfg(2), H, rngs=nnx.Rngs(params=0)), rng)
+  model = _randomize(MedusaWeights.init(_cfg(2), H).model, rng)
   head = CountingHead(rng.standard_normal((H, V)), jnp.float32)
   assert model(_x(rng, 3, jnp.float32), head)[1] is not None
   assert model(_x(rng, 4, jnp.float32), head)[1] is None
@@ -266,8 +306,11 @@ def test_selection_and_architecture_errors():
 def test_sharding_specs_are_attached_under_a_mesh():
   from jax.sharding import PartitionSpec as P
   mesh = jax.make_mesh((1, 2), ("data", "model"))
-  shd = HeadsSharding(fused_w_hm=P(None, "model"), fused_b_m=P("model"))
+  shd = HeadsSharding(fused_w_hnh=P(None, None, "model"), fused_b_nh=P(None, "model"))
   with jax.set_mesh(mesh):
     model = MedusaModel(_cfg(2), H, rngs=nnx.Rngs(params=0), shd=shd)
-  assert model.medusa.kernel[...].sharding.spec == P(None, "model")
-  assert model.medusa.bias[...].sharding.spec == P("model")
+  assert model.medusa.kernel[...].sharding.spec == P(None, None, "model")
+  assert model.medusa.bias[...].sharding.spec == P(None, "model")
+  placed = MedusaModel(_cfg(2), H, rngs=nnx.Rngs(params=0), shd=shd, mesh=mesh)
+  assert placed.medusa.kernel[...].sharding.spec == P(None, None, "model")
+  assert placed.medusa.tensor_parallel

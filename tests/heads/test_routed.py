@@ -7,11 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from medusa_jax.batching import BatchMedusaWeights
+from medusa_jax.heads.routed import BatchMedusaWeights, row_segments, slots_of
 from medusa_jax.config import MedusaConfig
 from medusa_jax.errors import AdapterLoadError, ArchitectureError, SegmentError
-from medusa_jax.heads import MedusaModel
+from medusa_jax.heads.modules import MedusaModel, fused_view
 
 H, V, N_HEADS = 8, 24, 3
 
@@ -49,8 +51,8 @@ def _row_reference(weights: _Weights, x_H: np.ndarray, lm_HxV: np.ndarray):
   """(logits [V], spec [n, V]) of one row through one adapter, float64."""
   medusa = weights.model.medusa
   logits = x_H @ lm_HxV
-  if hasattr(medusa, "kernel"):
-    y = x_H @ _f64(medusa.kernel[...]) + _f64(medusa.bias[...])
+  if medusa.is_v2:
+    y = x_H @ fused_view(_f64(medusa.kernel[...])) + _f64(medusa.bias[...]).reshape(-1)
     h = np.tile(x_H, N_HEADS) + _silu(y)
     return logits, h.reshape(N_HEADS, H) @ lm_HxV
   spec = []
@@ -182,3 +184,46 @@ def test_heads_hidden_always_drafts_above_the_guard(lm):
     v1.heads_hidden(x[:2])
   with pytest.raises(SegmentError, match=r"x: expected \[5, 8\]"):
     batch.heads_hidden(x[:3])
+
+
+def test_row_segments_and_slots():
+  s0, s1, s2 = row_segments(jnp.array([3, 0, 2]))
+  assert s0.tolist() == [0, 1, 2] and s1.tolist() == [1, 2, 3] and s2.tolist() == [3, 0, 2]
+  # Loaded ids in slot order: 0 (the default), 3, 2; id 1 has no weights -> slot 0.
+  assert slots_of(jnp.array([3, 1, 2, 9, -1, 0]), (0, 3, 2)).tolist() == [1, 0, 2, 0, 0, 0]
+
+
+@settings(max_examples=25, deadline=None)
+@given(ids=st.lists(st.sampled_from([0, 1, 2, 5, 7, 10**9, -3]), min_size=1, max_size=9),
+       seed=st.integers(0, 2**31 - 1))
+def test_routing_property_each_row_uses_its_adapter(ids, seed):
+  """Any mix of ids (unknown, huge, negative ones included): each row's heads are its
+  adapter's own, or the default's when the id has no Medusa weights."""
+  rng = np.random.default_rng(seed)
+  adapters = {0: _adapter(seed % 97), 2: _adapter(seed % 89 + 1), 10**9: _adapter(3)}
+  x = jnp.asarray(rng.standard_normal((len(ids), H)), jnp.float32)
+  lm = rng.standard_normal((H, V)) / np.sqrt(H)
+  batch = BatchMedusaWeights.load(adapters, [0] * len(ids), backend="reference")
+  slots = slots_of(jnp.asarray(np.asarray(ids, np.int64).clip(-2**31, 2**31 - 1)),
+                   batch.adapter_ids)
+  _, spec = batch.logits_and_drafts(x, lambda h: jnp.matmul(h, jnp.asarray(lm, jnp.float32)),
+                                    row_slot=slots)
+  for r, a in enumerate(ids):
+    _, want = _row_reference(adapters.get(a, adapters[0]), _f64(x[r]), _f64(lm))
+    assert np.linalg.norm(_f64(spec[r]) - want) / np.linalg.norm(want) < 1e-5
+
+
+def test_has_adapter_and_key_as_lorax():
+  """LoRAX: ``key()`` is "medusa"; with a default Medusa adapter every adapter drafts."""
+  batch = BatchMedusaWeights.load({0: _adapter(1), 2: _adapter(2)}, [0, 2])
+  assert BatchMedusaWeights.key() == batch.key() == "medusa"
+  assert batch.has_adapter(0) and batch.has_adapter(2) and batch.has_adapter(7)
+  assert batch.adapter_ids == (0, 2)
+
+
+def test_sparse_ids_cost_no_dense_table():
+  """An adapter id of 10**9 maps through the loaded ids, not a [10**9] lookup table."""
+  batch = BatchMedusaWeights.load({0: _adapter(1), 10**9: _adapter(2)}, [10**9, 0, 5])
+  assert batch.row_slot.tolist() == [1, 0, 0]
+  with pytest.raises(AdapterLoadError, match="adapter id -1: expected an integer >= 0"):
+    BatchMedusaWeights.load({0: _adapter(1), -1: _adapter(2)}, [0])

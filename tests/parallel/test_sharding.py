@@ -14,10 +14,14 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from medusa_jax import sharding as sh
 from medusa_jax.config import MedusaConfig
+from medusa_jax.heads.sharded import (MEDUSA_RULES, HeadsSharding, sharded_segmented_matmul,
+                                      v2_heads_hidden_segmented, vocab_parallel_lm_head)
+from medusa_jax.models.llama_sharding import (LLAMA_RULES, cache_spec, llama_rules,
+                                              load_llama_sharded, shard_cache, shard_llama)
+from medusa_jax.parallel.mesh import make_mesh, partition_specs, place, shard_batch
 from medusa_jax.errors import MissingTensorError, SegmentError, ShardingError, TensorShapeError
-from medusa_jax.heads import MedusaModel
+from medusa_jax.heads.modules import MedusaModel
 from medusa_jax.pallas import segmented_matmul
 
 MESHES = [(1, 8), (2, 4), (8, 1)]
@@ -53,8 +57,8 @@ def _silu(v):
 def _v2_model(rng, hidden, n, dtype=jnp.float32, max_batch_size=None):
   model = MedusaModel(_cfg(n), hidden, rngs=nnx.Rngs(0), param_dtype=dtype,
                       max_batch_size=max_batch_size)
-  model.medusa.kernel[...] = jnp.asarray(rng.standard_normal((hidden, n * hidden)) * 0.3, dtype)
-  model.medusa.bias[...] = jnp.asarray(rng.standard_normal((n * hidden,)), dtype)
+  model.medusa.kernel[...] = jnp.asarray(rng.standard_normal((hidden, n, hidden)) * 0.3, dtype)
+  model.medusa.bias[...] = jnp.asarray(rng.standard_normal((n, hidden)), dtype)
   return model
 
 
@@ -72,6 +76,7 @@ def _v2_reference(x, kernel, bias, lm, n):
   """float64: (logits [N, V], spec [N, n, V]) of LoRAX's MedusaV2."""
   x, kernel, bias, lm = (np.asarray(a, np.float64) for a in (x, kernel, bias, lm))
   hidden = x.shape[1]
+  kernel, bias = kernel.reshape(hidden, -1), bias.reshape(-1)  # LoRAX's fused [H, n*H]
   y = (x @ kernel + bias).reshape(x.shape[0], n, hidden)
   h = x[:, None, :] + _silu(y)
   stacked = np.concatenate([x[:, None, :], h], axis=1)
@@ -89,7 +94,7 @@ def _forward(model, lm_weight, x, mesh, *, transposed=False):
 
   @jax.jit
   def fwd(state, w, x):
-    return nnx.merge(graphdef, state)(x, sh.vocab_parallel_lm_head(w, transposed=transposed))
+    return nnx.merge(graphdef, state)(x, vocab_parallel_lm_head(w, transposed=transposed))
 
   return fwd, state, fwd(state, lm_weight, x)
 
@@ -104,15 +109,15 @@ def _collectives(compiled_text):
 
 @pytest.mark.parametrize("data,model", MESHES)
 def test_make_mesh_shapes(data, model):
-  mesh = sh.make_mesh(data, model)
+  mesh = make_mesh(data, model)
   assert dict(mesh.shape) == {"data": data, "model": model}
   assert mesh.axis_names == ("data", "model")
   assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
 
 
 def test_make_mesh_model_defaults_to_remaining_devices():
-  assert dict(sh.make_mesh(2).shape) == {"data": 2, "model": 4}
-  assert dict(sh.make_mesh(1, 2, devices=jax.devices()[:2]).shape) == {"data": 1, "model": 2}
+  assert dict(make_mesh(2).shape) == {"data": 2, "model": 4}
+  assert dict(make_mesh(1, 2, devices=jax.devices()[:2]).shape) == {"data": 1, "model": 2}
 
 
 @pytest.mark.parametrize("data,model,match", [
@@ -122,16 +127,16 @@ def test_make_mesh_model_defaults_to_remaining_devices():
 ])
 def test_make_mesh_errors(data, model, match):
   with pytest.raises(ShardingError, match=match):
-    sh.make_mesh(data, model)
+    make_mesh(data, model)
 
 
 # --------------------------------------------------------------------------- rules
 
 
 def test_medusa_rules_specs():
-  r = sh.MEDUSA_RULES
-  assert r.spec("kernel_hnh") == P(None, None, "model")
-  assert r.spec("bias_nh") == P(None, "model")
+  r = MEDUSA_RULES
+  assert r.spec("medusa/kernel") == P(None, None, "model")
+  assert r.spec("medusa/bias") == P(None, "model")
   assert r.spec("medusa/heads/2/blocks/0/kernel") == P(None, "model")
   assert r.spec("medusa/heads/2/blocks/1/bias") == P("model")
   assert r.spec("medusa/heads/0/out") == P(None, "model")
@@ -139,7 +144,7 @@ def test_medusa_rules_specs():
 
 
 def test_llama_rules_specs():
-  r = sh.LLAMA_RULES
+  r = LLAMA_RULES
   for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
     assert r.spec(f"layers/3/{name}/kernel") == P(None, "model")
   for name in ("o_proj", "down_proj"):
@@ -153,14 +158,14 @@ def test_partition_specs_v1_state_and_error():
   rng = np.random.default_rng(1)
   model = _v1_model(rng, 16, 24, 2, 2)
   _, state = nnx.split(model)
-  mesh = sh.make_mesh(1, 8)
-  specs = jax.tree_util.tree_leaves(sh.partition_specs(state, sh.MEDUSA_RULES, mesh),
+  mesh = make_mesh(1, 8)
+  specs = jax.tree_util.tree_leaves(partition_specs(state, MEDUSA_RULES, mesh),
                                     is_leaf=lambda s: isinstance(s, P))
   assert specs.count(P(None, "model")) == 2 * 2 + 2 and specs.count(P("model")) == 4
   with pytest.raises(ShardingError,
                      match=r"medusa/heads/0/out: dim 1 of size 20 is not divisible by mesh "
                            r"axis 'model' of size 8"):
-    sh.partition_specs(nnx.split(_v1_model(rng, 16, 20, 2, 1))[1], sh.MEDUSA_RULES, mesh)
+    partition_specs(nnx.split(_v1_model(rng, 16, 20, 2, 1))[1], MEDUSA_RULES, mesh)
 
 
 # -------------------------------------------------------------------------- placing
@@ -169,14 +174,14 @@ def test_partition_specs_v1_state_and_error():
 def test_place_reads_each_block_not_the_whole_array():
   rng = np.random.default_rng(2)
   full = rng.standard_normal((6, 16)).astype(np.float32)
-  mesh = sh.make_mesh(2, 4)
+  mesh = make_mesh(2, 4)
   reads = []
 
   def read(index):
     reads.append(tuple((s.start, s.stop) for s in index))
     return full[index]
 
-  arr = sh.place(read, P(None, "model"), mesh, shape=full.shape, dtype=jnp.bfloat16)
+  arr = place(read, P(None, "model"), mesh, shape=full.shape, dtype=jnp.bfloat16)
   assert arr.dtype == jnp.bfloat16 and arr.sharding.spec == P(None, "model")
   np.testing.assert_array_equal(np.asarray(arr, np.float32),
                                 full.astype(jnp.bfloat16).astype(np.float32))
@@ -185,26 +190,26 @@ def test_place_reads_each_block_not_the_whole_array():
 
 
 def test_place_errors():
-  mesh = sh.make_mesh(1, 8)
+  mesh = make_mesh(1, 8)
   with pytest.raises(ShardingError, match="a callable source needs shape= and dtype="):
-    sh.place(lambda i: None, P(None, "model"), mesh)
+    place(lambda i: None, P(None, "model"), mesh)
   with pytest.raises(ShardingError, match=r"lm_head: dim 1 of size 12 is not divisible by mesh "
                                           r"axis 'model' of size 8"):
-    sh.place(np.random.default_rng(0).standard_normal((4, 12)), P(None, "model"), mesh,
+    place(np.random.default_rng(0).standard_normal((4, 12)), P(None, "model"), mesh,
              what="lm_head")
   with pytest.raises(ShardingError, match="spec .* has 3 entries for a rank-2 array"):
-    sh.place(np.random.default_rng(0).standard_normal((4, 8)), P(None, None, "model"), mesh)
+    place(np.random.default_rng(0).standard_normal((4, 8)), P(None, None, "model"), mesh)
 
 
 def test_shard_batch_over_data():
-  mesh = sh.make_mesh(2, 4)
+  mesh = make_mesh(2, 4)
   ids = np.random.default_rng(3).integers(0, 100, (4, 5))
-  arr = sh.shard_batch(ids, mesh)
+  arr = shard_batch(ids, mesh)
   assert arr.sharding.spec == P("data", None)
   np.testing.assert_array_equal(np.asarray(arr), ids)
   with pytest.raises(ShardingError, match="batch: dim 0 of size 3 is not divisible by mesh "
                                           "axis 'data' of size 2"):
-    sh.shard_batch(ids[:3], mesh)
+    shard_batch(ids[:3], mesh)
 
 
 # ------------------------------------------------------------------------- V2 heads
@@ -214,21 +219,21 @@ def test_shard_batch_over_data():
 def test_v2_sharded_matches_unsharded(data, model):
   rng = np.random.default_rng(10 + model)
   hidden, vocab, n, rows = 16, 64, 3, 4
-  mesh = sh.make_mesh(data, model)
+  mesh = make_mesh(data, model)
   ref_model = _v2_model(rng, hidden, n)
   lm = rng.standard_normal((hidden, vocab)).astype(np.float32)
   x = jnp.asarray(rng.standard_normal((rows, hidden)), jnp.float32)
 
-  sharded = sh.shard_medusa_model(ref_model, mesh)
+  sharded = ref_model.shard(mesh)
   # Device d holds columns d*H/W:(d+1)*H/W of every head (LoRAX's layout).
   kernel_hnh = np.asarray(ref_model.medusa.kernel[...]).reshape(hidden, n, hidden)
   width = hidden // model
-  for shard in sharded.medusa.kernel_hnh[...].addressable_shards:
+  for shard in sharded.medusa.kernel[...].addressable_shards:
     d = mesh.devices.flatten().tolist().index(shard.device) % model
     np.testing.assert_array_equal(np.asarray(shard.data),
                                   kernel_hnh[:, :, d * width:(d + 1) * width])
 
-  fwd, state, (logits, spec) = _forward(sharded, sh.place(lm, P(None, "model"), mesh), x, mesh)
+  fwd, state, (logits, spec) = _forward(sharded, place(lm, P(None, "model"), mesh), x, mesh)
   want_logits, want_spec = _v2_reference(x, ref_model.medusa.kernel[...],
                                          ref_model.medusa.bias[...], lm, n)
   assert logits.shape == (rows, vocab) and spec.shape == (rows, n, vocab)
@@ -242,9 +247,9 @@ def test_v2_sharded_matches_unsharded(data, model):
 
 def test_v2_collective_pattern_is_one_all_gather():
   rng = np.random.default_rng(11)
-  mesh = sh.make_mesh(1, 8)
-  model = sh.shard_medusa_model(_v2_model(rng, 16, 4), mesh)
-  lm = sh.place(rng.standard_normal((16, 64)).astype(np.float32), P(None, "model"), mesh)
+  mesh = make_mesh(1, 8)
+  model = _v2_model(rng, 16, 4).shard(mesh)
+  lm = place(rng.standard_normal((16, 64)).astype(np.float32), P(None, "model"), mesh)
   x = jnp.asarray(rng.standard_normal((8, 16)), jnp.float32)
   fwd, state, _ = _forward(model, lm, x, mesh)
   text = fwd.lower(state, lm, x).compile().as_text()
@@ -256,13 +261,13 @@ def test_v2_collective_pattern_is_one_all_gather():
 def test_v2_bf16_and_tied_embedding_lm_head():
   rng = np.random.default_rng(12)
   hidden, vocab, n = 32, 64, 4
-  mesh = sh.make_mesh(2, 4)
+  mesh = make_mesh(2, 4)
   ref_model = _v2_model(rng, hidden, n, dtype=jnp.bfloat16)
   emb = rng.standard_normal((vocab, hidden)).astype(np.float32)
   x = jnp.asarray(rng.standard_normal((6, hidden)), jnp.bfloat16)
-  sharded = sh.shard_medusa_model(ref_model, mesh)
-  assert sharded.medusa.kernel_hnh[...].dtype == jnp.bfloat16
-  emb_sharded = sh.place(emb, P("model", None), mesh, dtype=jnp.bfloat16)
+  sharded = ref_model.shard(mesh)
+  assert sharded.medusa.kernel[...].dtype == jnp.bfloat16
+  emb_sharded = place(emb, P("model", None), mesh, dtype=jnp.bfloat16)
   _, _, (logits, spec) = _forward(sharded, emb_sharded, x, mesh, transposed=True)
   want_logits, want_spec = _v2_reference(
       np.asarray(x, np.float32), np.asarray(ref_model.medusa.kernel[...], np.float32),
@@ -273,22 +278,24 @@ def test_v2_bf16_and_tied_embedding_lm_head():
 
 def test_v2_max_batch_guard_skips_heads():
   rng = np.random.default_rng(13)
-  mesh = sh.make_mesh(1, 8)
+  mesh = make_mesh(1, 8)
   ref_model = _v2_model(rng, 16, 2, max_batch_size=4)
-  sharded = sh.shard_medusa_model(ref_model, mesh)
+  sharded = ref_model.shard(mesh)
   assert sharded.medusa.max_batch_size == 4 and sharded.is_v2 and sharded.num_heads == 2
   assert sharded.hidden_size == 16
   lm = rng.standard_normal((16, 8)).astype(np.float32)
   x = jnp.asarray(rng.standard_normal((5, 16)), jnp.float32)
-  _, _, (logits, spec) = _forward(sharded, sh.place(lm, P(None, "model"), mesh), x, mesh)
+  _, _, (logits, spec) = _forward(sharded, place(lm, P(None, "model"), mesh), x, mesh)
   assert spec is None
   np.testing.assert_allclose(logits, np.asarray(x, np.float64) @ lm, rtol=1e-5, atol=1e-5)
 
 
-def test_v2_unsharded_arrays_round_trip():
+def test_v2_sharded_arrays_round_trip():
   rng = np.random.default_rng(14)
   ref_model = _v2_model(rng, 16, 3)
-  kernel, bias = sh.shard_medusa_model(ref_model, sh.make_mesh(1, 8)).medusa.unsharded_arrays()
+  placed = ref_model.shard(make_mesh(1, 8)).medusa
+  assert type(placed) is type(ref_model.medusa) and placed.tensor_parallel
+  kernel, bias = jax.device_get((placed.kernel[...], placed.bias[...]))
   np.testing.assert_array_equal(kernel, np.asarray(ref_model.medusa.kernel[...]))
   np.testing.assert_array_equal(bias, np.asarray(ref_model.medusa.bias[...]))
 
@@ -297,7 +304,7 @@ def test_v2_hidden_not_divisible_is_refused():
   rng = np.random.default_rng(15)
   with pytest.raises(ShardingError, match=r"V2 kernel \[H, n, H\]: dim 2 of size 12 is not "
                                           r"divisible by mesh axis 'model' of size 8"):
-    sh.shard_medusa_model(_v2_model(rng, 12, 2), sh.make_mesh(1, 8))
+    _v2_model(rng, 12, 2).shard(make_mesh(1, 8))
 
 
 # ------------------------------------------------------------------------- V1 heads
@@ -307,14 +314,14 @@ def test_v2_hidden_not_divisible_is_refused():
 def test_v1_sharded_matches_unsharded(data, model):
   rng = np.random.default_rng(20 + model)
   hidden, vocab, n, layers = 16, 32, 2, 2
-  mesh = sh.make_mesh(data, model)
+  mesh = make_mesh(data, model)
   ref_model = _v1_model(rng, hidden, vocab, n, layers)
   x = jnp.asarray(rng.standard_normal((4, hidden)), jnp.float32)
   lm = rng.standard_normal((hidden, vocab)).astype(np.float32)
   want_logits, want_spec = ref_model(x, lambda h: jnp.einsum("...h,hv->...v", h, lm))
-  sharded = sh.shard_medusa_model(ref_model, mesh)
+  sharded = ref_model.shard(mesh)
   assert sharded.medusa.heads[0].out[...].sharding.spec == P(None, "model")
-  _, _, (logits, spec) = _forward(sharded, sh.place(lm, P(None, "model"), mesh), x, mesh)
+  _, _, (logits, spec) = _forward(sharded, place(lm, P(None, "model"), mesh), x, mesh)
   np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(spec, want_spec, rtol=1e-5, atol=1e-4)
   # float64 check of one head.
@@ -325,9 +332,9 @@ def test_v1_sharded_matches_unsharded(data, model):
 
 
 def test_v1_heads_built_sharded_under_set_mesh():
-  mesh = sh.make_mesh(2, 4)
+  mesh = make_mesh(2, 4)
   with jax.set_mesh(mesh):
-    model = MedusaModel(_cfg(2, 2), 16, 32, rngs=nnx.Rngs(0), shd=sh.V1_HEADS_SHARDING)
+    model = MedusaModel(_cfg(2, 2), 16, 32, rngs=nnx.Rngs(0), shd=HeadsSharding.tensor_parallel())
   head = model.medusa.heads[1]
   assert head.out[...].sharding.spec == P(None, "model")
   assert head.blocks[0].kernel[...].sharding.spec == P(None, "model")
@@ -339,12 +346,12 @@ def test_v1_heads_built_sharded_under_set_mesh():
 
 def test_one_compilation_per_shape():
   rng = np.random.default_rng(30)
-  mesh = sh.make_mesh(2, 4)
-  sharded = sh.shard_medusa_model(_v2_model(rng, 16, 3), mesh)
-  lm = sh.place(rng.standard_normal((16, 32)).astype(np.float32), P(None, "model"), mesh)
+  mesh = make_mesh(2, 4)
+  sharded = _v2_model(rng, 16, 3).shard(mesh)
+  lm = place(rng.standard_normal((16, 32)).astype(np.float32), P(None, "model"), mesh)
   graphdef, state = nnx.split(sharded)
-  fwd = jax.jit(lambda s, w, x: nnx.merge(graphdef, s)(x, sh.vocab_parallel_lm_head(w)))
-  inputs = [sh.shard_batch(rng.standard_normal((rows, 16)).astype(np.float32), mesh)
+  fwd = jax.jit(lambda s, w, x: nnx.merge(graphdef, s)(x, vocab_parallel_lm_head(w)))
+  inputs = [shard_batch(rng.standard_normal((rows, 16)).astype(np.float32), mesh)
             for rows in (4, 4, 4, 8, 8)]
   with count_compiles() as compiles:
     for x in inputs:
@@ -380,15 +387,15 @@ def _segmented_case(rng, rows, k, m, adapters):
 @pytest.mark.parametrize("data,model", MESHES)
 def test_sharded_segmented_matmul(data, model):
   rng = np.random.default_rng(40 + data)
-  mesh = sh.make_mesh(data, model)
+  mesh = make_mesh(data, model)
   x, w, b, (s0, s1, sw), want = _segmented_case(rng, rows=8, k=12, m=16, adapters=3)
-  w_s = sh.place(w, P(None, None, "model"), mesh)
-  b_s = sh.place(b, P(None, "model"), mesh)
-  fn = jax.jit(lambda *a: sh.sharded_segmented_matmul(*a, mesh=mesh, backend="reference"))
+  w_s = place(w, P(None, None, "model"), mesh)
+  b_s = place(b, P(None, "model"), mesh)
+  fn = jax.jit(lambda *a: sharded_segmented_matmul(*a, mesh=mesh, backend="reference"))
   got = fn(x, w_s, b_s, s0, s1, sw)
   assert _rel(got, want) < 1e-5
   assert model == 1 or got.sharding.spec[1] == "model"
-  nobias = jax.jit(lambda *a: sh.sharded_segmented_matmul(a[0], a[1], None, *a[2:], mesh=mesh))
+  nobias = jax.jit(lambda *a: sharded_segmented_matmul(a[0], a[1], None, *a[2:], mesh=mesh))
   want_nobias = jax.jit(lambda *a: segmented_matmul(a[0], a[1], None, *a[2:]))
   np.testing.assert_allclose(nobias(x, w_s, s0, s1, sw), want_nobias(x, w, s0, s1, sw),
                              rtol=1e-5, atol=1e-5)
@@ -398,103 +405,136 @@ def test_sharded_segmented_matmul(data, model):
 def test_sharded_segmented_matmul_backends(backend):
   """Opaque kernels (interpret mode here) under shard_map, rows over data, M over model."""
   rng = np.random.default_rng(42)
-  mesh = sh.make_mesh(2, 4)
+  mesh = make_mesh(2, 4)
   x, w, b, (s0, s1, sw), want = _segmented_case(rng, rows=8, k=16, m=32, adapters=3)
-  got = jax.jit(lambda *a: sh.sharded_segmented_matmul(*a, mesh=mesh, backend=backend))(
-      x, sh.place(w, P(None, None, "model"), mesh), sh.place(b, P(None, "model"), mesh),
+  got = jax.jit(lambda *a: sharded_segmented_matmul(*a, mesh=mesh, backend=backend))(
+      x, place(w, P(None, None, "model"), mesh), place(b, P(None, "model"), mesh),
       s0, s1, sw)
   assert _rel(got, want) < 1e-5
 
 
 def test_sharded_segmented_matmul_refuses_epilogue_and_bad_width():
-  mesh = sh.make_mesh(1, 8)
+  mesh = make_mesh(1, 8)
   rng = np.random.default_rng(41)
   x = jnp.asarray(rng.standard_normal((4, 8)), jnp.float32)
   s = jnp.asarray([0], jnp.int32), jnp.asarray([4], jnp.int32), jnp.asarray([0], jnp.int32)
   w = jnp.asarray(rng.standard_normal((1, 8, 16)), jnp.float32)
   with pytest.raises(ShardingError, match="epilogue='resblock': a fused epilogue needs whole rows"):
-    sh.sharded_segmented_matmul(x, w, None, *s, mesh=mesh, epilogue="resblock")
+    sharded_segmented_matmul(x, w, None, *s, mesh=mesh, epilogue="resblock")
   with pytest.raises(SegmentError, match="epilogue='bogus'"):
-    sh.sharded_segmented_matmul(x, w, None, *s, mesh=mesh, epilogue="bogus")
+    sharded_segmented_matmul(x, w, None, *s, mesh=mesh, epilogue="bogus")
   with pytest.raises(ShardingError, match="dim 2 of size 12 is not divisible by mesh axis "
                                           "'model' of size 8"):
-    sh.sharded_segmented_matmul(x, w[:, :, :12], None, *s, mesh=mesh)
+    sharded_segmented_matmul(x, w[:, :, :12], None, *s, mesh=mesh)
 
 
 def test_v2_segments_with_empty_and_uncovered_rows():
   """Custom layouts: an empty and a single-row segment, an uncovered last row, rows over data."""
   rng = np.random.default_rng(50)
-  hidden, vocab, n, rows, adapters = 16, 32, 2, 8, 3
-  mesh = sh.make_mesh(2, 4)
+  hidden, n, rows, adapters = 16, 2, 8, 3
+  mesh = make_mesh(2, 4)
   models = [_v2_model(rng, hidden, n) for _ in range(adapters)]
-  w = jnp.stack([m.medusa.kernel[...] for m in models])      # [A, H, n*H]
-  b = jnp.stack([m.medusa.bias[...] for m in models])        # [A, n*H]
+  w = jnp.stack([m.medusa.kernel[...] for m in models])      # [A, H, n, H]
+  b = jnp.stack([m.medusa.bias[...] for m in models])        # [A, n, H]
   s0, s1, sw = _segments(rng, rows, adapters)
   x = jnp.asarray(rng.standard_normal((rows, hidden)), jnp.float32)
-  lm = rng.standard_normal((hidden, vocab)).astype(np.float32)
-  g0, st0 = nnx.split(models[0])
-  base_logits, base_spec = jax.jit(lambda st, w, b, x: nnx.merge(g0, st)(
-      x, lambda h: jnp.einsum("...h,hv->...v", h, lm),
-      types.SimpleNamespace(w=w, b=b, s_start=s0, s_end=s1, seg_weight=sw,
-                            backend="reference")))(st0, w, b, x)
-  sharded = sh.shard_medusa_model(models[0], mesh)
-  graphdef, state = nnx.split(sharded)
-
-  @jax.jit
-  def fwd(st, wl, w, b, x):
-    segs = types.SimpleNamespace(w=w, b=b, s_start=s0, s_end=s1, seg_weight=sw,
-                                 backend="reference")
-    return nnx.merge(graphdef, st)(x, sh.vocab_parallel_lm_head(wl), segs)
-
-  logits, spec = fwd(state, sh.place(lm, P(None, "model"), mesh), w, b, x)
-  np.testing.assert_allclose(logits, base_logits, rtol=1e-5, atol=1e-4)
-  np.testing.assert_allclose(spec, base_spec, rtol=1e-5, atol=1e-4)
+  w_s = place(np.asarray(w), P(None, None, None, "model"), mesh)
+  b_s = place(np.asarray(b), P(None, None, "model"), mesh)
+  got = jax.jit(lambda *a: v2_heads_hidden_segmented(*a, mesh=mesh, backend="reference"))(
+      x, w_s, b_s, s0, s1, sw)
+  want = np.zeros((rows, n, hidden))
   for a, z, i in zip(np.asarray(s0), np.asarray(s1), np.asarray(sw)):
-    if z > a:
-      _, want_spec = _v2_reference(x[a:z], w[i], b[i], lm, n)
-      assert _rel(spec[a:z], want_spec) < 1e-5
-  np.testing.assert_allclose(spec[rows - 1], np.zeros((n, vocab)), atol=1e-6)
+    for r in range(a, z):
+      xr = np.asarray(x[r], np.float64)
+      y = np.einsum("h,hkm->km", xr, np.asarray(w[i], np.float64)) + np.asarray(b[i])
+      want[r] = xr[None, :] + _silu(y)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(got[rows - 1]), np.zeros((n, hidden)))
 
 
 @pytest.mark.parametrize("data,model,backend", [(1, 8, "pallas_gpu"), (2, 4, "pallas_tpu"),
                                                 (8, 1, "reference")])
-def test_mixed_adapter_batch_sharded_matches_unsharded(data, model, backend):
-  """BatchMedusaWeights' routing, the heads computed tensor-parallel (Pallas kernels in
-  interpret mode under shard_map)."""
-  from medusa_jax.batching import BatchMedusaWeights
-  from medusa_jax.segments import row_segments
-  from medusa_jax.weights import MedusaWeights
-  rng = np.random.default_rng(55 + model)
+@pytest.mark.parametrize("layers", [1, 2])
+def test_mixed_adapter_batch_over_mesh_loaded_adapters(data, model, backend, layers):
+  """BatchMedusaWeights over adapters placed on a mesh (V2 and V1), Pallas kernels in
+  interpret mode under shard_map, equals the unsharded batch row for row."""
+  from medusa_jax.adapters.weights import MedusaWeights
+  from medusa_jax.heads.routed import BatchMedusaWeights
+  rng = np.random.default_rng(55 + model + layers)
   hidden, vocab, n, rows = 16, 32, 2, 8
-  mesh = sh.make_mesh(data, model)
-  adapters = {i: MedusaWeights(_cfg(n), _v2_model(rng, hidden, n)) for i in (0, 2, 5)}
+  mesh = make_mesh(data, model)
+  make = ((lambda: _v2_model(rng, hidden, n)) if layers == 1
+          else (lambda: _v1_model(rng, hidden, vocab, n, layers)))
+  adapters = {i: MedusaWeights(_cfg(n, layers), make()) for i in (0, 2, 5)}
   ids = rng.choice([0, 1, 2, 5], size=rows)  # id 1 has no heads: the default's
-  batch = BatchMedusaWeights.load(adapters, ids, backend="reference")
-  x = jnp.asarray(rng.standard_normal((rows, hidden)), jnp.float32)
   lm = rng.standard_normal((hidden, vocab)).astype(np.float32)
+  x = jnp.asarray(rng.standard_normal((rows, hidden)), jnp.float32)
+  batch = BatchMedusaWeights.load(adapters, ids, backend="reference")
   want_logits, want_spec = jax.jit(
       lambda bt, x: bt(x, lambda h: jnp.einsum("...h,hv->...v", h, lm)))(batch, x)
-
-  sharded = sh.shard_medusa_model(adapters[0].model, mesh)
-  graphdef, state = nnx.split(sharded)
-  hnh = (len(adapters), hidden, n, hidden)
-  w = sh.place(np.asarray(batch.fused_w).reshape(hnh), P(None, None, None, "model"), mesh)
-  b = sh.place(np.asarray(batch.fused_b).reshape(hnh[0], n, hidden), P(None, None, "model"), mesh)
-
-  @jax.jit
-  def fwd(st, wl, w, b, row_slot, x):
-    s0, s1, sw = row_segments(row_slot)
-    segs = types.SimpleNamespace(w=w, b=b, s_start=s0, s_end=s1, seg_weight=sw,
-                                 backend=backend)
-    return nnx.merge(graphdef, st)(x, sh.vocab_parallel_lm_head(wl), segs)
-
-  logits, spec = fwd(state, sh.place(lm, P(None, "model"), mesh), w, b, batch.row_slot, x)
+  on_mesh = BatchMedusaWeights.load({i: w.shard(mesh) for i, w in adapters.items()}, ids,
+                                    backend=backend)
+  assert on_mesh.mesh is mesh
+  logits, spec = jax.jit(lambda bt, wl, x: bt(x, vocab_parallel_lm_head(wl)))(
+      on_mesh, place(lm, P(None, "model"), mesh), x)
   np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(spec, want_spec, rtol=1e-5, atol=1e-4)
   for r, adapter in enumerate(ids):
-    m = adapters.get(int(adapter), adapters[0]).model.medusa
-    _, want_row = _v2_reference(x[r:r + 1], m.kernel[...], m.bias[...], lm, n)
+    m = adapters.get(int(adapter), adapters[0]).model
+    _, want_row = m(x[r:r + 1], lambda h: jnp.einsum("...h,hv->...v", h, lm))
     assert _rel(spec[r:r + 1], want_row) < 1e-5
+  # The first issue case: one mesh-loaded adapter, routed.
+  single = BatchMedusaWeights.load({0: adapters[0].shard(mesh)}, [0])
+  _, spec0 = single(x[:1], vocab_parallel_lm_head(place(lm, P(None, "model"), mesh)))
+  np.testing.assert_allclose(spec0, adapters[0].model(
+      x[:1], lambda h: jnp.einsum("...h,hv->...v", h, lm))[1], rtol=1e-5, atol=1e-4)
+
+
+# ------------------------------------------------------------ Auto and Explicit meshes
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (2, 4)])
+@pytest.mark.parametrize("axis_type", ["auto", "explicit"])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_heads_on_meshes_made_by_jax_make_mesh(tmp_path, shape, axis_type, layers):
+  """``load_medusa_adapter(dir, mesh=jax.make_mesh(...))`` then ``w.model(x, lm_head)``
+  with an unsharded ``x``, eager and jitted, on Auto and Explicit axes, equals the
+  unsharded heads."""
+  from medusa_jax.adapters.weights import load_medusa_adapter
+  from safetensors.numpy import save_file
+  from medusa_files import head_tensors
+  kind = {"auto": jax.sharding.AxisType.Auto, "explicit": jax.sharding.AxisType.Explicit}
+  mesh = jax.make_mesh(shape, ("data", "model"), axis_types=(kind[axis_type],) * 2)
+  rng = np.random.default_rng(60 + shape[0] + layers)
+  hidden, vocab = 16, 32
+  save_file(head_tensors(rng, n=3, hidden=hidden, layers=layers,
+                         vocab=None if layers == 1 else vocab),
+            str(tmp_path / "model.safetensors"))
+  _cfg(3, layers).save(str(tmp_path))
+  plain = load_medusa_adapter(tmp_path)
+  sharded = load_medusa_adapter(tmp_path, mesh=mesh)
+  lm = rng.standard_normal((hidden, vocab)).astype(np.float32)
+
+  def lm_head(h):
+    return jnp.einsum("...h,hv->...v", h, jnp.asarray(lm))
+
+  for rows in (4, 3):  # 3 rows do not divide the data axis of a 2 x 4 mesh
+    x = jnp.asarray(rng.standard_normal((rows, hidden)), jnp.float32)
+    want_logits, want_spec = plain.model(x, lm_head)
+    logits, spec = sharded.model(x, lm_head)  # eager
+    np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(spec, want_spec, rtol=1e-5, atol=1e-5)
+    # Jitted: on Explicit axes JAX wants the mesh in context (jax.set_mesh) to lay out
+    # the outputs; on Auto axes it is optional.
+    with jax.set_mesh(mesh) if axis_type == "explicit" else contextlib.nullcontext():
+      spec = jax.jit(lambda x: sharded.model(x, lm_head)[1])(x)
+    np.testing.assert_allclose(spec, want_spec, rtol=1e-5, atol=1e-5)
+  # Inputs already split over data are accepted too.
+  if shape[0] > 1:
+    x = jax.device_put(jnp.asarray(rng.standard_normal((4, hidden)), jnp.float32),
+                       jax.sharding.NamedSharding(mesh, P("data", None)))
+    np.testing.assert_allclose(sharded.model(x, lm_head)[1], plain.model(x, lm_head)[1],
+                               rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------ base model and engine
@@ -515,23 +555,23 @@ def _tiny_llama(seed=0, **overrides):
 
 def test_llama_rules_and_errors():
   llama = _tiny_llama()
-  mesh = sh.make_mesh(1, 8)
-  rules = sh.llama_rules(llama.cfg, mesh)
+  mesh = make_mesh(1, 8)
+  rules = llama_rules(llama.cfg, mesh)
   assert rules.spec("layers/0/self_attn/k_proj/kernel") == P()  # 2 kv heads < 8 devices
   assert rules.spec("layers/0/self_attn/q_proj/kernel") == P(None, "model")
-  assert sh.llama_rules(llama.cfg, sh.make_mesh(4, 2)).spec(
+  assert llama_rules(llama.cfg, make_mesh(4, 2)).spec(
       "layers/0/self_attn/k_proj/kernel") == P(None, "model")
-  assert sh.cache_spec(llama.cfg, 4, sh.make_mesh(2, 4)) == P("data", None, None, None)
-  assert sh.cache_spec(llama.cfg, 3, sh.make_mesh(4, 2)) == P(None, None, "model", None)
-  sharded = sh.shard_llama(llama, mesh)
+  assert cache_spec(llama.cfg, 4, make_mesh(2, 4)) == P("data", None, None, None)
+  assert cache_spec(llama.cfg, 3, make_mesh(4, 2)) == P(None, None, "model", None)
+  sharded = shard_llama(llama, mesh)
   assert sharded.layers[1].mlp.down_proj.kernel[...].sharding.spec == P("model", None)
   assert sharded.embed_tokens[...].sharding.spec == P("model", None)
   assert sharded.lm_head_kernel[...].sharding.spec == P(None, "model")
   with pytest.raises(ShardingError, match="num_attention_heads=4 is not divisible by mesh axis "
                                           "'model' of size 8"):
-    sh.llama_rules(_tiny_cfg(num_attention_heads=4, num_key_value_heads=2, head_dim=8), mesh)
+    llama_rules(_tiny_cfg(num_attention_heads=4, num_key_value_heads=2, head_dim=8), mesh)
   with pytest.raises(ShardingError, match="embed_tokens: dim 0 of size 100 is not divisible"):
-    sh.shard_llama(_tiny_llama(vocab_size=100, num_hidden_layers=1), mesh)
+    shard_llama(_tiny_llama(vocab_size=100, num_hidden_layers=1), mesh)
 
 
 def test_load_llama_sharded(tmp_path):
@@ -552,8 +592,8 @@ def test_load_llama_sharded(tmp_path):
     value = np.asarray(param_at(llama, path)[...])
     tensors[name] = np.ascontiguousarray(value.T if transpose else value)
   save_file(tensors, str(tmp_path / "model.safetensors"))
-  mesh = sh.make_mesh(2, 4)
-  loaded = sh.load_llama_sharded(tmp_path, mesh)
+  mesh = make_mesh(2, 4)
+  loaded = load_llama_sharded(tmp_path, mesh)
   assert loaded.layers[0].self_attn.o_proj.kernel[...].sharding.spec == P("model", None)
   for name, (path, _) in hf_param_names(cfg).items():
     np.testing.assert_array_equal(np.asarray(param_at(loaded, path)[...]),
@@ -563,11 +603,11 @@ def test_load_llama_sharded(tmp_path):
   save_file(bad, str(tmp_path / "model.safetensors"))
   with pytest.raises(TensorShapeError, match=r"up_proj.weight: expected shape \(64, 32\), got "
                                              r"\(64, 8\)"):
-    sh.load_llama_sharded(tmp_path, mesh)
+    load_llama_sharded(tmp_path, mesh)
   del tensors["model.norm.weight"]
   save_file(tensors, str(tmp_path / "model.safetensors"))
   with pytest.raises(MissingTensorError, match="missing tensor model.norm.weight"):
-    sh.load_llama_sharded(tmp_path, mesh)
+    load_llama_sharded(tmp_path, mesh)
 
 
 def _random_heads(llama, n, seed):
@@ -610,12 +650,12 @@ def _prefill_and_step(case, dec, put):
 def test_decode_step_sharded_matches_unsharded(decode_case, data, model):
   """Prefill + two speculative steps, batch over data, weights and cache sharded."""
   from medusa_jax.decoding.step import Decoder
-  mesh = sh.make_mesh(data, model)
+  mesh = make_mesh(data, model)
   cfg = decode_case.llama.cfg
-  put = (lambda a, kind=None: sh.shard_cache(a, cfg, mesh) if kind == "cache"
-         else sh.shard_batch(a, mesh))
-  dec = Decoder(sh.shard_llama(decode_case.llama, mesh),
-                sh.shard_medusa_model(decode_case.heads, mesh))
+  put = (lambda a, kind=None: shard_cache(a, cfg, mesh) if kind == "cache"
+         else shard_batch(a, mesh))
+  dec = Decoder(shard_llama(decode_case.llama, mesh),
+                decode_case.heads.shard(mesh))
   got = decode_case.run(dec, put)
   for g, w in zip(got, decode_case.want):
     np.testing.assert_array_equal(g, w)
@@ -632,8 +672,8 @@ def test_greedy_generation_sharded_matches_unsharded():
   # Tree speculation: top-k over vocabulary-split draft logits builds the candidates.
   want = Engine(llama, None, heads, max_cache_len=64).generate(
       prompts, max_new_tokens=6, speculate="tree")
-  mesh = sh.make_mesh(1, 8)
-  eng = Engine(sh.shard_llama(llama, mesh), None, sh.shard_medusa_model(heads, mesh),
+  mesh = make_mesh(1, 8)
+  eng = Engine(shard_llama(llama, mesh), None, heads.shard(mesh),
                max_cache_len=64)
   got = eng.generate(prompts, max_new_tokens=6, speculate="tree")
   assert got.tree_nodes > 3
@@ -652,7 +692,7 @@ def test_engine_load_on_a_mesh_matches_unsharded(tmp_path):
   prompts = [rng.integers(3, 200, size).tolist() for size in (2, 5, 4)]
   want = Engine.load(model_dir, adapter_dir, max_cache_len=64).generate(
       prompts, max_new_tokens=5, speculate="tree")
-  mesh = sh.make_mesh(8, 1)
+  mesh = make_mesh(8, 1)
   eng = Engine.load(model_dir, adapter_dir, max_cache_len=64, mesh=mesh)
   embed = eng.llama.embed_tokens.get_value()
   assert embed.sharding.mesh.shape == mesh.shape

