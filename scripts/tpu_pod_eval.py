@@ -56,7 +56,7 @@ def main(argv=None) -> int:
   if a.cpu_devices:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.cpu_devices}"
     os.environ["JAX_PLATFORMS"] = "cpu"
-  from medusa_jax.pod_eval import PodEvalConfig, run
+  from medusa_jax.training.pod_eval import PodEvalConfig, run
   cfg = PodEvalConfig(coordinator=a.coordinator, num_processes=a.num_processes,
                       process_id=a.process_id, base=a.base, medusa=a.medusa, tiny=a.tiny,
                       num_prompts=a.num_prompts, batch_size=a.batch_size,

@@ -16,7 +16,7 @@ NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 
 def _smollm2_cached() -> bool:
-  from medusa_jax import assets
+  from medusa_jax.assets import cache as assets
   paths = assets.asset_paths()
   return (paths.model_dir / "model.safetensors").is_file() and paths.mtbench_jsonl.is_file()
 

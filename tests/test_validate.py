@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from medusa_jax.errors import ConfigError
-from medusa_jax.validation import read_json_object, require_ints
+from medusa_jax._validate import read_json_object, require_ints
 
 
 @dataclasses.dataclass

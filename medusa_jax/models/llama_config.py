@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from medusa_jax.errors import ConfigError
-from medusa_jax.validation import read_json_object, require_ints
+from medusa_jax._validate import read_json_object, require_ints
 
 
 class RopeType(enum.Enum):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from medusa_jax.errors import ConfigError
 from medusa_jax.options import Option
-from medusa_jax.validation import read_json_object, require_ints
+from medusa_jax._validate import read_json_object, require_ints
 
 
 class HeadKind(Option):

@@ -3,7 +3,7 @@
 The pipeline (each stage cached as JSONL under the run's work directory):
 
 1. ``load_sharegpt_conversations``: the package's JSON is cut short, so whole
-   conversation objects are decoded one by one (``medusa_jax.datasets``) and
+   conversation objects are decoded one by one (``medusa_jax.assets.datasets``) and
    the partial tail is dropped.
 2. ``first_user_prompts``: the first user turn of each well-formed
    conversation (roles ``human``/``user`` -> user, ``gpt``/``chatgpt`` ->
@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from medusa_jax.datasets import iter_json_array_objects, load_sharegpt
+from medusa_jax.assets.datasets import iter_json_array_objects, load_sharegpt
 from medusa_jax.errors import TrainingDataError
 
 USER_ROLES = frozenset({"human", "user"})

@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   from medusa_jax.decoding.engine import BUNDLED_HEADS, Engine
   model_dir, mtbench = ns.model_dir, ns.mtbench
   if model_dir is None or (mtbench is None and ns.questions is None):
-    from medusa_jax import assets
+    from medusa_jax.assets import cache as assets
     paths = assets.fetch()
     model_dir, mtbench = model_dir or paths.model_dir, mtbench or paths.mtbench_jsonl
   if ns.questions:

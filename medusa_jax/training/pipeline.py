@@ -108,7 +108,7 @@ def export(cfg: TrainConfig, model, out_dir: str, *, accuracy, recipe: dict[str,
   from medusa_jax.decoding.tree import tree_from_accuracies
   from medusa_jax.training.config import HeadKind
   from medusa_jax.training.train import medusa_config
-  from medusa_jax.weights import MedusaWeights
+  from medusa_jax.adapters.weights import MedusaWeights
 
   hidden = model.medusa.hidden if model.is_v2 else model.medusa.heads[0].blocks[0].kernel.shape[0]
   vocab = None if model.is_v2 else model.medusa.heads[0].out.shape[1]
@@ -152,7 +152,7 @@ def _model_dir(src: Sources, workdir: str) -> str:
       from medusa_jax.models.gguf import convert_gguf
       convert_gguf(src.gguf, out)
     return out
-  from medusa_jax import assets
+  from medusa_jax.assets import cache as assets
   return assets.fetch().model_dir
 
 
@@ -176,7 +176,7 @@ def run(cfg: TrainConfig, workdir: str, out_dir: str, src: Sources = Sources(), 
     from medusa_jax.models.tokenizer import Tokenizer
     sharegpt, mtbench = src.sharegpt_json, src.mtbench_jsonl
     if sharegpt is None or mtbench is None:
-      from medusa_jax import assets
+      from medusa_jax.assets import cache as assets
       paths = assets.fetch()
       sharegpt, mtbench = sharegpt or paths.sharegpt_json, mtbench or paths.mtbench_jsonl
     tokenizer = Tokenizer.from_file(model_dir)
@@ -242,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   cfg = TrainConfig.from_file(ns.config)
   if ns.steps is not None:
     cfg = dataclasses.replace(cfg, steps=ns.steps)
-  from medusa_jax.assets import default_home
+  from medusa_jax.assets.cache import default_home
   workdir = ns.workdir or os.path.join(default_home(), "training", cfg.name)
   out = ns.out or os.path.join(workdir, "heads")
   src = Sources(model_dir=ns.model_dir, gguf=ns.gguf, prompts=ns.prompts,

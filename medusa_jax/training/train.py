@@ -33,7 +33,7 @@ from flax import nnx
 
 from medusa_jax.config import MedusaConfig
 from medusa_jax.errors import ConfigError
-from medusa_jax.heads import MedusaModel
+from medusa_jax.heads.modules import MedusaModel
 from medusa_jax.training.config import HeadKind, TrainConfig
 from medusa_jax.training.losses import IGNORE, medusa_loss, per_head_ce
 from medusa_jax.training.metrics import HeadAccuracy, rank_hits

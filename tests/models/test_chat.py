@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from medusa_jax import assets
+from medusa_jax.assets import cache as assets
 from medusa_jax.errors import ConfigError, RequestError
 from medusa_jax.models.chat import (CHATML_TEMPLATE, DEFAULT_SYSTEM_PROMPT, ChatTemplate,
                                     apply_chat_template)

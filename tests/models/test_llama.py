@@ -576,7 +576,7 @@ def test_load_llama_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2():
-  from medusa_jax import assets
+  from medusa_jax.assets import cache as assets
   paths = assets.fetch(quiet=True)
   return paths, load_llama(paths.model_dir)
 

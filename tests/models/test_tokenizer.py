@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from medusa_jax import assets
+from medusa_jax.assets import cache as assets
 from medusa_jax.errors import ConfigError, CorruptWeightsError
 from medusa_jax.models.chat import apply_chat_template
 from medusa_jax.models.tokenizer import Tokenizer, tokenizer_from_gguf

@@ -20,7 +20,7 @@ from medusa_jax.training.distill import (greedy_generate, hidden_rows, lm_head_w
 from medusa_jax.training.losses import IGNORE, medusa_targets
 from medusa_jax.training.pipeline import export
 from medusa_jax.training.train import TokenRows, batch_indices, evaluate, fit, head_logits
-from medusa_jax.weights import load_medusa_adapter
+from medusa_jax.adapters.weights import load_medusa_adapter
 
 V, H, N = 48, 32, 3
 
