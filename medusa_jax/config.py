@@ -1,4 +1,11 @@
-"""MedusaConfig: the four fields of a Medusa adapter's ``config.json``."""
+"""Configs: MedusaConfig (a Medusa adapter's ``config.json``) and EngineConfig (every engine knob).
+
+This module also holds the platform policy: the one test of which accelerator
+runs (:meth:`Platform.current`), the one table of per-platform defaults
+(:data:`TREE_ROWS`), and the one read of LoRAX's speculation guard variable
+(:func:`speculation_max_batch_size`). It imports no JAX at module level, so a
+command line can build an :class:`EngineConfig` from its flags before JAX loads.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +13,145 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from medusa_jax.errors import ConfigError
+from medusa_jax.options import Option
 
 CONFIG_NAME = "config.json"
+
+MAX_BATCH_ENV = "LORAX_SPECULATION_MAX_BATCH_SIZE"
+DEFAULT_MAX_BATCH = 32
+
+
+def speculation_max_batch_size(limit: int | None = None) -> int:
+  """LoRAX's speculation max-batch guard: ``limit``, else the environment, else 32.
+
+  V2 heads skip drafting when the rows entering the LM head exceed it. This is
+  the one place the environment variable is read: loaders and the engine
+  config resolve the limit here and hand heads a plain integer.
+
+  Raises:
+    ConfigError: the limit (or the variable) is not a non-negative integer.
+  """
+  if limit is None:
+    raw = os.environ.get(MAX_BATCH_ENV)
+    if raw is None or raw.strip() == "":
+      return DEFAULT_MAX_BATCH
+    try:
+      limit = int(raw)
+    except ValueError:
+      limit = -1
+    if limit < 0:
+      raise ConfigError(f"{MAX_BATCH_ENV}={raw!r}: expected a non-negative integer")
+    return limit
+  if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+    raise ConfigError(f"max_batch_size: expected a non-negative integer, got {limit!r}")
+  return limit
+
+
+class Platform(Option):
+  """The kind of device JAX runs on (``jax.default_backend()``), parsed once."""
+  __error__ = ConfigError
+  CPU = "cpu"
+  GPU = "gpu"
+  TPU = "tpu"
+
+  @classmethod
+  def current(cls) -> "Platform":
+    """The default backend's platform. The one place the backend is asked.
+
+    A backend other than cpu, gpu or tpu (a plugin) counts as a GPU: an
+    accelerator on which extra verified rows are nearly free.
+    """
+    import jax  # here, not at the top: building configs needs no JAX
+    backend = jax.default_backend()
+    return cls.CPU if backend == "cpu" else cls.TPU if backend == "tpu" else cls.GPU
+
+  @property
+  def is_gpu(self) -> bool:
+    return self is Platform.GPU
+
+
+TREE_ROWS: Mapping[Platform, int] = {Platform.CPU: 3, Platform.GPU: 64, Platform.TPU: 64}
+"""Default B * T budget of the adaptive tree, per platform.
+
+CPU: every verified row costs compute; with SmolLM2 a step over the 3-node
+best-first tree (the root and the heads' top-2 first drafts) costs about 1.5
+plain steps, larger trees more than their extra accepted tokens
+(docs/perf_decode.md). GPU: on an H100, 64 gives the 64-node tree at batch 1,
+16 nodes at batch 4 and 4 at 16, the best measured end-to-end speed-ups
+(1.55x / 1.73x / 1.99x); 256 made a 64-node tree at batch 4 cost 2.2x a plain
+step. TPU: not measured; the GPU value.
+"""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class EngineConfig:
+  """Every knob of the generation engine; per-platform defaults resolved once.
+
+  Fields left None take the platform's default in ``__post_init__`` (so a
+  built config holds plain values); change one with ``dataclasses.replace``.
+  The defaults are resolved when the config is built: for another platform's
+  defaults build a new ``EngineConfig(platform=...)`` rather than replacing
+  ``platform`` in a built one.
+
+  Attributes:
+    max_cache_len: the largest KV cache (prompt + new tokens + tree nodes).
+    min_cache_len: the smallest cache bucket (a larger one means fewer
+      distinct shapes, hence fewer compilations, across calls).
+    cache_dtype: KV cache dtype; None: the model's compute dtype.
+    max_tree_rows: B * T budget of the adaptive tree policy; None: the
+      platform's :data:`TREE_ROWS`.
+    tree_choices: the best-first path list the adaptive policy cuts trees
+      from, or a name of ``tree.NAMED_TREES``; None: Medusa's ``mc_sim_7b_63``
+      (``Engine.load`` reads an adapter's ``medusa_choices.json`` here).
+    max_batch_size: LoRAX's speculation guard for ``speculate="chain"``;
+      None: the heads' own limit, else ``LORAX_SPECULATION_MAX_BATCH_SIZE``,
+      else 32 (:meth:`speculation_limit`).
+    eos_ids: ids that end a request; None: the model config's.
+    transpose_lm_head: keep a [H, V] copy of a tied embedding for the LM
+      head; None: on a CPU only, where it makes a tree step markedly cheaper.
+    platform: the platform whose defaults apply; None: the running one.
+  """
+
+  max_cache_len: int = 2048
+  min_cache_len: int = 64
+  cache_dtype: Any = None
+  max_tree_rows: int | None = None
+  tree_choices: tuple[tuple[int, ...], ...] | str | None = None
+  max_batch_size: int | None = None
+  eos_ids: tuple[int, ...] | None = None
+  transpose_lm_head: bool | None = None
+  platform: Platform | None = None
+
+  def __post_init__(self):
+    platform = Platform.current() if self.platform is None else Platform.parse(self.platform)
+    object.__setattr__(self, "platform", platform)
+    for name in ("max_cache_len", "min_cache_len"):
+      object.__setattr__(self, name, _check_positive_int(name, getattr(self, name), None))
+    rows = TREE_ROWS[platform] if self.max_tree_rows is None else self.max_tree_rows
+    object.__setattr__(self, "max_tree_rows", _check_positive_int("max_tree_rows", rows, None))
+    if self.max_batch_size is not None:
+      speculation_max_batch_size(self.max_batch_size)  # validates
+    if self.transpose_lm_head is None:
+      object.__setattr__(self, "transpose_lm_head", platform is Platform.CPU)
+    elif not isinstance(self.transpose_lm_head, bool):
+      raise ConfigError(f"transpose_lm_head: expected a bool, got {self.transpose_lm_head!r}")
+    if self.eos_ids is not None:
+      object.__setattr__(self, "eos_ids", _int_tuple("eos_ids", self.eos_ids))
+    choices = self.tree_choices
+    if choices is not None and not isinstance(choices, str):
+      if not isinstance(choices, Sequence):
+        raise ConfigError(f"tree_choices: expected a list of paths or a tree name, got"
+                          f" {type(choices).__name__}")
+      object.__setattr__(self, "tree_choices", tuple(
+          _int_tuple(f"tree_choices[{i}]", p) for i, p in enumerate(choices)))
+
+  def speculation_limit(self, heads_limit: int | None = None) -> int:
+    """LoRAX's guard: this config's limit, else the heads' own, else the env / 32."""
+    return speculation_max_batch_size(
+        self.max_batch_size if self.max_batch_size is not None else heads_limit)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,6 +255,15 @@ class MedusaConfig:
       json.dump(self.to_dict(), f, indent=2)
       f.write("\n")
     return path
+
+
+def _int_tuple(name: str, values: Any) -> tuple[int, ...]:
+  if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+    raise ConfigError(f"{name}: expected a sequence of integers, got {values!r}")
+  for v in values:
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+      raise ConfigError(f"{name}: expected a sequence of integers, got {values!r}")
+  return tuple(int(v) for v in values)
 
 
 def _check_positive_int(name: str, value: Any, where: str | None) -> int:

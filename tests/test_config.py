@@ -1,4 +1,5 @@
-"""MedusaConfig: LoRAX's four fields, and an error naming field and file for every bad input."""
+"""MedusaConfig: LoRAX's four fields, and an error naming field and file for every bad input.
+EngineConfig: per-platform defaults, the LoRAX guard variable, field checks."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 
 import pytest
 
-from medusa_jax.config import MedusaConfig
+from medusa_jax.config import (MAX_BATCH_ENV, TREE_ROWS, EngineConfig, MedusaConfig, Platform)
 from medusa_jax.errors import ConfigError, MedusaError
 
 GOOD = {"base_model_name_or_path": "org/base", "medusa_num_heads": 3, "medusa_num_layers": 1,
@@ -122,3 +123,68 @@ def test_save_round_trip(tmp_path, version):
   assert json.loads(open(path).read())["version"] == version
   assert MedusaConfig.from_pretrained(tmp_path / "out") == cfg
   assert MedusaConfig.from_pretrained(path) == cfg
+
+
+# ----------------------------------------------------------------------------- EngineConfig
+
+
+@pytest.mark.parametrize("platform, rows, transpose", [
+    ("cpu", 3, True), ("gpu", 64, False), ("tpu", 64, False), (Platform.GPU, 64, False)])
+def test_engine_config_platform_defaults(platform, rows, transpose):
+  cfg = EngineConfig(platform=platform)
+  assert cfg.platform is Platform.parse(platform)
+  assert cfg.max_tree_rows == rows == TREE_ROWS[cfg.platform]
+  assert cfg.transpose_lm_head is transpose
+  # Explicit values win over the platform's.
+  cfg = EngineConfig(platform=platform, max_tree_rows=17, transpose_lm_head=not transpose)
+  assert cfg.max_tree_rows == 17 and cfg.transpose_lm_head is (not transpose)
+
+
+def test_engine_config_defaults_follow_the_running_platform():
+  assert Platform.current() is Platform.CPU  # the test machines (tests/conftest.py)
+  cfg = EngineConfig()
+  assert cfg.platform is Platform.CPU and cfg.max_tree_rows == TREE_ROWS[Platform.CPU]
+  assert cfg == EngineConfig(platform="cpu")
+  assert (cfg.max_cache_len, cfg.min_cache_len, cfg.cache_dtype, cfg.eos_ids) == (
+      2048, 64, None, None)
+  assert not Platform.CPU.is_gpu and Platform.GPU.is_gpu
+  hash(cfg)  # frozen: usable as a static value
+
+
+def test_engine_config_normalises_sequences():
+  cfg = EngineConfig(eos_ids=[2, 5], tree_choices=[[0], [0, 1]])
+  assert cfg.eos_ids == (2, 5) and cfg.tree_choices == ((0,), (0, 1))
+  assert EngineConfig(tree_choices="chain_5").tree_choices == "chain_5"
+  changed = dataclasses.replace(cfg, max_cache_len=128)
+  assert changed.max_cache_len == 128 and changed.eos_ids == (2, 5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(platform="metal"), r"platform='metal'; expected one of cpu, gpu, tpu"),
+    (dict(max_cache_len=0), r"max_cache_len: expected a positive integer, got 0"),
+    (dict(min_cache_len=2.5), r"min_cache_len: expected a positive integer, got 2.5"),
+    (dict(max_tree_rows=0), r"max_tree_rows: expected a positive integer, got 0"),
+    (dict(max_batch_size=-1), r"max_batch_size: expected a non-negative integer, got -1"),
+    (dict(transpose_lm_head="yes"), r"transpose_lm_head: expected a bool, got 'yes'"),
+    (dict(eos_ids=[2, "x"]), r"eos_ids: expected a sequence of integers"),
+    (dict(eos_ids=2), r"eos_ids: expected a sequence of integers, got 2"),
+    (dict(tree_choices=[[0], ["a"]]), r"tree_choices\[1\]: expected a sequence of integers"),
+    (dict(tree_choices=3), r"tree_choices: expected a list of paths or a tree name, got int"),
+])
+def test_engine_config_errors(kwargs, match):
+  with pytest.raises(ConfigError, match=match):
+    EngineConfig(**kwargs)
+
+
+def test_speculation_limit_reads_the_lorax_variable_at_the_boundary(monkeypatch):
+  monkeypatch.delenv(MAX_BATCH_ENV, raising=False)
+  cfg = EngineConfig()
+  assert cfg.speculation_limit() == 32
+  monkeypatch.setenv(MAX_BATCH_ENV, "5")
+  assert cfg.speculation_limit() == 5            # no limit anywhere: the variable
+  assert cfg.speculation_limit(12) == 12         # the heads' own limit wins over it
+  assert EngineConfig(max_batch_size=7).speculation_limit(12) == 7  # the config's wins
+  assert EngineConfig(max_batch_size=0).speculation_limit(12) == 0
+  monkeypatch.setenv(MAX_BATCH_ENV, "many")
+  with pytest.raises(ConfigError, match=f"{MAX_BATCH_ENV}='many': expected a non-negative"):
+    cfg.speculation_limit()
