@@ -34,7 +34,6 @@ Path = tuple[int, ...]
 Choices = tuple[Path, ...]
 
 DEFAULT_TOPK = 10
-DEFAULT_MAX_TREE_ROWS = 256
 
 
 class TreeError(ConfigError):
@@ -289,7 +288,7 @@ NAMED_TREES: Mapping[str, Choices] = {
 _LADDER = (63, 31, 15, 7, 3)
 
 
-def tree_for_batch(batch_size: int, num_heads: int, *, max_tree_rows: int = DEFAULT_MAX_TREE_ROWS,
+def tree_for_batch(batch_size: int, num_heads: int, *, max_tree_rows: int,
                    choices: str | Sequence[Sequence[int]] | None = None,
                    topk: int = DEFAULT_TOPK) -> TreeBuffers:
   """Picks a tree whose verification stays within a row budget.
@@ -308,7 +307,8 @@ def tree_for_batch(batch_size: int, num_heads: int, *, max_tree_rows: int = DEFA
   Args:
     batch_size: B, sequences verified together.
     num_heads: n, Medusa heads available (the tree's depth is at most n).
-    max_tree_rows: budget on B * T, the rows of one verification forward.
+    max_tree_rows: budget on B * T, the rows of one verification forward
+      (the engine's default is per platform: ``config.TREE_ROWS``).
     choices: a name from :data:`NAMED_TREES`, a list of paths, or None for
       ``MC_SIM_7B_63``.
     topk: k of the per-head top-k lists.

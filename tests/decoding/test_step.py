@@ -1,4 +1,5 @@
-"""The jitted steps on a tiny random Llama: LoRAX I/O, compaction, acceptance, compiles."""
+"""The decode steps (jitted by the Decoder) on a tiny random Llama: LoRAX I/O, compaction,
+acceptance, frozen rows."""
 
 import jax
 import jax.numpy as jnp
@@ -7,11 +8,11 @@ import pytest
 from flax import nnx
 
 from medusa_jax.config import MedusaConfig
-from medusa_jax.decoding import step as step_mod
-from medusa_jax.decoding.step import Decoder, StepConfig
+from medusa_jax.decoding.decoder import Decoder
+from medusa_jax.decoding.state import DecodeState, StepConfig
+from medusa_jax.decoding.strategies import Greedy
 from medusa_jax.decoding.tree import build_tree
-from medusa_jax.decoding.verify import Greedy
-from medusa_jax.heads import MedusaModel
+from medusa_jax.heads.modules import MedusaModel
 from medusa_jax.models.llama import KVCache, Llama, LlamaConfig, causal_mask
 
 CACHE = 32
@@ -112,7 +113,7 @@ def test_decode_step_honours_the_heads_guard(tiny):
   guarded = Decoder(llama, _heads(cfg, 2, seed=9, max_batch_size=2))
   rng = np.random.default_rng(2)
   rows = 3
-  state = step_mod.DecodeState(
+  state = DecodeState(
       cache=guarded.init_cache(rows, CACHE, jnp.float32), lengths=jnp.zeros((rows,), jnp.int32),
       tokens=jnp.asarray(rng.integers(3, cfg.vocab_size, size=(rows, 1)), jnp.int32),
       generated=jnp.zeros((rows,), jnp.int32), max_new=jnp.full((rows,), 4, jnp.int32),
@@ -181,47 +182,3 @@ def test_finished_and_padding_rows_are_frozen(tiny):
   assert np.all(np.asarray(state.generated)[:3] == 2)
   np.testing.assert_array_equal(np.asarray(state.lengths), before)
   assert np.all(np.asarray(out.count) == 0) and np.all(np.asarray(out.tokens) == -1)
-
-
-def test_no_recompilation_for_the_same_bucket(tiny):
-  cfg, _, _, dec = tiny
-  rng = np.random.default_rng(6)
-
-  def run(lengths):
-    state, _ = _prefill(dec, [list(rng.integers(3, cfg.vocab_size, size=n)) for n in lengths])
-    for _ in range(2):
-      state, _ = dec.step(state, config=CONFIG)
-
-  run([3])
-  traced = dict(dec.trace_counts)
-  assert traced["prefill"] >= 1 and traced["speculative"] >= 1
-  run([9, 2, 5])  # other prompt lengths and batch size, same buckets
-  assert dict(dec.trace_counts) == traced
-
-
-def test_decode_step_routes_rows_through_batch_medusa_weights(tiny):
-  from medusa_jax.batching import BatchMedusaWeights
-  from medusa_jax.weights import MedusaWeights
-  cfg, llama, heads, _ = tiny
-  other = _heads(cfg, 3, seed=21)
-  weights = {0: MedusaWeights(heads.config, heads), 2: MedusaWeights(other.config, other)}
-  adapter_ids = [2, 0, 2]
-  batch = BatchMedusaWeights.load(weights, adapter_ids, backend="reference")
-  dec = Decoder(llama, batch)
-  rng = np.random.default_rng(8)
-  rows = len(adapter_ids)
-  state = step_mod.DecodeState(
-      cache=dec.init_cache(rows, CACHE, jnp.float32), lengths=jnp.zeros((rows,), jnp.int32),
-      tokens=jnp.asarray(rng.integers(3, cfg.vocab_size, size=(rows, 1)), jnp.int32),
-      generated=jnp.zeros((rows,), jnp.int32), max_new=jnp.full((rows,), 4, jnp.int32),
-      done=jnp.zeros((rows,), bool), rng=jax.random.PRNGKey(0))
-  fed = np.asarray(state.tokens[:, 0])
-  logits, draft, _ = dec.decode_step(state)
-  for b, adapter in enumerate(adapter_ids):
-    hidden, _, _ = _forward_all(llama, [int(fed[b])])
-    own = other if adapter == 2 else heads
-    want_logits, want_draft = own(hidden[-1:], llama.lm_head)
-    np.testing.assert_allclose(np.asarray(logits[b]), np.asarray(want_logits[0]),
-                               rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(draft[b]), np.asarray(want_draft[0]),
-                               rtol=1e-5, atol=1e-5)

@@ -164,7 +164,7 @@ def test_tree_for_batch_shrinks_with_batch(num_heads, budget):
 
 
 def test_tree_for_batch_values():
-  assert tr.tree_for_batch(1, 4).choices == tr.build_tree(tr.MC_SIM_7B_63).choices
+  assert tr.tree_for_batch(1, 4, max_tree_rows=256).choices == tr.build_tree(tr.MC_SIM_7B_63).choices
   assert tr.tree_for_batch(8, 4, max_tree_rows=256).num_nodes == 32
   # 4 rows per sequence: less than the 5-node chain, so the best-first 3 paths.
   assert tr.tree_for_batch(64, 4, max_tree_rows=256).choices == tr.build_tree(
@@ -175,13 +175,13 @@ def test_tree_for_batch_values():
       tr.chain_choices(2))
   assert tr.tree_for_batch(64, 4, max_tree_rows=64, choices="chain_5").choices == ((0,),)
   assert tr.tree_for_batch(64, 4, max_tree_rows=64).choices == ((0,),)
-  shallow = tr.tree_for_batch(1, 2)
+  shallow = tr.tree_for_batch(1, 2, max_tree_rows=256)
   assert shallow.depth == 2
   assert set(shallow.choices) == {p for p in tr.MC_SIM_7B_63 if len(p) <= 2}
-  assert tr.tree_for_batch(1, 3, choices="chain_5").choices == tr.chain_choices(3)
+  assert tr.tree_for_batch(1, 3, max_tree_rows=256, choices="chain_5").choices == tr.chain_choices(3)
   custom = [(0,), (1,), (0, 0), (2,)]
-  assert tr.tree_for_batch(1, 4, choices=custom) == tr.build_tree(custom)
-  assert tr.tree_for_batch(4, 4) is tr.tree_for_batch(4, 4)
+  assert tr.tree_for_batch(1, 4, max_tree_rows=256, choices=custom) == tr.build_tree(custom)
+  assert tr.tree_for_batch(4, 4, max_tree_rows=256) is tr.tree_for_batch(4, 4, max_tree_rows=256)
 
 
 def test_tree_for_batch_closes_unordered_prefixes():
@@ -203,7 +203,7 @@ def test_tree_for_batch_closes_unordered_prefixes():
 ])
 def test_tree_for_batch_errors(kwargs, error, match):
   with pytest.raises(error, match=match):
-    tr.tree_for_batch(**kwargs)
+    tr.tree_for_batch(**{"max_tree_rows": 256, **kwargs})
 
 
 def _reference_greedy_tree(acc, num_nodes):

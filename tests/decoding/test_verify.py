@@ -1,4 +1,4 @@
-"""Tests of medusa_jax.decoding.verify: candidates, root choice, tree verification."""
+"""Tests of medusa_jax.decoding.verify: candidates, tree verification under each strategy."""
 
 import math
 
@@ -7,11 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from medusa_jax.decoding import strategies as st
 from medusa_jax.decoding import tree as tr
 from medusa_jax.decoding import verify as vf
+from medusa_jax.decoding.state import RowParams
 from medusa_jax.errors import RequestError
 
 _verify_jit = jax.jit(vf.verify_tree, static_argnames=("tree", "strategy"))
+
+
+def _rows(batch, temperature, top_p=1.0):
+  return RowParams.full(batch, temperature, top_p)
 _candidates_jit = jax.jit(vf.tree_candidates, static_argnames="tree")
 
 TWO_BRANCH = tr.build_tree([(0,), (1,), (0, 0), (1, 0)])  # nodes 1=(0,) 2=(1,) 3=(0,0) 4=(1,0)
@@ -54,7 +60,7 @@ def test_greedy_chain_table(jit):
       [1, 2, 9, 4],  # last rejected -> [1, 2, 9]
   ]
   v = _verify(jit)(chain, jnp.asarray(tokens), _logits_with_argmax(targets, 10, np.random.default_rng(0)),
-                   vf.Greedy())
+                   st.Greedy())
   _check_verdict(
       v, accept=[1, 3, 0, 2], best=[1, 3, 0, 2],
       path=[[0, 1, 1, 1], [0, 1, 2, 3], [0, 0, 0, 0], [0, 1, 2, 2]],
@@ -72,21 +78,20 @@ def test_greedy_two_branch_table(jit):
       [1, 3, 0, 6, 0],  # first branch to the end: [1, 3, 6]
   ]
   v = _verify(jit)(TWO_BRANCH, jnp.asarray(tokens),
-                   _logits_with_argmax(targets, 10, np.random.default_rng(1)), vf.Greedy())
+                   _logits_with_argmax(targets, 10, np.random.default_rng(1)), st.Greedy())
   _check_verdict(v, accept=[2, 1, 0, 2], best=[4, 1, 0, 3],
                  path=[[0, 2, 4], [0, 1, 1], [0, 0, 0], [0, 1, 3]],
                  emitted=[[2, 4, 5], [1, 9, -1], [0, -1, -1], [1, 3, 6]],
                  next_root=[5, 9, 0, 6])
 
 
-@pytest.mark.parametrize("strategy, jit", [(vf.Greedy(), True),
-                                           (vf.Sampling(temperature=1.0, top_p=1e-6), False)])
+@pytest.mark.parametrize("strategy, jit", [(st.Greedy(), True), (st.Sampling(), False)])
 def test_equal_sibling_tokens_follow_the_first(strategy, jit):
   # (0,) and (1,) both carry 5; only (1,)'s child would match, but (0,) is followed.
   tokens = jnp.asarray([[0, 5, 5, 7, 8]])
   targets = [[5, 9, 8, 0, 0]]
   v = _verify(jit)(TWO_BRANCH, tokens, _logits_with_argmax(targets, 10, np.random.default_rng(2)),
-                   strategy, jax.random.key(0))
+                   strategy, jax.random.key(0), _rows(1, 1.0, 1e-6))
   _check_verdict(v, accept=[1], best=[1], path=[[0, 1, 1]], emitted=[[5, 9, -1]], next_root=[9])
 
 
@@ -99,14 +104,14 @@ def test_typical_chain_table(jit):
   # p_root = [.6, .25, .1, .05]: H = 1.033, 0.3 exp(-H) = 0.107, threshold = min(.09, .107) = .09,
   # so tokens 0, 1, 2 pass and 3 does not. Uniform p at node 1: threshold .075 < .25, all pass.
   # Node 2 (and a rejected root) peak on token 0, so the bonus is 0 whatever the key.
-  strategy = vf.Typical(temperature=1.0)
+  strategy = st.Typical()
   root = _log([0.6, 0.25, 0.1, 0.05])
   uniform = np.zeros(4)
   peak = np.array([12.0, 0.0, 0.0, 0.0])
   chain = tr.build_tree(tr.chain_choices(2))
   logits = jnp.asarray([[root, uniform, peak], [root, uniform, peak]], jnp.float32)
   tokens = jnp.asarray([[1, 2, 3], [1, 3, 1]])
-  v = _verify(jit)(chain, tokens, logits, strategy, jax.random.key(3))
+  v = _verify(jit)(chain, tokens, logits, strategy, jax.random.key(3), _rows(2, 1.0))
   np.testing.assert_array_equal(v.accept_len, [2, 0])
   np.testing.assert_array_equal(v.emitted[0], [2, 3, 0])
   # Row 1 ends at the root, whose bonus is a sample of tokens {0, 1, 2}.
@@ -118,14 +123,14 @@ def test_typical_tree_table(jit):
   # Medusa's test tree: 1=(0,) 2=(1,) 3=(0,0). Root as above; (0,) carries 2 (p=.1), (1,) carries
   # 0 (p=.6): both pass. Row 0: (0,0) is rejected, so the tie at depth 1 goes to the likelier
   # (1,). Row 1: (0,0) passes, so the longer path through the less likely (0,) wins.
-  strategy = vf.Typical(temperature=1.0)
+  strategy = st.Typical()
   t = tr.build_tree([[0], [1], [0, 0]])
   root = _log([0.6, 0.25, 0.1, 0.05])
   peak = np.array([12.0, 0.0, 0.0, 0.0])
   node1_rejects_3 = _log([0.7, 0.2, 0.09, 0.01])
   logits = jnp.asarray([[root, node1_rejects_3, peak, peak], [root, peak, peak, peak]], jnp.float32)
   tokens = jnp.asarray([[1, 2, 0, 3], [1, 2, 0, 0]])
-  v = _verify(jit)(t, tokens, logits, strategy, jax.random.key(4))
+  v = _verify(jit)(t, tokens, logits, strategy, jax.random.key(4), _rows(2, 1.0))
   _check_verdict(v, accept=[1, 2], best=[2, 3], path=[[0, 2, 2], [0, 1, 3]],
                  emitted=[[0, 0, -1], [2, 0, 0]], next_root=[0, 0])
 
@@ -134,13 +139,14 @@ def test_root_only_tree():
   t = tr.build_tree([])
   rng = np.random.default_rng(5)
   logits = jnp.asarray(rng.normal(size=(3, 1, 7)), jnp.float32)
-  for strategy in (vf.Greedy(), vf.Sampling(temperature=0.5), vf.Typical()):
-    v = _verify_jit(t, jnp.asarray([[1], [2], [3]]), logits, strategy, jax.random.key(1))
+  for strategy, temperature in ((st.Greedy(), 0.0), (st.Sampling(), 0.5), (st.Typical(), 0.7)):
+    v = _verify_jit(t, jnp.asarray([[1], [2], [3]]), logits, strategy, jax.random.key(1),
+                    _rows(3, temperature))
     np.testing.assert_array_equal(v.accept_len, 0)
     np.testing.assert_array_equal(v.path_nodes, [[0]] * 3)
     assert v.emitted.shape == (3, 1)
     np.testing.assert_array_equal(v.emitted[:, 0], v.next_root)
-  v = vf.verify_tree(t, jnp.asarray([[1], [2], [3]]), logits, vf.Greedy())
+  v = vf.verify_tree(t, jnp.asarray([[1], [2], [3]]), logits, st.Greedy())
   np.testing.assert_array_equal(v.next_root, np.asarray(logits[:, 0]).argmax(-1))
 
 
@@ -170,9 +176,9 @@ def _greedy_reference(t, tokens, logits):
     node = nxt[0]
 
 
-def _typical_reference(t, tokens, logits, s):
+def _typical_reference(t, tokens, logits, s, temperature):
   """FasterDecoding/Medusa's fast typical posterior over retrieve_indices, in float64."""
-  z = np.asarray(logits, np.float64) / s.temperature
+  z = np.asarray(logits, np.float64) / temperature
   p = np.exp(z - z.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
   entropy = -(p * np.log(p + 1e-5)).sum(-1)
@@ -205,7 +211,7 @@ def test_greedy_random_trees_vs_reference(seed):
         kids = t.children[u][t.children[u] >= 0]
         if kids.size and rng.random() < 0.8:
           logits[i, u, tokens[i, rng.choice(kids)]] += 6.0
-    got = _verify(jit)(t, jnp.asarray(tokens), jnp.asarray(logits, jnp.float32), vf.Greedy())
+    got = _verify(jit)(t, jnp.asarray(tokens), jnp.asarray(logits, jnp.float32), st.Greedy())
     for i in range(b):
       node, y = _greedy_reference(t, tokens[i], logits[i])
       a = int(t.node_depth[node])
@@ -219,16 +225,16 @@ def test_greedy_random_trees_vs_reference(seed):
 @pytest.mark.parametrize("seed", [11, 21, 31])
 def test_typical_random_trees_vs_reference(seed):
   rng = np.random.default_rng(seed)
-  strategy = vf.Typical(posterior_threshold=0.09, posterior_alpha=0.3, temperature=0.7)
+  strategy = st.Typical(posterior_threshold=0.09, posterior_alpha=0.3)
   for jit in (True,):
     t = _random_tree(rng)
     b, v = 12, 7
     tokens = rng.integers(0, v, (b, t.num_nodes))
     logits = rng.normal(0, 1.5, (b, t.num_nodes, v))
     got = _verify(jit)(t, jnp.asarray(tokens), jnp.asarray(logits, jnp.float32), strategy,
-                       jax.random.key(7))
+                       jax.random.key(7), _rows(b, 0.7))
     for i in range(b):
-      node, p, thr = _typical_reference(t, tokens[i], logits[i], strategy)
+      node, p, thr = _typical_reference(t, tokens[i], logits[i], strategy, 0.7)
       a = int(t.node_depth[node])
       assert int(got.best_node[i]) == node
       np.testing.assert_array_equal(got.path_nodes[i], t.path_to_node[node])
@@ -247,8 +253,8 @@ def test_sampling_verdicts_are_consistent_paths(seed):
     b, v = 16, 4
     tokens = rng.integers(0, v, (b, t.num_nodes))
     logits = jnp.asarray(rng.normal(0, 1, (b, t.num_nodes, v)), jnp.float32)
-    got = _verify(jit)(t, jnp.asarray(tokens), logits, vf.Sampling(temperature=0.9, top_p=0.95),
-                       jax.random.key(int(rng.integers(1 << 30))))
+    got = _verify(jit)(t, jnp.asarray(tokens), logits, st.Sampling(),
+                       jax.random.key(int(rng.integers(1 << 30))), _rows(b, 0.9, 0.95))
     parent = t.parent
     for i in range(b):
       a = int(got.accept_len[i])
@@ -259,9 +265,9 @@ def test_sampling_verdicts_are_consistent_paths(seed):
       assert int(got.emitted[i, a]) == int(got.next_root[i])
       assert (np.asarray(got.emitted[i, a + 1:]) == -1).all()
     # A nucleus of one token makes sampling greedy.
-    tiny = _verify(jit)(t, jnp.asarray(tokens), logits, vf.Sampling(temperature=1.0, top_p=1e-6),
-                        jax.random.key(0))
-    greedy = _verify(jit)(t, jnp.asarray(tokens), logits, vf.Greedy())
+    tiny = _verify(jit)(t, jnp.asarray(tokens), logits, st.Sampling(), jax.random.key(0),
+                        _rows(b, 1.0, 1e-6))
+    greedy = _verify(jit)(t, jnp.asarray(tokens), logits, st.Greedy())
     jax.tree.map(np.testing.assert_array_equal, tiny, greedy)
 
 
@@ -299,71 +305,20 @@ def test_tree_candidates_chain_is_argmax_and_errors():
     vf.tree_candidates(TWO_BRANCH, jnp.asarray([4]), spec)
 
 
-def test_choose_root():
-  choose = jax.jit(vf.choose_root, static_argnames="strategy")
-  rng = np.random.default_rng(15)
-  logits = jnp.asarray(rng.normal(0, 2, (4000, 6)), jnp.float32)
-  np.testing.assert_array_equal(choose(logits, vf.Greedy()), np.asarray(logits).argmax(-1))
-  s = vf.Sampling(temperature=0.8, top_p=0.7)
-  from medusa_jax.decoding import sampling
-  np.testing.assert_array_equal(
-      choose(logits, s, jax.random.key(2)),
-      sampling.sample(jax.random.key(2), logits, 0.8, 0.7))
-  typ = vf.Typical(temperature=0.7)
-  picks = np.asarray(choose(logits, typ, jax.random.key(3)))
-  z = np.asarray(logits, np.float64) / 0.7
-  p = np.exp(z - z.max(-1, keepdims=True))
-  p /= p.sum(-1, keepdims=True)
-  thr = np.minimum(0.09, 0.3 * np.exp((p * np.log(p + 1e-5)).sum(-1)))  # exp(-H)
-  assert (p[np.arange(4000), picks] >= thr - 1e-6).all()
-  assert (picks != p.argmax(-1)).any()  # a sample, not the argmax
-  with pytest.raises(RequestError, match="key: Typical needs a PRNG key"):
-    vf.choose_root(logits, typ)
-
-
-# ---- strategies and argument errors ------------------------------------------------
-
-
-@pytest.mark.parametrize("make, match", [
-    (lambda: vf.Sampling(temperature=0.0), r"Sampling.temperature: expected a finite number > 0"),
-    (lambda: vf.Sampling(temperature=math.inf), "Sampling.temperature"),
-    (lambda: vf.Sampling(top_p=0.0), r"Sampling.top_p: expected a number in \(0, 1\]"),
-    (lambda: vf.Sampling(top_p=1.01), "Sampling.top_p"),
-    (lambda: vf.Sampling(top_p=True), "Sampling.top_p"),
-    (lambda: vf.Typical(temperature=-1.0), "Typical.temperature"),
-    (lambda: vf.Typical(posterior_threshold=0.0), r"Typical.posterior_threshold: expected a number in \(0, 1\]"),
-    (lambda: vf.Typical(posterior_alpha=float("nan")), "Typical.posterior_alpha"),
-    (lambda: vf.Typical(posterior_alpha="0.3"), "Typical.posterior_alpha"),
-    (lambda: vf.parse_strategy(-0.5), "temperature: expected a finite number >= 0"),
-    (lambda: vf.parse_strategy(None), "temperature: expected a finite number >= 0"),
-    (lambda: vf.parse_strategy(1.0, 0.0), r"top_p: expected a number in \(0, 1\]"),
-    (lambda: vf.parse_strategy(1.0, 1.0, typical="yes"), "typical: expected a bool"),
-])
-def test_strategy_errors(make, match):
-  with pytest.raises(RequestError, match=match):
-    make()
-
-
-def test_parse_strategy():
-  assert vf.parse_strategy(0.0, 0.5) == vf.Greedy()
-  assert vf.parse_strategy(0, typical=True) == vf.Greedy()
-  assert vf.parse_strategy(0.7, 0.9) == vf.Sampling(temperature=0.7, top_p=0.9)
-  assert vf.parse_strategy(1, 1) == vf.Sampling()
-  assert vf.parse_strategy(0.7, typical=True) == vf.Typical()
-  assert hash(vf.Typical(temperature=1)) == hash(vf.Typical(temperature=1.0))
-  assert isinstance(vf.Sampling(temperature=1).temperature, float)
-
-
 def test_verify_argument_errors():
   rng = np.random.default_rng(16)
   logits = jnp.asarray(rng.normal(size=(2, 5, 6)), jnp.float32)
   tokens = jnp.asarray(rng.integers(0, 6, (2, 5)))
   with pytest.raises(tr.TreeError, match=r"expected tree_tokens \[B, 4\]"):
-    vf.verify_tree(tr.build_tree([[0], [1], [0, 0]]), tokens, logits, vf.Greedy())
+    vf.verify_tree(tr.build_tree([[0], [1], [0, 0]]), tokens, logits, st.Greedy())
   with pytest.raises(tr.TreeError, match=r"logits \[B, 5, V\]"):
-    vf.verify_tree(TWO_BRANCH, tokens, logits[:, :4], vf.Greedy())
+    vf.verify_tree(TWO_BRANCH, tokens, logits[:, :4], st.Greedy())
   with pytest.raises(RequestError, match="key: Sampling needs a PRNG key"):
-    vf.verify_tree(TWO_BRANCH, tokens, logits, vf.Sampling())
+    vf.verify_tree(TWO_BRANCH, tokens, logits, st.Sampling())
+  with pytest.raises(RequestError, match=r"rows: Sampling needs per-row temperatures"):
+    vf.verify_tree(TWO_BRANCH, tokens, logits, st.Sampling(), jax.random.key(0))
+  with pytest.raises(RequestError, match="rows: Typical needs per-row temperatures"):
+    vf.verify_tree(TWO_BRANCH, tokens, logits, st.Typical(), jax.random.key(0))
   with pytest.raises(RequestError, match="strategy: expected Greedy, Typical or Sampling"):
     vf.verify_tree(TWO_BRANCH, tokens, logits, "greedy")
 
@@ -389,7 +344,7 @@ def _warped_table(table, temperature, top_p):
   return q / q.sum(-1, keepdims=True)
 
 
-def _first_two_tokens(tree, strategy, table, rows, key, context=(2, 4)):
+def _first_two_tokens(tree, strategy, table, rows, key, temperature, top_p, context=(2, 4)):
   """Two speculative steps over `rows` independent copies of one context.
 
   The target is a trigram model: the logits of the token after (prev, cur) are
@@ -409,7 +364,8 @@ def _first_two_tokens(tree, strategy, table, rows, key, context=(2, 4)):
     spec = 2.0 * jax.random.normal(k_draft, (rows, heads, VOCAB)) + draft_bias
     tokens_BxT = vf.tree_candidates(tree, root_B, spec)
     prev_BxT = jnp.where(is_root_1xT, prev_B[:, None], tokens_BxT[:, parent])
-    return vf.verify_tree(tree, tokens_BxT, table[prev_BxT, tokens_BxT], strategy, k_verify)
+    return vf.verify_tree(tree, tokens_BxT, table[prev_BxT, tokens_BxT], strategy, k_verify,
+                          _rows(rows, temperature, top_p))
 
   @jax.jit
   def run(key):
@@ -450,7 +406,8 @@ def _chi_square(counts, probs):
 def _distribution_stats(tree, strategy, temperature, top_p, rows=60_000, seed=0):
   rng = np.random.default_rng(seed)
   table = rng.normal(0, 1.2, (VOCAB, VOCAB, VOCAB))
-  first, second, accepted = _first_two_tokens(tree, strategy, table, rows, jax.random.key(seed))
+  first, second, accepted = _first_two_tokens(tree, strategy, table, rows, jax.random.key(seed),
+                                              temperature, top_p)
   w = _warped_table(table, temperature, top_p)
   p1 = w[2, 4]
   p12 = p1[:, None] * w[4]  # P(t1 = x, t2 = y) = W[2,4,x] W[4,x,y]
@@ -462,7 +419,7 @@ def _distribution_stats(tree, strategy, temperature, top_p, rows=60_000, seed=0)
 @pytest.mark.parametrize("tree, temperature, top_p", [
     (CHI_CHAIN, 1.0, 1.0), (CHI_TREE, 1.0, 1.0), (CHI_TREE, 0.7, 0.8)])
 def test_sampling_keeps_the_target_distribution(tree, temperature, top_p):
-  strategy = vf.Sampling(temperature=temperature, top_p=top_p)
+  strategy = st.Sampling()
   (s1, q1), (s12, q12), accepted = _distribution_stats(tree, strategy, temperature, top_p)
   assert s1 < q1, (s1, q1)
   assert s12 < q12, (s12, q12)
@@ -473,5 +430,5 @@ def test_sampling_keeps_the_target_distribution(tree, temperature, top_p):
 
 def test_chi_square_rejects_a_biased_acceptance():
   # Typical acceptance at the same temperature is not distribution-preserving: the test must see it.
-  (s1, q1), (s12, q12), _ = _distribution_stats(CHI_TREE, vf.Typical(temperature=1.0), 1.0, 1.0)
+  (s1, q1), (s12, q12), _ = _distribution_stats(CHI_TREE, st.Typical(), 1.0, 1.0)
   assert s1 > q1 or s12 > q12, (s1, q1, s12, q12)
