@@ -13,9 +13,10 @@ from scipy import stats as scipy_stats
 
 from medusa_jax.config import MedusaConfig
 from medusa_jax.decoding import sampling
-from medusa_jax.decoding.engine import Engine, Speculate
+from medusa_jax.decoding.engine import Engine
+from medusa_jax.decoding.requests import Speculate
 from medusa_jax.errors import AssetError, RequestError
-from medusa_jax.heads import MedusaModel
+from medusa_jax.heads.modules import MedusaModel
 from medusa_jax.models.llama import KVCache, Llama, LlamaConfig, causal_mask
 
 
@@ -34,15 +35,15 @@ def _random_heads(hidden, n, seed, scale, max_batch_size=None):
 
 @pytest.fixture(scope="module")
 def smol():
-  from medusa_jax import assets
-  from medusa_jax.decoding.engine import _load_tokenizer
-  from medusa_jax.models.llama import load_llama
+  from medusa_jax.assets import cache as assets
+  from medusa_jax.decoding.loading import load_tokenizer
+  from medusa_jax.models.llama_weights import load_llama
   try:
     paths = assets.fetch(quiet=True)
   except AssetError as e:
     pytest.skip(f"SmolLM2 assets unavailable: {e}")
   llama = load_llama(paths.model_dir, dtype=jnp.float32)
-  tokenizer, template = _load_tokenizer(paths.model_dir)
+  tokenizer, template = load_tokenizer(paths.model_dir)
   # Small random heads: close to the identity, so they often draft the base
   # model's own next token -- right on repetitive text, wrong elsewhere.
   heads = _random_heads(llama.cfg.hidden_size, 4, seed=0, scale=0.02)
@@ -209,7 +210,7 @@ def test_stream_yields_each_step_and_the_result(tiny):
 
 
 def _random_weights(hidden, n, seed, scale):
-  from medusa_jax.weights import MedusaWeights
+  from medusa_jax.adapters.weights import MedusaWeights
   mc = MedusaConfig(base_model_name_or_path="test", medusa_num_heads=n, medusa_num_layers=1,
                     version=2.0)
   w = MedusaWeights.init(mc, hidden, seed=seed)
@@ -321,6 +322,24 @@ def test_chain_guard_turns_speculation_off_for_the_whole_call(tiny):
   assert all(s.steps == 4 for s in three.stats)
   assert not lifted.speculation_skipped and lifted.tree_nodes == 4
   assert three.tokens == lifted.tokens and three.tokens[:2] == two.tokens
+
+
+def test_engine_config_and_the_lorax_guard_variable(tiny, monkeypatch):
+  """The guard comes from the config, else the heads, else LORAX_SPECULATION_MAX_BATCH_SIZE."""
+  from medusa_jax.config import MAX_BATCH_ENV, EngineConfig
+  llama, _ = tiny
+  monkeypatch.setenv(MAX_BATCH_ENV, "5")
+  assert Engine(llama, max_cache_len=32).max_batch_size == 5  # no heads: the variable
+  heads = _random_heads(llama.cfg.hidden_size, 3, seed=9, scale=0.5, max_batch_size=8)
+  assert Engine(llama, None, heads, max_cache_len=32).max_batch_size == 8
+  cfg = EngineConfig(max_cache_len=32, max_batch_size=4, max_tree_rows=7)
+  eng = Engine(llama, None, heads, config=cfg)
+  assert eng.config is cfg and eng.max_batch_size == 4 and eng.max_tree_rows == 7
+  rng = np.random.default_rng(10)
+  prompts = [list(rng.integers(0, 8, size=3))]
+  assert not eng.generate(prompts, 3, speculate="chain").speculation_skipped  # 1 * 4 <= 4
+  assert Engine(llama, None, heads, config=cfg, max_batch_size=3).generate(
+      prompts, 3, speculate="chain").speculation_skipped  # 4 > 3
 
 
 def test_rows_stop_independently_at_eos(tiny):
