@@ -57,7 +57,7 @@ def _build(cfg, dtype, num_heads, seed=0, fused=True, attention="grouped"):
 
   from medusa_jax.config import MedusaConfig
   from medusa_jax.models.llama import Llama
-  from medusa_jax.weights import MedusaWeights
+  from medusa_jax.adapters.weights import MedusaWeights
   llama = Llama(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=dtype,
                 fused_projections=fused, attention_scores=attention)
   mc = MedusaConfig(base_model_name_or_path="smollm2-shape", medusa_num_heads=num_heads,
@@ -94,7 +94,7 @@ def _start_state(dec, cfg, batch, cache_len, prompt_len, config, dtype, seed):
   import jax.numpy as jnp
   import numpy as np
 
-  from medusa_jax.decoding.step import DecodeState
+  from medusa_jax.decoding.state import DecodeState
   from medusa_jax.models.llama import KVCache
   shape = (batch, cache_len, cfg.num_key_value_heads, cfg.head_dim)
   keys = jax.random.split(jax.random.PRNGKey(seed), 2 * cfg.num_hidden_layers)
@@ -238,8 +238,8 @@ def _engine_tokens_per_s(engine, cfg, batch, prompt_len, new_tokens, mode, seed=
 def _time_plain(dec, cfg, args, batch, dtype, in_graph: bool, kernels: bool,
                 dispatched: bool = True) -> dict:
   """Plain step of ``dec`` at one batch size: dispatched, in-graph, kernel counts."""
-  from medusa_jax.decoding.step import StepConfig
-  from medusa_jax.decoding.verify import Greedy
+  from medusa_jax.decoding.state import StepConfig
+  from medusa_jax.decoding.strategies import Greedy
   config = StepConfig(tree=None, strategy=Greedy(), eos_ids=())
   state = _start_state(dec, cfg, batch, args.cache_len, args.prompt_len, config, dtype, 0)
   row = {"kernels": _kernel_counts(dec, state, config)} if kernels else {}
@@ -255,9 +255,10 @@ def bench_jax(args) -> dict:
   import jax.numpy as jnp
 
   from medusa_jax.decoding.engine import Engine
-  from medusa_jax.decoding.step import Decoder, StepConfig
+  from medusa_jax.decoding.decoder import Decoder
+  from medusa_jax.decoding.state import StepConfig
   from medusa_jax.decoding.tree import build_tree, chain_choices, tree_for_batch
-  from medusa_jax.decoding.verify import Greedy
+  from medusa_jax.decoding.strategies import Greedy
 
   dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
   cfg = _smollm2_config(args.tiny)
@@ -385,7 +386,8 @@ def bench_real(args) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from medusa_jax.decoding.engine import BUNDLED_HEADS, Engine
+  from medusa_jax.bundled import SMOLLM2_HEADS as BUNDLED_HEADS
+  from medusa_jax.decoding.engine import Engine
 
   heads = args.heads_dir or BUNDLED_HEADS
   with open(args.questions, encoding="utf-8") as f:

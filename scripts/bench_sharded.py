@@ -104,7 +104,7 @@ def bench_heads(a, devices, widths, bw):
 
   from medusa_jax import sharding as sh
   from medusa_jax.config import MedusaConfig
-  from medusa_jax.heads import MedusaModel
+  from medusa_jax.heads.modules import MedusaModel
 
   H, V, n, dt = a.hidden, a.vocab, a.heads, jnp.bfloat16
   cfg = MedusaConfig(base_model_name_or_path="bench", medusa_num_heads=n, medusa_num_layers=1,
@@ -193,7 +193,8 @@ def bench_llama(a, devices, widths, bw):
 
   from medusa_jax import sharding as sh
   from medusa_jax.config import MedusaConfig
-  from medusa_jax.decoding.step import DecodeState, Decoder
+  from medusa_jax.decoding.decoder import Decoder
+  from medusa_jax.decoding.state import DecodeState
   from medusa_jax.models.llama import KVCache, Llama, LlamaConfig
 
   if a.quick:

@@ -18,8 +18,6 @@ import sys
 from typing import Sequence
 
 DEFAULT_MODES = ("none", "tree")
-CPU_TREE_ROWS = 3
-"""Tree budget on CPU: the root and the two best first drafts (see run_demo)."""
 
 
 def run_demo(num_prompts: int = 4, max_new_tokens: int = 32, batch_size: int | None = 1,
@@ -36,11 +34,9 @@ def run_demo(num_prompts: int = 4, max_new_tokens: int = 32, batch_size: int | N
     speculate: modes to compare; "none" is the baseline of the speed-up.
     engine: an :class:`~medusa_jax.decoding.engine.Engine` (default:
       ``Engine.load()``: SmolLM2 + bundled heads).
-    max_tree_rows: B * T budget of the adaptive tree (default: 3 on CPU,
-      else the engine's default, 64). On a CPU every verified row costs
-      compute: with SmolLM2 a step over the 3-node best-first tree (root and
-      the heads' top-2 first drafts) costs about 1.5-1.6 plain steps, larger
-      trees more than their extra accepted tokens (docs/perf_decode.md).
+    max_tree_rows: B * T budget of the adaptive tree (default: the
+      platform's, ``medusa_jax.config.TREE_ROWS``: 3 on CPU, where every
+      verified row costs compute, 64 on GPU/TPU).
     temperature: 0 = greedy (speculation is then lossless: same answers).
     seed: sampling seed.
     log: where lines go (``print``; None = silent).
@@ -50,19 +46,20 @@ def run_demo(num_prompts: int = 4, max_new_tokens: int = 32, batch_size: int | N
   """
   import jax
 
-  from medusa_jax import assets
-  from medusa_jax.decoding.engine import Engine, Speculate
+  from medusa_jax.assets import cache as assets
+  from medusa_jax.assets.datasets import load_mtbench
+  from medusa_jax.config import Platform
+  from medusa_jax.decoding.engine import Engine
+  from medusa_jax.decoding.requests import Speculate
 
   log = log or (lambda *a, **k: None)
   modes = [Speculate.parse(m) for m in speculate]
   if engine is None:
-    if max_tree_rows is None:
-      max_tree_rows = CPU_TREE_ROWS if jax.default_backend() == "cpu" else 64
     engine = Engine.load(max_cache_len=1024, max_tree_rows=max_tree_rows)
   if engine.heads_notice:
     log(f"NOTE: {engine.heads_notice}")
   paths = assets.asset_paths()
-  questions = assets.load_mtbench(paths.mtbench_jsonl)
+  questions = load_mtbench(paths.mtbench_jsonl)
   step = max(1, len(questions) // max(num_prompts, 1))
   chosen = questions[::step][:num_prompts]
   prompts = [q["turns"][0] for q in chosen]
@@ -102,7 +99,7 @@ def run_demo(num_prompts: int = 4, max_new_tokens: int = 32, batch_size: int | N
   if same is not None:
     log("greedy answers identical to plain decoding: "
         + ", ".join(f"{m}={'yes' if ok else 'NO'}" for m, ok in same.items()))
-  if jax.default_backend() == "cpu" and len(results) > 1:
+  if Platform.current() is Platform.CPU and len(results) > 1:
     log("(on a CPU every verified tree row costs compute: a speculative step costs ~1.5 plain"
         " steps here, about what the heads gain, so expect speed-ups near 1x; on a GPU the"
         " extra rows are nearly free: see docs/perf_decode.md)")
@@ -127,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="modes to compare: none chain tree (default: none tree)")
   parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
   parser.add_argument("--max-tree-rows", type=int, default=None,
-                      help="B*T budget of the adaptive tree (default: 3 on CPU, else 64)")
+                      help="B*T budget of the adaptive tree (default: per platform,"
+                      " medusa_jax.config.TREE_ROWS: 3 on CPU, 64 on GPU/TPU)")
   parser.add_argument("--json", action="store_true", help="print the results as JSON as well")
   ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
   out = run_demo(ns.prompts, ns.max_new_tokens, ns.batch_size or None, ns.speculate,

@@ -1,254 +1,40 @@
-"""Generation front-ends: streamed text, a ChatML chat loop and an end-to-end benchmark.
+"""The ``medusa-jax generate``, ``chat`` and ``bench`` commands.
 
-These back the ``medusa-jax generate``, ``chat`` and ``bench`` commands and are
-usable from Python::
-
-  eng = load_engine()                                   # SmolLM2 + bundled heads
-  for piece in stream_text(eng, chat_ids(eng, "Hi!"), GenerateOptions(speculate="tree")):
-    print(piece.text, end="", flush=True)
-
-:func:`stream_tokens` drives the engine's jitted steps (``Engine.decoder``) for
-one request and yields each step's tokens as soon as the step is read back --
-the same prefill / step loop as ``Engine.generate``, one row wide, so text
-appears while the answer is being decoded.
+Each parses its flags into ``SamplingParams`` / ``EngineConfig`` fields and
+calls the library: the text layer ``medusa_jax.decoding.text`` (streamed text
+over ``Engine.stream``), a multi-turn :class:`ChatSession` and the end-to-end
+benchmark :func:`run_bench`. JAX is imported inside the commands, so
+``--help`` loads none.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
-import time
-import warnings
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 from medusa_jax.errors import RequestError
 
 SPECULATE_CHOICES = ("none", "chain", "tree")
 
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class GenerateOptions:
-  """Options of one generation request.
-
-  Attributes:
-    speculate: "none", "chain" (LoRAX) or "tree" (Medusa); parsed to ``Speculate``.
-    temperature: 0 = greedy; > 0 samples (speculation stays lossless).
-    top_p: nucleus mass in (0, 1].
-    typical: Medusa's typical acceptance instead of exact sampling (temperature > 0).
-    max_new_tokens: answer budget (>= 1).
-    seed: PRNG seed.
-  """
-  speculate: Any = "tree"
-  temperature: float = 0.0
-  top_p: float = 1.0
-  typical: bool = False
-  max_new_tokens: int = 256
-  seed: int = 0
-
-  def __post_init__(self):
-    from medusa_jax.decoding.engine import Speculate
-    from medusa_jax.decoding.verify import parse_strategy
-    object.__setattr__(self, "speculate", Speculate.parse(self.speculate))
-    parse_strategy(self.temperature, self.top_p, typical=self.typical)  # validates
-    if (isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int)
-        or self.max_new_tokens < 1):
-      raise RequestError(f"max_new_tokens={self.max_new_tokens!r}; expected an integer >= 1")
-
-  @property
-  def strategy(self):
-    from medusa_jax.decoding.verify import parse_strategy
-    return parse_strategy(self.temperature, self.top_p, typical=self.typical)
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class StreamChunk:
-  """What one step emitted.
-
-  Attributes:
-    tokens: the new token ids (1 for a plain step, up to depth + 1 when speculating).
-    accepted: draft tokens accepted in this step (0 for the prefill and plain steps).
-    text: the new text (filled by :func:`stream_text`; "" from :func:`stream_tokens`).
-    stats: set on the last chunk only.
-  """
-  tokens: tuple[int, ...]
-  accepted: int = 0
-  text: str = ""
-  stats: "StreamStats | None" = None
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class StreamStats:
-  """Statistics of one streamed request.
-
-  Attributes:
-    new_tokens: tokens generated (the first comes from the prefill).
-    steps: decode steps after the prefill.
-    tokens_per_step: (new_tokens - 1) / steps.
-    accept_hist: ``accept_hist[a]`` = steps that accepted ``a`` drafts.
-    head_accepts: ``head_accepts[k]`` = steps in which head k's draft was accepted.
-    tree_nodes: T, tokens verified per step (1 when plain).
-    speculate: the mode used ("none" when a guard turned speculation off).
-    wall_s: seconds from the first dispatch to the last token, compilation included.
-    tokens_per_s: new_tokens / wall_s.
-  """
-  new_tokens: int
-  steps: int
-  tokens_per_step: float
-  accept_hist: tuple[int, ...]
-  head_accepts: tuple[int, ...]
-  tree_nodes: int
-  speculate: str
-  wall_s: float
-  tokens_per_s: float
-
-  def to_json(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-
-# ----------------------------------------------------------------------------- library
-
-
-def load_engine(model_dir: str | None = None, adapter: str | None = None, *,
-                max_cache_len: int = 2048, dtype: str = "float32",
-                max_tree_rows: int | None = None, notice: Callable | None = None, **kwargs):
-  """``Engine.load`` with its fresh-heads warning turned into one ``notice`` call.
-
-  Args:
-    model_dir: a Hugging Face Llama directory (None: the fetched SmolLM2).
-    adapter: a Medusa adapter directory (None: the bundled heads).
-    max_cache_len: the largest KV cache.
-    dtype: "float32" or "bfloat16".
-    max_tree_rows: B * T budget of the adaptive tree (None: 16 on CPU, where a
-      verifying forward costs about its row count, else 256).
-    notice: called with a message about the heads (e.g. freshly initialised).
-    **kwargs: passed to ``Engine.load``.
-  """
-  import jax
-  import jax.numpy as jnp
-
+def load_engine(model_dir: str | None = None, adapter: str | None = None, **kwargs):
+  """``Engine.load(model_dir, adapter, **kwargs)``, importing JAX only when called."""
   from medusa_jax.decoding.engine import Engine
-  from medusa_jax.errors import ConfigError
-  if dtype not in ("float32", "bfloat16"):
-    raise ConfigError(f"dtype={dtype!r}; expected one of float32, bfloat16")
-  if max_tree_rows is None:
-    max_tree_rows = 16 if jax.default_backend() == "cpu" else 256
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)
-    engine = Engine.load(model_dir, adapter, dtype=jnp.dtype(dtype), max_cache_len=max_cache_len,
-                         max_tree_rows=max_tree_rows, **kwargs)
-  if engine.heads_notice and notice is not None:
-    notice(engine.heads_notice)
-  return engine
-
-
-def chat_ids(engine, messages: str | Sequence[dict[str, str]]) -> list[int]:
-  """Token ids of a conversation in the model's chat template, ready for the answer.
-
-  Args:
-    engine: an ``Engine`` with a tokenizer.
-    messages: one user message, or ``[{"role": ..., "content": ...}, ...]``.
-  """
-  from medusa_jax.models.chat import apply_chat_template
-  if engine.tokenizer is None:
-    raise RequestError("this model has no tokenizer.json; pass token ids")
-  if isinstance(messages, str):
-    messages = [{"role": "user", "content": messages}]
-  rendered = apply_chat_template(list(messages), add_generation_prompt=True,
-                                 template=engine.chat_template)
-  return engine.tokenizer.encode(rendered)
-
-
-def stream_tokens(engine, prompt_ids: Sequence[int], opts: GenerateOptions
-                  ) -> Iterator[StreamChunk]:
-  """Generates one request, yielding each step's tokens as soon as it is read.
-
-  The last chunk carries :class:`StreamStats`.
-
-  Args:
-    engine: an ``Engine``.
-    prompt_ids: [P] token ids.
-    opts: the request options.
-
-  Raises:
-    RequestError: an empty prompt, an id out of range, a request that does not
-      fit the cache, or speculation without heads.
-  """
-  ids = _check_prompt(engine, prompt_ids)
-  tree, mode = _tree(engine, opts.speculate)
-  nodes = 1 if tree is None else tree.num_nodes
-  need = len(ids) + opts.max_new_tokens + nodes
-  if need > engine.max_cache_len:
-    raise RequestError(f"prompt ({len(ids)} tokens) + max_new_tokens ({opts.max_new_tokens}) +"
-                       f" tree nodes ({nodes}) = {need} exceeds max_cache_len"
-                       f" ({engine.max_cache_len})")
-  t0 = time.perf_counter()
-  events = engine.stream([ids], opts.max_new_tokens, speculate=mode,
-                         temperature=opts.temperature, top_p=opts.top_p, typical=opts.typical,
-                         seed=opts.seed, tree=tree if mode == "tree" else None)
-  last = None  # the final chunk waits for the result's statistics
-  for event in events:
-    if event.result is not None:
-      row = event.result.stats[0]
-      wall = time.perf_counter() - t0
-      stats = StreamStats(
-          new_tokens=row.new_tokens, steps=row.steps, tokens_per_step=row.tokens_per_step,
-          accept_hist=row.accept_hist, head_accepts=row.head_accepts,
-          tree_nodes=event.result.tree_nodes, speculate=mode, wall_s=wall,
-          tokens_per_s=row.new_tokens / wall if wall > 0 else float("nan"))
-      yield dataclasses.replace(last, stats=stats)
-      return
-    chunk = StreamChunk(tokens=tuple(event.tokens[0]), accepted=event.accept_len[0])
-    if event.done[0]:
-      last = chunk
-    else:
-      yield chunk
-
-
-def stream_text(engine, prompt_ids: Sequence[int], opts: GenerateOptions
-                ) -> Iterator[StreamChunk]:
-  """:func:`stream_tokens` with ``text`` filled (special tokens dropped).
-
-  Text is emitted only once its bytes are complete, so a multi-byte character
-  split over two tokens is never printed half.
-  """
-  if engine.tokenizer is None:
-    raise RequestError("this model has no tokenizer.json; use stream_tokens")
-  out: list[int] = []
-  shown = ""
-  for chunk in stream_tokens(engine, prompt_ids, opts):
-    out.extend(chunk.tokens)
-    text = engine.tokenizer.decode(out, skip_special_tokens=True)
-    piece = ""
-    if chunk.stats is not None or not text.endswith("\ufffd"):
-      piece = text[len(shown):] if text.startswith(shown) else text
-      shown = text
-    yield dataclasses.replace(chunk, text=piece)
-
-
-def generate_text(engine, prompt: str, opts: GenerateOptions, *, chat: bool = True,
-                  on_text: Callable[[str], None] | None = None) -> tuple[str, StreamStats]:
-  """Generates one answer; ``on_text`` receives the text as it is decoded.
-
-  Returns:
-    (text, stats).
-  """
-  ids = chat_ids(engine, prompt) if chat else _encode(engine, prompt)
-  pieces, stats = [], None
-  for chunk in stream_text(engine, ids, opts):
-    pieces.append(chunk.text)
-    if on_text is not None and chunk.text:
-      on_text(chunk.text)
-    stats = chunk.stats or stats
-  return "".join(pieces), stats
+  return Engine.load(model_dir, adapter, **kwargs)
 
 
 class ChatSession:
   """A multi-turn ChatML conversation; old turns are dropped when the cache is full."""
 
-  def __init__(self, engine, opts: GenerateOptions, *, system: str | None = None):
+  def __init__(self, engine, params, *, system: str | None = None):
+    """Args:
+      engine: an ``Engine`` with a tokenizer.
+      params: the ``SamplingParams`` of every answer.
+      system: a system message.
+    """
     self.engine = engine
-    self.opts = opts
+    self.params = params
     self.system = system
     self.turns: list[dict[str, str]] = []
 
@@ -259,21 +45,19 @@ class ChatSession:
     head = [{"role": "system", "content": self.system}] if self.system else []
     return head + self.turns + [{"role": "user", "content": user}]
 
-  def reply(self, user: str, on_text: Callable[[str], None] | None = None
-            ) -> tuple[str, StreamStats]:
-    """Answers ``user`` in the context of the earlier turns, and records both."""
-    budget = self.engine.max_cache_len - self.opts.max_new_tokens - 64  # 64: tree nodes
-    ids = chat_ids(self.engine, self.messages(user))
-    while len(ids) > budget and self.turns:
+  def reply(self, user: str, on_text: Callable[[str], None] | None = None):
+    """Answers ``user`` in the context of the earlier turns, and records both.
+
+    Returns:
+      (answer, ``text.StreamStats``).
+    """
+    from medusa_jax.decoding.text import chat_ids, generate_text
+    budget = self.engine.max_cache_len - self.params.max_new_tokens - 64  # 64: tree nodes
+    messages = self.messages(user)
+    while len(chat_ids(self.engine, messages)) > budget and self.turns:
       self.turns = self.turns[2:]  # the oldest user/assistant pair
-      ids = chat_ids(self.engine, self.messages(user))
-    pieces, stats = [], None
-    for chunk in stream_text(self.engine, ids, self.opts):
-      pieces.append(chunk.text)
-      if on_text is not None and chunk.text:
-        on_text(chunk.text)
-      stats = chunk.stats or stats
-    answer = "".join(pieces)
+      messages = self.messages(user)
+    answer, stats = generate_text(self.engine, messages, self.params, on_text=on_text)
     self.turns += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     return answer, stats
 
@@ -293,7 +77,8 @@ def run_bench(engine, prompts: Sequence[str], *, modes: Sequence[str] = SPECULAT
     same_as_plain compare with "none" at the same batch size (None without it).
   """
   import jax
-  from medusa_jax.decoding.engine import Speculate
+
+  from medusa_jax.decoding.requests import Speculate
   if not prompts:
     raise RequestError("bench: expected at least one prompt")
   modes = [Speculate.parse(m).value for m in modes]
@@ -358,41 +143,6 @@ def _finite(x: float | None, digits: int) -> float | None:
   return round(x, digits) if x is not None and math.isfinite(x) else None
 
 
-def _check_prompt(engine, prompt_ids) -> list[int]:
-  ids = [t for t in prompt_ids]
-  if not ids:
-    raise RequestError("empty prompt; expected at least one token")
-  vocab = engine.cfg.vocab_size
-  for j, t in enumerate(ids):
-    if isinstance(t, bool) or not hasattr(t, "__index__") or not 0 <= int(t) < vocab:
-      raise RequestError(f"token {j} = {t!r}; expected an integer id in [0, {vocab})")
-  return [int(t) for t in ids]
-
-
-def _tree(engine, speculate):
-  """(TreeBuffers | None, mode name actually used) for a one-row request."""
-  from medusa_jax.decoding import tree as tree_mod
-  from medusa_jax.decoding.engine import Speculate
-  mode = Speculate.parse(speculate)
-  if mode is Speculate.NONE:
-    return None, "none"
-  if engine.num_heads is None:
-    raise RequestError(f"speculate={mode.value!r}: this engine has no Medusa heads")
-  n = engine.num_heads
-  if mode is Speculate.CHAIN:
-    if n + 1 > engine.max_batch_size:  # LoRAX's guard, as Engine.generate applies it
-      return None, "none"
-    return tree_mod.build_tree(tree_mod.chain_choices(n)), "chain"
-  return tree_mod.tree_for_batch(1, n, max_tree_rows=engine.max_tree_rows,
-                                 choices=engine.tree_choices), "tree"
-
-
-def _encode(engine, text: str) -> list[int]:
-  if engine.tokenizer is None:
-    raise RequestError("this model has no tokenizer.json; pass token ids")
-  return engine.tokenizer.encode(text)
-
-
 def _progress(total: int, desc: str, enabled: bool):
   if not enabled:
     return None
@@ -404,7 +154,7 @@ def _stderr(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
 
-def _stats_line(stats: StreamStats) -> str:
+def _stats_line(stats) -> str:
   heads = ""
   if stats.speculate != "none" and stats.steps:
     rates = ", ".join(f"{a / stats.steps:.2f}" for a in stats.head_accepts)
@@ -425,7 +175,8 @@ def _engine_flags(p) -> None:
   p.add_argument("--max-cache-len", type=int, default=2048, help="KV cache slots (default 2048)")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--max-tree-rows", type=int, default=None,
-                 help="B*T budget of the adaptive tree (default: 16 on CPU, else 256)")
+                 help="B*T budget of the adaptive tree (default: per platform,"
+                 " medusa_jax.config.TREE_ROWS: 3 on CPU, 64 on GPU/TPU)")
 
 
 def _request_flags(p, *, max_new: int) -> None:
@@ -445,9 +196,11 @@ def _engine(ns, notice):
                      max_tree_rows=ns.max_tree_rows, notice=notice)
 
 
-def _options(ns) -> GenerateOptions:
-  return GenerateOptions(speculate=ns.speculate, temperature=ns.temperature, top_p=ns.top_p,
-                         typical=ns.typical, max_new_tokens=ns.max_new_tokens, seed=ns.seed)
+def _params(ns):
+  """The request flags as ``SamplingParams`` (validated: a bad value fails before loading)."""
+  from medusa_jax.decoding.requests import SamplingParams
+  return SamplingParams(speculate=ns.speculate, temperature=ns.temperature, top_p=ns.top_p,
+                        typical=ns.typical, max_new_tokens=ns.max_new_tokens, seed=ns.seed)
 
 
 _GENERATE_EPILOG = """\
@@ -462,7 +215,7 @@ examples:
 
 def generate_main(argv: Sequence[str] | None = None) -> int:
   """``medusa-jax generate PROMPT... [--speculate ...] [--json]``."""
-  from medusa_jax.cli import ArgumentParser
+  from medusa_jax.app.main import ArgumentParser
   p = ArgumentParser(prog="medusa-jax generate", epilog=_GENERATE_EPILOG,
                      description="Generate answers to prompts, streaming the text as it is"
                                  " decoded; statistics go to stderr.")
@@ -474,14 +227,15 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
                  help="print one JSON object per prompt (text, token ids, stats), no streaming")
   p.add_argument("--quiet", action="store_true", help="no statistics on stderr")
   ns = p.parse_args(argv)
-  opts = _options(ns)
+  params = _params(ns)
   prompts = [sys.stdin.read() if x == "-" else x for x in ns.prompts]
   engine = _engine(ns, None if ns.quiet else (lambda m: _stderr(f"note: {m}")))
+  from medusa_jax.decoding.text import chat_ids, stream_text, text_ids
   for prompt in prompts:
-    ids = _encode(engine, prompt) if ns.raw else chat_ids(engine, prompt)
+    ids = text_ids(engine, prompt) if ns.raw else chat_ids(engine, prompt)
     if ns.json:
       tokens, pieces, stats = [], [], None
-      for chunk in stream_text(engine, ids, opts):
+      for chunk in stream_text(engine, ids, params):
         tokens += chunk.tokens
         pieces.append(chunk.text)
         stats = chunk.stats or stats
@@ -489,7 +243,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
                         "stats": stats.to_json()}), flush=True)
       continue
     stats = None
-    for chunk in stream_text(engine, ids, opts):
+    for chunk in stream_text(engine, ids, params):
       sys.stdout.write(chunk.text)
       sys.stdout.flush()
       stats = chunk.stats or stats
@@ -512,7 +266,7 @@ commands inside the chat: /reset (forget the conversation), /exit
 
 def chat_main(argv: Sequence[str] | None = None, *, stdin=None) -> int:
   """``medusa-jax chat [--system TEXT] [...]``: one user turn per stdin line, until EOF."""
-  from medusa_jax.cli import ArgumentParser
+  from medusa_jax.app.main import ArgumentParser
   from medusa_jax.errors import MedusaError
   p = ArgumentParser(prog="medusa-jax chat", epilog=_CHAT_EPILOG,
                      description="Chat with the model in its chat template (ChatML for"
@@ -522,11 +276,11 @@ def chat_main(argv: Sequence[str] | None = None, *, stdin=None) -> int:
   p.add_argument("--system", help="a system message")
   p.add_argument("--stats", action="store_true", help="statistics after each answer (stderr)")
   ns = p.parse_args(argv)
-  opts = _options(ns)
+  params = _params(ns)
   stdin = sys.stdin if stdin is None else stdin
   interactive = stdin.isatty()
   engine = _engine(ns, lambda m: _stderr(f"note: {m}"))
-  session = ChatSession(engine, opts, system=ns.system)
+  session = ChatSession(engine, params, system=ns.system)
   if interactive:
     _stderr("chat: type a message and press Enter; /reset forgets, Ctrl-D or /exit ends")
   while True:
@@ -576,7 +330,7 @@ _BENCH_PROMPTS = (
 
 def bench_main(argv: Sequence[str] | None = None) -> int:
   """``medusa-jax bench [--batch-sizes ...] [--modes ...] [--json]``."""
-  from medusa_jax.cli import ArgumentParser
+  from medusa_jax.app.main import ArgumentParser
   p = ArgumentParser(prog="medusa-jax bench", epilog=_BENCH_EPILOG,
                      description="End-to-end generation throughput: plain vs Medusa decoding"
                                  " (tokens/s, tokens per step, speed-up, losslessness).")
@@ -602,9 +356,10 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
 def _default_prompts(model_dir: str | None) -> list[str]:
   """MT-bench first turns when they are cached (and the model is SmolLM2), else a fixed set."""
   if model_dir is None:
-    from medusa_jax import assets
+    from medusa_jax.assets import cache as assets
+    from medusa_jax.assets.datasets import load_mtbench
     path = assets.asset_paths().mtbench_jsonl
     if path.exists():
-      return [q["turns"][0] for q in assets.load_mtbench(path)]
+      return [q["turns"][0] for q in load_mtbench(path)]
   return list(_BENCH_PROMPTS)
 

@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from medusa_jax import demo
+from medusa_jax.app import demo
 from medusa_jax.errors import AssetError
 
 
 @pytest.fixture(scope="module")
 def smol_assets():
-  from medusa_jax import assets
+  from medusa_jax.assets import cache as assets
   try:
     return assets.fetch(quiet=True)
   except AssetError as e:

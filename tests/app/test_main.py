@@ -11,17 +11,19 @@ import sys
 import numpy as np
 import pytest
 
-from medusa_jax import cli
-from medusa_jax import generate as gen
+from medusa_jax.app import generate as gen
+from medusa_jax.app import main as cli
+from medusa_jax.decoding import text
+from medusa_jax.decoding.requests import SamplingParams
 from tiny_model import make_tiny_adapter_dir, make_tiny_llama_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args, stdin: str | None = None, env: dict | None = None, timeout: int = 240):
-  """Runs ``python -m medusa_jax.cli ARGS`` (the console script's code) in a subprocess."""
+  """Runs ``python -m medusa_jax.app.main ARGS`` (the console script's code) in a subprocess."""
   full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-  return subprocess.run([sys.executable, "-m", "medusa_jax.cli", *args], input=stdin,
+  return subprocess.run([sys.executable, "-m", "medusa_jax.app.main", *args], input=stdin,
                         capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
 
 
@@ -52,12 +54,12 @@ def engine(tiny_dirs):
 @pytest.mark.parametrize("command", list(cli._COMMANDS))
 def test_every_command_has_help_with_examples(command, capsys):
   if command == "demo":
-    pytest.importorskip("medusa_jax.demo")
+    pytest.importorskip("medusa_jax.app.demo")
   assert cli.main([command, "--help"]) == 0
   out = capsys.readouterr().out
   assert f"medusa-jax {command}" in out
-  if cli._COMMANDS[command][0] in ("medusa_jax.generate", "medusa_jax.convert",
-                                   "medusa_jax.info"):
+  if cli._COMMANDS[command][0] in ("medusa_jax.app.generate", "medusa_jax.adapters.convert",
+                                   "medusa_jax.app.info"):
     assert "examples:" in out
 
 
@@ -82,7 +84,7 @@ def test_info_json_reports_cache_devices_versions(tmp_path):
   assert report["devices"]["backend"] == "cpu" and report["devices"]["count"] >= 1
   for name in ("jax", "flax", "optax", "orbax-checkpoint"):
     assert report["versions"][name]
-  from medusa_jax.decoding.engine import BUNDLED_HEADS
+  from medusa_jax.bundled import SMOLLM2_HEADS as BUNDLED_HEADS
   assert report["bundled_heads"]["path"] == BUNDLED_HEADS
 
 
@@ -103,9 +105,9 @@ def test_info_text_lists_present_assets(tmp_path, capsys):
 
 @pytest.mark.parametrize("mode", ["chain", "tree"])
 def test_stream_is_lossless_and_matches_engine(engine, mode):
-  opts = gen.GenerateOptions(speculate=mode, max_new_tokens=10)
-  ids = gen.chat_ids(engine, "Hello, tiny model!")
-  chunks = list(gen.stream_tokens(engine, ids, opts))
+  params = SamplingParams(speculate=mode, max_new_tokens=10)
+  ids = text.chat_ids(engine, "Hello, tiny model!")
+  chunks = list(text.stream_tokens(engine, ids, params))
   tokens = [t for c in chunks for t in c.tokens]
   plain = engine.generate([ids], 10, speculate="none")
   assert tokens == plain.tokens[0]
@@ -120,10 +122,10 @@ def test_stream_text_never_splits_a_character(engine, monkeypatch):
   # Force the tokens of a two-byte character to arrive in separate steps.
   euro = engine.tokenizer.encode("é")
   assert len(euro) == 2
-  fake = [gen.StreamChunk(tokens=(euro[0],)), gen.StreamChunk(tokens=(euro[1],)),
-          gen.StreamChunk(tokens=tuple(engine.tokenizer.encode("x")), stats="S")]
-  monkeypatch.setattr(gen, "stream_tokens", lambda *a: iter(fake))
-  pieces = [c.text for c in gen.stream_text(engine, [5], gen.GenerateOptions())]
+  fake = [text.StreamChunk(tokens=(euro[0],)), text.StreamChunk(tokens=(euro[1],)),
+          text.StreamChunk(tokens=tuple(engine.tokenizer.encode("x")), stats="S")]
+  monkeypatch.setattr(text, "stream_tokens", lambda *a: iter(fake))
+  pieces = [c.text for c in text.stream_text(engine, [5], SamplingParams())]
   assert pieces == ["", "é", "x"]
 
 
@@ -162,17 +164,17 @@ def test_chat_piped_stdin_ends_on_eof(tiny_dirs):
 
 
 def test_chat_session_keeps_history_and_drops_old_turns(engine, monkeypatch, capsys):
-  opts = gen.GenerateOptions(speculate="none", max_new_tokens=4)
-  session = gen.ChatSession(engine, opts, system="Be brief.")
+  params = SamplingParams(speculate="none", max_new_tokens=4)
+  session = gen.ChatSession(engine, params, system="Be brief.")
   first, _ = session.reply("one")
   assert session.turns == [{"role": "user", "content": "one"},
                            {"role": "assistant", "content": first}]
   session.reply("two " * 15)
   assert len(session.turns) == 4
   # A turn that does not fit next to the history pushes the oldest pair out.
-  budget = engine.max_cache_len - opts.max_new_tokens - 64
+  budget = engine.max_cache_len - params.max_new_tokens - 64
   third = "three " * 10
-  assert len(gen.chat_ids(engine, session.messages(third))) > budget
+  assert len(text.chat_ids(engine, session.messages(third))) > budget
   session.reply(third)
   users = [t["content"] for t in session.turns[::2]]
   assert users[-1] == third and "one" not in users
@@ -264,17 +266,17 @@ def test_debug_flag_is_taken_anywhere_before_double_dash():
                                                              False)
 
 
-def test_generate_options_validate(engine):
+def test_sampling_params_validate(engine):
   with pytest.raises(ValueError, match="speculate='fast'"):
-    gen.GenerateOptions(speculate="fast")
+    SamplingParams(speculate="fast")
   with pytest.raises(ValueError, match="max_new_tokens"):
-    gen.GenerateOptions(max_new_tokens=True)
+    SamplingParams(max_new_tokens=True)
   with pytest.raises(ValueError, match="empty prompt"):
-    list(gen.stream_tokens(engine, [], gen.GenerateOptions()))
+    list(text.stream_tokens(engine, [], SamplingParams()))
   vocab = engine.cfg.vocab_size
   with pytest.raises(ValueError, match=rf"token 1 = {vocab}; expected an integer id"):
-    list(gen.stream_tokens(engine, [1, vocab], gen.GenerateOptions()))
+    list(text.stream_tokens(engine, [1, vocab], SamplingParams()))
   with pytest.raises(ValueError, match="dtype='float64'"):
     gen.load_engine(dtype="float64")
-  np.testing.assert_array_equal(gen.chat_ids(engine, "hi"),
-                                gen.chat_ids(engine, [{"role": "user", "content": "hi"}]))
+  np.testing.assert_array_equal(text.chat_ids(engine, "hi"),
+                                text.chat_ids(engine, [{"role": "user", "content": "hi"}]))
