@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from medusa_jax.config import MedusaConfig, speculation_max_batch_size
+from medusa_jax.config import EngineConfig, MedusaConfig, speculation_max_batch_size
 from medusa_jax.errors import (AdapterLoadError, ArchitectureError, AssetError,
                                CheckpointExistsError, ConfigError, CorruptWeightsError,
                                MedusaError, MissingTensorError, NonFiniteWeightsError,
@@ -53,10 +53,12 @@ _LAZY = {
     "apply_chat_template": "medusa_jax.models.chat",
     # decoding
     "Engine": "medusa_jax.decoding.engine",
-    "GenerationResult": "medusa_jax.decoding.engine",
-    "Greedy": "medusa_jax.decoding.verify",
-    "Typical": "medusa_jax.decoding.verify",
-    "Sampling": "medusa_jax.decoding.verify",
+    "GenerationResult": "medusa_jax.decoding.results",
+    "SamplingParams": "medusa_jax.decoding.requests",
+    "Speculate": "medusa_jax.decoding.requests",
+    "Greedy": "medusa_jax.decoding.strategies",
+    "Typical": "medusa_jax.decoding.strategies",
+    "Sampling": "medusa_jax.decoding.strategies",
     "build_tree": "medusa_jax.decoding.tree",
     "TreeBuffers": "medusa_jax.decoding.tree",
     # assets

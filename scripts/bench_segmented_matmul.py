@@ -34,7 +34,7 @@ import numpy as np
 
 from medusa_jax.pallas import gpu as pallas_gpu
 from medusa_jax.pallas import segmented_matmul
-from medusa_jax.adapters.segments import row_segments
+from medusa_jax.heads.routed import row_segments
 
 K, M = 4096, 4 * 4096
 ROWS = (1, 8, 32, 128, 256)

@@ -102,9 +102,10 @@ def bench_heads(a, devices, widths, bw):
   from flax import nnx
   from jax.sharding import PartitionSpec as P
 
-  from medusa_jax import sharding as sh
   from medusa_jax.config import MedusaConfig
   from medusa_jax.heads.modules import MedusaModel
+  from medusa_jax.heads.sharded import vocab_parallel_lm_head
+  from medusa_jax.parallel.mesh import make_mesh, place
 
   H, V, n, dt = a.hidden, a.vocab, a.heads, jnp.bfloat16
   cfg = MedusaConfig(base_model_name_or_path="bench", medusa_num_heads=n, medusa_num_layers=1,
@@ -113,24 +114,23 @@ def bench_heads(a, devices, widths, bw):
   rows, results = [], {}
   ref_out = {}
   for width in widths:
-    mesh = sh.make_mesh(1, width, devices=devices[:width])
+    mesh = make_mesh(1, width, devices=devices[:width])
     kernel = _random(mesh, (H, n, H), P(None, None, "model"), dt, 1, H ** -0.5)
     bias = _random(mesh, (n, H), P(None, "model"), dt, 2, 0.1)
     lm_w = _random(mesh, (H, V), P(None, "model"), dt, 3, H ** -0.5)
     variants = {}
+    heads = MedusaModel(cfg, H, rngs=nnx.Rngs(0), param_dtype=dt, max_batch_size=1 << 20)
+    heads.medusa.kernel.set_value(kernel)
+    heads.medusa.bias.set_value(bias)
     if width == 1:
-      plain = MedusaModel(cfg, H, rngs=nnx.Rngs(0), param_dtype=dt, max_batch_size=1 << 20)
-      plain.medusa.kernel[...] = kernel.reshape(H, n * H)
-      plain.medusa.bias[...] = bias.reshape(n * H)
-      variants["1gpu"] = plain
+      variants["1gpu"] = heads
     else:
-      variants[f"tp{width}"] = sh.sharded_v2_model(cfg, kernel, bias, mesh=mesh,
-                                                  max_batch_size=1 << 20)
+      variants[f"tp{width}"] = heads.shard(mesh)
     for name, model in variants.items():
       graphdef, state = nnx.split(model)
 
       def logits_fn(state, w, x, graphdef=graphdef):
-        return nnx.merge(graphdef, state)(x, sh.vocab_parallel_lm_head(w))
+        return nnx.merge(graphdef, state)(x, vocab_parallel_lm_head(w))
 
       def argmax_fn(state, w, x, graphdef=graphdef):
         logits, spec = logits_fn(state, w, x)
@@ -145,7 +145,7 @@ def bench_heads(a, devices, widths, bw):
         return jax.lax.fori_loop(0, reps, body, jnp.int32(0))
 
       for b in [int(s) for s in a.batches.split(",")]:
-        x = sh.place(np.random.default_rng(b).standard_normal((b, H)).astype(np.float32),
+        x = place(np.random.default_rng(b).standard_normal((b, H)).astype(np.float32),
                      P(), mesh, dtype=dt)
         f_logits, f_argmax = jax.jit(logits_fn), jax.jit(argmax_fn)
         logits, spec = f_logits(state, lm_w, x)
@@ -191,9 +191,11 @@ def bench_llama(a, devices, widths, bw):
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from medusa_jax import sharding as sh
   from medusa_jax.config import MedusaConfig
   from medusa_jax.decoding.decoder import Decoder
+  from medusa_jax.heads.modules import MedusaModel
+  from medusa_jax.models.llama_sharding import llama_rules, shard_cache
+  from medusa_jax.parallel.mesh import make_mesh, path_str
   from medusa_jax.decoding.state import DecodeState
   from medusa_jax.models.llama import KVCache, Llama, LlamaConfig
 
@@ -211,14 +213,14 @@ def bench_llama(a, devices, widths, bw):
                       version=2.0)
   results = {}
   for width in [w for w in widths if w in (1, max(widths))]:
-    mesh = sh.make_mesh(1, width, devices=devices[:width])
-    rules = sh.llama_rules(lcfg, mesh)
+    mesh = make_mesh(1, width, devices=devices[:width])
+    rules = llama_rules(lcfg, mesh)
     abstract = nnx.eval_shape(lambda: Llama(lcfg, rngs=nnx.Rngs(0), dtype=dt, param_dtype=dt))
     graphdef, state = nnx.split(abstract)
     leaves = jax.tree_util.tree_leaves_with_path(state)
     values = []
     for i, (path, leaf) in enumerate(leaves):
-      name = sh.path_str(path)
+      name = path_str(path)
       scale = 1.0 if name.endswith("weight") else leaf.shape[0] ** -0.5
       values.append(_random(mesh, leaf.shape, rules.spec(name), dt, 100 + i, scale))
     state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state), values)
@@ -226,9 +228,13 @@ def bench_llama(a, devices, widths, bw):
     H = lcfg.hidden_size
     kernel = _random(mesh, (H, n, H), P(None, None, "model"), dt, 7, H ** -0.5)
     bias = _random(mesh, (n, H), P(None, "model"), dt, 8, 0.1)
-    heads = sh.sharded_v2_model(mcfg, kernel, bias, mesh=mesh, max_batch_size=1 << 20)
+    heads = nnx.eval_shape(lambda: MedusaModel(mcfg, H, rngs=nnx.Rngs(0), param_dtype=dt,
+                                               max_batch_size=1 << 20))
+    heads.medusa.kernel.set_value(kernel)
+    heads.medusa.bias.set_value(bias)
+    heads = heads.shard(mesh)
     dec = Decoder(llama, heads)
-    cache = sh.shard_cache(KVCache.init(lcfg, B, a.cache_len, dt), lcfg, mesh)
+    cache = shard_cache(KVCache.init(lcfg, B, a.cache_len, dt), lcfg, mesh)
     rng = np.random.default_rng(5)
     rep = NamedSharding(mesh, P())
     put = lambda v: jax.device_put(v, rep)

@@ -1,12 +1,12 @@
 """MT-bench evaluation of Medusa heads (tokens/step, head accuracy, speed-up).
 
 Usage: python scripts/eval_mtbench.py [--heads DIR] [--out DIR] [--num-questions N] [--bs1 N]
-Same as `medusa-jax eval`; see medusa_jax/training/evaluate.py.
+The same as `medusa-jax eval` (medusa_jax/app/eval.py).
 """
 
 import sys
 
-from medusa_jax.training.evaluate import main
+from medusa_jax.app.main import main
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(main(["eval", *sys.argv[1:]]))

@@ -5,7 +5,7 @@
 #   bash scripts/train_heads_gpu.sh GGUF PROMPTS_JSONL QUESTIONS_JSON OUT_DIR
 # GGUF: SmolLM2-135M-Instruct.Q4_1.gguf (from `medusa-jax fetch`); PROMPTS_JSONL and
 # QUESTIONS_JSON: written on any machine by
-#   python -m medusa_jax.training.pipeline ... (prompts.jsonl in its workdir) and
+#   python -m medusa_jax train ... (prompts.jsonl in its workdir) and
 #   python scripts/eval_mtbench.py --write-questions questions.json
 # Writes OUT_DIR/heads (the adapter), metrics.jsonl, examples.jsonl.gz, eval.json, run.log.
 set -euo pipefail
@@ -18,7 +18,7 @@ mkdir -p "$OUT_DIR" "$WORK"
 {
   date -u; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
   python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
-  /usr/bin/time -f "train wall %e s" python3 -m medusa_jax.training.pipeline --config "$CONFIG" \
+  /usr/bin/time -f "train wall %e s" python3 -m medusa_jax train --config "$CONFIG" \
     --workdir "$WORK" --gguf "$GGUF" --prompts "$PROMPTS" --out "$OUT_DIR/heads" --no-progress
   cp "$WORK/metrics.jsonl" "$OUT_DIR/"
   gzip -c "$WORK/examples.jsonl" > "$OUT_DIR/examples.jsonl.gz"

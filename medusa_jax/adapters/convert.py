@@ -29,8 +29,6 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Sequence
-
 import jax.numpy as jnp
 from safetensors import safe_open
 
@@ -39,7 +37,8 @@ from medusa_jax.adapters.io import convert_to_safetensors
 from medusa_jax.adapters.layout import block_weight_key, out_weight_key
 from medusa_jax.adapters.weights import MedusaWeights
 from medusa_jax.config import CONFIG_NAME, MedusaConfig
-from medusa_jax.errors import ConfigError, MissingTensorError, WeightsNotFoundError
+from medusa_jax.errors import (ConfigError, MissingTensorError, TensorDtypeError,
+                               WeightsNotFoundError)
 from medusa_jax.options import Option
 
 
@@ -275,56 +274,9 @@ def _clear_weight_files(dst: str) -> None:
 def _numpy_dtype_name(safetensors_dtype: str) -> str:
   names = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
   if safetensors_dtype not in names:
-    from medusa_jax.errors import TensorDtypeError
     raise TensorDtypeError(f"0.0.linear.weight: expected a floating-point tensor, got"
                            f" {safetensors_dtype}")
   return names[safetensors_dtype]
 
 
 # ----------------------------------------------------------------------------- command
-
-
-_EPILOG = """\
-examples:
-  # original Medusa heads (5 heads in the file, config says 2) -> LoRAX adapter, all 5 heads
-  medusa-jax convert medusa-vicuna-7b-v1.3/ vicuna-medusa-lorax/
-  # keep 3 heads, name the base model
-  medusa-jax convert medusa_lm_head.pt out/ --num-heads 3 --base-model lmsys/vicuna-7b-v1.3
-  # LoRAX/TGI adapter <-> Orbax checkpoint
-  medusa-jax convert my-adapter/ my-adapter-orbax/ --to orbax
-  medusa-jax convert my-adapter-orbax/ my-adapter-again/ --to lorax
-  # torch pickle -> one safetensors file (no torch needed afterwards)
-  medusa-jax convert medusa_lm_head.pt medusa_lm_head.safetensors --to safetensors
-"""
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """``medusa-jax convert SRC DST [--to lorax|orbax|safetensors] [--num-heads N]``."""
-  from medusa_jax.app.main import ArgumentParser
-  p = ArgumentParser(prog="medusa-jax convert", epilog=_EPILOG,
-                     description="Convert Medusa heads: original Medusa (.pt/.safetensors),"
-                                 " LoRAX/TGI adapter directories and Orbax checkpoints.")
-  p.add_argument("src", help="source: adapter dir, weight file, or Orbax checkpoint dir")
-  p.add_argument("dst", help="destination directory (lorax, orbax) or file (safetensors)")
-  p.add_argument("--to", default="lorax", choices=[t.value for t in Target],
-                 help="target format (default: lorax)")
-  p.add_argument("--num-heads", type=int, default=None,
-                 help="keep the first N heads (default: every head in the source)")
-  p.add_argument("--base-model", default=None,
-                 help="base_model_name_or_path to write (default: from the source config)")
-  p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
-  p.add_argument("--json", action="store_true", help="print the result as JSON")
-  ns = p.parse_args(argv)
-  result = convert(ns.src, ns.dst, to=ns.to, num_heads=ns.num_heads, base_model=ns.base_model,
-                   overwrite=ns.overwrite)
-  if ns.json:
-    print(json.dumps(result.to_json()))
-  else:
-    cfg = result.config
-    what = (f"{cfg.medusa_num_heads} heads, {cfg.medusa_num_layers} layer(s), version"
-            f" {cfg.version:g}" if cfg else f"{result.heads_in_source} heads")
-    for note in result.notes:
-      print(f"note: {note}")
-    print(f"wrote {result.to.value} {result.dst} ({what})")
-  return 0
-

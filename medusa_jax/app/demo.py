@@ -14,8 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Sequence
+
+from medusa_jax.assets import cache as assets
+from medusa_jax.assets.datasets import load_mtbench
+from medusa_jax.config import Platform
+
+HELP = "MT-bench prompts: plain vs Medusa decoding on SmolLM2"
+EPILOG = """\
+examples:
+  medusa-jax demo                                   # 4 questions, batch 1, none vs tree
+  medusa-jax demo --prompts 8 --speculate none chain tree --json
+"""
 
 DEFAULT_MODES = ("none", "tree")
 
@@ -46,9 +56,6 @@ def run_demo(num_prompts: int = 4, max_new_tokens: int = 32, batch_size: int | N
   """
   import jax
 
-  from medusa_jax.assets import cache as assets
-  from medusa_jax.assets.datasets import load_mtbench
-  from medusa_jax.config import Platform
   from medusa_jax.decoding.engine import Engine
   from medusa_jax.decoding.requests import Speculate
 
@@ -113,21 +120,21 @@ def run_demo(num_prompts: int = 4, max_new_tokens: int = 32, batch_size: int | N
               modes=results, identical_to_plain=same, sample=sample)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """``medusa-jax demo [--prompts N] [--max-new-tokens N] [--batch-size N] [--speculate ...] [--json]``."""
-  parser = argparse.ArgumentParser(prog="medusa-jax demo", description=__doc__.splitlines()[0])
-  parser.add_argument("--prompts", type=int, default=4, help="MT-bench questions (default 4)")
-  parser.add_argument("--max-new-tokens", type=int, default=32, help="answer budget (default 32)")
-  parser.add_argument("--batch-size", type=int, default=1,
-                      help="questions decoded together (default 1; 0 = all at once)")
-  parser.add_argument("--speculate", nargs="+", default=list(DEFAULT_MODES),
-                      help="modes to compare: none chain tree (default: none tree)")
-  parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-  parser.add_argument("--max-tree-rows", type=int, default=None,
-                      help="B*T budget of the adaptive tree (default: per platform,"
-                      " medusa_jax.config.TREE_ROWS: 3 on CPU, 64 on GPU/TPU)")
-  parser.add_argument("--json", action="store_true", help="print the results as JSON as well")
-  ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--prompts", type=int, default=4, help="MT-bench questions (default 4)")
+  p.add_argument("--max-new-tokens", type=int, default=32, help="answer budget (default 32)")
+  p.add_argument("--batch-size", type=int, default=1,
+                 help="questions decoded together (default 1; 0 = all at once)")
+  p.add_argument("--speculate", nargs="+", default=list(DEFAULT_MODES),
+                 help="modes to compare: none chain tree (default: none tree)")
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+  p.add_argument("--max-tree-rows", type=int, default=None,
+                 help="B*T budget of the adaptive tree (default: per platform,"
+                 " medusa_jax.config.TREE_ROWS: 3 on CPU, 64 on GPU/TPU)")
+  p.add_argument("--json", action="store_true", help="print the results as JSON as well")
+
+
+def run(ns: argparse.Namespace) -> int:
   out = run_demo(ns.prompts, ns.max_new_tokens, ns.batch_size or None, ns.speculate,
                  max_tree_rows=ns.max_tree_rows, temperature=ns.temperature)
   if ns.json:

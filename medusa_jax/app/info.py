@@ -7,11 +7,13 @@ import json
 import os
 import platform
 import sys
-from typing import Any, Sequence
+import argparse
+from typing import Any
 
-# Engine.BUNDLED_HEADS, spelled out so that `info --no-devices` never imports JAX.
-BUNDLED_HEADS = os.path.join(os.path.dirname(__file__), "bundled", "heads",
-                             "smollm2-135m-instruct")
+from medusa_jax.assets import cache as assets
+from medusa_jax.bundled import SMOLLM2_HEADS as BUNDLED_HEADS
+
+HELP = "cached assets, devices and library versions"
 _PACKAGES = ("medusa_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "safetensors",
              "numpy", "tokenizers", "gguf", "torch")
 
@@ -32,7 +34,6 @@ def cached_assets(home: str | os.PathLike | None = None) -> dict[str, Any]:
 
   Reads the filesystem only; nothing is fetched or hashed.
   """
-  from medusa_jax.assets import cache as assets
   paths = assets.asset_paths(home)
   out: dict[str, Any] = {"home": str(paths.home), "home_env": assets.HOME_ENV, "assets": {}}
   for name in ("model_dir", "gguf_path", "sharegpt_json", "mtbench_jsonl"):
@@ -63,7 +64,7 @@ def bundled_heads() -> dict[str, Any]:
 
 def devices() -> dict[str, Any]:
   """JAX's default backend and its devices."""
-  import jax
+  import jax  # only here: `info --no-devices` never imports JAX
   devs = jax.devices()
   return {"backend": jax.default_backend(), "count": len(devs),
           "devices": [f"{d.platform}:{d.id} {getattr(d, 'device_kind', '')}".strip()
@@ -124,7 +125,7 @@ def format_report(report: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-_EPILOG = """\
+EPILOG = """\
 examples:
   medusa-jax info
   medusa-jax info --json | python -c "import json,sys; print(json.load(sys.stdin)['devices'])"
@@ -132,15 +133,13 @@ examples:
 """
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """``medusa-jax info [--json] [--home DIR] [--no-devices]``."""
-  from medusa_jax.app.main import ArgumentParser
-  p = ArgumentParser(prog="medusa-jax info", epilog=_EPILOG,
-                     description="Show cached assets, bundled heads, JAX devices and versions.")
+def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--json", action="store_true", help="print one JSON object")
   p.add_argument("--home", default=None, help="cache directory (default: $MEDUSA_JAX_HOME)")
   p.add_argument("--no-devices", action="store_true", help="skip importing JAX")
-  ns = p.parse_args(argv)
+
+
+def run(ns: argparse.Namespace) -> int:
   report = collect(ns.home, with_devices=not ns.no_devices)
   print(json.dumps(report, indent=1) if ns.json else format_report(report))
   sys.stdout.flush()

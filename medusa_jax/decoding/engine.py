@@ -33,6 +33,7 @@ from medusa_jax.decoding.requests import (Batch, OnError, Request, RequestContex
 from medusa_jax.decoding.results import GenerationResult, RowStats, StreamEvent
 from medusa_jax.decoding.state import StepConfig
 from medusa_jax.errors import AdapterLoadError
+from medusa_jax.heads.modules import MedusaModel
 from medusa_jax.heads.routed import BatchMedusaWeights
 from medusa_jax.models.llama_sharding import shard_cache
 from medusa_jax.parallel.mesh import DATA, axis_size, shard_batch
@@ -69,9 +70,14 @@ class Engine:
     """
     config = _config(config, config_fields)
     self.adapter_slots: dict[int, int] | None = None
+    self.registry = AdapterRegistry()
     routed = None
     if isinstance(medusa, Mapping):
       medusa, routed = self._adapters(medusa)
+    elif medusa is not None:
+      if isinstance(medusa, MedusaModel):
+        medusa = MedusaWeights(medusa.config, medusa)
+      self.registry.load_default(medusa)
     model = getattr(medusa, "model", medusa)
     self.config = config
     self.llama = llama
@@ -119,7 +125,7 @@ class Engine:
     for k in adapters:
       if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
         raise AdapterLoadError(f"adapters: ids must be integers >= 0, got {k!r}")
-    registry = AdapterRegistry()
+    registry = self.registry
     default = adapters.get(DEFAULT_INDEX)
     if not isinstance(default, MedusaWeights):
       raise AdapterLoadError(
@@ -129,7 +135,6 @@ class Engine:
     for k in sorted(adapters):
       if k != DEFAULT_INDEX and isinstance(adapters[k], MedusaWeights):
         registry.load_dynamic(int(k), adapters[k])  # LoRAX's rules, LoRAX's messages
-    self.registry = registry
     routed = BatchMedusaWeights.load(dict(registry.items()), [0])
     slot = {a: i for i, a in enumerate(registry.medusa_ids)}
     self.adapter_slots = {int(k): slot.get(int(k), 0) for k in adapters}

@@ -166,3 +166,40 @@ def generate_text(engine: Engine, prompt: str | Sequence[Mapping[str, str]],
       on_text(chunk.text)
     stats = chunk.stats or stats
   return "".join(pieces), stats
+
+
+class ChatSession:
+  """A multi-turn ChatML conversation; old turns are dropped when the cache is full."""
+
+  def __init__(self, engine, params, *, system: str | None = None):
+    """Args:
+      engine: an ``Engine`` with a tokenizer.
+      params: the ``SamplingParams`` of every answer.
+      system: a system message.
+    """
+    self.engine = engine
+    self.params = params
+    self.system = system
+    self.turns: list[dict[str, str]] = []
+
+  def reset(self) -> None:
+    self.turns = []
+
+  def messages(self, user: str) -> list[dict[str, str]]:
+    head = [{"role": "system", "content": self.system}] if self.system else []
+    return head + self.turns + [{"role": "user", "content": user}]
+
+  def reply(self, user: str, on_text: Callable[[str], None] | None = None):
+    """Answers ``user`` in the context of the earlier turns, and records both.
+
+    Returns:
+      (answer, ``text.StreamStats``).
+    """
+    budget = self.engine.max_cache_len - self.params.max_new_tokens - 64  # 64: tree nodes
+    messages = self.messages(user)
+    while len(chat_ids(self.engine, messages)) > budget and self.turns:
+      self.turns = self.turns[2:]  # the oldest user/assistant pair
+      messages = self.messages(user)
+    answer, stats = generate_text(self.engine, messages, self.params, on_text=on_text)
+    self.turns += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return answer, stats

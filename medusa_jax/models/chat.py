@@ -11,6 +11,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 from medusa_jax.errors import ConfigError, RequestError
+from medusa_jax.models.gguf import field, open_gguf
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -103,7 +104,6 @@ class ChatTemplate:
     Raises:
       ConfigError: the GGUF has no chat template.
     """
-    from medusa_jax.models.gguf import field, open_gguf
 
     path = os.fspath(gguf_path)
     reader = open_gguf(path) if reader is None else reader

@@ -70,7 +70,7 @@ def open_gguf(path: str | os.PathLike):
   Raises:
     CorruptWeightsError: the file is missing or not a GGUF.
   """
-  from gguf import GGUFReader
+  from gguf import GGUFReader  # 0.2 s to import: only when a GGUF is opened
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise CorruptWeightsError(f"{path}: no such GGUF file")

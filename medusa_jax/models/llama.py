@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any
 
 import flax
 import jax
@@ -50,10 +49,10 @@ import numpy as np
 from flax import nnx
 
 from medusa_jax.errors import ConfigError, RequestError
-from medusa_jax.models.llama_config import LlamaConfig, RopeScaling, RopeType, rope_inv_freq
+from medusa_jax.models.llama_config import LlamaConfig, RopeScaling, rope_inv_freq
 
-__all__ = ["AttentionScores", "KVCache", "Llama", "LlamaConfig", "RopeScaling", "RopeType", "apply_rope",
-           "causal_mask", "load_llama", "rope", "rope_inv_freq", "rope_tables"]
+__all__ = ["AttentionScores", "KVCache", "Llama", "apply_rope", "causal_mask", "rope",
+           "rope_tables"]
 
 Array = jax.Array
 
@@ -552,12 +551,3 @@ class Llama(nnx.Module):
       ks.append(k)
       vs.append(v)
     return self.norm(x_BxTxH), KVCache(k=tuple(ks), v=tuple(vs))
-
-
-def __getattr__(name: str) -> Any:
-  # load_llama lives in llama_weights, which imports this module; resolving it
-  # lazily keeps ``from medusa_jax.models.llama import load_llama`` working.
-  if name == "load_llama":
-    from medusa_jax.models.llama_weights import load_llama
-    return load_llama
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

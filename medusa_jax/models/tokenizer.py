@@ -15,6 +15,8 @@ import os
 from typing import Sequence
 
 from medusa_jax.errors import ConfigError, CorruptWeightsError
+from medusa_jax.models.gguf import field, open_gguf
+from medusa_jax.models.llama_config import LlamaConfig
 
 _CONTROL = 3  # llama.cpp token type of control (special) tokens
 
@@ -27,7 +29,6 @@ def tokenizer_from_gguf(gguf_path: str | os.PathLike):
     ConfigError: the GGUF has no byte-level BPE ("gpt2") tokenizer or lacks
       tokens/merges.
   """
-  from medusa_jax.models.gguf import open_gguf
 
   path = os.fspath(gguf_path)
   return _from_reader(open_gguf(path), path)
@@ -38,7 +39,6 @@ def _from_reader(reader, path: str):
   from tokenizers import Tokenizer as HFTokenizer
   from tokenizers import decoders, models, pre_tokenizers
 
-  from medusa_jax.models.gguf import field
 
   kind = field(reader, "tokenizer.ggml.model")
   if kind != "gpt2":
@@ -137,7 +137,6 @@ class Tokenizer:
     eos_ids = tuple(int(i) for i in eos_ids)
     config = os.path.join(os.path.dirname(path), "config.json")
     if os.path.isfile(config) and (bos_id is None or not eos_ids or pad_id is None):
-      from medusa_jax.models.llama import LlamaConfig
       cfg = LlamaConfig.from_hf(config)
       bos_id = cfg.bos_token_id if bos_id is None else bos_id
       eos_ids = eos_ids or cfg.eos_token_ids
@@ -152,8 +151,6 @@ class Tokenizer:
       gguf_path: the ``.gguf`` file.
       reader: the file already opened with ``gguf.open_gguf``, if at hand.
     """
-    from medusa_jax.models.gguf import field, open_gguf
-
     path = os.fspath(gguf_path)
     reader = open_gguf(path) if reader is None else reader
     backend = _from_reader(reader, path)

@@ -23,7 +23,9 @@ import numpy as np
 
 from medusa_jax.errors import SegmentError
 from medusa_jax.options import Option
-from medusa_jax.pallas import _compat
+from medusa_jax.pallas import _compat, gpu, tpu
+from medusa_jax.pallas.ragged import segmented_matmul_ragged_dot
+from medusa_jax.pallas.reference import segmented_matmul_reference
 
 Array = jax.Array
 
@@ -108,19 +110,15 @@ def segmented_matmul(x: Array, w: Array, b: Array | None, s_start, s_end, seg_we
   if n_rows == 0 or s_start.shape[0] == 0:
     return jnp.zeros((n_rows, m), x.dtype)
   if backend is Backend.REFERENCE:
-    from medusa_jax.pallas.reference import segmented_matmul_reference
     return segmented_matmul_reference(x, w, b, s_start, s_end, seg_weight, resblock=resblock)
   if backend is Backend.RAGGED_DOT:
-    from medusa_jax.pallas.ragged import segmented_matmul_ragged_dot
     return segmented_matmul_ragged_dot(x, w, b, s_start, s_end, seg_weight, resblock=resblock)
   if backend is Backend.PALLAS_GPU:
-    from medusa_jax.pallas import gpu
     sizes = block_sizes or gpu.BlockSizes.for_shape(n_rows, w.shape[0], x.shape[1], m)
     if interpret is None:
       interpret = _compat.default_interpret("gpu")
     return gpu.segmented_matmul_gpu(x, w, b, s_start, s_end, seg_weight, resblock=resblock,
                                     block_sizes=sizes, interpret=bool(interpret))
-  from medusa_jax.pallas import tpu
   sizes = block_sizes or tpu.BlockSizes.for_shape(n_rows, w.shape[0], x.shape[1], m)
   if interpret is None:
     interpret = _compat.default_interpret("tpu")

@@ -16,7 +16,6 @@ Writes ``eval.json`` and PNG plots to the output directory.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -24,7 +23,19 @@ import sys
 import time
 from typing import Any, Sequence
 
+import jax
 import numpy as np
+
+from medusa_jax.adapters.io import CHOICES_NAME, read_choices
+from medusa_jax.assets import cache as assets
+from medusa_jax.bundled import SMOLLM2_HEADS
+from medusa_jax.decoding.engine import Engine
+from medusa_jax.models.chat import apply_chat_template
+from medusa_jax.models.tokenizer import Tokenizer
+from medusa_jax.training.config import TrainConfig
+from medusa_jax.training.data import Example
+from medusa_jax.training.distill import hidden_rows, lm_head_weight
+from medusa_jax.training.train import evaluate
 
 TURN_PREFIX = "\n<|im_start|>user\n"
 TURN_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
@@ -37,7 +48,6 @@ def _log(msg: str) -> None:
 def prepare_questions(mtbench_jsonl: str, tokenizer) -> list[dict[str, Any]]:
   """MT-bench questions as token ids: the first-turn chat prompt, and the ids
   that follow the first answer to open the second turn."""
-  from medusa_jax.models.chat import apply_chat_template
   out = []
   with open(mtbench_jsonl, encoding="utf-8") as f:
     for line in f:
@@ -95,12 +105,7 @@ def _mode_summary(res, plain_tokens) -> dict[str, Any]:
 def run_eval(engine, questions: list[dict[str, Any]], heads_choices, opts: EvalOptions
              ) -> dict[str, Any]:
   """Evaluates the engine's heads on the questions (see module docstring)."""
-  import jax
 
-  from medusa_jax.training.config import TrainConfig
-  from medusa_jax.training.distill import hidden_rows, lm_head_weight
-  from medusa_jax.training.data import Example
-  from medusa_jax.training.train import evaluate
 
   eos = int(engine.cfg.eos_token_ids[0])
   n = int(engine.num_heads)
@@ -209,56 +214,55 @@ def plot(report: dict[str, Any], out_dir: str) -> list[str]:
   return paths
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """``medusa-jax eval [--heads DIR] [--out DIR] [...]``."""
-  p = argparse.ArgumentParser(prog="medusa-jax eval",
-                              description="MT-bench: tokens/step, head accuracy, speed-up.")
-  p.add_argument("--heads", help="adapter dir (default: the bundled SmolLM2 heads)")
-  p.add_argument("--model-dir", help="base model dir (default: the fetched SmolLM2)")
-  p.add_argument("--mtbench", help="question.jsonl (default: the fetched package)")
-  p.add_argument("--questions", help="pre-tokenised questions JSON (from --write-questions)")
-  p.add_argument("--write-questions", help="write pre-tokenised questions here and exit")
-  p.add_argument("--out", default="eval_out", help="output directory")
-  p.add_argument("--max-new-tokens", type=int, default=256)
-  p.add_argument("--num-questions", type=int, default=0, help="first N questions (0 = all)")
-  p.add_argument("--bs1", type=int, default=0, help="also time N questions at batch size 1")
-  p.add_argument("--modes", default="chain,tree")
-  p.add_argument("--no-plots", action="store_true", help="write eval.json only")
-  ns = p.parse_args(list(argv) if argv is not None else None)
+def evaluate_heads(opts: EvalOptions, *, heads: str | None = None, model_dir: str | None = None,
+                   mtbench: str | None = None, questions: str | None = None,
+                   out_dir: str = "eval_out", plots: bool = True) -> dict[str, Any]:
+  """``medusa-jax eval``: MT-bench over an adapter; writes ``out_dir/eval.json`` (+ plots).
 
-  from medusa_jax.decoding.engine import BUNDLED_HEADS, Engine
-  model_dir, mtbench = ns.model_dir, ns.mtbench
-  if model_dir is None or (mtbench is None and ns.questions is None):
-    from medusa_jax.assets import cache as assets
+  Args:
+    opts: what to measure.
+    heads: the adapter directory (None: the bundled SmolLM2 heads); its
+      ``medusa_choices.json`` gives the trees.
+    model_dir: the base model (None: the fetched SmolLM2).
+    mtbench: ``question.jsonl`` (None: the fetched package).
+    questions: pre-tokenised questions (from :func:`write_questions`) instead of ``mtbench``.
+    out_dir: the report directory.
+    plots: also write the figures.
+
+  Returns:
+    The report.
+  """
+  model_dir, mtbench = _sources(model_dir, mtbench, need_mtbench=questions is None)
+  if questions:
+    with open(questions, encoding="utf-8") as f:
+      prepared = json.load(f)
+  else:
+    prepared = prepare_questions(mtbench, Tokenizer.from_file(model_dir))
+  heads = heads or SMOLLM2_HEADS
+  choices = read_choices(os.path.join(heads, CHOICES_NAME))
+  engine = Engine.load(model_dir, heads, max_cache_len=2048)
+  choices = [c for c in choices if len(c) <= engine.num_heads]
+  report = run_eval(engine, prepared, choices, opts)
+  report["heads"] = os.path.abspath(heads)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "eval.json"), "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=1)
+  if plots:
+    plot(report, out_dir)
+  return report
+
+
+def write_questions(path: str, *, model_dir: str | None = None, mtbench: str | None = None
+                    ) -> None:
+  """Writes MT-bench's questions, tokenised for the base model, to ``path`` (JSON)."""
+  model_dir, mtbench = _sources(model_dir, mtbench, need_mtbench=True)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(prepare_questions(mtbench, Tokenizer.from_file(model_dir)), f)
+
+
+def _sources(model_dir, mtbench, *, need_mtbench: bool) -> tuple[str, str | None]:
+  """The base model and MT-bench paths, fetching the packages for what is not given."""
+  if model_dir is None or (mtbench is None and need_mtbench):
     paths = assets.fetch()
     model_dir, mtbench = model_dir or paths.model_dir, mtbench or paths.mtbench_jsonl
-  if ns.questions:
-    with open(ns.questions, encoding="utf-8") as f:
-      questions = json.load(f)
-  else:
-    from medusa_jax.models.tokenizer import Tokenizer
-    questions = prepare_questions(mtbench, Tokenizer.from_file(model_dir))
-  if ns.write_questions:
-    with open(ns.write_questions, "w", encoding="utf-8") as f:
-      json.dump(questions, f)
-    return 0
-  heads = ns.heads or BUNDLED_HEADS
-  with open(os.path.join(heads, "medusa_choices.json"), encoding="utf-8") as f:
-    choices = [tuple(c) for c in json.load(f)]
-  engine = Engine.load(model_dir, heads, max_cache_len=2048)
-  opts = EvalOptions(max_new_tokens=ns.max_new_tokens, num_questions=ns.num_questions,
-                     bs1_questions=ns.bs1, modes=tuple(m for m in ns.modes.split(",") if m))
-  choices = [c for c in choices if len(c) <= engine.num_heads]
-  report = run_eval(engine, questions, choices, opts)
-  report["heads"] = os.path.abspath(heads)
-  os.makedirs(ns.out, exist_ok=True)
-  with open(os.path.join(ns.out, "eval.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1)
-  if not ns.no_plots:
-    plot(report, ns.out)
-  print(json.dumps({k: report[k] for k in ("turns", "head_accuracy")}, indent=1))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+  return model_dir, mtbench

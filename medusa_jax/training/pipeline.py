@@ -18,7 +18,6 @@ accuracies).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -26,11 +25,22 @@ import sys
 import time
 from typing import Any, Sequence
 
-import numpy as np
+import jax
+from flax import nnx
 
+from medusa_jax.adapters.io import write_choices
+from medusa_jax.adapters.weights import MedusaWeights
+from medusa_jax.assets import cache as assets
+from medusa_jax.decoding.tree import tree_from_accuracies
+from medusa_jax.models.chat import apply_chat_template
+from medusa_jax.models.gguf import convert_gguf
+from medusa_jax.models.llama_weights import load_llama
+from medusa_jax.models.tokenizer import Tokenizer
 from medusa_jax.training import data as D
-from medusa_jax.training.config import TrainConfig
-
+from medusa_jax.training.config import HeadKind, TrainConfig
+from medusa_jax.training.distill import (greedy_generate, hidden_rows, lm_head_weight,
+                                         make_examples)
+from medusa_jax.training.train import TokenRows, fit, medusa_config
 
 def _log(msg: str) -> None:
   print(f"[train] {msg}", file=sys.stderr, flush=True)
@@ -48,7 +58,6 @@ def mtbench_turns(path: str | os.PathLike) -> list[str]:
 
 def chat_encoder(tokenizer):
   """messages -> ids of the chat prompt with the assistant generation prompt."""
-  from medusa_jax.models.chat import apply_chat_template
 
   def encode(messages):
     return tokenizer.encode(apply_chat_template(messages, add_generation_prompt=True))
@@ -77,7 +86,6 @@ def _bar(total: int, desc: str):
 
 def distill(cfg: TrainConfig, llama, prompts: Sequence[D.Prompt]) -> list[D.Example]:
   """Greedy answers of the base model for every prompt (self-distillation)."""
-  from medusa_jax.training.distill import greedy_generate, make_examples
   eos = tuple(llama.cfg.eos_token_ids)
   pad = llama.cfg.pad_token_id if llama.cfg.pad_token_id is not None else eos[0]
   with _bar(len(prompts), "generate") as bar:
@@ -89,7 +97,6 @@ def distill(cfg: TrainConfig, llama, prompts: Sequence[D.Prompt]) -> list[D.Exam
 
 def rows(cfg: TrainConfig, llama, examples: Sequence[D.Example]):
   """(train TokenRows, val TokenRows) of the examples."""
-  from medusa_jax.training.distill import hidden_rows
   pad = llama.cfg.pad_token_id if llama.cfg.pad_token_id is not None else 0
   out = []
   for split in ("train", "val"):
@@ -103,12 +110,7 @@ def rows(cfg: TrainConfig, llama, examples: Sequence[D.Example]):
 
 def export(cfg: TrainConfig, model, out_dir: str, *, accuracy, recipe: dict[str, Any]) -> str:
   """Writes the adapter: LoRAX files, the tree built from ``accuracy``, the recipe."""
-  from flax import nnx
 
-  from medusa_jax.decoding.tree import tree_from_accuracies
-  from medusa_jax.training.config import HeadKind
-  from medusa_jax.training.train import medusa_config
-  from medusa_jax.adapters.weights import MedusaWeights
 
   hidden = model.medusa.hidden if model.is_v2 else model.medusa.heads[0].blocks[0].kernel.shape[0]
   vocab = None if model.is_v2 else model.medusa.heads[0].out.shape[1]
@@ -117,9 +119,7 @@ def export(cfg: TrainConfig, model, out_dir: str, *, accuracy, recipe: dict[str,
   nnx.update(weights.model, nnx.state(model, nnx.Param))
   weights.save(out_dir)
   choices = tree_from_accuracies(accuracy.rank_acc, cfg.tree_nodes + 1)
-  with open(os.path.join(out_dir, "medusa_choices.json"), "w", encoding="utf-8") as f:
-    json.dump([list(p) for p in choices], f)
-    f.write("\n")
+  write_choices(out_dir, choices)
   with open(os.path.join(out_dir, "recipe.json"), "w", encoding="utf-8") as f:
     json.dump(recipe, f, indent=1)
     f.write("\n")
@@ -149,20 +149,14 @@ def _model_dir(src: Sources, workdir: str) -> str:
   if src.gguf:
     out = os.path.join(workdir, "model")
     if not os.path.exists(os.path.join(out, "model.safetensors")):
-      from medusa_jax.models.gguf import convert_gguf
       convert_gguf(src.gguf, out)
     return out
-  from medusa_jax.assets import cache as assets
   return assets.fetch().model_dir
 
 
 def run(cfg: TrainConfig, workdir: str, out_dir: str, src: Sources = Sources(), *,
         progress: bool = True) -> dict[str, Any]:
   """Runs (or resumes) every stage and exports the heads; returns the recipe."""
-  import jax
-  from medusa_jax.models.llama import load_llama
-  from medusa_jax.training.distill import lm_head_weight
-  from medusa_jax.training.train import TokenRows, fit
 
   os.makedirs(workdir, exist_ok=True)
   timings: dict[str, float] = {}
@@ -173,10 +167,8 @@ def run(cfg: TrainConfig, workdir: str, out_dir: str, src: Sources = Sources(), 
 
   prompts_path = src.prompts or os.path.join(workdir, "prompts.jsonl")
   if not os.path.exists(prompts_path):
-    from medusa_jax.models.tokenizer import Tokenizer
     sharegpt, mtbench = src.sharegpt_json, src.mtbench_jsonl
     if sharegpt is None or mtbench is None:
-      from medusa_jax.assets import cache as assets
       paths = assets.fetch()
       sharegpt, mtbench = sharegpt or paths.sharegpt_json, mtbench or paths.mtbench_jsonl
     tokenizer = Tokenizer.from_file(model_dir)
@@ -221,37 +213,3 @@ def run(cfg: TrainConfig, workdir: str, out_dir: str, src: Sources = Sources(), 
     export(cfg, result.model, out_dir, accuracy=result.accuracy, recipe=recipe)
     _log(f"heads written to {out_dir}; val top1 {recipe['val_accuracy']['top1']}")
   return recipe
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """``medusa-jax train --config FILE [--workdir DIR] [--out DIR] [...]``."""
-  p = argparse.ArgumentParser(prog="medusa-jax train",
-                              description="Train Medusa heads by self-distillation.")
-  p.add_argument("--config", required=True, help="training config JSON (configs/*.json)")
-  p.add_argument("--workdir", help="caches and checkpoints (default:"
-                 " $MEDUSA_JAX_HOME/training/<name>)")
-  p.add_argument("--out", help="adapter output directory (default: <workdir>/heads)")
-  p.add_argument("--model-dir", help="base model (HF Llama dir); default: the fetched SmolLM2")
-  p.add_argument("--gguf", help="a Llama GGUF to convert instead of --model-dir")
-  p.add_argument("--prompts", help="a ready prompts.jsonl (skips ShareGPT)")
-  p.add_argument("--sharegpt", help="ShareGPT JSON (default: the fetched package)")
-  p.add_argument("--mtbench", help="MT-bench question.jsonl (excluded from training)")
-  p.add_argument("--steps", type=int, help="override the config's steps")
-  p.add_argument("--no-progress", action="store_true", help="no progress bars")
-  ns = p.parse_args(list(argv) if argv is not None else None)
-  cfg = TrainConfig.from_file(ns.config)
-  if ns.steps is not None:
-    cfg = dataclasses.replace(cfg, steps=ns.steps)
-  from medusa_jax.assets.cache import default_home
-  workdir = ns.workdir or os.path.join(default_home(), "training", cfg.name)
-  out = ns.out or os.path.join(workdir, "heads")
-  src = Sources(model_dir=ns.model_dir, gguf=ns.gguf, prompts=ns.prompts,
-                sharegpt_json=ns.sharegpt, mtbench_jsonl=ns.mtbench)
-  recipe = run(cfg, workdir, out, src, progress=not ns.no_progress)
-  print(json.dumps({"out": out, "val_accuracy": recipe["val_accuracy"],
-                    "timings_s": recipe["timings_s"]}))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

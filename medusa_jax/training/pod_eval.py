@@ -28,10 +28,24 @@ import os
 import time
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh
 
-from medusa_jax.errors import ShardingError
 from medusa_jax._validate import require_ints
+from medusa_jax.assets import cache as assets
+from medusa_jax.assets import datasets
+from medusa_jax.config import MedusaConfig
+from medusa_jax.decoding.engine import Engine
+from medusa_jax.errors import ShardingError
+from medusa_jax.heads.modules import MedusaModel
+from medusa_jax.models.llama import Llama
+from medusa_jax.models.llama_config import LlamaConfig
+from medusa_jax.models.llama_sharding import shard_llama
+from medusa_jax.parallel.mesh import DATA, MODEL
 
 RESULT_JSON = "pod_eval.json"
 RESULT_PNG = "pod_eval.png"
@@ -87,7 +101,6 @@ class PodEvalConfig:
 
 def initialize(cfg: PodEvalConfig) -> None:
   """Joins the job (``jax.distributed.initialize``); a no-op for one process."""
-  import jax
   if cfg.num_processes == 1 and cfg.coordinator is None:
     return
   jax.distributed.initialize(coordinator_address=cfg.coordinator,
@@ -105,10 +118,7 @@ def pod_mesh(model_parallel: int | None = None):
     ShardingError: hosts hold different device counts, or ``model_parallel``
       does not divide a host's devices.
   """
-  import jax
-  from jax.sharding import AxisType, Mesh
 
-  from medusa_jax.parallel.mesh import DATA, MODEL
   by_host: dict[int, list] = {}
   for d in sorted(jax.devices(), key=lambda d: (d.process_index, d.id)):
     by_host.setdefault(d.process_index, []).append(d)
@@ -136,7 +146,6 @@ def _model_parallel(cfg: PodEvalConfig, local_devices: int) -> int:
     return cfg.model_parallel
   if cfg.tiny:
     return local_devices  # the tiny model is sized to the mesh
-  from medusa_jax.models.llama import LlamaConfig
   lcfg = LlamaConfig.from_hf(_base_dir(cfg))
   return auto_model_parallel((lcfg.num_attention_heads, lcfg.hidden_size,
                               lcfg.intermediate_size, lcfg.vocab_size), local_devices)
@@ -145,13 +154,11 @@ def _model_parallel(cfg: PodEvalConfig, local_devices: int) -> int:
 def _base_dir(cfg: PodEvalConfig) -> str:
   if cfg.base is not None:
     return cfg.base
-  from medusa_jax.assets import cache as assets
   return str(assets.fetch(quiet=True).model_dir)
 
 
 def host_mesh(mesh, process_index: int):
   """The rows of ``mesh`` that lie on one host, as a mesh of its own."""
-  from jax.sharding import Mesh
   rows = [r for r in range(mesh.devices.shape[0])
           if mesh.devices[r, 0].process_index == process_index]
   return Mesh(mesh.devices[rows], mesh.axis_names, axis_types=mesh.axis_types)
@@ -175,24 +182,16 @@ def load_prompts(cfg: PodEvalConfig, vocab_size: int | None = None) -> list[Any]
     count = cfg.num_prompts or 8
     return [rng.integers(3, vocab_size, int(rng.integers(3, 12))).tolist()
             for _ in range(count)]
-  from medusa_jax.assets import cache as assets
-  questions = assets.load_mtbench(assets.fetch(quiet=True).mtbench_jsonl)
+  questions = datasets.load_mtbench(assets.fetch(quiet=True).mtbench_jsonl)
   prompts = [q["turns"][0] for q in questions]
   return prompts[:cfg.num_prompts] if cfg.num_prompts else prompts
 
 
 def build_engine(cfg: PodEvalConfig, mesh):
   """The engine on ``mesh`` (a host's rows of the pod mesh)."""
-  from flax import nnx
 
-  from medusa_jax.models.llama_sharding import shard_llama
-  from medusa_jax.decoding.engine import Engine
   if cfg.tiny:
-    import jax.numpy as jnp
 
-    from medusa_jax.config import MedusaConfig
-    from medusa_jax.heads.modules import MedusaModel
-    from medusa_jax.models.llama import Llama, LlamaConfig
     model_width = mesh.devices.shape[1]
     lcfg = LlamaConfig.tiny(vocab_size=64 * model_width, hidden_size=8 * model_width,
                             intermediate_size=16 * model_width, num_hidden_layers=1,
@@ -272,7 +271,6 @@ def gather_hosts(stats: HostStats) -> dict[str, np.ndarray]:
 
   The scalars travel as ``timing`` [P, 3]: wall seconds, decode seconds, decode tokens.
   """
-  from jax.experimental import multihost_utils
   local = dict(prompt_ids=stats.prompt_ids, new_tokens=stats.new_tokens, steps=stats.steps,
                head_accepts=stats.head_accepts, tokens=stats.tokens,
                timing=np.asarray([stats.wall_s, stats.decode_s, stats.decode_tokens], np.float64))
@@ -342,7 +340,6 @@ def write_report(summary: dict[str, Any], out_dir: str) -> tuple[str, str]:
 
 def run(cfg: PodEvalConfig) -> dict[str, Any]:
   """The whole evaluation on this process; returns the pod summary (on every host)."""
-  import jax
   initialize(cfg)
   mesh = pod_mesh(_model_parallel(cfg, len(jax.local_devices())))
   p, count = jax.process_index(), jax.process_count()

@@ -386,9 +386,3 @@ def fit(cfg: TrainConfig, train: TokenRows, val: TokenRows | None, lm_head_VxH: 
   model = nnx.merge(graphdef, jax.device_get(state["params"]))
   return FitResult(model=model, losses=losses, accuracy=accuracy, start_step=start,
                    seconds=seconds)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """``medusa-jax train --config configs/train_smollm2_v2.json [...]``."""
-  from medusa_jax.training.pipeline import main as pipeline_main
-  return pipeline_main(argv)

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from medusa_files import head_tensors
 from medusa_jax.config import MedusaConfig
-from medusa_jax.adapters.convert import Target, convert, inspect_heads, is_orbax_checkpoint, main
+from medusa_jax.adapters.convert import Target, convert, inspect_heads, is_orbax_checkpoint
 from medusa_jax.errors import (ConfigError, CorruptWeightsError, MissingTensorError,
                                WeightsNotFoundError)
 from medusa_jax.adapters.weights import MedusaWeights, load_medusa_adapter
@@ -188,14 +188,3 @@ def test_errors(tmp_path):
   with pytest.raises(ConfigError, match="not valid JSON"):
     convert(bad_cfg, tmp_path / "o")
   assert not (tmp_path / "o").exists()
-
-
-def test_main_prints_result_and_json(tmp_path, capsys):
-  rng = np.random.default_rng(6)
-  save_file(head_tensors(rng, n=3, hidden=H), str(tmp_path / "h.safetensors"))
-  assert main([str(tmp_path / "h.safetensors"), str(tmp_path / "o"), "--base-model", "b",
-               "--json"]) == 0
-  out = json.loads(capsys.readouterr().out)
-  assert out["to"] == "lorax" and out["config"]["medusa_num_heads"] == 3
-  assert main([str(tmp_path / "o"), str(tmp_path / "ob"), "--to", "orbax"]) == 0
-  assert "wrote orbax" in capsys.readouterr().out

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from medusa_jax.app import demo
+from medusa_jax.app.main import main
 from medusa_jax.errors import AssetError
 
 
@@ -20,7 +21,7 @@ def smol_assets():
 
 
 def test_demo_prints_the_table_and_json(smol_assets, capsys):
-  assert demo.main(["--prompts", "1", "--max-new-tokens", "8", "--speculate", "none", "tree",
+  assert main(["demo", "--prompts", "1", "--max-new-tokens", "8", "--speculate", "none", "tree",
                     "--json"]) == 0
   out = capsys.readouterr().out
   table, _, payload = out.partition("\n{\n")

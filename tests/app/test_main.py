@@ -10,20 +10,26 @@ import sys
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
+from medusa_jax.adapters.convert import Target
+from medusa_jax.app import bench, chat
+from medusa_jax.app import convert as convert_cmd
 from medusa_jax.app import generate as gen
 from medusa_jax.app import main as cli
+from medusa_jax.decoding.engine import Engine
 from medusa_jax.decoding import text
 from medusa_jax.decoding.requests import SamplingParams
+from medusa_files import head_tensors
 from tiny_model import make_tiny_adapter_dir, make_tiny_llama_dir
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _run(*args, stdin: str | None = None, env: dict | None = None, timeout: int = 240):
-  """Runs ``python -m medusa_jax.app.main ARGS`` (the console script's code) in a subprocess."""
+  """Runs ``python -m medusa_jax ARGS`` (the console script's code) in a subprocess."""
   full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-  return subprocess.run([sys.executable, "-m", "medusa_jax.app.main", *args], input=stdin,
+  return subprocess.run([sys.executable, "-m", "medusa_jax", *args], input=stdin,
                         capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
 
 
@@ -45,28 +51,32 @@ def tiny_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(tiny_dirs):
-  return gen.load_engine(*tiny_dirs, max_cache_len=256, max_tree_rows=16)
+  return Engine.load(*tiny_dirs, max_cache_len=256, max_tree_rows=16)
+
+
+def _use(monkeypatch, engine):
+  """The engine-loading commands get ``engine`` instead of loading one."""
+  for module in (gen, chat, bench):
+    monkeypatch.setattr(module, "load_engine", lambda *a, **k: engine)
 
 
 # ----------------------------------------------------------------------------- help
 
 
-@pytest.mark.parametrize("command", list(cli._COMMANDS))
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
 def test_every_command_has_help_with_examples(command, capsys):
   if command == "demo":
     pytest.importorskip("medusa_jax.app.demo")
   assert cli.main([command, "--help"]) == 0
   out = capsys.readouterr().out
   assert f"medusa-jax {command}" in out
-  if cli._COMMANDS[command][0] in ("medusa_jax.app.generate", "medusa_jax.adapters.convert",
-                                   "medusa_jax.app.info"):
-    assert "examples:" in out
+  assert "examples:" in out  # every command shows how it is used
 
 
 def test_console_help_in_a_subprocess():
   res = _run("--help")
   assert res.returncode == 0, res.stderr
-  for command in cli._COMMANDS:
+  for command in cli.COMMANDS:
     assert f"  {command} " in res.stdout
   assert "examples:" in res.stdout
 
@@ -130,7 +140,7 @@ def test_stream_text_never_splits_a_character(engine, monkeypatch):
 
 
 def test_generate_main_streams_and_json(engine, tiny_dirs, monkeypatch, capsys):
-  monkeypatch.setattr(gen, "load_engine", lambda *a, **k: engine)
+  _use(monkeypatch, engine)
   assert cli.main(["generate", "Hi", "--speculate", "tree", "--max-new-tokens", "6",
                    "--model-dir", tiny_dirs[0]]) == 0
   streamed = capsys.readouterr()
@@ -165,7 +175,7 @@ def test_chat_piped_stdin_ends_on_eof(tiny_dirs):
 
 def test_chat_session_keeps_history_and_drops_old_turns(engine, monkeypatch, capsys):
   params = SamplingParams(speculate="none", max_new_tokens=4)
-  session = gen.ChatSession(engine, params, system="Be brief.")
+  session = text.ChatSession(engine, params, system="Be brief.")
   first, _ = session.reply("one")
   assert session.turns == [{"role": "user", "content": "one"},
                            {"role": "assistant", "content": first}]
@@ -179,16 +189,17 @@ def test_chat_session_keeps_history_and_drops_old_turns(engine, monkeypatch, cap
   users = [t["content"] for t in session.turns[::2]]
   assert users[-1] == third and "one" not in users
   # A turn too long on its own fails alone; the chat goes on (chat_main prints one line).
-  monkeypatch.setattr(gen, "load_engine", lambda *a, **k: engine)
-  rc = gen.chat_main(["--max-new-tokens", "4", "--speculate", "none", "--stats"],
-                     stdin=io.StringIO("x" * 400 + "\nok\n"))
+  _use(monkeypatch, engine)
+  ns = cli.build_parser().parse_args(["chat", "--max-new-tokens", "4", "--speculate", "none",
+                                      "--stats"])
+  rc = chat.run(ns, stdin=io.StringIO("x" * 400 + "\nok\n"))
   captured = capsys.readouterr()
   assert rc == 0 and "exceeds max_cache_len" in captured.err
   assert captured.err.count("tokens/step") == 1
 
 
 def test_bench_reports_every_mode(engine, monkeypatch, capsys):
-  monkeypatch.setattr(gen, "load_engine", lambda *a, **k: engine)
+  _use(monkeypatch, engine)
   assert cli.main(["bench", "--modes", "tree", "none", "--batch-sizes", "1", "2",
                    "--max-new-tokens", "12", "--prompts", "a b", "c", "--json",
                    "--no-progress"]) == 0
@@ -198,7 +209,7 @@ def test_bench_reports_every_mode(engine, monkeypatch, capsys):
                                                      (2, "tree")]
   assert all(r["same_as_plain"] is not False for r in rows)  # greedy speculation is lossless
   assert rows[1]["same_as_plain"] is True and rows[1]["speedup"] > 0
-  table = gen.format_bench(report)
+  table = bench.format_bench(report)
   assert len(table.splitlines()) == 2 + len(rows) and "tree" in table
 
 
@@ -223,7 +234,7 @@ def test_bench_reports_every_mode(engine, monkeypatch, capsys):
     ([], ["missing COMMAND"]),
 ])
 def test_user_errors_are_one_line_exit_2(argv, needles, engine, monkeypatch, capsys):
-  monkeypatch.setattr(gen, "load_engine", lambda *a, **k: engine)
+  _use(monkeypatch, engine)
   assert cli.main(argv) == 2
   _assert_one_line_error(capsys.readouterr().err, *needles)
 
@@ -238,7 +249,7 @@ def test_bad_arguments_in_a_subprocess_and_debug_traceback():
 
 
 def test_request_error_from_the_engine_is_one_line(engine, monkeypatch, capsys):
-  monkeypatch.setattr(gen, "load_engine", lambda *a, **k: engine)
+  _use(monkeypatch, engine)
   assert cli.main(["generate", "x" * 300, "--max-new-tokens", "4"]) == 2
   _assert_one_line_error(capsys.readouterr().err, "exceeds max_cache_len (256)")
   with pytest.raises(Exception, match="exceeds max_cache_len"):
@@ -246,16 +257,17 @@ def test_request_error_from_the_engine_is_one_line(engine, monkeypatch, capsys):
 
 
 def test_internal_error_exit_1_with_hint_and_missing_module(monkeypatch, capsys):
-  def boom(argv):
+  def boom(ns):
     raise RuntimeError("kaput\nsecond line")
-  monkeypatch.setattr(cli, "_resolve", lambda name: boom)
+  from medusa_jax.app import info
+  monkeypatch.setattr(info, "run", boom)
   assert cli.main(["info"]) == 1
   _assert_one_line_error(capsys.readouterr().err, "RuntimeError: kaput second line", "--debug")
   monkeypatch.setenv(cli.DEBUG_ENV, "1")
   with pytest.raises(RuntimeError, match="kaput"):
     cli.main(["info"])
   monkeypatch.undo()
-  monkeypatch.setitem(cli._COMMANDS, "info", ("medusa_jax.not_a_module", "main", "x"))
+  monkeypatch.setitem(cli.COMMANDS, "info", "not_a_module")
   assert cli.main(["info"]) == 2
   _assert_one_line_error(capsys.readouterr().err, "not available in this build")
 
@@ -277,6 +289,21 @@ def test_sampling_params_validate(engine):
   with pytest.raises(ValueError, match=rf"token 1 = {vocab}; expected an integer id"):
     list(text.stream_tokens(engine, [1, vocab], SamplingParams()))
   with pytest.raises(ValueError, match="dtype='float64'"):
-    gen.load_engine(dtype="float64")
+    Engine.load(dtype="float64")
   np.testing.assert_array_equal(text.chat_ids(engine, "hi"),
                                 text.chat_ids(engine, [{"role": "user", "content": "hi"}]))
+
+
+def test_convert_choices_are_the_target_formats():
+  assert convert_cmd.TARGETS == tuple(t.value for t in Target)
+
+
+def test_main_prints_result_and_json(tmp_path, capsys):
+  rng = np.random.default_rng(6)
+  save_file(head_tensors(rng, n=3, hidden=16), str(tmp_path / "h.safetensors"))
+  assert cli.main(["convert", str(tmp_path / "h.safetensors"), str(tmp_path / "o"), "--base-model", "b",
+               "--json"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["to"] == "lorax" and out["config"]["medusa_num_heads"] == 3
+  assert cli.main(["convert", str(tmp_path / "o"), str(tmp_path / "ob"), "--to", "orbax"]) == 0
+  assert "wrote orbax" in capsys.readouterr().out

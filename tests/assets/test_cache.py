@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from medusa_jax.assets import cache as assets
+from medusa_jax.assets import datasets
 from medusa_jax.errors import AssetError
 
 
@@ -211,27 +212,28 @@ def test_real_fetch_is_complete_and_idempotent(real_assets):
   for name in assets.MODEL_FILES:
     assert (again.model_dir / name).stat().st_size > 0
   assert again.gguf_path.stat().st_size == 98_362_432
-  assert assets.main(["--quiet"]) == 0
+  from medusa_jax.app.main import main
+  assert main(["fetch", "--quiet"]) == 0
   assert assets.asset_paths() == again
 
 
 def test_load_mtbench(real_assets, tmp_path):
-  qs = assets.load_mtbench(real_assets.mtbench_jsonl)
+  qs = datasets.load_mtbench(real_assets.mtbench_jsonl)
   assert len(qs) == 80 and qs[0]["question_id"] == 81 and qs[0]["category"] == "writing"
   assert all(len(q["turns"]) == 2 for q in qs)
   bad = tmp_path / "q.jsonl"
   bad.write_text('{"question_id": 1, "category": "x", "turns": ["a"]}\n{"question_id": 2}\n')
   with pytest.raises(AssetError, match=r"q\.jsonl:2: expected question_id"):
-    assets.load_mtbench(bad)
+    datasets.load_mtbench(bad)
   bad.write_text("{not json\n")
   with pytest.raises(AssetError, match=r"q\.jsonl:1: not valid JSON"):
-    assets.load_mtbench(bad)
+    datasets.load_mtbench(bad)
   with pytest.raises(AssetError, match="cannot read"):
-    assets.load_mtbench(tmp_path / "none.jsonl")
+    datasets.load_mtbench(tmp_path / "none.jsonl")
 
 
 def test_load_sharegpt_real_file(real_assets):
-  convs = assets.load_sharegpt(real_assets.sharegpt_json)
+  convs = datasets.load_sharegpt(real_assets.sharegpt_json)
   assert len(convs) == 17_671
   assert all(isinstance(c.get("conversations"), list) for c in convs)
 
@@ -244,11 +246,11 @@ def test_load_sharegpt_truncated(tmp_path):
   cut = text.index('"c4"') + 10  # inside the last conversation
   path = tmp_path / "sg.json"
   path.write_text(text[:cut], encoding="utf-8")
-  assert assets.load_sharegpt(path) == convs[:4]
+  assert datasets.load_sharegpt(path) == convs[:4]
   path.write_text(text, encoding="utf-8")  # complete files work too
-  assert assets.load_sharegpt(path) == convs
+  assert datasets.load_sharegpt(path) == convs
   path.write_text('{"not": "a list"}')
   with pytest.raises(AssetError, match="JSON array"):
-    assets.load_sharegpt(path)
+    datasets.load_sharegpt(path)
   with pytest.raises(AssetError, match="cannot read"):
-    assets.load_sharegpt(tmp_path / "none.json")
+    datasets.load_sharegpt(tmp_path / "none.json")

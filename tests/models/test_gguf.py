@@ -118,7 +118,8 @@ def test_convert_synthetic_gguf_round_trip(tmp_path, tied):
   from flax import nnx
   import jax.numpy as jnp
   from test_llama import _model, _params_np
-  from medusa_jax.models.llama import KVCache, causal_mask, load_llama
+  from medusa_jax.models.llama import KVCache, causal_mask
+  from medusa_jax.models.llama_weights import load_llama
 
   model = _model(seed=21, tie_word_embeddings=tied, rope_theta=5e4, rms_norm_eps=1e-6)
   p = write_tiny_gguf(tmp_path / "tiny.gguf", model)

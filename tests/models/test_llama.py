@@ -15,7 +15,8 @@ from flax import nnx
 from medusa_jax.errors import (ConfigError, CorruptWeightsError, MissingTensorError,
                                RequestError, TensorShapeError, WeightsNotFoundError)
 from medusa_jax.models.llama import (AttentionScores, KVCache, Llama, LlamaConfig, apply_rope,
-                                     causal_mask, load_llama, rope, rope_tables)
+                                     causal_mask, rope, rope_tables)
+from medusa_jax.models.llama_weights import load_llama
 
 
 # ----------------------------------------------------------------- reference
@@ -466,7 +467,7 @@ def test_config_errors(over, match):
 
 
 def test_config_rope_scaling():
-  from medusa_jax.models.llama import RopeType, rope_inv_freq
+  from medusa_jax.models.llama_config import RopeType, rope_inv_freq
   cfg = LlamaConfig.from_hf(_hf_config(rope_scaling={"type": "linear", "factor": 4.0}))
   assert cfg.rope_scaling.rope_type is RopeType.LINEAR and cfg.rope_scaling.factor == 4.0
   np.testing.assert_allclose(cfg.inv_freq, rope_inv_freq(8, 5e5) / 4.0, rtol=1e-6)

@@ -12,10 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from medusa_jax import pod_eval
+from medusa_jax.training import pod_eval
 from medusa_jax.errors import ConfigError, ShardingError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "scripts", "tpu_pod_eval.py")
 
 
