@@ -72,3 +72,19 @@ def rel_err(got, want) -> float:
   if not np.isfinite(got).all():
     return float("inf")
   return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def random_v2_heads(cfg, n: int, seed: int, max_batch_size: int | None = None):
+  """V2 ``MedusaModel`` heads for a Llama config ``cfg``, with random (not identity) weights."""
+  import jax
+  from flax import nnx
+
+  from medusa_jax.config import MedusaConfig
+  from medusa_jax.heads.modules import MedusaModel
+  mc = MedusaConfig(base_model_name_or_path="tiny", medusa_num_heads=n, medusa_num_layers=1,
+                    version=2.0)
+  heads = MedusaModel(mc, cfg.hidden_size, rngs=nnx.Rngs(seed), max_batch_size=max_batch_size)
+  k1, k2 = jax.random.split(jax.random.PRNGKey(seed + 100))
+  heads.medusa.kernel[...] = 0.3 * jax.random.normal(k1, heads.medusa.kernel[...].shape)
+  heads.medusa.bias[...] = 0.1 * jax.random.normal(k2, heads.medusa.bias[...].shape)
+  return heads

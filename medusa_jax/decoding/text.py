@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from medusa_jax.decoding.engine import Engine
 from medusa_jax.decoding.requests import SamplingParams, Speculate, chat_prompt, encode_prompt
+from medusa_jax.decoding.results import RowStats
 from medusa_jax.errors import RequestError
 
 
@@ -42,29 +43,18 @@ class StreamChunk:
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class StreamStats:
-  """Statistics of one streamed request.
+class StreamStats(RowStats):
+  """Statistics of one streamed request: the request's :class:`RowStats`, and
 
   Attributes:
-    new_tokens: tokens generated (the first comes from the prefill).
-    steps: decode steps after the prefill.
-    tokens_per_step: (new_tokens - 1) / steps.
-    accept_hist: ``accept_hist[a]`` = steps that accepted ``a`` drafts.
-    head_accepts: ``head_accepts[k]`` = steps in which head k's draft was accepted.
     tree_nodes: T, tokens verified per step (1 when plain).
     speculate: the mode used ("none" when a guard turned speculation off).
-    wall_s: seconds from the first dispatch to the last token, compilation included.
-    tokens_per_s: new_tokens / wall_s.
+
+  Here ``wall_s`` runs from the first dispatch to the last token, compilation
+  included, and ``tokens_per_s`` is ``new_tokens / wall_s``.
   """
-  new_tokens: int
-  steps: int
-  tokens_per_step: float
-  accept_hist: tuple[int, ...]
-  head_accepts: tuple[int, ...]
   tree_nodes: int
   speculate: str
-  wall_s: float
-  tokens_per_s: float
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -109,10 +99,9 @@ def stream_tokens(engine: Engine, prompt_ids: Sequence[int], params: SamplingPar
       mode = Speculate.NONE if res.speculation_skipped else res.speculate
       wall = time.perf_counter() - t0
       stats = StreamStats(
-          new_tokens=row.new_tokens, steps=row.steps, tokens_per_step=row.tokens_per_step,
-          accept_hist=row.accept_hist, head_accepts=row.head_accepts,
-          tree_nodes=res.tree_nodes, speculate=mode.value, wall_s=wall,
-          tokens_per_s=row.new_tokens / wall if wall > 0 else float("nan"))
+          **{**dataclasses.asdict(row), "wall_s": wall,
+             "tokens_per_s": row.new_tokens / wall if wall > 0 else float("nan")},
+          tree_nodes=res.tree_nodes, speculate=mode.value)
       yield dataclasses.replace(last, stats=stats)
       return
     chunk = StreamChunk(tokens=tuple(event.tokens[0]), accepted=event.accept_len[0])

@@ -9,17 +9,15 @@ import pytest
 from flax import nnx
 
 import tiny_model
-from medusa_files import head_tensors, ref_heads_hidden
+from medusa_files import head_tensors, ref_heads_hidden, random_v2_heads
 from medusa_jax.adapters.weights import MedusaWeights, load_medusa_adapter
-from medusa_jax.config import MedusaConfig
 from medusa_jax.decoding.decoder import Decoder
 from medusa_jax.decoding.engine import Engine
 from medusa_jax.decoding.state import DecodeState, StepConfig
 from medusa_jax.decoding.strategies import Greedy
 from medusa_jax.decoding.tree import build_tree
-from medusa_jax.heads.modules import MedusaModel
 from medusa_jax.heads.routed import BatchMedusaWeights
-from medusa_jax.models.llama import KVCache, Llama, LlamaConfig, causal_mask
+from medusa_jax.models.llama import KVCache, causal_mask
 from medusa_jax.models.llama_weights import load_llama
 from medusa_jax.models.tokenizer import Tokenizer
 
@@ -28,24 +26,6 @@ TREE = build_tree([[0], [1], [0, 0], [1, 0]])
 CONFIG = StepConfig(tree=TREE, strategy=Greedy())
 ROWS = 4
 REF_WIDTH = 16
-
-
-def _heads(cfg, n, seed, max_batch_size=None):
-  mc = MedusaConfig(base_model_name_or_path="tiny", medusa_num_heads=n, medusa_num_layers=1,
-                    version=2.0)
-  heads = MedusaModel(mc, cfg.hidden_size, rngs=nnx.Rngs(seed), max_batch_size=max_batch_size)
-  k1, k2 = jax.random.split(jax.random.PRNGKey(seed + 100))
-  heads.medusa.kernel[...] = 0.3 * jax.random.normal(k1, heads.medusa.kernel[...].shape)
-  heads.medusa.bias[...] = 0.1 * jax.random.normal(k2, heads.medusa.bias[...].shape)
-  return heads
-
-
-@pytest.fixture(scope="module")
-def tiny():
-  cfg = LlamaConfig.tiny(eos_token_ids=())
-  llama = Llama(cfg, rngs=nnx.Rngs(11))
-  heads = _heads(cfg, 3, seed=5)
-  return cfg, llama, heads, Decoder(llama, heads)
 
 
 def _prefill(dec, prompts, config=CONFIG, max_new=20, rows=ROWS):
@@ -99,7 +79,7 @@ def test_no_recompilation_for_the_same_bucket(tiny):
 
 def test_decode_step_routes_rows_through_batch_medusa_weights(tiny):
   cfg, llama, heads, _ = tiny
-  other = _heads(cfg, 3, seed=21)
+  other = random_v2_heads(cfg, 3, seed=21)
   weights = {0: MedusaWeights(heads.config, heads), 2: MedusaWeights(other.config, other)}
   adapter_ids = [2, 0, 2]
   batch = BatchMedusaWeights.load(weights, adapter_ids, backend="reference")

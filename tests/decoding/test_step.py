@@ -4,36 +4,16 @@ acceptance, frozen rows."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
-from medusa_jax.config import MedusaConfig
+from medusa_files import random_v2_heads
 from medusa_jax.decoding.decoder import Decoder
 from medusa_jax.decoding.state import DecodeState, StepConfig
 from medusa_jax.decoding.strategies import Greedy
 from medusa_jax.decoding.tree import build_tree
-from medusa_jax.heads.modules import MedusaModel
-from medusa_jax.models.llama import KVCache, Llama, LlamaConfig, causal_mask
+from medusa_jax.models.llama import KVCache, causal_mask
 
 CACHE = 32
-
-
-def _heads(cfg, n, seed, max_batch_size=None):
-  mc = MedusaConfig(base_model_name_or_path="tiny", medusa_num_heads=n, medusa_num_layers=1,
-                    version=2.0)
-  heads = MedusaModel(mc, cfg.hidden_size, rngs=nnx.Rngs(seed), max_batch_size=max_batch_size)
-  k1, k2 = jax.random.split(jax.random.PRNGKey(seed + 100))
-  heads.medusa.kernel[...] = 0.3 * jax.random.normal(k1, heads.medusa.kernel[...].shape)
-  heads.medusa.bias[...] = 0.1 * jax.random.normal(k2, heads.medusa.bias[...].shape)
-  return heads
-
-
-@pytest.fixture(scope="module")
-def tiny():
-  cfg = LlamaConfig.tiny(eos_token_ids=())
-  llama = Llama(cfg, rngs=nnx.Rngs(11))
-  heads = _heads(cfg, 3, seed=5)
-  return cfg, llama, heads, Decoder(llama, heads)
 
 
 # One tree and one batch bucket for every test, so the steps compile once.
@@ -110,7 +90,7 @@ def test_decode_step_matches_heads_on_last_hidden(tiny):
 
 def test_decode_step_honours_the_heads_guard(tiny):
   cfg, llama, _, _ = tiny
-  guarded = Decoder(llama, _heads(cfg, 2, seed=9, max_batch_size=2))
+  guarded = Decoder(llama, random_v2_heads(cfg, 2, seed=9, max_batch_size=2))
   rng = np.random.default_rng(2)
   rows = 3
   state = DecodeState(
