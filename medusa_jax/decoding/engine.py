@@ -32,7 +32,7 @@ from medusa_jax.decoding.requests import (Batch, OnError, Request, RequestContex
                                           SamplingParams, validate)
 from medusa_jax.decoding.results import GenerationResult, RowStats, StreamEvent
 from medusa_jax.decoding.state import StepConfig
-from medusa_jax.errors import AdapterLoadError
+from medusa_jax.errors import AdapterLoadError, ConfigError
 from medusa_jax.heads.modules import MedusaModel
 from medusa_jax.heads.routed import BatchMedusaWeights
 from medusa_jax.models.llama_sharding import shard_cache
@@ -69,6 +69,12 @@ class Engine:
         (``Engine(llama, max_cache_len=64)``).
     """
     config = _config(config, config_fields)
+    limit = llama.cfg.position_limit
+    if limit is not None and config.max_cache_len > limit:
+      raise ConfigError(
+          f"max_cache_len={config.max_cache_len} exceeds max_position_embeddings={limit}:"
+          f" rope_scaling type {llama.cfg.rope_scaling.rope_type.value!r} is exact only up to"
+          f" it (transformers rescales the frequencies past it); use max_cache_len <= {limit}")
     self.adapter_slots: dict[int, int] | None = None
     self.registry = AdapterRegistry()
     routed = None

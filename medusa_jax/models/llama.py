@@ -259,7 +259,7 @@ class Linear(nnx.Module):
     """x: [..., K] -> [..., M] in the compute dtype (the bias added in f32)."""
     y = _dense(x.astype(self.dtype), self.kernel[...])
     if self.bias is not None:
-      y = y + self.bias[...].astype(jnp.float32)
+      y = y + self.bias[...].astype(jnp.float32).reshape((1,) * (y.ndim - 1) + (-1,))
     return y.astype(self.dtype)
 
 
