@@ -249,3 +249,31 @@ def test_dynamic_rope_refuses_a_longer_cache(tmp_path):
   Engine(model, max_cache_len=128)
   with pytest.raises(ConfigError, match="max_position_embeddings=128: rope_scaling type .dynamic."):
     Engine(model, max_cache_len=256)
+
+
+def test_biases_on_a_mesh_compute_the_same():
+  """Megatron rules place every bias (column-parallel split, row-parallel replicated) and
+  the sharded model gives the unsharded logits."""
+  from jax.sharding import PartitionSpec as P
+
+  from medusa_jax.models.llama import Llama
+  from medusa_jax.models.llama_sharding import shard_llama
+  from medusa_jax.parallel.mesh import make_mesh
+  cfg = LlamaConfig.tiny(vocab_size=128, num_attention_heads=4, num_key_value_heads=4,
+                         qkv_bias=True, o_bias=True, mlp_bias=True)
+  model = Llama(cfg, rngs=nnx.Rngs(0))
+  keys = iter(jax.random.split(jax.random.PRNGKey(1), 64))
+  for layer in model.layers:
+    for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
+                layer.mlp.down_proj):
+      lin.bias[...] = 0.3 * jax.random.normal(next(keys), lin.bias[...].shape)
+  mesh = make_mesh(2, 4)
+  with jax.set_mesh(mesh):
+    sharded = shard_llama(model, mesh)
+  attn, mlp = sharded.layers[0].self_attn, sharded.layers[0].mlp
+  assert attn.q_proj.bias[...].sharding.spec == P("model")
+  assert mlp.up_proj.bias[...].sharding.spec == P("model")
+  assert attn.o_proj.bias[...].sharding.spec == P() == mlp.down_proj.bias[...].sharding.spec
+  tokens = np.random.default_rng(2).integers(0, 128, (2, 12))
+  np.testing.assert_allclose(_logits(sharded, tokens), _logits(model, tokens), atol=1e-5)
