@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from medusa_jax.models.chat import BUILTIN, ChatTemplate, apply_chat_template, chat_ids
+from medusa_jax.models.chat import ChatTemplate, apply_chat_template, chat_ids
 from medusa_jax.models.tokenizer import Tokenizer
 from medusa_jax.training.evaluate import plot, prepare_questions, second_turn, turn2_suffix
 
