@@ -16,6 +16,7 @@ from medusa_jax.errors import (AdapterLoadError, ArchitectureError, AssetError,
                                RequestError, SegmentError, ShardingError, TensorDtypeError,
                                TensorShapeError, WeightsError, WeightsFormatError,
                                WeightsNotFoundError)
+from medusa_jax.errors import AdapterMismatchError, ModelNotFoundError, UnsupportedModelError
 
 __version__ = "0.1.0"
 

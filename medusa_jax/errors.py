@@ -16,6 +16,20 @@ class ConfigError(MedusaError):
   """A Medusa ``config.json`` (or dict) is missing a field or has a bad value."""
 
 
+class UnsupportedModelError(ConfigError):
+  """A base model's ``config.json`` asks for an architecture or a field value that is not
+  implemented (an unknown ``model_type``, a RoPE type, a bias, an unknown field): refused
+  rather than run with different math."""
+
+
+class ModelNotFoundError(MedusaError):
+  """A model or adapter is neither a local directory nor in the Hugging Face cache."""
+
+
+class AdapterMismatchError(MedusaError):
+  """An adapter does not fit its base model (hidden size, vocabulary, dtype)."""
+
+
 class ArchitectureError(MedusaError):
   """The requested head architecture cannot be built (e.g. V2 with L > 1)."""
 

@@ -29,7 +29,8 @@ LABELS = {
     "decoding": "decoding/<br/>requests · engine · decoder · step · strategies · tree",
     "heads": "heads/<br/>protocol · modules · routed · sharded",
     "adapters": "adapters/<br/>layout · files · io · weights · registry · segments · convert",
-    "models": "models/<br/>llama · llama_weights · llama_sharding · tokenizer · chat · gguf",
+    "models": ("models/<br/>llama · llama_config · families · llama_weights · llama_sharding"
+               " · tokenizer · chat · hub · gguf"),
     "parallel": "parallel/<br/>mesh: make_mesh, rules, place",
     "pallas": "pallas/<br/>segmented_matmul: reference · ragged · gpu · tpu",
     "assets": "assets/<br/>cache (pip download, sha256) · datasets",

@@ -36,6 +36,8 @@ def make_tiny_llama_dir(out: str | os.PathLike, *, seed: int = 0, hidden: int = 
   os.makedirs(out, exist_ok=True)
   tok, vocab = _byte_tokenizer()
   tok.save(os.path.join(out, "tokenizer.json"))
+  from medusa_jax.models.chat import ChatTemplate
+  ChatTemplate().save(out)  # SmolLM2's ChatML, whose specials the byte tokenizer has
   heads, kv_heads, head_dim, inter = 4, 2, hidden // 4, 48
   cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
          "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,

@@ -14,12 +14,18 @@ SPECULATE_CHOICES = ("none", "chain", "tree")
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
   """Which model and heads, and the engine knobs (``EngineConfig`` fields)."""
-  p.add_argument("--model-dir", help="Hugging Face Llama directory (default: the fetched"
+  p.add_argument("--model-dir", help="Hugging Face Llama/Mistral/Qwen2 directory, or an id"
+                 " (org/name) in the local Hugging Face cache (default: the fetched"
                  " SmolLM2-135M-Instruct; fetched on first use)")
-  p.add_argument("--adapter", help="Medusa adapter directory, LoRAX layout (default: the"
-                 " bundled SmolLM2 heads; see `medusa-jax convert` for other formats)")
+  p.add_argument("--adapter", help="Medusa adapter directory or Hugging Face id, LoRAX layout"
+                 " (default: the bundled SmolLM2 heads for SmolLM2; see `medusa-jax convert`"
+                 " for other formats)")
   p.add_argument("--max-cache-len", type=int, default=2048, help="KV cache slots (default 2048)")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--chat-template", default=None, metavar="NAME|FILE|JINJA",
+                 help="the chat format: a built-in name (vicuna_v1.1, chatml, smollm2, llama2,"
+                 " llama3, mistral), one of the model's named templates, a .jinja file or"
+                 " Jinja text (default: the model's own template)")
   p.add_argument("--max-tree-rows", type=int, default=None,
                  help="B*T budget of the adaptive tree (default: per platform,"
                  " medusa_jax.config.TREE_ROWS: 3 on CPU, 64 on GPU/TPU)")
@@ -42,7 +48,8 @@ def load_engine(ns: argparse.Namespace, notice=None):
   """``Engine.load`` from the engine flags; ``notice`` gets a message about the heads."""
   from medusa_jax.decoding.engine import Engine  # CLI dispatch: JAX loads here
   return Engine.load(ns.model_dir, ns.adapter, max_cache_len=ns.max_cache_len, dtype=ns.dtype,
-                     max_tree_rows=ns.max_tree_rows, notice=notice)
+                     max_tree_rows=ns.max_tree_rows, notice=notice,
+                     chat_template=getattr(ns, "chat_template", None))
 
 
 def sampling_params(ns: argparse.Namespace):

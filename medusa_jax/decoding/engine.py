@@ -29,10 +29,10 @@ from medusa_jax.decoding import buckets
 from medusa_jax.decoding.decoder import Decoder
 from medusa_jax.decoding.loading import DEFAULT_NUM_HEADS, load_model
 from medusa_jax.decoding.requests import (Batch, OnError, Request, RequestContext,
-                                          SamplingParams, validate)
+                                          SamplingParams, encode_prompt, validate)
 from medusa_jax.decoding.results import GenerationResult, RowStats, StreamEvent
 from medusa_jax.decoding.state import StepConfig
-from medusa_jax.errors import AdapterLoadError
+from medusa_jax.errors import AdapterLoadError, ConfigError
 from medusa_jax.heads.modules import MedusaModel
 from medusa_jax.heads.routed import BatchMedusaWeights
 from medusa_jax.models.llama_sharding import shard_cache
@@ -61,7 +61,8 @@ class Engine:
         decoding only).
       config: the engine knobs (:class:`~medusa_jax.config.EngineConfig`).
       heads_notice: a message about the heads (e.g. "freshly initialised").
-      chat_template: a ``ChatTemplate`` for ``chat=True`` (None: ChatML).
+      chat_template: a ``ChatTemplate`` for ``chat=True``; None: chat prompts
+        fail, saying how to pass one (``Engine.load`` finds the model's own).
       mesh: a ``('data', 'model')`` mesh the model and heads are placed on
         (``Engine.load(..., mesh=)`` places them); batches are then padded to a
         multiple of the ``data`` axis and split over it, with the KV cache.
@@ -69,6 +70,12 @@ class Engine:
         (``Engine(llama, max_cache_len=64)``).
     """
     config = _config(config, config_fields)
+    limit = llama.cfg.position_limit
+    if limit is not None and config.max_cache_len > limit:
+      raise ConfigError(
+          f"max_cache_len={config.max_cache_len} exceeds max_position_embeddings={limit}:"
+          f" rope_scaling type {llama.cfg.rope_scaling.rope_type.value!r} is exact only up to"
+          f" it (transformers rescales the frequencies past it); use max_cache_len <= {limit}")
     self.adapter_slots: dict[int, int] | None = None
     self.registry = AdapterRegistry()
     routed = None
@@ -145,21 +152,31 @@ class Engine:
   @classmethod
   def load(cls, base: str | os.PathLike | None = None, medusa: Any = None, *,
            dtype: Any = jnp.float32, num_heads: int = DEFAULT_NUM_HEADS, seed: int = 0,
-           mesh=None, fuse_projections: bool = True, notice=None,
+           mesh=None, fuse_projections: bool = True, notice=None, chat_template=None,
            config: EngineConfig | None = None, **config_fields) -> "Engine":
     """Loads a base model and heads (``loading.load_model``) and builds the engine.
 
+    Everything that can be checked without weights is checked first (the
+    base's config, the adapter's sizes and dtype), so a mismatch fails in
+    seconds with one line.
+
     Args:
-      base, medusa, dtype, num_heads, seed, mesh, fuse_projections, notice: see
-        :func:`~medusa_jax.decoding.loading.load_model`.
+      base, medusa, dtype, num_heads, seed, mesh, fuse_projections, notice,
+        chat_template: see :func:`~medusa_jax.decoding.loading.load_model`
+        (``base`` and ``medusa`` may be Hugging Face ids).
       config, **config_fields: see :class:`Engine`. An adapter's
-        ``medusa_choices.json`` becomes ``tree_choices`` unless one is given.
+        ``medusa_choices.json`` becomes ``tree_choices`` unless one is given;
+        the EOS ids are the tokenizer's and the model's (``generation_config.json``,
+        ``config.json``) unless ``eos_ids`` is given.
     """
     loaded = load_model(base, medusa, dtype=dtype, num_heads=num_heads, seed=seed, mesh=mesh,
-                        fuse_projections=fuse_projections, notice=notice)
+                        fuse_projections=fuse_projections, notice=notice,
+                        chat_template=chat_template)
     config = _config(config, config_fields)
     if config.tree_choices is None and loaded.tree_choices is not None:
       config = dataclasses.replace(config, tree_choices=loaded.tree_choices)
+    if config.eos_ids is None and loaded.eos_ids:
+      config = dataclasses.replace(config, eos_ids=loaded.eos_ids)
     return cls(loaded.llama, loaded.tokenizer, loaded.medusa, config=config,
                heads_notice=loaded.notice, chat_template=loaded.chat_template, mesh=mesh)
 
@@ -247,6 +264,25 @@ class Engine:
                               speculation_skipped=batch.speculation_skipped, wall_s=wall,
                               decode_s=decode_s, decode_tokens=decode_tokens)
     yield StreamEvent(step=steps, num_requests=num, result=result)
+
+  def encode_prompt(self, prompt: str | Sequence[Mapping[str, str]] | Sequence[int], *,
+                    chat: bool = True) -> list[int]:
+    """Exactly the token ids this engine feeds the model for ``prompt``.
+
+    Args:
+      prompt: a user message (with ``chat``), a list of ``{"role", "content"}``
+        messages (with ``chat``), raw text (without ``chat``: transformers'
+        ``tokenizer(text)`` ids, BOS as the tokenizer adds it), or token ids
+        (checked and returned).
+      chat: render string and message prompts with the chat template
+        (transformers' ``apply_chat_template(..., add_generation_prompt=True)``,
+        BOS first when the tokenizer adds it and the template did not).
+
+    Raises:
+      RequestError: no tokenizer or chat template, a bad message, an id out of
+        the vocabulary.
+    """
+    return list(encode_prompt(prompt, self.context, chat=chat))
 
   def decode(self, ids: Sequence[int]) -> str:
     """Text of new tokens, without special tokens (EOS) when the tokenizer can drop them."""

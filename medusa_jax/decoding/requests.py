@@ -46,7 +46,7 @@ from medusa_jax.decoding import tree as tree_mod
 from medusa_jax.decoding.state import StepConfig
 from medusa_jax.decoding.strategies import Greedy, Sampling, Strategy, Typical
 from medusa_jax.errors import RequestError
-from medusa_jax.models.chat import apply_chat_template
+from medusa_jax.models import chat as chat_mod
 from medusa_jax.options import Option
 
 
@@ -209,7 +209,8 @@ class RequestContext:
     adapter_slots: adapter id -> weight slot, for an engine with several
       adapters; None: one adapter (id 0).
     tokenizer: ``encode(str) -> ids``, or None (token-id prompts only).
-    chat_template: a ``ChatTemplate`` for chat prompts (None: ChatML).
+    chat_template: a ``ChatTemplate`` for chat prompts; None: the model has
+      none, and a chat prompt fails (saying how to pass one).
   """
   vocab_size: int
   max_cache_len: int
@@ -365,11 +366,14 @@ def choose_tree(params: SamplingParams, ctx: RequestContext, batch: int
 
 def encode_prompt(prompt, ctx: RequestContext, *, chat: bool = False, index: int = 0
                   ) -> tuple[int, ...]:
-  """A prompt's token ids, checked against the vocabulary.
+  """A prompt's token ids -- exactly the ids the engine feeds -- checked against the vocabulary.
+
+  A raw string gets what transformers' ``tokenizer(text)`` gives (BOS when the
+  tokenizer adds it); a chat prompt what :func:`chat_prompt` gives.
 
   Args:
     prompt: token ids, or a string (with ``chat``: one user turn in the chat
-      template).
+      template), or with ``chat`` a list of ``{"role", "content"}`` messages.
     ctx: the engine's tokenizer, template and vocabulary size.
     chat: apply the chat template to a string.
     index: the request's position, named in errors.
@@ -379,10 +383,15 @@ def encode_prompt(prompt, ctx: RequestContext, *, chat: bool = False, index: int
       not an integer in [0, V).
   """
   where = f"request {index}: "
-  if isinstance(prompt, str):
+  is_messages = chat and isinstance(prompt, Sequence) and bool(prompt) and all(
+      isinstance(m, Mapping) for m in prompt)
+  if isinstance(prompt, str) or is_messages:
     if ctx.tokenizer is None:
       raise RequestError(f"{where}a string prompt needs a tokenizer; pass token ids")
-    ids = chat_prompt(prompt, ctx) if chat else ctx.tokenizer.encode(prompt)
+    try:
+      ids = chat_prompt(prompt, ctx) if chat else chat_mod.text_ids(ctx.tokenizer, prompt)
+    except RequestError as e:
+      raise RequestError(f"{where}{e}") from None
   else:
     ids = prompt
   if isinstance(ids, np.ndarray):
@@ -402,20 +411,19 @@ def encode_prompt(prompt, ctx: RequestContext, *, chat: bool = False, index: int
 def chat_prompt(messages: str | Sequence[Mapping[str, str]], ctx: RequestContext) -> list[int]:
   """Token ids of a conversation in the chat template, ready for the answer.
 
+  The one prompt code of generation, training and evaluation
+  (:func:`medusa_jax.models.chat.chat_ids`): the template rendered with the
+  tokenizer's special tokens, encoded as transformers'
+  ``apply_chat_template`` encodes it, BOS first when the tokenizer adds it.
+
   Args:
     messages: one user message, or ``[{"role": ..., "content": ...}, ...]``.
     ctx: the engine's tokenizer and chat template.
 
   Raises:
-    RequestError: no tokenizer.
+    RequestError: no tokenizer, no chat template, a bad message.
   """
-  if ctx.tokenizer is None:
-    raise RequestError("this model has no tokenizer.json; pass token ids")
-  if isinstance(messages, str):
-    messages = [{"role": "user", "content": messages}]
-  rendered = apply_chat_template(list(messages), add_generation_prompt=True,
-                                 template=ctx.chat_template)
-  return ctx.tokenizer.encode(rendered)
+  return chat_mod.chat_ids(ctx.tokenizer, ctx.chat_template, messages)
 
 
 def _slots(adapters, count: int, known: Mapping[int, int] | None) -> list[int]:

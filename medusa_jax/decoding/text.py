@@ -158,7 +158,8 @@ def generate_text(engine: Engine, prompt: str | Sequence[Mapping[str, str]],
 
 
 class ChatSession:
-  """A multi-turn ChatML conversation; old turns are dropped when the cache is full."""
+  """A multi-turn conversation in the model's chat template; old turns are dropped when
+  the cache is full."""
 
   def __init__(self, engine, params, *, system: str | None = None):
     """Args:

@@ -10,11 +10,14 @@ whole cache, so a tree of candidates is verified in one call: the caller puts
 node t at position ``prefix + depth(t)`` and lets it see the cached prefix,
 itself and its ancestors only.
 
-Covers SmolLM2, Llama-2/3/3.1, Vicuna and Mistral-style checkpoints (pre-norm,
-RMSNorm with a plain ``w``, RoPE in Hugging Face's rotate-half layout with
-optional linear or Llama-3.1 frequency scaling, SiLU-gated MLP, no biases, tied
-or untied embeddings). Sliding-window attention is not implemented: full
-attention over the cache is exact while the cache is no longer than the window.
+Covers the families of :mod:`medusa_jax.models.families`: Llama 1/2/3/3.1,
+Vicuna and SmolLM2, Mistral, Qwen2 (pre-norm, RMSNorm with a plain ``w``, RoPE
+in Hugging Face's rotate-half layout with optional linear, dynamic or
+Llama-3.1 frequency scaling, SiLU-gated MLP, optional q/k/v, o and MLP biases,
+tied or untied embeddings). Sliding-window attention (Mistral, Qwen2's sliding
+layers) is a mask on the cache: a query at position p sees the keys at
+positions ``> p - W`` (as transformers' ``sliding_window_overlay``); the cache
+keeps every slot, so prompts longer than the window are exact too.
 
 The cache is written with one ``dynamic_update_slice`` per row; under
 ``jax.jit`` with the cache donated the update happens in place. An index with
@@ -52,7 +55,7 @@ from medusa_jax.errors import ConfigError, RequestError
 from medusa_jax.models.llama_config import LlamaConfig, RopeScaling, rope_inv_freq
 
 __all__ = ["AttentionScores", "KVCache", "Llama", "apply_rope", "causal_mask", "rope",
-           "rope_tables"]
+           "rope_tables", "window_mask"]
 
 Array = jax.Array
 
@@ -151,6 +154,30 @@ def causal_mask(cache_index: Array, T: int, L: int) -> Array:
   return jnp.arange(L, dtype=cache_index.dtype)[None, None, :] <= q_BxT[:, :, None]
 
 
+def window_mask(positions_BxT: Array, cache_index_B: Array, L: int, window: int) -> Array:
+  """Sliding-window mask over the cache: [B, T, L] bool, key position > query position - W.
+
+  A slot's position is ``s`` for the committed slots ``s < cache_index[b]``
+  and the new token's own position for the T slots written by this call
+  (tree nodes: ``prefix + depth``); later slots are stale and masked by the
+  call's mask anyway.
+
+  Args:
+    positions_BxT: [B, T] int32 query positions.
+    cache_index_B: [B] int32 slot of each row's first new token.
+    L: cache length.
+    window: W >= 1 (transformers' ``sliding_window``).
+  """
+  T = positions_BxT.shape[1]
+  slot_L = jnp.arange(L, dtype=jnp.int32)
+  rel_BxL = slot_L[None, :] - cache_index_B.astype(jnp.int32)[:, None]
+  new_BxL = (rel_BxL >= 0) & (rel_BxL < T)
+  new_pos_BxL = jnp.take_along_axis(positions_BxT.astype(jnp.int32),
+                                    jnp.clip(rel_BxL, 0, T - 1), axis=1)
+  key_pos_BxL = jnp.where(new_BxL, new_pos_BxL, slot_L[None, :])
+  return key_pos_BxL[:, None, :] > positions_BxT.astype(jnp.int32)[:, :, None] - window
+
+
 def _write(cache_BxLxGxD: Array, new_BxTxGxD: Array, cache_index_B: Array) -> Array:
   """Writes each row's T entries at its own offset (the caller keeps them in range)."""
   new_BxTxGxD = new_BxTxGxD.astype(cache_BxLxGxD.dtype)
@@ -219,31 +246,36 @@ class RMSNorm(nnx.Module):
 
 
 class Linear(nnx.Module):
-  """A bias-free projection with an ``[in, out]`` kernel and f32 accumulation."""
+  """A projection with an ``[in, out]`` kernel, an optional ``[out]`` bias, f32 accumulation."""
 
   def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs,
-               dtype=jnp.float32, param_dtype=jnp.float32):
+               dtype=jnp.float32, param_dtype=jnp.float32, use_bias: bool = False):
     self.dtype = dtype
     init = nnx.initializers.normal(0.02)
     self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
 
   def __call__(self, x: Array) -> Array:
-    """x: [..., K] -> [..., M] in the compute dtype."""
-    return _dense(x.astype(self.dtype), self.kernel[...]).astype(self.dtype)
+    """x: [..., K] -> [..., M] in the compute dtype (the bias added in f32)."""
+    y = _dense(x.astype(self.dtype), self.kernel[...])
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32).reshape((1,) * (y.ndim - 1) + (-1,))
+    return y.astype(self.dtype)
 
 
 class Attention(nnx.Module):
   """Grouped-query attention over a KV cache, with an explicit mask.
 
   Unfused it holds ``q_proj``, ``k_proj``, ``v_proj`` (the checkpoint layout);
-  fused (``fused=True``) one ``qkv_proj`` whose kernel is their column
+  fused (``fused=True``) one ``qkv_proj`` whose kernel (and bias) is their column
   concatenation ``[H, (Q + 2G) * D]``: one matmul instead of three.
   """
 
   def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                rope_theta: float, rngs: nnx.Rngs, rope_scaling: RopeScaling = RopeScaling(),
                dtype=jnp.float32, param_dtype=jnp.float32, fused: bool = False,
-               scores: AttentionScores = AttentionScores.GROUPED):
+               scores: AttentionScores = AttentionScores.GROUPED, qkv_bias: bool = False,
+               o_bias: bool = False):
     self.num_heads = num_heads
     self.scores = AttentionScores.parse(scores).resolve()
     self.num_kv_heads = num_kv_heads
@@ -254,12 +286,13 @@ class Attention(nnx.Module):
     self.fused = bool(fused)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     if self.fused:
-      self.qkv_proj = Linear(hidden, (num_heads + 2 * num_kv_heads) * head_dim, **kw)
+      self.qkv_proj = Linear(hidden, (num_heads + 2 * num_kv_heads) * head_dim,
+                             use_bias=qkv_bias, **kw)
     else:
-      self.q_proj = Linear(hidden, num_heads * head_dim, **kw)
-      self.k_proj = Linear(hidden, num_kv_heads * head_dim, **kw)
-      self.v_proj = Linear(hidden, num_kv_heads * head_dim, **kw)
-    self.o_proj = Linear(num_heads * head_dim, hidden, **kw)
+      self.q_proj = Linear(hidden, num_heads * head_dim, use_bias=qkv_bias, **kw)
+      self.k_proj = Linear(hidden, num_kv_heads * head_dim, use_bias=qkv_bias, **kw)
+      self.v_proj = Linear(hidden, num_kv_heads * head_dim, use_bias=qkv_bias, **kw)
+    self.o_proj = Linear(num_heads * head_dim, hidden, use_bias=o_bias, **kw)
 
   def _qkv(self, x_BxTxH: Array) -> tuple[Array, Array, Array]:
     """Queries [B, T, Q, D], keys and values [B, T, G, D], compute dtype, before RoPE."""
@@ -351,8 +384,8 @@ class MLP(nnx.Module):
   """``down(silu(gate(x)) * up(x))``; fused, gate and up are one ``gate_up_proj`` [H, 2F]."""
 
   def __init__(self, hidden: int, intermediate: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, fused: bool = False):
-    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+               param_dtype=jnp.float32, fused: bool = False, use_bias: bool = False):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias)
     self.intermediate = intermediate
     self.fused = bool(fused)
     if self.fused:
@@ -377,15 +410,19 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32, fused: bool = False,
-               scores: AttentionScores = AttentionScores.GROUPED):
+               scores: AttentionScores = AttentionScores.GROUPED, window: int | None = None):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.window = window
+    """Sliding window W of this layer (None: full attention); picks the call's mask."""
     self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
     self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads,
                                cfg.num_key_value_heads, cfg.head_dim,
                                rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
-                               fused=fused, scores=scores, **kw)
+                               fused=fused, scores=scores, qkv_bias=cfg.qkv_bias,
+                               o_bias=cfg.o_bias, **kw)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
-    self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, fused=fused, **kw)
+    self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, fused=fused, use_bias=cfg.mlp_bias,
+                   **kw)
 
   def __call__(self, x_BxTxH, rope_cs, k, v, cache_index_B, mask_Bx1x1xTxL):
     a_BxTxH, k, v = self.self_attn(self.input_layernorm(x_BxTxH), rope_cs, k, v,
@@ -437,8 +474,9 @@ class Llama(nnx.Module):
     self.embed_tokens = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
                                        param_dtype))
     self.layers = nnx.List([Block(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                                  fused=fused_projections, scores=self.attention_scores)
-                            for _ in range(cfg.num_hidden_layers)])
+                                  fused=fused_projections, scores=self.attention_scores,
+                                  window=cfg.layer_window(i))
+                            for i in range(cfg.num_hidden_layers)])
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, dtype=dtype,
                         param_dtype=param_dtype)
     if cfg.tie_word_embeddings:
@@ -467,18 +505,22 @@ class Llama(nnx.Module):
     fused = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=self.dtype,
                                          param_dtype=param_dtype, fused_projections=True,
                                          attention_scores=self.attention_scores))
-    cat = lambda *ps: jnp.concatenate([p.get_value() for p in ps], axis=1)  # noqa: E731
+    cat = lambda *ps: jnp.concatenate([p.get_value() for p in ps], axis=-1)  # noqa: E731
+
+    def fill(dst: Linear, *srcs: Linear) -> None:
+      dst.kernel.set_value(cat(*(s.kernel for s in srcs)))
+      if dst.bias is not None:
+        dst.bias.set_value(cat(*(s.bias for s in srcs)))
     fused.embed_tokens.set_value(self.embed_tokens.get_value())
     fused.norm.weight.set_value(self.norm.weight.get_value())
     if self.lm_head_kernel is not None:
       fused.lm_head_kernel.set_value(self.lm_head_kernel.get_value())
     for src, dst in zip(self.layers, fused.layers):
       a, m = src.self_attn, src.mlp
-      dst.self_attn.qkv_proj.kernel.set_value(cat(a.q_proj.kernel, a.k_proj.kernel,
-                                                  a.v_proj.kernel))
-      dst.self_attn.o_proj.kernel.set_value(a.o_proj.kernel.get_value())
-      dst.mlp.gate_up_proj.kernel.set_value(cat(m.gate_proj.kernel, m.up_proj.kernel))
-      dst.mlp.down_proj.kernel.set_value(m.down_proj.kernel.get_value())
+      fill(dst.self_attn.qkv_proj, a.q_proj, a.k_proj, a.v_proj)
+      fill(dst.self_attn.o_proj, a.o_proj)
+      fill(dst.mlp.gate_up_proj, m.gate_proj, m.up_proj)
+      fill(dst.mlp.down_proj, m.down_proj)
       for norm in ("input_layernorm", "post_attention_layernorm"):
         getattr(dst, norm).weight.set_value(getattr(src, norm).weight.get_value())
     return fused
@@ -525,7 +567,10 @@ class Llama(nnx.Module):
       attn_mask: [B, T, L] bool over the whole cache after the write: query t
         attends slot s iff ``attn_mask[b, t, s]``; it must include the new
         tokens' own slots (causal, or a tree mask). A row with no visible slot
-        gives finite garbage, never NaN.
+        gives finite garbage, never NaN. Sliding layers also drop the slots
+        outside the window (:func:`window_mask`), which takes a committed slot
+        ``s < cache_index[b]`` to hold position ``s`` (every caller keeps the
+        committed tokens at slot = position).
 
     Returns:
       hidden [B, T, H] after the final RMSNorm (compute dtype), and the new cache.
@@ -544,10 +589,13 @@ class Llama(nnx.Module):
     x_BxTxH = self.embed(tokens)
     # Shared by every layer: computed once per call, not once per layer.
     rope_cs = rope_tables(positions, np.asarray(self.layers[0].self_attn.inv_freq, np.float32))
-    mask_Bx1x1xTxL = attn_mask.astype(bool)[:, None, None]
+    masks = {None: attn_mask.astype(bool)[:, None, None]}  # per window, [B, 1, 1, T, L]
+    for w in {layer.window for layer in self.layers} - {None}:
+      masks[w] = (attn_mask.astype(bool) & window_mask(positions, cache_index, L, w))[
+          :, None, None]
     ks, vs = [], []
     for layer, k, v in zip(self.layers, cache.k, cache.v):
-      x_BxTxH, k, v = layer(x_BxTxH, rope_cs, k, v, cache_index, mask_Bx1x1xTxL)
+      x_BxTxH, k, v = layer(x_BxTxH, rope_cs, k, v, cache_index, masks[layer.window])
       ks.append(k)
       vs.append(v)
     return self.norm(x_BxTxH), KVCache(k=tuple(ks), v=tuple(vs))

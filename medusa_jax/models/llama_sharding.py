@@ -1,6 +1,8 @@
 """The base Llama on a ``(data, model)`` mesh, Megatron style.
 
-q/k/v/gate/up are column-parallel, o/down row-parallel, the embedding and a
+q/k/v/gate/up are column-parallel (their biases split like their output
+columns), o/down row-parallel (their biases replicated: added once, after the
+reduction), the embedding and a
 separate lm_head split over the vocabulary, norms replicated, and the KV cache
 split over batch (``data``) and kv heads (``model``). With fewer kv heads than
 ``model`` devices the k/v projections and the cache are replicated over
@@ -28,7 +30,8 @@ from medusa_jax.parallel.mesh import (MODEL, PartitionRules, axis_size, path_str
 # [V, H] and a separate lm_head [H, V] split over the vocabulary.
 LLAMA_RULES = PartitionRules(rules=(
     (r"(q_proj|k_proj|v_proj|gate_proj|up_proj|wq|wk|wv|w1|w3)(/kernel)?$", P(None, MODEL)),
-    (r"(q_proj|k_proj|v_proj)/bias$", P(MODEL)),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/bias$", P(MODEL)),
+    (r"(o_proj|down_proj)/bias$", P()),
     (r"(o_proj|down_proj|wo|w2)(/kernel)?$", P(MODEL, None)),
     (r"(embed_tokens|embedding|embed|wte)(/embedding|/weight)?$", P(MODEL, None)),
     (r"lm_head(_kernel|/kernel)?$", P(None, MODEL)),

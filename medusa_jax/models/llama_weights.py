@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Iterator
 
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from medusa_jax.errors import (CorruptWeightsError, MissingTensorError, TensorShapeError,
-                               WeightsNotFoundError)
+                               UnsupportedModelError, WeightsNotFoundError)
 from medusa_jax.models.llama import Llama
 from medusa_jax.models.llama_config import LlamaConfig
 
@@ -63,6 +64,14 @@ def weight_files(model_dir: str | os.PathLike) -> list[str]:
   return [os.path.join(model_dir, f) for f in files]
 
 
+# (module, projection, the LlamaConfig flag that gives it a bias)
+_PROJECTIONS = (("self_attn", "q_proj", "qkv_bias"), ("self_attn", "k_proj", "qkv_bias"),
+                ("self_attn", "v_proj", "qkv_bias"), ("self_attn", "o_proj", "o_bias"),
+                ("mlp", "gate_proj", "mlp_bias"), ("mlp", "up_proj", "mlp_bias"),
+                ("mlp", "down_proj", "mlp_bias"))
+_BIAS_NAME = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.bias")
+
+
 def hf_param_names(cfg: LlamaConfig) -> dict[str, tuple[ParamPath, bool]]:
   """Hugging Face tensor name -> (path of the ``nnx.Param`` in :class:`Llama`, transposed?).
 
@@ -76,10 +85,10 @@ def hf_param_names(cfg: LlamaConfig) -> dict[str, tuple[ParamPath, bool]]:
     names["lm_head.weight"] = (("lm_head_kernel",), True)
   for i in range(cfg.num_hidden_layers):
     p = f"model.layers.{i}."
-    for mod, proj in (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
-                      ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"),
-                      ("mlp", "down_proj")):
+    for mod, proj, bias in _PROJECTIONS:
       names[f"{p}{mod}.{proj}.weight"] = (("layers", i, mod, proj, "kernel"), True)
+      if getattr(cfg, bias):
+        names[f"{p}{mod}.{proj}.bias"] = (("layers", i, mod, proj, "bias"), False)
     for norm in ("input_layernorm", "post_attention_layernorm"):
       names[f"{p}{norm}.weight"] = (("layers", i, norm, "weight"), False)
   return names
@@ -144,6 +153,8 @@ def open_checkpoint(model_dir: str | os.PathLike, model: Llama) -> Iterator[list
     CorruptWeightsError: a file cannot be opened.
     MissingTensorError: a tensor the model needs is absent (named).
     TensorShapeError: a tensor has the wrong shape (named, with both shapes).
+    UnsupportedModelError: the checkpoint holds a projection bias the config
+      does not ask for.
   """
   from safetensors import safe_open
 
@@ -158,6 +169,12 @@ def open_checkpoint(model_dir: str | os.PathLike, model: Llama) -> Iterator[list
       except Exception as e:  # safetensors raises its own error types
         raise CorruptWeightsError(f"{path}: cannot read safetensors ({e})") from None
       for name in names:
+        if name not in wanted and _BIAS_NAME.fullmatch(name):
+          # transformers would drop it with a warning: the model would then compute
+          # something else than the checkpoint was trained to.
+          raise UnsupportedModelError(
+              f"{path}: tensor {name} is in the checkpoint but config.json asks for no such"
+              " bias (attention_bias / mlp_bias); refusing to run without it")
         if name not in wanted or name in found:
           continue
         param_path, transpose = wanted[name]

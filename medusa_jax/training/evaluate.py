@@ -30,33 +30,63 @@ from medusa_jax.adapters.io import CHOICES_NAME, read_choices
 from medusa_jax.assets import cache as assets
 from medusa_jax.bundled import SMOLLM2_HEADS
 from medusa_jax.decoding.engine import Engine
-from medusa_jax.models.chat import apply_chat_template
-from medusa_jax.models.tokenizer import Tokenizer
+from medusa_jax.decoding.loading import load_tokenizer
+from medusa_jax.errors import ConfigError
+from medusa_jax.models.chat import chat_ids
 from medusa_jax.training.config import TrainConfig
 from medusa_jax.training.data import Example
 from medusa_jax.training.distill import hidden_rows, lm_head_weight
 from medusa_jax.training.train import evaluate
 
-TURN_PREFIX = "\n<|im_start|>user\n"
-TURN_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
+_ANSWER = "\x00MEDUSA_JAX_ANSWER\x00"  # stands for the first answer while rendering turn 2
 
 
 def _log(msg: str) -> None:
   print(f"[eval] {msg}", file=sys.stderr, flush=True)
 
 
-def prepare_questions(mtbench_jsonl: str, tokenizer) -> list[dict[str, Any]]:
+def turn2_suffix(tokenizer, template, turn1: str, turn2: str) -> list[int]:
+  """The ids that follow the first answer and its EOS to open the second turn.
+
+  The conversation ``[user turn1, assistant ANSWER, user turn2]`` is rendered
+  in the model's template (the prompt code of generation); what follows the
+  answer, after the turn-closing EOS that :func:`second_turn` adds as an id,
+  is encoded behind that EOS (so a tokenizer that marks word starts sees the
+  same boundary as in the whole conversation).
+
+  Raises:
+    RequestError: no template; ConfigError: a template that does not put the
+      answer text where an answer goes.
+  """
+  messages = [{"role": "user", "content": turn1}, {"role": "assistant", "content": _ANSWER},
+              {"role": "user", "content": turn2}]
+  special = tokenizer.special_tokens() if hasattr(tokenizer, "special_tokens") else {}
+  if template is None:
+    chat_ids(tokenizer, template, messages)  # raises: no template
+  text = template.render(messages, add_generation_prompt=True, **special)
+  if text.count(_ANSWER) != 1:
+    raise ConfigError("chat template: a second turn cannot be rendered after the first answer"
+                      " (the answer text is not kept as it is)")
+  suffix = text.split(_ANSWER, 1)[1]
+  eos = getattr(tokenizer, "eos_token", None)
+  head, sep, rest = suffix.partition(eos) if eos else ("", "", "")
+  if sep and not head.strip():  # Llama 2 writes " </s>": the space is the template's, not the answer's
+    return list(tokenizer.encode(eos + rest))[1:]  # behind the EOS that second_turn adds
+  return list(tokenizer.encode(suffix))
+
+
+def prepare_questions(mtbench_jsonl: str, tokenizer, template=None) -> list[dict[str, Any]]:
   """MT-bench questions as token ids: the first-turn chat prompt, and the ids
-  that follow the first answer to open the second turn."""
+  that follow the first answer to open the second turn, both in the model's
+  chat template (``template``) with the engine's prompt code."""
   out = []
   with open(mtbench_jsonl, encoding="utf-8") as f:
     for line in f:
       if not line.strip():
         continue
       q = json.loads(line)
-      turn1 = tokenizer.encode(apply_chat_template(
-          [{"role": "user", "content": q["turns"][0]}], add_generation_prompt=True))
-      suffix = (tokenizer.encode(TURN_PREFIX + q["turns"][1] + TURN_SUFFIX)
+      turn1 = chat_ids(tokenizer, template, [{"role": "user", "content": q["turns"][0]}])
+      suffix = (turn2_suffix(tokenizer, template, q["turns"][0], q["turns"][1])
                 if len(q["turns"]) > 1 else [])
       out.append({"question_id": q["question_id"], "category": q.get("category", ""),
                   "turn1_ids": turn1, "turn2_suffix_ids": suffix})
@@ -107,7 +137,7 @@ def run_eval(engine, questions: list[dict[str, Any]], heads_choices, opts: EvalO
   """Evaluates the engine's heads on the questions (see module docstring)."""
 
 
-  eos = int(engine.cfg.eos_token_ids[0])
+  eos = int(engine.eos_ids[0])  # the turn-closing EOS (the tokenizer's first)
   n = int(engine.num_heads)
   qs = questions[: opts.num_questions or len(questions)]
   report: dict[str, Any] = {"device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
@@ -237,7 +267,7 @@ def evaluate_heads(opts: EvalOptions, *, heads: str | None = None, model_dir: st
     with open(questions, encoding="utf-8") as f:
       prepared = json.load(f)
   else:
-    prepared = prepare_questions(mtbench, Tokenizer.from_file(model_dir))
+    prepared = prepare_questions(mtbench, *load_tokenizer(model_dir))
   heads = heads or SMOLLM2_HEADS
   choices = read_choices(os.path.join(heads, CHOICES_NAME))
   engine = Engine.load(model_dir, heads, max_cache_len=2048)
@@ -257,7 +287,7 @@ def write_questions(path: str, *, model_dir: str | None = None, mtbench: str | N
   """Writes MT-bench's questions, tokenised for the base model, to ``path`` (JSON)."""
   model_dir, mtbench = _sources(model_dir, mtbench, need_mtbench=True)
   with open(path, "w", encoding="utf-8") as f:
-    json.dump(prepare_questions(mtbench, Tokenizer.from_file(model_dir)), f)
+    json.dump(prepare_questions(mtbench, *load_tokenizer(model_dir)), f)
 
 
 def _sources(model_dir, mtbench, *, need_mtbench: bool) -> tuple[str, str | None]:

@@ -32,10 +32,10 @@ from medusa_jax.adapters.io import write_choices
 from medusa_jax.adapters.weights import MedusaWeights
 from medusa_jax.assets import cache as assets
 from medusa_jax.decoding.tree import tree_from_accuracies
-from medusa_jax.models.chat import apply_chat_template
+from medusa_jax.decoding.loading import load_tokenizer
+from medusa_jax.models.chat import chat_ids
 from medusa_jax.models.gguf import convert_gguf
 from medusa_jax.models.llama_weights import load_llama
-from medusa_jax.models.tokenizer import Tokenizer
 from medusa_jax.training import data as D
 from medusa_jax.training.config import HeadKind, TrainConfig
 from medusa_jax.training.distill import (greedy_generate, hidden_rows, lm_head_weight,
@@ -56,22 +56,28 @@ def mtbench_turns(path: str | os.PathLike) -> list[str]:
   return turns
 
 
-def chat_encoder(tokenizer):
-  """messages -> ids of the chat prompt with the assistant generation prompt."""
+def chat_encoder(tokenizer, template):
+  """messages -> ids of the chat prompt with the assistant generation prompt.
+
+  The same ids the engine feeds for a chat prompt (``models.chat.chat_ids``):
+  the base model's own template and BOS rule, so the heads train on the
+  prompts they will serve.
+  """
 
   def encode(messages):
-    return tokenizer.encode(apply_chat_template(messages, add_generation_prompt=True))
+    return chat_ids(tokenizer, template, messages)
 
   return encode
 
 
-def build_prompts(cfg: TrainConfig, *, sharegpt_json: str, mtbench_jsonl: str, tokenizer
-                  ) -> list[D.Prompt]:
-  """ShareGPT first user turns, rendered and split, never overlapping MT-bench."""
+def build_prompts(cfg: TrainConfig, *, sharegpt_json: str, mtbench_jsonl: str, tokenizer,
+                  template=None) -> list[D.Prompt]:
+  """ShareGPT first user turns, rendered in ``template`` and split, never overlapping MT-bench."""
   t0 = time.perf_counter()
   conversations = D.load_sharegpt_conversations(sharegpt_json)
   prompts = D.first_user_prompts(
-      conversations, encode_chat=chat_encoder(tokenizer), exclude=mtbench_turns(mtbench_jsonl),
+      conversations, encode_chat=chat_encoder(tokenizer, template),
+      exclude=mtbench_turns(mtbench_jsonl),
       max_prompts=cfg.num_prompts, max_prompt_tokens=cfg.max_prompt_tokens,
       val_fraction=cfg.val_fraction)
   _log(f"{len(prompts)} prompts from {len(conversations)} conversations"
@@ -135,12 +141,15 @@ class Sources:
     gguf: a GGUF file to convert into ``workdir/model`` instead.
     prompts: a ready prompts.jsonl (skips ShareGPT and the tokenizer).
     sharegpt_json, mtbench_jsonl: data files (None: ``assets.fetch()``).
+    chat_template: the chat format of the prompts (a built-in name, one of
+      the model's templates, a file or Jinja text); None: the model's own.
   """
   model_dir: str | None = None
   gguf: str | None = None
   prompts: str | None = None
   sharegpt_json: str | None = None
   mtbench_jsonl: str | None = None
+  chat_template: str | None = None
 
 
 def _model_dir(src: Sources, workdir: str) -> str:
@@ -171,9 +180,10 @@ def run(cfg: TrainConfig, workdir: str, out_dir: str, src: Sources = Sources(), 
     if sharegpt is None or mtbench is None:
       paths = assets.fetch()
       sharegpt, mtbench = sharegpt or paths.sharegpt_json, mtbench or paths.mtbench_jsonl
-    tokenizer = Tokenizer.from_file(model_dir)
+    tokenizer, template = load_tokenizer(model_dir, chat_template=src.chat_template)
     D.write_jsonl(prompts_path, build_prompts(cfg, sharegpt_json=sharegpt,
-                                              mtbench_jsonl=mtbench, tokenizer=tokenizer))
+                                              mtbench_jsonl=mtbench, tokenizer=tokenizer,
+                                              template=template))
   prompts = D.read_prompts(prompts_path)[: cfg.num_prompts]
 
   examples_path = os.path.join(workdir, "examples.jsonl")

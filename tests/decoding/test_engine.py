@@ -17,6 +17,7 @@ from medusa_jax.decoding.engine import Engine
 from medusa_jax.decoding.requests import Speculate
 from medusa_jax.errors import AssetError, RequestError
 from medusa_jax.heads.modules import MedusaModel
+from medusa_jax.models.chat import ChatTemplate
 from medusa_jax.models.llama import KVCache, Llama, LlamaConfig, causal_mask
 
 
@@ -391,7 +392,7 @@ class _CharTokenizer:
 def test_string_prompts_use_the_tokenizer_and_chat_template(tiny):
   llama, heads = tiny
   tok = _CharTokenizer(llama.cfg.vocab_size)
-  eng = Engine(llama, tok, heads, max_cache_len=256)
+  eng = Engine(llama, tok, heads, max_cache_len=256, chat_template=ChatTemplate())
   res = eng.generate(["hi", "hello there"], 3, chat=True)
   assert "<|im_start|>user\nhi<|im_end|>" in tok.seen[0]
   assert tok.seen[0].endswith("<|im_start|>assistant\n")

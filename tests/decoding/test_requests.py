@@ -14,6 +14,7 @@ from medusa_jax.decoding import tree as tr
 from medusa_jax.decoding.requests import OnError, RequestContext, SamplingParams, Speculate
 from medusa_jax.decoding.strategies import Greedy, Sampling, Typical
 from medusa_jax.errors import RequestError
+from medusa_jax.models.chat import ChatTemplate
 
 VOCAB = 50
 
@@ -131,9 +132,14 @@ def test_validate_builds_rows_and_the_step_config():
 
 
 def test_chat_prompts_use_the_template():
-  batch = rq.validate(["hi"], SamplingParams(), _ctx(max_cache_len=512), chat=True)
-  want = rq.chat_prompt([{"role": "user", "content": "hi"}], _ctx())
+  template = ChatTemplate()
+  batch = rq.validate(["hi"], SamplingParams(), _ctx(max_cache_len=512, chat_template=template),
+                      chat=True)
+  want = rq.chat_prompt([{"role": "user", "content": "hi"}], _ctx(chat_template=template))
   assert batch.valid[0].prompt == tuple(want) and len(want) > 2
+  with pytest.raises(RequestError, match=r"request 0: this model has no chat template.*"
+                     r"vicuna_v1\.1"):
+    rq.validate(["hi"], SamplingParams(), _ctx(), chat=True)
 
 
 @pytest.mark.parametrize("prompt, pattern", [

@@ -452,7 +452,7 @@ def test_config_from_hf(tmp_path):
     ({"num_key_value_heads": 3}, "num_key_value_heads"),
     ({"hidden_size": 30}, "hidden_size"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_scaling"),
-    ({"attention_bias": True}, "attention_bias"),
+    ({"attention_bias": 1}, "attention_bias: expected a bool"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"eos_token_id": "2"}, "eos_token_id"),
     ({"rms_norm_eps": -1.0}, "rms_norm_eps"),
@@ -513,7 +513,7 @@ def _save_hf(model: Llama, out, shards: int = 1):
     t[f"model.layers.{i}.post_attention_layernorm.weight"] = lp["ln2"]
   t = {k: np.ascontiguousarray(v, np.float32) for k, v in t.items()}
   out.mkdir(exist_ok=True)
-  hf = {"vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+  hf = {"model_type": "llama", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
         "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
@@ -539,8 +539,9 @@ def test_load_llama_round_trip(tmp_path, tied, shards):
   model = _model(seed=12, tie_word_embeddings=tied, rope_theta=5e4)
   _save_hf(model, tmp_path / "m", shards)
   loaded = load_llama(tmp_path / "m")
-  assert loaded.cfg == dataclasses.replace(model.cfg, max_position_embeddings=4096,
-                                           bos_token_id=None, eos_token_ids=(), pad_token_id=None)
+  # Missing fields take transformers' LlamaConfig defaults.
+  assert loaded.cfg == dataclasses.replace(model.cfg, max_position_embeddings=2048,
+                                           bos_token_id=1, eos_token_ids=(2,), pad_token_id=None)
   for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(loaded))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   l16 = load_llama(tmp_path / "m", dtype=jnp.bfloat16)

@@ -69,10 +69,14 @@ def test_errors(tmp_path):
     Tokenizer(backend=None).encode(b"bytes")
 
 
-def _write_tokenizer_gguf(path, *, model="gpt2", merges=True, types=True):
+def _write_tokenizer_gguf(path, *, model="gpt2", merges=True, types=True, add_bos=None):
   import gguf
   w = gguf.GGUFWriter(str(path), "llama")
   w.add_tokenizer_model(model)
+  if add_bos is not None:
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(0)
+    w.add_add_bos_token(add_bos)
   tokens = ["<|endoftext|>", "a", "b", "ab", "Ġ", "Ġab"]
   w.add_token_list(tokens)
   if merges:
@@ -100,3 +104,53 @@ def test_synthetic_gguf_tokenizer(tmp_path):
     tokenizer_from_gguf(tmp_path / "m.gguf")
   with pytest.raises(CorruptWeightsError, match="no such GGUF"):
     tokenizer_from_gguf(tmp_path / "none.gguf")
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_gguf_add_bos_flag_is_honoured(tmp_path, add_bos):
+  """tokenizer.ggml.add_bos_token decides BOS, here and in the saved tokenizer.json."""
+  transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
+  from medusa_jax.models.chat import ChatTemplate, chat_ids, text_ids
+  _write_tokenizer_gguf(tmp_path / "t.gguf", add_bos=add_bos)
+  tok = Tokenizer.from_gguf(tmp_path / "t.gguf")
+  assert tok.add_bos is add_bos and tok.adds_bos is add_bos and tok.bos_token == "<|endoftext|>"
+  assert text_ids(tok, "ab ab") == [0] * add_bos + [3, 5]
+  template = ChatTemplate(source="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+  assert chat_ids(tok, template, "ab") == [0] * add_bos + [3]
+  tok.save(tmp_path / "tokenizer.json")
+  again = Tokenizer.from_file(tmp_path)
+  assert text_ids(again, "ab ab") == text_ids(tok, "ab ab")
+  hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+  assert list(hf("ab ab")["input_ids"]) == text_ids(tok, "ab ab")
+
+
+def test_hugging_face_tokenizer_files(tmp_path):
+  """tokenizer_config.json tokens (string or AddedToken form), add_bos/add_eos, and EOS ids
+  from generation_config.json (a list) after the tokenizer's own."""
+  import json
+  tk = tokenizer_from_gguf(_gguf(tmp_path))
+  tk.save(str(tmp_path / "tokenizer.json"))
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+      "bos_token": {"content": "<|endoftext|>", "__type": "AddedToken"}, "eos_token": None,
+      "add_bos_token": True}))
+  (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+  (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [4, 0, 5]}))
+  (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 3, "pad_token_id": 2}))
+  tok = Tokenizer.from_file(tmp_path)
+  assert (tok.bos_id, tok.eos_ids, tok.pad_id) == (0, (0, 4, 5), 2)
+  assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|endoftext|>", "<|endoftext|>", "b")
+  assert (tok.add_bos, tok.add_eos) == (True, False)
+  assert tok.encode("ab", add_special_tokens=True) == [0, 3] and tok.encode("ab") == [3]
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": "yes"}))
+  with pytest.raises(ConfigError, match="add_bos_token: expected a bool"):
+    Tokenizer.from_file(tmp_path)
+  (tmp_path / "tokenizer.json").unlink()
+  (tmp_path / "tokenizer.model").write_bytes(b"")
+  with pytest.raises(CorruptWeightsError, match="only a sentencepiece tokenizer.model.*"
+                     "save_pretrained"):
+    Tokenizer.from_file(tmp_path)
+
+
+def _gguf(tmp_path):
+  _write_tokenizer_gguf(tmp_path / "x.gguf")
+  return tmp_path / "x.gguf"
