@@ -15,8 +15,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from medusa_jax.config import MedusaConfig
-from medusa_jax.errors import (ArchitectureError, CheckpointExistsError, ConfigError,
-                               CorruptWeightsError,
+from medusa_jax.errors import (AmbiguousWeightsError, ArchitectureError, CheckpointExistsError,
+                               ConfigError, CorruptWeightsError,
                                MissingTensorError, NonFiniteWeightsError, TensorDtypeError,
                                TensorShapeError, WeightsError, WeightsFormatError,
                                WeightsNotFoundError)
@@ -103,12 +103,14 @@ def test_medusa2_full_model_prefix_and_other_tensors(tmp_path):
   assert rel_err(spec, ref_v2(x, bare, 2, lm_w)[1]) < 1e-5
 
 
-def test_bare_key_wins_over_prefixed_and_files_are_unioned(tmp_path):
+def test_bare_key_wins_over_prefixed_in_one_file_and_files_are_unioned(tmp_path):
   rng = np.random.default_rng()
   t = head_tensors(rng, n=2, hidden=H)
   decoy = head_tensors(rng, n=2, hidden=H, prefix="base_model.medusa_head.")
   save_file({k: v for k, v in t.items() if k.startswith("0.")}, str(tmp_path / "a.safetensors"))
-  save_file({**decoy, **{k: v for k, v in t.items() if k.startswith("1.")}},
+  # b holds head 1 bare and both heads prefixed: inside one file the bare key wins.
+  save_file({**{k: v for k, v in decoy.items() if k.startswith("base_model.medusa_head.1.")},
+             **{k: v for k, v in t.items() if k.startswith("1.")}},
             str(tmp_path / "b.safetensors"))
   save_file({"0.0.linear.weight": np.zeros((3, 3), np.float32)},
             str(tmp_path / "training_args.safetensors"))  # skipped, as LoRAX does
@@ -116,6 +118,17 @@ def test_bare_key_wins_over_prefixed_and_files_are_unioned(tmp_path):
   np.testing.assert_array_equal(
       fused_view(np.asarray(w.model.medusa.kernel[...])),
       np.concatenate([t["0.0.linear.weight"].T, t["1.0.linear.weight"].T], axis=1))
+
+
+@pytest.mark.parametrize("prefix", ["", "base_model.medusa_head."])
+def test_a_tensor_in_two_files_is_refused_naming_both(tmp_path, prefix):
+  rng = np.random.default_rng()
+  t = head_tensors(rng, n=2, hidden=H)
+  save_file(t, str(tmp_path / "adapter_model.safetensors"))
+  save_file(head_tensors(rng, n=2, hidden=H, prefix=prefix), str(tmp_path / "model.safetensors"))
+  with pytest.raises(AmbiguousWeightsError, match=r"Key 0\.0\.linear\.\w+ was found in multiple"
+                     r" files: .*adapter_model\.safetensors.* and .*/model\.safetensors"):
+    MedusaWeights.load(_cfg(2), tmp_path)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
