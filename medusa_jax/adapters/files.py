@@ -12,7 +12,6 @@ import importlib
 import os
 from typing import Any, Iterator, Mapping
 
-import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
@@ -77,23 +76,6 @@ def weight_files(path: str | os.PathLike) -> list[str]:
   raise WeightsNotFoundError(
       f"{path}: no weight files; expected *.safetensors (or *.pt, *.pth, *.bin), found"
       f" {listing}{hint}")
-
-
-def check_float_dtype(dtype, what: str = "dtype"):
-  """``dtype`` as a JAX dtype when it is floating point (bfloat16 included).
-
-  Raises:
-    TensorDtypeError: not a dtype, or not floating point (int8 would give
-      all-zero heads).
-  """
-  try:
-    dt = jnp.dtype(dtype)
-  except TypeError:
-    dt = None
-  if dt is None or not jnp.issubdtype(dt, jnp.floating):
-    raise TensorDtypeError(f"{what}={dtype!r}: expected a floating-point dtype (float32,"
-                           " bfloat16, float16, float64)")
-  return dt
 
 
 def _import_torch():

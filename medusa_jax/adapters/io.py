@@ -28,8 +28,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 from medusa_jax._atomic import replace_dir, write_json, write_safetensors
-from medusa_jax.adapters.files import (ORBAX_META_NAME, Index, TensorIndex, check_float_dtype,
-                                       open_adapter_files)
+from medusa_jax._validate import check_float_dtype, nonfinite_leaves
+from medusa_jax.adapters.files import ORBAX_META_NAME, Index, TensorIndex, open_adapter_files
 from medusa_jax.adapters.layout import (AdapterLayout, block_bias_key, block_weight_key,
                                         file_tensors)
 from medusa_jax.config import CONFIG_NAME, MedusaConfig, speculation_max_batch_size
@@ -475,23 +475,12 @@ def load_orbax(path: str | os.PathLike, *, max_batch_size: int | None = None
 
 
 def check_finite_state(model, where: str) -> None:
-  """Raises NonFiniteWeightsError naming the parameters of ``model`` that hold NaN or inf.
-
-  One jitted reduction over every parameter, and one host read of its [P] flags.
-  """
-  leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
-  flags = np.asarray(jax.device_get(_all_finite([leaf for _, leaf in leaves])))
-  bad = [path_str(p) for (p, _), ok in zip(leaves, flags) if not ok]
+  """Raises NonFiniteWeightsError naming the parameters of ``model`` that hold NaN or inf."""
+  bad = nonfinite_leaves(nnx.state(model, nnx.Param))
   if bad:
     more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
     raise NonFiniteWeightsError(f"{where}: parameter {bad[0]}{more} holds NaN or infinite"
                                 " values")
-
-
-@jax.jit
-def _all_finite(arrays: list) -> jax.Array:
-  """[P] bool: whether each array is all finite (one device reduction per array)."""
-  return jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays])
 
 
 # ------------------------------------------------------------------------ tree choices

@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from medusa_jax.adapters import io
-from medusa_jax.adapters.files import check_float_dtype
+from medusa_jax._validate import check_float_dtype
 from medusa_jax.adapters.layout import file_tensors
 from medusa_jax.config import MedusaConfig, speculation_max_batch_size
 from medusa_jax.errors import ArchitectureError, TensorShapeError
