@@ -149,7 +149,7 @@ def _model_dir(src: Sources, workdir: str) -> str:
   if src.gguf:
     out = os.path.join(workdir, "model")
     if not os.path.exists(os.path.join(out, "model.safetensors")):
-      convert_gguf(src.gguf, out)
+      convert_gguf(src.gguf, out, overwrite=True)  # atomic: never half a checkpoint
     return out
   return assets.fetch().model_dir
 
