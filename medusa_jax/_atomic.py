@@ -304,7 +304,7 @@ def check_dir_destination(path: str | os.PathLike, *, overwrite: bool, what: str
   if foreign:
     shown = ", ".join(foreign[:5]) + (f" (and {len(foreign) - 5} more)" if len(foreign) > 5
                                       else "")
-    raise OutputExistsError(
+    raise exists_error(
         f"{path}: holds {shown}, which {'is' if len(foreign) == 1 else 'are'} not part of"
         f" {what}; refusing to replace the directory (remove them or choose another path)")
   if not overwrite:
@@ -356,6 +356,9 @@ def replace_dir(path: str | os.PathLike, *, overwrite: bool = False, what: str =
   except OSError as e:
     _remove(tmp)
     raise _write_error(path, e, tmp) from None
+  except WriteError as e:  # a file inside: name it where it was going, not in the temporary
+    _remove(tmp)
+    raise WriteError(str(e).replace(tmp, path)) from None
   except BaseException:
     _remove(tmp)
     raise

@@ -325,11 +325,7 @@ def _read_orbax_meta(meta_path: str) -> dict:
       "per_head_lm_head": need("per_head_lm_head", lambda v: isinstance(v, bool), "a bool"),
       "dtype": need("dtype", lambda v: isinstance(v, str), "a dtype name"),
   }
-  try:
-    dtype = jnp.dtype(out["dtype"])
-  except TypeError:
-    raise CorruptWeightsError(f"{meta_path}: dtype={out['dtype']!r}; not a dtype") from None
-  out["dtype"] = check_float_dtype(dtype, f"dtype in {meta_path}")
+  out["dtype"] = check_float_dtype(out["dtype"], f"dtype in {meta_path}")
   if out["per_head_lm_head"] and out["vocab_size"] is None:
     raise CorruptWeightsError(f"{meta_path}: per_head_lm_head is true but vocab_size is null")
   return out

@@ -194,7 +194,10 @@ def file_tensors(model: MedusaModel, dtype=None) -> dict[str, np.ndarray]:
   """
   def host(a) -> np.ndarray:
     a = np.asarray(jax.device_get(a))
-    return a if dtype is None else a.astype(np.dtype(dtype))
+    if dtype is None:
+      return a
+    with np.errstate(over="ignore"):  # an overflowing cast is reported by the caller
+      return a.astype(np.dtype(dtype))
 
   out: dict[str, np.ndarray] = {}
   medusa = model.medusa
