@@ -39,7 +39,7 @@ from medusa_jax.adapters.layout import block_weight_key, out_weight_key
 from medusa_jax.adapters.weights import MedusaWeights
 from medusa_jax.config import CONFIG_NAME, MedusaConfig
 from medusa_jax.errors import (ConfigError, MissingTensorError, TensorDtypeError,
-                               WeightsNotFoundError)
+                               WeightsNotFoundError, WriteError)
 from medusa_jax.options import Option
 
 
@@ -150,9 +150,18 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | Target 
                                 or num_heads < 1):
     raise ConfigError(f"--num-heads={num_heads!r}; expected a positive integer")
   _check_destination(src, dst, target, overwrite)
-  if is_orbax_checkpoint(src):
-    return _from_orbax(src, dst, target, num_heads, base_model, overwrite)
-  return _from_weight_files(src, dst, target, num_heads, base_model, overwrite)
+  try:
+    if is_orbax_checkpoint(src):
+      return _from_orbax(src, dst, target, num_heads, base_model, overwrite)
+    return _from_weight_files(src, dst, target, num_heads, base_model, overwrite)
+  except WriteError as e:
+    if os.path.abspath(dst) in str(e):
+      raise
+    # The intermediate files live in the system's temporary directory: name the
+    # user's destination, and where the space ran out.
+    reason = str(e).split(": cannot write ", 1)[-1]
+    raise WriteError(f"{dst}: cannot write {reason} (while writing the conversion's"
+                     f" temporary files in {tempfile.gettempdir()})") from None
 
 
 # ----------------------------------------------------------------------------- sources

@@ -10,7 +10,6 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
-from medusa_jax.app._args import positive_int
 from medusa_jax.app._flags import SPECULATE_CHOICES, add_engine_flags, load_engine, stderr
 from medusa_jax.assets import cache as assets
 from medusa_jax.assets.datasets import load_mtbench
@@ -109,8 +108,8 @@ def format_bench(report: dict[str, Any]) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--modes", nargs="+", default=list(SPECULATE_CHOICES), choices=SPECULATE_CHOICES)
-  p.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[1])
-  p.add_argument("--max-new-tokens", type=positive_int, default=64)
+  p.add_argument("--batch-sizes", nargs="+", type=int, default=[1])
+  p.add_argument("--max-new-tokens", type=int, default=64)
   p.add_argument("--prompts", nargs="+", help="prompts (default: MT-bench first turns when"
                  " fetched, else a built-in set)")
   add_engine_flags(p)

@@ -60,12 +60,13 @@ def run(ns: argparse.Namespace) -> int:
         sys.stdout.flush()
         stats = chunk.stats or stats
     except MedusaError as e:  # this prompt fails alone; the others still run
+      if len(prompts) == 1:
+        raise  # one line and exit 2 from main (or the traceback, with --debug)
       failed += 1
       if started:
         sys.stdout.write("\n")
         sys.stdout.flush()
-      where = f"prompt {i}: " if len(prompts) > 1 else ""
-      stderr(f"medusa-jax generate: error: {where}{' '.join(str(e).split())}")
+      stderr(f"medusa-jax generate: error: prompt {i}: {' '.join(str(e).split())}")
       continue
     sys.stdout.write("\n")
     sys.stdout.flush()
