@@ -16,6 +16,8 @@ from medusa_jax.errors import (AdapterLoadError, ArchitectureError, AssetError,
                                RequestError, SegmentError, ShardingError, TensorDtypeError,
                                TensorShapeError, WeightsError, WeightsFormatError,
                                WeightsNotFoundError)
+from medusa_jax.errors import (AmbiguousWeightsError, NonFiniteLogitsError, NonFiniteOutputError,
+                               OutputExistsError, WriteError)
 
 __version__ = "0.1.0"
 
