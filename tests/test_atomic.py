@@ -242,7 +242,7 @@ def test_sigkill_at_random_instants_leaves_old_or_new(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
       assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-      deadline = time.monotonic() + 4.0
+      deadline = time.monotonic() + 3.0
       while time.monotonic() < deadline:
         time.sleep(rnd.uniform(0.0, 0.25))
         os.kill(proc.pid, signal.SIGSTOP)
