@@ -16,7 +16,9 @@ from medusa_jax.errors import (AdapterLoadError, ArchitectureError, AssetError,
                                RequestError, SegmentError, ShardingError, TensorDtypeError,
                                TensorShapeError, WeightsError, WeightsFormatError,
                                WeightsNotFoundError)
-from medusa_jax.errors import AdapterMismatchError, ModelNotFoundError, UnsupportedModelError
+from medusa_jax.errors import (AdapterMismatchError, AmbiguousWeightsError, ModelNotFoundError,
+                               NonFiniteLogitsError, NonFiniteOutputError, OutputExistsError,
+                               UnsupportedModelError, WriteError)
 
 __version__ = "0.1.0"
 

@@ -15,6 +15,7 @@ import math
 import os
 from typing import Any, Mapping, Sequence
 
+from medusa_jax import _atomic
 from medusa_jax.errors import ConfigError
 from medusa_jax.options import Option
 
@@ -234,8 +235,8 @@ class MedusaConfig:
     try:
       with open(path, encoding="utf-8") as f:
         raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+      raise ConfigError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
     return cls.load(raw, source=path)
 
   def to_dict(self) -> dict[str, Any]:
@@ -247,14 +248,17 @@ class MedusaConfig:
         "version": self.version,
     }
 
-  def save(self, out_dir: str | os.PathLike) -> str:
-    """Writes ``out_dir/config.json`` and returns its path."""
-    os.makedirs(out_dir, exist_ok=True)
+  def save(self, out_dir: str | os.PathLike, *, overwrite: bool = False) -> str:
+    """Writes ``out_dir/config.json`` atomically and returns its path.
+
+    Raises:
+      OutputExistsError: the file exists and ``overwrite`` is False.
+      WriteError: the file cannot be written (disk full, ...).
+    """
     path = os.path.join(os.fspath(out_dir), CONFIG_NAME)
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump(self.to_dict(), f, indent=2)
-      f.write("\n")
-    return path
+    with _atomic.writing(out_dir):
+      os.makedirs(out_dir, exist_ok=True)
+    return _atomic.write_json(path, self.to_dict(), overwrite=overwrite)
 
 
 def _int_tuple(name: str, values: Any) -> tuple[int, ...]:

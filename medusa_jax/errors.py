@@ -66,8 +66,24 @@ class WeightsFormatError(WeightsError):
   """A weight file has an unsupported format, or needs a package that is not installed."""
 
 
-class CheckpointExistsError(WeightsError):
+class OutputExistsError(MedusaError):
+  """A file or directory already exists where one would be written (pass overwrite=True)."""
+
+
+class WriteError(MedusaError):
+  """A file could not be written (disk full, no permission, ...); names the destination."""
+
+
+class CheckpointExistsError(WeightsError, OutputExistsError):
   """A checkpoint already exists where one would be written (pass overwrite=True)."""
+
+
+class AmbiguousWeightsError(WeightsError):
+  """Two weight files hold the same tensor, or a directory mixes checkpoint formats."""
+
+
+class NonFiniteOutputError(MedusaError):
+  """The model produced NaN or infinite logits for a request (a corrupt or overflowing model)."""
 
 
 class AdapterLoadError(MedusaError):
@@ -80,6 +96,10 @@ class SegmentError(MedusaError):
 
 class RequestError(MedusaError):
   """A generation request is malformed (empty prompt, bad ids, bad options)."""
+
+
+class NonFiniteLogitsError(RequestError, NonFiniteOutputError):
+  """A request's logits became NaN or infinite during decoding; that request failed alone."""
 
 
 class ShardingError(MedusaError):

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "architecture.md")
 BEGIN, END = "<!-- imports:begin -->", "<!-- imports:end -->"
 # Shared by everything; drawn as one box without edges to keep the picture readable.
-CORE = ("config", "errors", "options", "_validate")
+CORE = ("config", "errors", "options", "_validate", "_atomic")
 ORDER = ("app", "training", "decoding", "heads", "adapters", "models", "parallel", "pallas",
          "assets", "bundled")
 LABELS = {
@@ -81,7 +81,7 @@ def edges(dispatch: bool = False) -> list[tuple[str, str]]:
 def mermaid() -> str:
   lines = ["```mermaid", "flowchart TD"]
   lines += [f'  {name}["{LABELS[name]}"]' for name in ORDER]
-  lines.append('  core["config · errors · options · _validate<br/>(imported by all)"]')
+  lines.append('  core["config · errors · options · _validate · _atomic<br/>(imported by all)"]')
   solid = edges()
   lines += [f"  {a} --> {b}" for a, b in solid]
   lines += [f"  {a} -.-> {b}" for a, b in edges(dispatch=True) if (a, b) not in solid]

@@ -32,13 +32,14 @@ import tempfile
 import jax.numpy as jnp
 from safetensors import safe_open
 
+from medusa_jax._atomic import write_file, writing
 from medusa_jax.adapters.files import ORBAX_META_NAME
 from medusa_jax.adapters.io import convert_to_safetensors
 from medusa_jax.adapters.layout import block_weight_key, out_weight_key
 from medusa_jax.adapters.weights import MedusaWeights
 from medusa_jax.config import CONFIG_NAME, MedusaConfig
 from medusa_jax.errors import (ConfigError, MissingTensorError, TensorDtypeError,
-                               WeightsNotFoundError)
+                               WeightsNotFoundError, WriteError)
 from medusa_jax.options import Option
 
 
@@ -149,9 +150,18 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | Target 
                                 or num_heads < 1):
     raise ConfigError(f"--num-heads={num_heads!r}; expected a positive integer")
   _check_destination(src, dst, target, overwrite)
-  if is_orbax_checkpoint(src):
-    return _from_orbax(src, dst, target, num_heads, base_model, overwrite)
-  return _from_weight_files(src, dst, target, num_heads, base_model, overwrite)
+  try:
+    if is_orbax_checkpoint(src):
+      return _from_orbax(src, dst, target, num_heads, base_model, overwrite)
+    return _from_weight_files(src, dst, target, num_heads, base_model, overwrite)
+  except WriteError as e:
+    if os.path.abspath(dst) in str(e):
+      raise
+    # The intermediate files live in the system's temporary directory: name the
+    # user's destination, and where the space ran out.
+    reason = str(e).split(": cannot write ", 1)[-1]
+    raise WriteError(f"{dst}: cannot write {reason} (while writing the conversion's"
+                     f" temporary files in {tempfile.gettempdir()})") from None
 
 
 # ----------------------------------------------------------------------------- sources
@@ -181,8 +191,9 @@ def _from_weight_files(src, dst, target, num_heads, base_model, overwrite,
       if num_heads is not None and num_heads != found.num_heads:
         raise ConfigError("--num-heads applies to lorax and orbax targets; a safetensors"
                           " target keeps every tensor of the source")
-      os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-      shutil.move(flat, dst)
+      with writing(dst):
+        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+      write_file(dst, lambda tmp: shutil.copyfile(flat, tmp), overwrite=overwrite)
       return ConvertResult(src=shown_src, dst=dst, to=target, config=None,
                            heads_in_source=found.num_heads)
     config, notes = _target_config(src, found, num_heads, base_model)
@@ -240,9 +251,7 @@ def _source_config_path(src: str) -> str | None:
 
 def _write(weights, src, dst, target, found, notes, overwrite) -> ConvertResult:
   if target is Target.LORAX:
-    if overwrite:
-      _clear_weight_files(dst)
-    weights.save(dst)
+    weights.save(dst, overwrite=overwrite)  # atomic; an old adapter is replaced whole
   elif target is Target.ORBAX:
     weights.save_orbax(dst, overwrite=overwrite)
   else:
@@ -260,15 +269,6 @@ def _check_destination(src: str, dst: str, target: Target, overwrite: bool) -> N
     return
   if target is Target.SAFETENSORS or (os.path.isdir(dst) and os.listdir(dst)):
     raise ConfigError(f"{dst}: already exists; pass --overwrite to replace it")
-
-
-def _clear_weight_files(dst: str) -> None:
-  """Removes weight files an overwritten adapter dir holds: loaders read their union."""
-  if not os.path.isdir(dst):
-    return
-  for name in os.listdir(dst):
-    if name.endswith((".safetensors", ".pt", ".pth", ".bin")):
-      os.remove(os.path.join(dst, name))
 
 
 def _numpy_dtype_name(safetensors_dtype: str) -> str:

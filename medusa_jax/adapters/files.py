@@ -16,9 +16,9 @@ import numpy as np
 from safetensors import safe_open
 
 from medusa_jax.adapters.layout import canonical_key, is_medusa_key
-from medusa_jax.errors import (CorruptWeightsError, MissingTensorError, NonFiniteWeightsError,
-                               TensorDtypeError, TensorShapeError, WeightsFormatError,
-                               WeightsNotFoundError)
+from medusa_jax.errors import (AmbiguousWeightsError, CorruptWeightsError, MissingTensorError,
+                               NonFiniteWeightsError, TensorDtypeError, TensorShapeError,
+                               WeightsFormatError, WeightsNotFoundError)
 
 # Written beside an Orbax checkpoint; named here so that a directory holding
 # one gets a hint instead of a bare "no weight files".
@@ -60,8 +60,14 @@ def weight_files(path: str | os.PathLike) -> list[str]:
   names = sorted(n for n in os.listdir(path)
                  if os.path.isfile(os.path.join(path, n))
                  and not any(word in n for word in _SKIP_WORDS))
+  orbax = os.path.exists(os.path.join(path, ORBAX_META_NAME))
   for exts in (_SAFETENSORS_EXT, _TORCH_EXT):
     found = [os.path.join(path, n) for n in names if n.endswith(exts)]
+    if found and orbax:
+      raise AmbiguousWeightsError(
+          f"{path}: holds both an Orbax checkpoint ({ORBAX_META_NAME}) and weight files"
+          f" ({', '.join(os.path.basename(f) for f in found)}); which one is the adapter is"
+          " ambiguous: keep one format per directory")
     if found:
       return found
   listing = ", ".join(sorted(os.listdir(path))) or "nothing"
@@ -84,9 +90,10 @@ class TensorIndex:
 
   Use as a context manager. Safetensors files are opened once and read lazily,
   whole or block by block (only the head tensors of a full-model file are
-  touched); torch files are loaded whole on the host. On duplicate keys a bare
-  key beats a prefixed one, then the earlier file wins. Every read checks the
-  dtype (floating point) and, on request, that the values are finite.
+  touched); torch files are loaded whole on the host. Inside one file a bare
+  key beats a ``medusa_head.``-prefixed one; a key found in two files raises
+  :class:`AmbiguousWeightsError` naming both. Every read checks the dtype
+  (floating point) and, on request, that the values are finite.
   """
 
   def __init__(self, files: list[str]):
@@ -101,10 +108,20 @@ class TensorIndex:
       for path in self.files:
         raw_keys = (self._open_safetensors(path) if path.endswith(_SAFETENSORS_EXT)
                     else self._open_torch(path))
+        # Inside one file a bare key beats a prefixed one (a full Medusa-2 model
+        # file may carry both); across files a key must be unique, as in LoRAX.
+        local: dict[str, tuple[int, str]] = {}
         for raw in raw_keys:
           key, priority = canonical_key(raw)
-          if key not in self._entries or priority < self._entries[key][0]:
-            self._entries[key] = (priority, path, raw)
+          if key not in local or priority < local[key][0]:
+            local[key] = (priority, raw)
+        for key, (priority, raw) in local.items():
+          if key in self._entries:
+            _, other, other_raw = self._entries[key]
+            raise AmbiguousWeightsError(
+                f"Key {key} was found in multiple files: {other} ({other_raw}) and {path}"
+                f" ({raw}); keep one weight file per tensor")
+          self._entries[key] = (priority, path, raw)
     except BaseException:
       self._stack.close()
       raise

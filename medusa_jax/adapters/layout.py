@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from medusa_jax.config import MedusaConfig
-from medusa_jax.errors import MissingTensorError, TensorShapeError
+from medusa_jax.errors import ConfigError, MissingTensorError, TensorShapeError
 from medusa_jax.heads.modules import MedusaModel, unstack_heads
 
 PREFIX = "medusa_head."
@@ -79,6 +79,14 @@ class AdapterLayout:
         is not [V, H].
     """
     n, num_layers = config.medusa_num_heads, config.medusa_num_layers
+    # Sizes are checked against the keys present before any key list is built,
+    # so a config claiming 1e12 heads costs nothing.
+    present = count_heads(index)
+    if 0 < present < n:
+      raise MissingTensorError(
+          f"{block_weight_key(present, 0)}: missing from {', '.join(index.files)}; the config"
+          f" says medusa_num_heads={n} but the files hold Medusa heads"
+          f" {list(range(present))}")
     key = block_weight_key(0, 0)
     shape = index.shape(key)
     if len(shape) != 2 or shape[0] != shape[1]:
@@ -93,6 +101,11 @@ class AdapterLayout:
           f"{block_weight_key(0, found)}: missing from {', '.join(index.files)}; the config"
           f" says medusa_num_layers={num_layers} but head 0 in the files has {found}"
           " ResBlock(s)")
+    if found > num_layers:
+      raise ConfigError(
+          f"medusa_num_layers={num_layers} in the config disagrees with"
+          f" {index.file_of(block_weight_key(0, found - 1))}, whose head 0 has {found}"
+          " ResBlocks; fix the config (reading fewer would give other heads)")
     vocab = None
     key = out_weight_key(0, num_layers)
     if num_layers > 1 or index.has(key):
@@ -145,6 +158,16 @@ class AdapterLayout:
       index.check_shape(key, self.expected(key))
 
 
+def count_heads(index) -> int:
+  """Heads 0..k-1 whose first ResBlock weight the files hold (bounded by the keys present)."""
+  heads = {int(k.split(".")[0]) for k in index.medusa_keys()
+           if k.split(".")[1:] == ["0", "linear", "weight"]}
+  count = 0
+  while count in heads:
+    count += 1
+  return count
+
+
 def canonical_key(key: str) -> tuple[str, int]:
   """(key without any ``...medusa_head.`` prefix, priority: 0 = bare key, 1 = prefixed)."""
   at = key.rfind(PREFIX)
@@ -171,7 +194,10 @@ def file_tensors(model: MedusaModel, dtype=None) -> dict[str, np.ndarray]:
   """
   def host(a) -> np.ndarray:
     a = np.asarray(jax.device_get(a))
-    return a if dtype is None else a.astype(np.dtype(dtype))
+    if dtype is None:
+      return a
+    with np.errstate(over="ignore"):  # an overflowing cast is reported by the caller
+      return a.astype(np.dtype(dtype))
 
   out: dict[str, np.ndarray] = {}
   medusa = model.medusa

@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from medusa_jax.adapters import io
+from medusa_jax._validate import check_float_dtype
 from medusa_jax.adapters.layout import file_tensors
 from medusa_jax.config import MedusaConfig, speculation_max_batch_size
 from medusa_jax.errors import ArchitectureError, TensorShapeError
@@ -101,6 +102,7 @@ class MedusaWeights:
       ArchitectureError: ``lm_head_weight`` given for V2 heads, or V1 without V.
       TensorShapeError: ``lm_head_weight`` is not [H, V].
     """
+    dtype = check_float_dtype(dtype)
     v1 = config.medusa_num_layers > 1 or per_head_lm_head
     if lm_head_weight is not None:
       if not v1:
@@ -142,7 +144,7 @@ class MedusaWeights:
     Args:
       config: the adapter config (n, L).
       path: a weight file or a directory.
-      dtype: parameter dtype (float32, bfloat16, ...).
+      dtype: parameter dtype (float32, bfloat16, ...; integer dtypes are refused).
       max_batch_size: the V2 speculation guard (None: env, else 32).
       check_finite: reject tensors holding NaN or inf.
       mesh: place the heads on this ``(data, model)`` mesh as they are read
@@ -154,8 +156,12 @@ class MedusaWeights:
       WeightsFormatError: unsupported extension, or a torch file without torch.
       CorruptWeightsError: a file is truncated or unreadable.
       MissingTensorError: a needed tensor is absent (the message names it).
-      TensorShapeError / TensorDtypeError: a tensor has the wrong shape / dtype.
-      NonFiniteWeightsError: a tensor holds NaN or inf (``check_finite``).
+      TensorShapeError / TensorDtypeError: a tensor has the wrong shape / dtype,
+        or ``dtype`` is not floating point.
+      NonFiniteWeightsError: a tensor holds NaN or inf (``check_finite``), also
+        after the cast to ``dtype``.
+      AmbiguousWeightsError: two files hold the same tensor.
+      ConfigError: the config disagrees with the files.
       ShardingError: with a mesh, H or V does not divide its ``model`` axis.
     """
     model = io.read_adapter(config, path, dtype=dtype, max_batch_size=max_batch_size,
@@ -176,26 +182,40 @@ class MedusaWeights:
     """The heads as file tensors (LoRAX keys, torch ``[out, in]``): see ``layout.file_tensors``."""
     return file_tensors(self.model, dtype)
 
-  def save(self, out_dir: str | os.PathLike, *, dtype=None) -> str:
+  def save(self, out_dir: str | os.PathLike, *, dtype=None, overwrite: bool = False,
+           choices=None) -> str:
     """Writes ``config.json`` and ``model.safetensors`` (LoRAX layout) to ``out_dir``.
 
     The result loads back with :meth:`load` / :func:`load_medusa_adapter` and
-    with LoRAX (keys verbatim, torch layout, ``version`` preserved).
+    with LoRAX (keys verbatim, torch layout, ``version`` preserved). The write
+    is atomic (see :func:`~medusa_jax.adapters.io.save_safetensors`): a crash
+    leaves the old adapter or the new one, and an overwritten adapter keeps no
+    old file.
 
     Args:
       out_dir: the adapter directory (created if missing).
-      dtype: tensor dtype in the file; None keeps the parameter dtype.
+      dtype: tensor dtype in the file (floating point); None keeps the parameter dtype.
+      overwrite: replace an existing adapter directory.
+      choices: best-first tree paths to write as ``medusa_choices.json``.
 
     Returns:
       The path of the safetensors file.
+
+    Raises:
+      CheckpointExistsError: ``out_dir`` holds files and ``overwrite`` is False.
+      TensorDtypeError / NonFiniteWeightsError: a non-float ``dtype``, or a
+        cast that overflows.
+      WriteError: the disk is full or the directory is not writable.
     """
-    return io.save_safetensors(self.config, self.model, out_dir, dtype=dtype)
+    return io.save_safetensors(self.config, self.model, out_dir, dtype=dtype,
+                               overwrite=overwrite, choices=choices)
 
   def save_orbax(self, path: str | os.PathLike, *, overwrite: bool = False) -> str:
     """Saves the heads as an Orbax checkpoint (see :func:`~medusa_jax.adapters.io.save_orbax`).
 
     Raises:
-      CheckpointExistsError: ``path/state`` exists and ``overwrite`` is False.
+      CheckpointExistsError: ``path`` holds files and ``overwrite`` is False.
+      WriteError: the disk is full or the directory is not writable.
     """
     return io.save_orbax(self.config, self.model, path, overwrite=overwrite)
 

@@ -7,6 +7,7 @@ import sys
 
 from medusa_jax.app._flags import (add_engine_flags, add_request_flags, load_engine,
                                    sampling_params, stats_line, stderr)
+from medusa_jax.app.generate import tolerate_bad_utf8
 from medusa_jax.errors import MedusaError
 
 HELP = "interactive chat over stdin in the model's chat template"
@@ -30,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(ns: argparse.Namespace, *, stdin=None) -> int:
   params = sampling_params(ns)
   stdin = sys.stdin if stdin is None else stdin
+  tolerate_bad_utf8(stdin)  # invalid UTF-8 becomes lone surrogates: that turn fails alone, typed
   interactive = stdin.isatty()
   engine = load_engine(ns, lambda m: stderr(f"note: {m}"))
   from medusa_jax.decoding.text import ChatSession  # CLI dispatch (after the engine: JAX)
@@ -51,10 +53,20 @@ def run(ns: argparse.Namespace, *, stdin=None) -> int:
     if user == "/reset":
       session.reset()
       continue
+    shown = []
+
+    def on_text(text: str) -> None:
+      shown.append(text)
+      sys.stdout.write(text)
+      sys.stdout.flush()
+
     try:
-      _, stats = session.reply(user, on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+      _, stats = session.reply(user, on_text=on_text)
     except MedusaError as e:  # a bad turn fails alone; the chat goes on
-      stderr(f"medusa-jax chat: error: {e}")
+      if shown:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+      stderr(f"medusa-jax chat: error: {' '.join(str(e).split())}")
       continue
     sys.stdout.write("\n")
     sys.stdout.flush()

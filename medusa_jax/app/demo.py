@@ -16,9 +16,11 @@ import argparse
 import json
 from typing import Sequence
 
+from medusa_jax.app._args import non_negative_int, positive_int
 from medusa_jax.assets import cache as assets
 from medusa_jax.assets.datasets import load_mtbench
 from medusa_jax.config import Platform
+from medusa_jax.errors import ConfigError
 
 HELP = "MT-bench prompts: plain vs Medusa decoding on SmolLM2"
 EPILOG = """\
@@ -60,6 +62,8 @@ def run_demo(num_prompts: int = 4, max_new_tokens: int = 32, batch_size: int | N
   from medusa_jax.decoding.requests import Speculate
 
   log = log or (lambda *a, **k: None)
+  if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
+    raise ConfigError(f"num_prompts={num_prompts!r}: expected an integer >= 1")
   modes = [Speculate.parse(m) for m in speculate]
   if engine is None:
     engine = Engine.load(max_cache_len=1024, max_tree_rows=max_tree_rows)
@@ -121,9 +125,9 @@ def run_demo(num_prompts: int = 4, max_new_tokens: int = 32, batch_size: int | N
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--prompts", type=int, default=4, help="MT-bench questions (default 4)")
-  p.add_argument("--max-new-tokens", type=int, default=32, help="answer budget (default 32)")
-  p.add_argument("--batch-size", type=int, default=1,
+  p.add_argument("--prompts", type=positive_int, default=4, help="MT-bench questions (default 4)")
+  p.add_argument("--max-new-tokens", type=positive_int, default=32, help="answer budget (default 32)")
+  p.add_argument("--batch-size", type=non_negative_int, default=1,
                  help="questions decoded together (default 1; 0 = all at once)")
   p.add_argument("--speculate", nargs="+", default=list(DEFAULT_MODES),
                  help="modes to compare: none chain tree (default: none tree)")

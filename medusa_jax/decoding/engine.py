@@ -32,7 +32,8 @@ from medusa_jax.decoding.requests import (Batch, OnError, Request, RequestContex
                                           SamplingParams, encode_prompt, validate)
 from medusa_jax.decoding.results import GenerationResult, RowStats, StreamEvent
 from medusa_jax.decoding.state import StepConfig
-from medusa_jax.errors import AdapterLoadError, ConfigError
+from medusa_jax.errors import (AdapterLoadError, ArchitectureError, ConfigError,
+                               NonFiniteLogitsError)
 from medusa_jax.heads.modules import MedusaModel
 from medusa_jax.heads.routed import BatchMedusaWeights
 from medusa_jax.models.llama_sharding import shard_cache
@@ -86,6 +87,7 @@ class Engine:
         medusa = MedusaWeights(medusa.config, medusa)
       self.registry.load_default(medusa)
     model = getattr(medusa, "model", medusa)
+    _check_heads_fit(model, llama, getattr(medusa, "source", None))
     self.config = config
     self.llama = llama
     self.mesh = mesh
@@ -240,18 +242,26 @@ class Engine:
     params = SamplingParams.make(params, **options)
     batch = validate(prompts, params, self.context, adapters=adapters, chat=chat,
                      on_error=on_error)
-    yield from self.run(batch, t_start=t_start)
+    yield from self.run(batch, t_start=t_start, on_error=on_error)
 
-  def run(self, batch: Batch, *, t_start: float | None = None) -> Iterator[StreamEvent]:
-    """Runs a validated :class:`~medusa_jax.decoding.requests.Batch`, as :meth:`stream`."""
+  def run(self, batch: Batch, *, t_start: float | None = None,
+          on_error: str | OnError = "raise") -> Iterator[StreamEvent]:
+    """Runs a validated :class:`~medusa_jax.decoding.requests.Batch`, as :meth:`stream`.
+
+    A request whose logits turn NaN or inf fails alone: its row stops, and its
+    error (a :class:`~medusa_jax.errors.NonFiniteLogitsError`) is raised at
+    once with ``on_error="raise"``, else recorded in the result.
+    """
+    on_error = OnError.parse(on_error)
     t_start = time.perf_counter() if t_start is None else t_start
     num = len(batch.requests)
     valid, config = batch.valid, batch.config
     outs: dict[int, dict] = {}
+    errors = list(batch.errors)
     decode_s, decode_tokens, steps = 0.0, 0, 0
     if valid:
       outs, decode_s, decode_tokens, steps = yield from self._decode_loop(
-          valid, config, batch.params.seed, t_start, num)
+          valid, config, batch.params.seed, t_start, num, errors, on_error)
     wall = time.perf_counter() - t_start
     tokens = [outs[i]["tokens"] if i in outs else [] for i in range(num)]
     stats = [_row_stats(outs[i], config) if i in outs else None for i in range(num)]
@@ -259,7 +269,7 @@ class Engine:
     if self.tokenizer is not None:
       texts = [self.decode(t) if t else "" for t in tokens]
     result = GenerationResult(tokens=tokens, steps=[s.steps if s else 0 for s in stats],
-                              texts=texts, stats=stats, errors=list(batch.errors),
+                              texts=texts, stats=stats, errors=errors,
                               speculate=batch.params.speculate, tree_nodes=config.num_nodes,
                               speculation_skipped=batch.speculation_skipped, wall_s=wall,
                               decode_s=decode_s, decode_tokens=decode_tokens)
@@ -294,8 +304,11 @@ class Engine:
   # ------------------------------------------------------------------------- internals
 
   def _decode_loop(self, valid: list[Request], config: StepConfig, seed: int, t_start: float,
-                   num_requests: int):
+                   num_requests: int, errors: list, on_error: OnError):
     """Prefill + the step loop for the valid requests, yielding a StreamEvent per step.
+
+    Requests whose logits turn non-finite get their entry of ``errors`` set
+    (or raise, with ``OnError.RAISE``) and no output.
 
     Returns (through ``yield from``): (outs, decode_s, decode_tokens, steps).
     """
@@ -344,6 +357,15 @@ class Engine:
       host = jax.device_get(pending)
       now = time.perf_counter()
       outputs.append(host)
+      for b in np.flatnonzero(~host.finite[:n]):
+        r = valid[b]
+        if errors[r.index] is None:
+          errors[r.index] = NonFiniteLogitsError(
+              f"request {r.index}: the model's logits became NaN or infinite at step {k}"
+              f" (after {int(sum(o.count[b] for o in outputs))} tokens); the base model or"
+              f" the heads are corrupt, or overflow {jnp.dtype(self.cache_dtype).name}")
+          if on_error is OnError.RAISE:
+            raise errors[r.index]
       newly_done = host.done[:n] & np.isnan(finished)
       finished[newly_done] = now - t_start
       if k == 1:
@@ -366,6 +388,8 @@ class Engine:
     accept_SxB = np.stack([o.accept_len[:n] for o in outputs])
     outs = {}
     for b, r in enumerate(valid):
+      if errors[r.index] is not None:
+        continue  # failed during decoding: no output
       emitted = [tokens_SxBxW[s, b, :count_SxB[s, b]] for s in range(len(outputs))]
       steps_b = active_SxB[1:, b]  # decode steps the row took part in
       hist = np.bincount(accept_SxB[1:, b][steps_b], minlength=config.width)
@@ -373,6 +397,24 @@ class Engine:
                            steps=int(steps_b.sum()), hist=[int(h) for h in hist],
                            finished=None if np.isnan(finished[b]) else float(finished[b]))
     return outs, decode_s, decode_tokens, len(outputs) - 1
+
+
+def _check_heads_fit(heads, llama, source: str | None) -> None:
+  """Raises ArchitectureError unless the heads' H (and V1's V) are the base model's.
+
+  Checked when the engine is built, not at the first step's trace, where a
+  mismatch would surface as an einsum error.
+  """
+  if heads is None:
+    return
+  where = f" ({source})" if source else ""
+  for name, got, want in (("hidden size", getattr(heads, "hidden_size", None),
+                           llama.cfg.hidden_size),
+                          ("vocabulary size", getattr(heads, "vocab_size", None),
+                           llama.cfg.vocab_size)):
+    if got is not None and got != want:
+      raise ArchitectureError(f"Medusa heads{where}: {name} {got}; expected the base model's"
+                              f" {want} (heads trained on another base model?)")
 
 
 def _row_stats(o: dict, config: StepConfig) -> RowStats:

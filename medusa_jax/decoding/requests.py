@@ -289,12 +289,16 @@ def validate(prompts, params: SamplingParams, ctx: RequestContext, *,
   Raises:
     RequestError: a bad call-level option (prompts not a list, per-prompt
       lists of the wrong length, an unknown adapter, speculation without
-      heads, a tree that does not fit the heads or the vocabulary), or, with
-      ``on_error="raise"``, the first bad request.
+      heads, a tree that does not fit the heads or the vocabulary, a seed
+      outside int64), or, with ``on_error="raise"``, the first bad request;
+      any exception raised while preparing one request (the tokenizer's
+      included) becomes that request's RequestError.
   """
   on_error = OnError.parse(on_error)
   if not isinstance(chat, bool):
     raise RequestError(f"chat={chat!r}: expected a bool")
+  if not -2**63 <= params.seed < 2**63:  # what jax.random.PRNGKey takes
+    raise RequestError(f"seed={params.seed!r}: expected an integer in [-2**63, 2**63)")
   if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
     raise RequestError(f"prompts: expected a list of prompts, got {type(prompts).__name__}")
   count = len(prompts)
@@ -314,8 +318,15 @@ def validate(prompts, params: SamplingParams, ctx: RequestContext, *,
                             temperature=temps[i], top_p=top_ps[i], adapter_slot=slots[i])
     except RequestError as e:
       errors[i] = e
+    except Exception as e:  # noqa: BLE001 - e.g. the tokenizer's TypeError on a lone surrogate
+      # Whatever preparing one request raises fails that request alone.
+      errors[i] = RequestError(f"request {i}: cannot prepare the prompt ({type(e).__name__}:"
+                               f" {str(e)[:300]})")
+      errors[i].__cause__ = e
   valid = [r for r in requests if r is not None]
   tree, skipped = choose_tree(params, ctx, max(len(valid), 1))
+  if tree is not None and tree.depth == 0:
+    tree = None  # a root-only tree (tree=[]) speculates nothing: plain decoding
   config = StepConfig(tree=tree, strategy=params.strategy, eos_ids=tuple(ctx.eos_ids))
   for r in valid:
     need = len(r.prompt) + r.max_new_tokens + config.num_nodes

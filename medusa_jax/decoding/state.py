@@ -100,12 +100,16 @@ class StepOutput:
     accept_len: [B] int32 draft tokens accepted (0..D; 0 when plain).
     active: [B] bool rows that took part in this step (not done before it).
     done: [B] bool rows finished after this step.
+    finite: [B] bool False for an active row whose base logits held NaN or inf
+      this step (a corrupt or overflowing model): the row emits nothing and
+      stops, and the engine fails its request alone.
   """
   tokens: Array
   count: Array
   accept_len: Array
   active: Array
   done: Array
+  finite: Array
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,10 @@ A speculative step runs, in one call:
 
 A step emits ``c_1..c_a`` and the bonus (``a + 1`` tokens), cut at the first
 EOS or at the row's ``max_new``; finished rows (and padding rows) are masked:
-their lengths freeze and they emit nothing.
+their lengths freeze and they emit nothing. A row whose base logits hold NaN
+or inf emits nothing, stops, and is flagged in ``StepOutput.finite`` (read
+with the step's one ``device_get``), so a corrupt model never passes for
+"token 0 again and again".
 """
 
 from __future__ import annotations
@@ -66,7 +69,17 @@ def _merge(graphdef, state):
   return None if graphdef is None else nnx.merge(graphdef, state)
 
 
-def _finish(state: DecodeState, emitted: Array, num_emitted: Array, eos_ids: tuple[int, ...]):
+def _all_finite(*logits: Array) -> Array:
+  """[B] bool: every logit of the row is finite, over arrays [B, ..., V]."""
+  ok_B = None
+  for x in logits:
+    row_B = jnp.all(jnp.isfinite(x).reshape(x.shape[0], -1), axis=1)
+    ok_B = row_B if ok_B is None else ok_B & row_B
+  return ok_B
+
+
+def _finish(state: DecodeState, emitted: Array, num_emitted: Array, eos_ids: tuple[int, ...],
+            finite: Array):
   """Cuts each row's emitted tokens at EOS / its budget and updates the counters.
 
   Args:
@@ -74,15 +87,18 @@ def _finish(state: DecodeState, emitted: Array, num_emitted: Array, eos_ids: tup
     emitted: [B, W] int32 candidate emissions in order.
     num_emitted: [B] int32 valid prefix of ``emitted``.
     eos_ids: static EOS ids.
+    finite: [B] bool rows whose logits were finite; the others emit nothing
+      and stop (their tokens would be argmax of NaN: token 0 again and again).
 
   Returns:
-    (out_tokens [B, W], count [B], generated [B], done [B]).
+    (out_tokens [B, W], count [B], generated [B], done [B], finite [B]) where
+    the last is True for rows that were not active.
   """
   width = emitted.shape[1]
   k_W = jnp.arange(width, dtype=jnp.int32)
   budget_B = state.max_new - state.generated
   valid_BxW = ((k_W[None, :] < num_emitted[:, None]) & (k_W[None, :] < budget_B[:, None])
-               & ~state.done[:, None])
+               & ~state.done[:, None] & finite[:, None])
   if eos_ids:
     is_eos_BxW = jnp.isin(emitted, jnp.asarray(eos_ids, jnp.int32)) & valid_BxW
     eos_before_BxW = jnp.cumsum(is_eos_BxW.astype(jnp.int32), axis=1) - is_eos_BxW
@@ -92,9 +108,9 @@ def _finish(state: DecodeState, emitted: Array, num_emitted: Array, eos_ids: tup
     hit_eos_B = jnp.zeros_like(state.done)
   count_B = jnp.sum(valid_BxW, axis=1, dtype=jnp.int32)
   generated_B = state.generated + count_B
-  done_B = state.done | hit_eos_B | (generated_B >= state.max_new)
+  done_B = state.done | hit_eos_B | (generated_B >= state.max_new) | ~finite
   out_BxW = jnp.where(valid_BxW, emitted, EMPTY)
-  return out_BxW, count_B, generated_B, done_B
+  return out_BxW, count_B, generated_B, done_B, finite | state.done
 
 
 def _next_tokens(config: StepConfig, root: Array, draft_logits: Array | None) -> Array:
@@ -179,12 +195,12 @@ def prefill_start(graphs: Graphs, params: Params, cache, x: Array, prompt_lens: 
                       generated=zero_B, max_new=max_new.astype(jnp.int32), done=done, rng=rng,
                       temperature=temperature, top_p=top_p, adapter_slot=adapter_slot)
   root_B = config.strategy.choose(logits_BxV, key, start.rows).astype(jnp.int32)
-  out, count, generated, new_done = _finish(start, root_B[:, None], jnp.ones_like(zero_B),
-                                            config.eos_ids)
+  out, count, generated, new_done, finite_B = _finish(
+      start, root_B[:, None], jnp.ones_like(zero_B), config.eos_ids, _all_finite(logits_BxV))
   state = start.replace(tokens=_next_tokens(config, root_B, draft), generated=generated,
                         done=new_done)
   return state, StepOutput(tokens=out, count=count, accept_len=zero_B, active=~done,
-                           done=new_done)
+                           done=new_done, finite=finite_B)
 
 
 def plain_step(graphs: Graphs, params: Params, state: DecodeState, *, config: StepConfig
@@ -199,14 +215,15 @@ def plain_step(graphs: Graphs, params: Params, state: DecodeState, *, config: St
   rng, key = jax.random.split(state.rng)
   next_B = config.strategy.choose(logits_BxV, key, state.rows).astype(jnp.int32)
   active_B = ~state.done
-  out, count, generated, done = _finish(state, next_B[:, None], jnp.ones_like(state.lengths),
-                                        config.eos_ids)
+  out, count, generated, done, finite_B = _finish(
+      state, next_B[:, None], jnp.ones_like(state.lengths), config.eos_ids,
+      _all_finite(logits_BxV))
   lengths = jnp.where(active_B, state.lengths + 1, state.lengths)
   tokens = jnp.where(active_B[:, None], next_B[:, None], state.tokens)
   new_state = state.replace(cache=cache, lengths=lengths, tokens=tokens, generated=generated,
                             done=done, rng=rng)
   return new_state, StepOutput(tokens=out, count=count, accept_len=jnp.zeros_like(count),
-                               active=active_B, done=done)
+                               active=active_B, done=done, finite=finite_B)
 
 
 def speculative_step(graphs: Graphs, params: Params, state: DecodeState, *,
@@ -242,8 +259,9 @@ def speculative_step(graphs: Graphs, params: Params, state: DecodeState, *,
   next_root_B = verdict.next_root.astype(jnp.int32)
   active_B = ~state.done
   accept_B = verdict.accept_len.astype(jnp.int32)
-  out, count, generated, done = _finish(state, verdict.emitted.astype(jnp.int32),
-                                        verdict.num_emitted.astype(jnp.int32), config.eos_ids)
+  out, count, generated, done, finite_B = _finish(
+      state, verdict.emitted.astype(jnp.int32), verdict.num_emitted.astype(jnp.int32),
+      config.eos_ids, _all_finite(logits_BxIxV, logits_best_BxV))
   lengths = jnp.where(active_B, state.lengths + accept_B + 1, state.lengths)
   tokens = jnp.where(active_B[:, None], _next_tokens(config, next_root_B, draft_BxDxV),
                      state.tokens)
@@ -251,7 +269,7 @@ def speculative_step(graphs: Graphs, params: Params, state: DecodeState, *,
                             done=done, rng=rng)
   return new_state, StepOutput(tokens=out, count=count,
                                accept_len=jnp.where(active_B, accept_B, 0),
-                               active=active_B, done=done)
+                               active=active_B, done=done, finite=finite_B)
 
 
 def decode_step(graphs: Graphs, params: Params, state: DecodeState

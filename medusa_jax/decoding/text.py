@@ -67,12 +67,24 @@ def chat_ids(engine: Engine, messages: str | Sequence[Mapping[str, str]]) -> lis
     engine: an ``Engine`` with a tokenizer.
     messages: one user message, or ``[{"role": ..., "content": ...}, ...]``.
   """
-  return chat_prompt(messages, engine.context)
+  return _prepared(lambda: chat_prompt(messages, engine.context))
 
 
 def text_ids(engine: Engine, text: str) -> list[int]:
   """Token ids of ``text`` as it is (no chat template)."""
-  return list(encode_prompt(text, engine.context))
+  return _prepared(lambda: list(encode_prompt(text, engine.context)))
+
+
+def _prepared(prepare: Callable[[], list[int]]) -> list[int]:
+  """``prepare()``, with any exception it raises (the tokenizer's on a lone
+  surrogate, say) turned into a RequestError: a bad prompt fails alone."""
+  try:
+    return prepare()
+  except RequestError:
+    raise
+  except Exception as e:  # noqa: BLE001
+    raise RequestError(f"cannot prepare the prompt ({type(e).__name__}: {str(e)[:300]})"
+                       ) from e
 
 
 def stream_tokens(engine: Engine, prompt_ids: Sequence[int], params: SamplingParams

@@ -41,6 +41,7 @@ from medusa_jax.pallas import Backend, segmented_matmul
 
 Array = jax.Array
 DEFAULT_ADAPTER = 0
+_MAX_ID = 2**31 - 1  # adapter ids are routed as int32
 
 
 def row_segments(row_slot: Array) -> tuple[Array, Array, Array]:
@@ -145,8 +146,10 @@ class BatchMedusaWeights(nnx.Module):
     backend = Backend.parse(backend)
     medusa: dict[int, MedusaModel] = {}
     for key, weights in adapter_weights.items():
-      if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or key < 0:
-        raise AdapterLoadError(f"adapter id {key!r}: expected an integer >= 0")
+      if (isinstance(key, bool) or not isinstance(key, (int, np.integer)) or key < 0
+          or key > _MAX_ID):
+        # Ids are compared as int32 on device: a larger one would alias another.
+        raise AdapterLoadError(f"adapter id {key!r}: expected an integer in [0, {_MAX_ID}]")
       model = medusa_of(weights)
       if model is not None:
         medusa[int(key)] = model

@@ -9,12 +9,12 @@ loads in :func:`medusa_jax.models.llama.load_llama` and in transformers alike.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import numpy as np
 
+from medusa_jax import _atomic
 from medusa_jax.errors import ConfigError, CorruptWeightsError, MissingTensorError
 
 # GGUF top-level tensor -> HF name.
@@ -153,14 +153,19 @@ def _hf_name(name: str, path: str) -> tuple[str, str | None]:
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
-                 dtype: str = "float32", reader=None) -> dict[str, Any]:
+                 dtype: str = "float32", reader=None, overwrite: bool = False
+                 ) -> dict[str, Any]:
   """Converts a Llama GGUF into ``out_dir/model.safetensors`` + ``config.json``.
+
+  The directory is written atomically (built under a temporary name, then
+  swapped into place): a crash leaves the old checkpoint or the new one.
 
   Args:
     gguf_path: the ``.gguf`` file.
-    out_dir: created if needed; existing files of the same name are replaced.
+    out_dir: the checkpoint directory to write.
     dtype: ``"float32"`` or ``"bfloat16"`` for the written tensors.
     reader: the file already opened with :func:`open_gguf`, if at hand.
+    overwrite: replace an existing checkpoint directory (whole).
 
   Returns:
     The ``config.json`` dict.
@@ -169,9 +174,11 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     CorruptWeightsError: the file is missing or unreadable.
     ConfigError: not a Llama GGUF, or a metadata field is missing.
     MissingTensorError: a tensor the model needs is absent (named).
+    OutputExistsError: ``out_dir`` holds files and ``overwrite`` is False, or
+      files that are not part of a checkpoint.
+    WriteError: the disk is full or the directory is not writable.
   """
   from gguf.quants import dequantize
-  from safetensors.numpy import save_file
 
   if dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"dtype={dtype!r}; expected one of float32, bfloat16")
@@ -197,12 +204,18 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     # safetensors writes raw buffers: the array must be C-contiguous.
     tensors[hf] = np.ascontiguousarray(w, dtype=out_np)
   _check_complete(tensors, cfg, path)
-  out = os.fspath(out_dir)
-  os.makedirs(out, exist_ok=True)
-  save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-  with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(cfg, f, indent=1)
+  with _atomic.replace_dir(out_dir, overwrite=overwrite, what="a converted Llama checkpoint",
+                           belongs=checkpoint_entry) as tmp:
+    _atomic.write_safetensors(os.path.join(tmp, "model.safetensors"), tensors,
+                              metadata={"format": "pt"})
+    _atomic.write_json(os.path.join(tmp, "config.json"), cfg, indent=1)
   return cfg
+
+
+def checkpoint_entry(name: str, is_dir: bool) -> bool:
+  """Whether an entry of an existing directory is part of a Hugging Face checkpoint."""
+  return not is_dir and name.endswith((".safetensors", ".json", ".jinja", ".model", ".txt",
+                                       ".md", ".gitattributes"))
 
 
 def _check_complete(tensors: dict[str, np.ndarray], cfg: dict[str, Any], path: str) -> None:

@@ -20,9 +20,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from medusa_jax._validate import check_float_dtype
 from medusa_jax.errors import ShardingError
 from medusa_jax.models.llama_config import LlamaConfig
-from medusa_jax.models.llama_weights import abstract_llama, open_checkpoint
+from medusa_jax.models.llama_weights import abstract_llama, check_finite, open_checkpoint
 from medusa_jax.parallel.mesh import (MODEL, PartitionRules, axis_size, path_str, place,
                                      rows_axis, shard_state)
 
@@ -85,10 +86,12 @@ def load_llama_sharded(model_dir: str | os.PathLike, mesh: Mesh, *, dtype=jnp.fl
 
   Raises:
     ConfigError, WeightsNotFoundError, MissingTensorError, TensorShapeError,
-    CorruptWeightsError: as ``load_llama``.
+    CorruptWeightsError, NonFiniteWeightsError, TensorDtypeError: as ``load_llama``.
     ShardingError: a size does not divide its mesh axis.
   """
   param_dtype = dtype if param_dtype is None else param_dtype
+  check_float_dtype(dtype, "dtype")
+  check_float_dtype(param_dtype, "param_dtype")
   cfg = LlamaConfig.from_hf(model_dir)
   rules = llama_rules(cfg, mesh)
   model = abstract_llama(cfg, dtype=dtype, param_dtype=param_dtype)
@@ -96,4 +99,5 @@ def load_llama_sharded(model_dir: str | os.PathLike, mesh: Mesh, *, dtype=jnp.fl
     for t in tensors:
       t.param.set_value(place(t.read, rules.spec(path_str(t.path)), mesh, shape=t.shape,
                               dtype=param_dtype, what=t.name))
+    check_finite(model, tensors, param_dtype)
   return model

@@ -22,8 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from medusa_jax.errors import (CorruptWeightsError, MissingTensorError, TensorShapeError,
-                               UnsupportedModelError, WeightsNotFoundError)
+from medusa_jax._validate import check_float_dtype, nonfinite_leaves
+from medusa_jax.errors import (AmbiguousWeightsError, CorruptWeightsError, MissingTensorError,
+                               NonFiniteWeightsError, TensorShapeError, UnsupportedModelError,
+                               WeightsNotFoundError)
 from medusa_jax.models.llama import Llama
 from medusa_jax.models.llama_config import LlamaConfig
 
@@ -146,9 +148,9 @@ def open_checkpoint(model_dir: str | os.PathLike, model: Llama) -> Iterator[list
   """Every parameter of ``model`` paired with its checkpoint tensor, shapes checked.
 
   The files stay open (and the tensors readable) inside the ``with`` block.
-  A name present in several files is taken from the first.
 
   Raises:
+    AmbiguousWeightsError: a tensor the model reads is in two files (named).
     WeightsNotFoundError: no safetensors file.
     CorruptWeightsError: a file cannot be opened.
     MissingTensorError: a tensor the model needs is absent (named).
@@ -169,13 +171,16 @@ def open_checkpoint(model_dir: str | os.PathLike, model: Llama) -> Iterator[list
       except Exception as e:  # safetensors raises its own error types
         raise CorruptWeightsError(f"{path}: cannot read safetensors ({e})") from None
       for name in names:
+        if name in found:
+          raise AmbiguousWeightsError(f"Key {name} was found in multiple files:"
+                                      f" {found[name].file} and {path}")
         if name not in wanted and _BIAS_NAME.fullmatch(name):
           # transformers would drop it with a warning: the model would then compute
           # something else than the checkpoint was trained to.
           raise UnsupportedModelError(
               f"{path}: tensor {name} is in the checkpoint but config.json asks for no such"
               " bias (attention_bias / mlp_bias); refusing to run without it")
-        if name not in wanted or name in found:
+        if name not in wanted:
           continue
         param_path, transpose = wanted[name]
         param = param_at(model, param_path)
@@ -211,11 +216,35 @@ def load_llama(model_dir: str | os.PathLike, *, dtype=jnp.float32, param_dtype=N
     MissingTensorError: a tensor the model needs is absent (named).
     TensorShapeError: a tensor has the wrong shape (named, with both shapes).
     CorruptWeightsError: a file cannot be read.
+    NonFiniteWeightsError: a tensor holds NaN or inf (after the cast to ``param_dtype``).
+    TensorDtypeError: ``dtype`` or ``param_dtype`` is not floating point.
   """
   param_dtype = dtype if param_dtype is None else param_dtype
+  check_float_dtype(dtype, "dtype")
+  check_float_dtype(param_dtype, "param_dtype")
   model = abstract_llama(LlamaConfig.from_hf(model_dir), dtype=dtype, param_dtype=param_dtype)
   np_dtype = np.dtype(jnp.dtype(param_dtype))
   with open_checkpoint(model_dir, model) as tensors:
     for t in tensors:
       t.param.set_value(jnp.asarray(np.ascontiguousarray(t.read(), dtype=np_dtype)))
+    check_finite(model, tensors, param_dtype)
   return model
+
+
+def check_finite(model: Llama, tensors: list[CheckpointTensor], param_dtype) -> None:
+  """Raises NonFiniteWeightsError when a loaded parameter holds NaN or inf.
+
+  Runs on device (one jitted reduction over every parameter, one host read),
+  after the cast to ``param_dtype``: finite float32 weights beyond float16's
+  range become inf there. A NaN base model would otherwise decode token 0
+  again and again.
+  """
+  bad = set(nonfinite_leaves(nnx.state(model, nnx.Param)))
+  if not bad:
+    return
+  names = [t for t in tensors if "/".join(str(k) for k in t.path) in bad]
+  first = names[0] if names else None
+  what = f"{first.name} in {first.file}" if first else sorted(bad)[0]
+  more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+  raise NonFiniteWeightsError(f"{what}{more}: holds NaN or infinite values as"
+                              f" {jnp.dtype(param_dtype).name}")

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from medusa_jax import _atomic
 from medusa_jax.assets.datasets import iter_json_array_objects, load_sharegpt
 from medusa_jax.errors import TrainingDataError
 
@@ -245,14 +246,16 @@ def first_user_prompts(
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> None:
-  """Writes dataclass records (or dicts) as JSONL, atomically."""
-  tmp = f"{os.fspath(path)}.tmp"
-  os.makedirs(os.path.dirname(os.path.abspath(tmp)), exist_ok=True)
-  with open(tmp, "w", encoding="utf-8") as f:
-    for r in records:
-      d = dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r
-      f.write(json.dumps(d, ensure_ascii=False) + "\n")
-  os.replace(tmp, path)
+  """Writes dataclass records (or dicts) as JSONL, atomically (a pipeline cache: replaced)."""
+  with _atomic.writing(path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+  def fill(tmp: str) -> None:
+    with open(tmp, "x", encoding="utf-8") as f:
+      for r in records:
+        d = dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r
+        f.write(json.dumps(d, ensure_ascii=False) + "\n")
+  _atomic.write_file(path, fill, overwrite=True)
 
 
 def read_prompts(path: str | os.PathLike) -> list[Prompt]:

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from medusa_jax import _atomic
 from medusa_jax.adapters.io import CHOICES_NAME, read_choices
 from medusa_jax.assets import cache as assets
 from medusa_jax.bundled import SMOLLM2_HEADS
@@ -225,7 +226,7 @@ def plot(report: dict[str, Any], out_dir: str) -> list[str]:
     ax.legend()
   fig.tight_layout()
   paths.append(os.path.join(out_dir, "accept_hist.png"))
-  fig.savefig(paths[-1], dpi=110)
+  save_figure(fig, paths[-1], dpi=110)
   plt.close(fig)
 
   acc = report["head_accuracy"]
@@ -239,7 +240,7 @@ def plot(report: dict[str, Any], out_dir: str) -> list[str]:
   ax.legend()
   fig.tight_layout()
   paths.append(os.path.join(out_dir, "head_accuracy.png"))
-  fig.savefig(paths[-1], dpi=110)
+  save_figure(fig, paths[-1], dpi=110)
   plt.close(fig)
   return paths
 
@@ -274,9 +275,10 @@ def evaluate_heads(opts: EvalOptions, *, heads: str | None = None, model_dir: st
   choices = [c for c in choices if len(c) <= engine.num_heads]
   report = run_eval(engine, prepared, choices, opts)
   report["heads"] = os.path.abspath(heads)
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "eval.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1)
+  with _atomic.writing(out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+  # A report directory: each run replaces its files (each one atomically).
+  _atomic.write_json(os.path.join(out_dir, "eval.json"), report, indent=1, overwrite=True)
   if plots:
     plot(report, out_dir)
   return report
@@ -286,8 +288,16 @@ def write_questions(path: str, *, model_dir: str | None = None, mtbench: str | N
                     ) -> None:
   """Writes MT-bench's questions, tokenised for the base model, to ``path`` (JSON)."""
   model_dir, mtbench = _sources(model_dir, mtbench, need_mtbench=True)
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(prepare_questions(mtbench, *load_tokenizer(model_dir)), f)
+  _atomic.write_json(path, prepare_questions(mtbench, *load_tokenizer(model_dir)),
+                     indent=None, overwrite=True)
+
+
+def save_figure(fig, path: str, **kwargs) -> str:
+  """``fig.savefig`` as PNG through a temporary sibling (atomic; replaces ``path``)."""
+  def fill(tmp: str) -> None:
+    with open(tmp, "xb") as f:
+      fig.savefig(f, format="png", **kwargs)
+  return _atomic.write_file(path, fill, overwrite=True)
 
 
 def _sources(model_dir, mtbench, *, need_mtbench: bool) -> tuple[str, str | None]:

@@ -28,7 +28,8 @@ from typing import Any, Sequence
 import jax
 from flax import nnx
 
-from medusa_jax.adapters.io import write_choices
+from medusa_jax import _atomic
+from medusa_jax.adapters.io import adapter_entry, write_choices
 from medusa_jax.adapters.weights import MedusaWeights
 from medusa_jax.assets import cache as assets
 from medusa_jax.decoding.tree import tree_from_accuracies
@@ -123,12 +124,14 @@ def export(cfg: TrainConfig, model, out_dir: str, *, accuracy, recipe: dict[str,
   weights = MedusaWeights.init(medusa_config(cfg), hidden, vocab,
                                per_head_lm_head=cfg.head_kind is HeadKind.V1)
   nnx.update(weights.model, nnx.state(model, nnx.Param))
-  weights.save(out_dir)
   choices = tree_from_accuracies(accuracy.rank_acc, cfg.tree_nodes + 1)
-  write_choices(out_dir, choices)
-  with open(os.path.join(out_dir, "recipe.json"), "w", encoding="utf-8") as f:
-    json.dump(recipe, f, indent=1)
-    f.write("\n")
+  # One atomic directory: a crash leaves the previous export or this one, whole.
+  # A rerun replaces its own export; a directory of other files is refused.
+  with _atomic.replace_dir(out_dir, overwrite=True, what="a Medusa adapter",
+                           belongs=adapter_entry) as tmp:
+    weights.save(tmp)
+    write_choices(tmp, choices)
+    _atomic.write_json(os.path.join(tmp, "recipe.json"), recipe, indent=1)
   return out_dir
 
 
@@ -158,7 +161,7 @@ def _model_dir(src: Sources, workdir: str) -> str:
   if src.gguf:
     out = os.path.join(workdir, "model")
     if not os.path.exists(os.path.join(out, "model.safetensors")):
-      convert_gguf(src.gguf, out)
+      convert_gguf(src.gguf, out, overwrite=True)  # atomic: never half a checkpoint
     return out
   return assets.fetch().model_dir
 

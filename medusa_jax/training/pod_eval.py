@@ -35,6 +35,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh
 
+from medusa_jax import _atomic
 from medusa_jax._validate import require_ints
 from medusa_jax.assets import cache as assets
 from medusa_jax.assets import datasets
@@ -46,6 +47,7 @@ from medusa_jax.models.llama import Llama
 from medusa_jax.models.llama_config import LlamaConfig
 from medusa_jax.models.llama_sharding import shard_llama
 from medusa_jax.parallel.mesh import DATA, MODEL
+from medusa_jax.training.evaluate import save_figure
 
 RESULT_JSON = "pod_eval.json"
 RESULT_PNG = "pod_eval.png"
@@ -316,10 +318,10 @@ def write_report(summary: dict[str, Any], out_dir: str) -> tuple[str, str]:
   matplotlib.use("Agg")  # headless
   import matplotlib.pyplot as plt
 
-  os.makedirs(out_dir, exist_ok=True)
+  with _atomic.writing(out_dir):
+    os.makedirs(out_dir, exist_ok=True)
   json_path, png_path = os.path.join(out_dir, RESULT_JSON), os.path.join(out_dir, RESULT_PNG)
-  with open(json_path, "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=1)
+  _atomic.write_json(json_path, summary, indent=1, overwrite=True)  # a report: replaced
   hosts = summary["hosts"]
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
   ax1.bar([str(h["process"]) for h in hosts], [h["tokens_per_step"] or 0 for h in hosts])
@@ -333,7 +335,7 @@ def write_report(summary: dict[str, Any], out_dir: str) -> tuple[str, str]:
           ylim=(0, 1), xticks=range(1, len(summary["total"]["head_acceptance"]) + 1))
   ax2.legend()
   fig.tight_layout()
-  fig.savefig(png_path, dpi=100)
+  save_figure(fig, png_path, dpi=100)
   plt.close(fig)
   return json_path, png_path
 

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from medusa_jax import _atomic
 from medusa_jax.config import MedusaConfig
 from medusa_jax.errors import ConfigError
 from medusa_jax.heads.modules import MedusaModel
@@ -66,9 +67,11 @@ class TokenRows:
     return self.hidden.shape[0]
 
   def save(self, path: str | os.PathLike) -> None:
-    tmp = f"{os.fspath(path)}.tmp.npz"
-    np.savez(tmp, hidden=self.hidden, targets=self.targets)
-    os.replace(tmp, path)
+    """Writes the rows as ``.npz``, atomically (a cache of the pipeline: replaced)."""
+    def fill(tmp: str) -> None:
+      with open(tmp, "xb") as f:
+        np.savez(f, hidden=self.hidden, targets=self.targets)
+    _atomic.write_file(path, fill, overwrite=True)
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "TokenRows":
@@ -228,8 +231,7 @@ class _JsonlLog:
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
         kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-    with open(path, "w", encoding="utf-8") as f:
-      f.writelines(kept)
+    _atomic.write_text(path, "".join(kept), overwrite=True)
 
   def write(self, record: dict[str, Any]) -> None:
     with open(self.path, "a", encoding="utf-8") as f:

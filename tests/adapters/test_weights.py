@@ -5,7 +5,9 @@ Weight files are written by the tests from NumPy (and torch for ``.pt``).
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 
 import jax.numpy as jnp
@@ -15,8 +17,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from medusa_jax.config import MedusaConfig
-from medusa_jax.errors import (ArchitectureError, CheckpointExistsError, ConfigError,
-                               CorruptWeightsError,
+from medusa_jax.errors import (AmbiguousWeightsError, ArchitectureError, CheckpointExistsError,
+                               ConfigError, CorruptWeightsError,
                                MissingTensorError, NonFiniteWeightsError, TensorDtypeError,
                                TensorShapeError, WeightsError, WeightsFormatError,
                                WeightsNotFoundError)
@@ -103,12 +105,14 @@ def test_medusa2_full_model_prefix_and_other_tensors(tmp_path):
   assert rel_err(spec, ref_v2(x, bare, 2, lm_w)[1]) < 1e-5
 
 
-def test_bare_key_wins_over_prefixed_and_files_are_unioned(tmp_path):
+def test_bare_key_wins_over_prefixed_in_one_file_and_files_are_unioned(tmp_path):
   rng = np.random.default_rng()
   t = head_tensors(rng, n=2, hidden=H)
   decoy = head_tensors(rng, n=2, hidden=H, prefix="base_model.medusa_head.")
   save_file({k: v for k, v in t.items() if k.startswith("0.")}, str(tmp_path / "a.safetensors"))
-  save_file({**decoy, **{k: v for k, v in t.items() if k.startswith("1.")}},
+  # b holds head 1 bare and both heads prefixed: inside one file the bare key wins.
+  save_file({**{k: v for k, v in decoy.items() if k.startswith("base_model.medusa_head.1.")},
+             **{k: v for k, v in t.items() if k.startswith("1.")}},
             str(tmp_path / "b.safetensors"))
   save_file({"0.0.linear.weight": np.zeros((3, 3), np.float32)},
             str(tmp_path / "training_args.safetensors"))  # skipped, as LoRAX does
@@ -116,6 +120,17 @@ def test_bare_key_wins_over_prefixed_and_files_are_unioned(tmp_path):
   np.testing.assert_array_equal(
       fused_view(np.asarray(w.model.medusa.kernel[...])),
       np.concatenate([t["0.0.linear.weight"].T, t["1.0.linear.weight"].T], axis=1))
+
+
+@pytest.mark.parametrize("prefix", ["", "base_model.medusa_head."])
+def test_a_tensor_in_two_files_is_refused_naming_both(tmp_path, prefix):
+  rng = np.random.default_rng()
+  t = head_tensors(rng, n=2, hidden=H)
+  save_file(t, str(tmp_path / "adapter_model.safetensors"))
+  save_file(head_tensors(rng, n=2, hidden=H, prefix=prefix), str(tmp_path / "model.safetensors"))
+  with pytest.raises(AmbiguousWeightsError, match=r"Key 0\.0\.linear\.\w+ was found in multiple"
+                     r" files: .*adapter_model\.safetensors.* and .*/model\.safetensors"):
+    MedusaWeights.load(_cfg(2), tmp_path)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -375,3 +390,183 @@ def test_public_api_names():
   from medusa_jax.adapters.registry import AdapterRegistry
   assert mj.MedusaWeights is MedusaWeights and mj.load_medusa_adapter is load_medusa_adapter
   assert mj.AdapterRegistry is AdapterRegistry
+
+
+# ----------------------------------------------------------- issue 14: nothing lost, nothing silent
+
+
+def _saved(tmp_path, n, name="in.safetensors", layers=1, vocab=None, scale=1.0):
+  t = head_tensors(np.random.default_rng(), n=n, hidden=H, layers=layers, vocab=vocab)
+  t = {k: (v * scale).astype(np.float32) for k, v in t.items()}
+  save_file(t, str(tmp_path / name))
+  return t, MedusaWeights.load(_cfg(n, layers), tmp_path / name)
+
+
+def test_save_needs_overwrite_and_then_no_old_file_shadows_the_new(tmp_path):
+  out = tmp_path / "adapter"
+  old_t, _ = _saved(tmp_path, 5, "old.safetensors")
+  out.mkdir()
+  save_file(old_t, str(out / "adapter_model.safetensors"))  # a LoRAX/PEFT name
+  _cfg(5).save(out)
+  new_t, new = _saved(tmp_path, 3, "new.safetensors")
+  with pytest.raises(CheckpointExistsError, match=r"adapter: already holds a Medusa adapter;"
+                     r" pass overwrite=True"):
+    new.save(out)
+  assert sorted(p.name for p in out.iterdir()) == ["adapter_model.safetensors", "config.json"]
+  new.save(out, overwrite=True)
+  assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+  back = load_medusa_adapter(out)
+  assert back.speculative_tokens == 3
+  for k, v in new_t.items():
+    np.testing.assert_array_equal(back.lorax_tensors()[k], v)
+
+
+def test_save_never_replaces_a_directory_of_other_work(tmp_path):
+  _, w = _saved(tmp_path, 2)
+  (tmp_path / "work").mkdir()
+  (tmp_path / "work" / "thesis.tex").write_text("years")
+  (tmp_path / "work" / "src").mkdir()
+  for save in (lambda: w.save(tmp_path / "work", overwrite=True),
+               lambda: w.save_orbax(tmp_path / "work", overwrite=True)):
+    with pytest.raises(CheckpointExistsError, match=r"holds src/, thesis\.tex, which are not"
+                       r" part of a Medusa adapter; refusing"):
+      save()
+  assert (tmp_path / "work" / "thesis.tex").read_text() == "years"
+
+
+def test_save_orbax_into_a_lorax_adapter_replaces_it_whole(tmp_path):
+  _, w = _saved(tmp_path, 2)
+  w.save(tmp_path / "a")
+  with pytest.raises(CheckpointExistsError, match="overwrite=True"):
+    w.save_orbax(tmp_path / "a")
+  assert load_medusa_adapter(tmp_path / "a").speculative_tokens == 2  # untouched
+  w.save_orbax(tmp_path / "a", overwrite=True)
+  assert not (tmp_path / "a" / "model.safetensors").exists()
+  assert MedusaWeights.load_orbax(tmp_path / "a").speculative_tokens == 2
+
+
+def test_a_directory_of_two_formats_is_ambiguous(tmp_path):
+  t, w = _saved(tmp_path, 2)
+  w.save_orbax(tmp_path / "ckpt")
+  save_file(t, str(tmp_path / "ckpt" / "model.safetensors"))
+  with pytest.raises(AmbiguousWeightsError, match=r"holds both an Orbax checkpoint"
+                     r" \(medusa_jax\.json\) and weight files \(model\.safetensors\)"):
+    MedusaWeights.load(w.config, tmp_path / "ckpt")
+
+
+def test_saved_files_follow_the_umask(tmp_path):
+  _, w = _saved(tmp_path, 2)
+  old = os.umask(0o022)
+  try:
+    w.save(tmp_path / "a")
+  finally:
+    os.umask(old)
+  for p in (tmp_path / "a").iterdir():
+    assert p.stat().st_mode & 0o777 == 0o644, p  # safetensors alone writes 0o600
+  assert (tmp_path / "a").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_full_disk_keeps_the_old_adapter_and_names_the_destination(tmp_path, monkeypatch):
+  from medusa_jax import _atomic
+  from medusa_jax.errors import WriteError
+  old_t, old = _saved(tmp_path, 2, "old.safetensors")
+  old.save(tmp_path / "a")
+  _, new = _saved(tmp_path, 3, "new.safetensors")
+
+  def full(fd):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  monkeypatch.setattr(_atomic, "_fsync", full)
+  for save in (lambda: new.save(tmp_path / "a", overwrite=True),
+               lambda: new.save_orbax(tmp_path / "a", overwrite=True)):
+    with pytest.raises(WriteError, match=rf"^{tmp_path / 'a'}(/[\w.]+)?: cannot write \(No"
+                       r" space left on device\)$"):
+      save()
+  monkeypatch.undo()
+  back = load_medusa_adapter(tmp_path / "a")
+  for k, v in old_t.items():
+    np.testing.assert_array_equal(back.lorax_tensors()[k], v)
+  assert sorted(os.listdir(tmp_path)) == ["a", "new.safetensors", "old.safetensors"]
+
+
+@pytest.mark.parametrize("dtype", ["int8", jnp.int32, "nonsense"])
+def test_only_float_dtypes_compute(tmp_path, dtype):
+  _, w = _saved(tmp_path, 2)
+  for call in (lambda: MedusaWeights.load(_cfg(2), tmp_path / "in.safetensors", dtype=dtype),
+               lambda: MedusaWeights.init(_cfg(2), H, dtype=dtype),
+               lambda: w.save(tmp_path / "o", dtype=dtype)):
+    with pytest.raises(TensorDtypeError, match="expected a floating-point dtype"):
+      call()
+
+
+def test_a_cast_that_overflows_is_an_error(tmp_path):
+  """Finite float32 weights beyond float16's range (65504) would turn to inf after the cast."""
+  save_file({k: (v * 1e7).astype(np.float32) if k.endswith("weight") else v
+             for k, v in head_tensors(np.random.default_rng(), n=2, hidden=H).items()},
+            str(tmp_path / "big.safetensors"))
+  with pytest.raises(NonFiniteWeightsError, match=r"big\.safetensors \(as float16\): parameter"
+                     r" medusa/kernel holds NaN or infinite values"):
+    MedusaWeights.load(_cfg(2), tmp_path / "big.safetensors", dtype=jnp.float16)
+  w = MedusaWeights.load(_cfg(2), tmp_path / "big.safetensors")  # float32 holds them
+  with pytest.raises(NonFiniteWeightsError, match=r"0\.0\.linear\.weight: holds NaN or"
+                     r" infinite values after the cast to float16"):
+    w.save(tmp_path / "o", dtype=np.float16)
+  assert not (tmp_path / "o").exists()
+
+
+def test_sizes_are_checked_against_the_files_before_anything_is_built(tmp_path):
+  t, _ = _saved(tmp_path, 3)
+  (tmp_path / "in.safetensors").rename(tmp_path / "model.safetensors")
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump({"base_model_name_or_path": "b", "medusa_num_heads": 1e12,
+               "medusa_num_layers": 1}, f)
+  with pytest.raises(MissingTensorError, match=r"3\.0\.linear\.weight: missing .* says"
+                     r" medusa_num_heads=1000000000000 but the files hold Medusa heads \[0, 1, 2\]"):
+    load_medusa_adapter(tmp_path)
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump({"base_model_name_or_path": "b", "medusa_num_heads": 3,
+               "medusa_num_layers": 1e12}, f)
+  with pytest.raises(MissingTensorError, match="medusa_num_layers=1000000000000 but head 0"):
+    load_medusa_adapter(tmp_path)
+
+
+def test_a_config_with_fewer_resblocks_than_the_file_is_refused(tmp_path):
+  save_file(head_tensors(np.random.default_rng(), n=2, hidden=H, layers=2, vocab=V),
+            str(tmp_path / "m.safetensors"))
+  with pytest.raises(ConfigError, match=r"medusa_num_layers=1 in the config disagrees with"
+                     r" .*m\.safetensors, whose head 0 has 2 ResBlocks"):
+    MedusaWeights.load(_cfg(2, 1), tmp_path / "m.safetensors")
+
+
+def _orbax(tmp_path, layers=1, vocab=None):
+  _, w = _saved(tmp_path, 2, layers=layers, vocab=vocab)
+  w.save_orbax(tmp_path / "ckpt")
+  return tmp_path / "ckpt"
+
+
+def _edit_json(path, **fields):
+  raw = json.loads(path.read_text())
+  raw.update(fields)
+  path.write_text(json.dumps(raw))
+
+
+@pytest.mark.parametrize("layers,vocab", [(1, None), (2, V)])
+def test_orbax_sizes_and_dtype_are_checked_against_its_metadata(tmp_path, layers, vocab):
+  ckpt = _orbax(tmp_path, layers, vocab)
+  _edit_json(ckpt / "config.json", medusa_num_heads=10**12)
+  with pytest.raises(ConfigError, match=r"medusa_num_heads=1000000000000 in .*config\.json"
+                     r" disagrees with the checkpoint .*state, which holds 2"):
+    MedusaWeights.load_orbax(ckpt)
+  _edit_json(ckpt / "config.json", medusa_num_heads=2, medusa_num_layers=layers + 1)
+  with pytest.raises(ConfigError, match=rf"medusa_num_layers={layers + 1} .* holds {layers}"):
+    MedusaWeights.load_orbax(ckpt)
+  _edit_json(ckpt / "config.json", medusa_num_layers=layers)
+  _edit_json(ckpt / "medusa_jax.json", dtype="int8")
+  with pytest.raises(TensorDtypeError, match=r"dtype in .*medusa_jax\.json='int8'"):
+    MedusaWeights.load_orbax(ckpt)
+  _edit_json(ckpt / "medusa_jax.json", dtype="float32", hidden_size=H + 1)
+  with pytest.raises(CorruptWeightsError, match=r"medusa_jax\.json|state"):
+    MedusaWeights.load_orbax(ckpt)
+  for meta in ([], {"hidden_size": "16"}):
+    (ckpt / "medusa_jax.json").write_text(json.dumps(meta))
+    with pytest.raises(CorruptWeightsError, match=r"medusa_jax\.json"):
+      MedusaWeights.load_orbax(ckpt)

@@ -307,3 +307,73 @@ def test_main_prints_result_and_json(tmp_path, capsys):
   assert out["to"] == "lorax" and out["config"]["medusa_num_heads"] == 3
   assert cli.main(["convert", str(tmp_path / "o"), str(tmp_path / "ob"), "--to", "orbax"]) == 0
   assert "wrote orbax" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------- issue 14: every request fails alone
+
+
+def test_generate_fails_a_bad_prompt_alone_then_exits_2(engine, monkeypatch, capsys):
+  """A lone surrogate (invalid UTF-8 in argv) makes the tokenizer raise a bare TypeError."""
+  _use(monkeypatch, engine)
+  rc = cli.main(["generate", "Hi", "bad \ud800", "Bye", "--speculate", "none",
+                 "--max-new-tokens", "4", "--json"])
+  out = capsys.readouterr()
+  assert rc == 2
+  rows = [json.loads(line) for line in out.out.splitlines()]
+  assert [r["prompt"] for r in rows] == ["Hi", "Bye"]
+  assert all(len(r["tokens"]) == 4 for r in rows)
+  _assert_one_line_error(out.err, "medusa-jax generate: error: prompt 1: cannot prepare the"
+                         " prompt (TypeError")
+
+
+def test_chat_fails_a_bad_turn_alone_and_exits_0(engine, monkeypatch, capsys):
+  _use(monkeypatch, engine)
+  ns = cli.build_parser().parse_args(["chat", "--max-new-tokens", "3", "--speculate", "none",
+                                      "--stats"])
+  rc = chat.run(ns, stdin=io.StringIO("Hi\nbad \ud800 turn\nAgain\n"))
+  captured = capsys.readouterr()
+  assert rc == 0
+  assert captured.err.count("tokens/step") == 2
+  assert "medusa-jax chat: error: cannot prepare the prompt (TypeError" in captured.err
+
+
+def test_chat_reads_invalid_utf8_from_a_pipe_as_a_failed_turn(engine, monkeypatch, capsys):
+  """Bytes that are not UTF-8 on stdin fail their turn, typed; they do not end the chat."""
+  _use(monkeypatch, engine)
+  ns = cli.build_parser().parse_args(["chat", "--max-new-tokens", "3", "--speculate", "none",
+                                      "--stats"])
+  pipe = io.TextIOWrapper(io.BytesIO(b"Hi\n\xff\xfe broken\nAgain\n"), encoding="utf-8")
+  assert chat.run(ns, stdin=pipe) == 0
+  err = capsys.readouterr().err
+  assert err.count("tokens/step") == 2 and "cannot prepare the prompt" in err
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["demo", "--prompts", "0"], ["argument --prompts: '0': expected an integer >= 1"]),
+    (["demo", "--max-new-tokens", "-3"], ["expected an integer >= 1"]),
+    (["eval", "--num-questions", "-1"], ["expected an integer >= 0"]),
+])
+def test_bad_counts_are_usage_errors(argv, needles, capsys):
+  assert cli.main(argv) == 2
+  _assert_one_line_error(capsys.readouterr().err, *needles)
+
+
+def test_fetch_into_a_file_and_a_full_disk_are_one_line_exit_2(tmp_path, monkeypatch, capsys):
+  (tmp_path / "f").write_text("x")
+  assert cli.main(["fetch", "--home", str(tmp_path / "f"), "--quiet"]) == 2
+  _assert_one_line_error(capsys.readouterr().err, f"{tmp_path / 'f'}: the cache home is not a"
+                         " directory")
+  import errno
+  from medusa_jax import _atomic
+  from medusa_jax.adapters.weights import MedusaWeights
+  from medusa_jax.config import MedusaConfig
+
+  def full(fd):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  w = MedusaWeights.init(MedusaConfig(base_model_name_or_path="b", medusa_num_heads=2,
+                                      medusa_num_layers=1), 16)
+  w.save(tmp_path / "src")
+  monkeypatch.setattr(_atomic, "_fsync", full)
+  assert cli.main(["convert", str(tmp_path / "src"), str(tmp_path / "dst")]) == 2
+  _assert_one_line_error(capsys.readouterr().err, f"{tmp_path / 'dst'}", "No space left on device")
+  assert not (tmp_path / "dst").exists()

