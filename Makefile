@@ -31,7 +31,7 @@ demo: fetch
 	$(VENV)/bin/medusa-jax demo $(ARGS)
 
 test: $(TEST) fetch
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
