@@ -34,8 +34,7 @@ from medusa_jax.adapters.layout import (AdapterLayout, block_bias_key, block_wei
                                         file_tensors)
 from medusa_jax.config import CONFIG_NAME, MedusaConfig, speculation_max_batch_size
 from medusa_jax.errors import (CheckpointExistsError, ConfigError, CorruptWeightsError,
-                               MissingTensorError, NonFiniteWeightsError, TensorDtypeError,
-                               WeightsNotFoundError, WriteError)
+                               MissingTensorError, NonFiniteWeightsError, WeightsNotFoundError, WriteError)
 from medusa_jax.heads.modules import MedusaModel, abstract_heads
 from medusa_jax.heads.sharded import MEDUSA_RULES, HeadsSharding
 from medusa_jax.parallel.mesh import PartitionRules, path_str, place
@@ -100,7 +99,7 @@ def read_heads(config: MedusaConfig, index: TensorIndex, *, dtype=jnp.float32,
       return jnp.asarray(np.ascontiguousarray(whole)).astype(dtype)
     return place(read, rules.spec(name), mesh, shape=shape, dtype=dtype, what=name)
 
-  n, hidden = layout.num_heads, layout.hidden
+  n = layout.num_heads
   if layout.per_head:
     sources = {name: source(*key) for name, key in layout.v1_param_keys().items()}
   else:

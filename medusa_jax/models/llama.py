@@ -322,8 +322,7 @@ class Attention(nnx.Module):
       out [B, T, H] (compute dtype) and the updated k, v caches [B, L, G, D].
     """
     B, T, _ = x_BxTxH.shape
-    Q, G, D = self.num_heads, self.num_kv_heads, self.head_dim
-    R = Q // G
+    Q, D = self.num_heads, self.head_dim
     q_BxTxQxD, k_BxTxGxD, v_BxTxGxD = self._qkv(x_BxTxH)
     # Rotated apart: a joint [q; k] array would be one more buffer to write and read.
     q_BxTxQxD = apply_rope(q_BxTxQxD, *rope_cs)

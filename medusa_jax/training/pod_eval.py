@@ -23,7 +23,6 @@ Every process runs the same program:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Sequence

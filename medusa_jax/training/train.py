@@ -23,7 +23,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -314,7 +314,6 @@ def fit(cfg: TrainConfig, train: TokenRows, val: TokenRows | None, lm_head_VxH: 
   if lm_head_VxH.shape[1] != hidden:
     raise ConfigError(f"lm_head: expected [V, {hidden}], got {lm_head_VxH.shape}")
   batch_sh, repl = _mesh_shardings(cfg.batch_rows)
-  dtype = cfg.compute_dtype.jnp_dtype
 
   model = init_heads(cfg, hidden, lm_head_VxH)
   graphdef, params = nnx.split(model, nnx.Param)

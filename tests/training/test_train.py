@@ -1,7 +1,6 @@
 """Head training: learning a synthetic pattern, exact resume, export round trip,
 self-distillation against a naive reference (tiny random Llama)."""
 
-import dataclasses
 import json
 
 import jax
@@ -14,7 +13,7 @@ from medusa_jax.decoding.tree import build_tree
 from medusa_jax.errors import ConfigError
 from medusa_jax.models.llama import KVCache, Llama, LlamaConfig, causal_mask
 from medusa_jax.training.config import TrainConfig
-from medusa_jax.training.data import Example, Prompt
+from medusa_jax.training.data import Prompt
 from medusa_jax.training.distill import (greedy_generate, hidden_rows, lm_head_weight,
                                          make_examples)
 from medusa_jax.training.losses import IGNORE, medusa_targets
