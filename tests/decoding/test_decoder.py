@@ -6,57 +6,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import tiny_model
 from medusa_files import head_tensors, ref_heads_hidden, random_v2_heads
+from step_cases import CACHE, CONFIG, forward_all, prefill
 from medusa_jax.adapters.weights import MedusaWeights, load_medusa_adapter
 from medusa_jax.decoding.decoder import Decoder
 from medusa_jax.decoding.engine import Engine
-from medusa_jax.decoding.state import DecodeState, StepConfig
-from medusa_jax.decoding.strategies import Greedy
-from medusa_jax.decoding.tree import build_tree
+from medusa_jax.decoding.state import DecodeState
 from medusa_jax.heads.routed import BatchMedusaWeights
-from medusa_jax.models.llama import KVCache, causal_mask
 from medusa_jax.models.llama_weights import load_llama
 from medusa_jax.models.tokenizer import Tokenizer
 
-CACHE = 32
-TREE = build_tree([[0], [1], [0, 0], [1, 0]])
-CONFIG = StepConfig(tree=TREE, strategy=Greedy())
-ROWS = 4
-REF_WIDTH = 16
-
-
-def _prefill(dec, prompts, config=CONFIG, max_new=20, rows=ROWS):
-  width = 16
-  prompt = np.zeros((rows, width), np.int32)
-  lens = np.ones((rows,), np.int32)
-  done = np.ones((rows,), bool)
-  for b, p in enumerate(prompts):
-    prompt[b, :len(p)], lens[b], done[b] = p, len(p), False
-  cache = dec.init_cache(rows, CACHE, jnp.float32)
-  return dec.prefill(cache, jnp.asarray(prompt), jnp.asarray(lens),
-                     jnp.full((rows,), max_new, jnp.int32), jnp.asarray(done),
-                     jax.random.PRNGKey(0), config=config)
-
-
-@jax.jit
-def _reference_forward(graphdef, state, tokens_1xW):
-  llama = nnx.merge(graphdef, state)
-  cache = KVCache.init(llama.cfg, 1, CACHE, jnp.float32)
-  idx = jnp.zeros((1,), jnp.int32)
-  pos = jnp.arange(REF_WIDTH, dtype=jnp.int32)[None, :]
-  hidden, cache = llama(tokens_1xW, pos, cache, idx, causal_mask(idx, REF_WIDTH, CACHE))
-  return hidden[0]
-
-
 def _hidden(llama, tokens):
   """Hidden states [T, H] of one row run from scratch."""
-  padded = np.zeros((1, REF_WIDTH), np.int32)
-  padded[0, :len(tokens)] = tokens
-  graphdef, state = nnx.split(llama)
-  return _reference_forward(graphdef, state, jnp.asarray(padded))[:len(tokens)]
+  return forward_all(llama, tokens)[0]
 
 
 def test_no_recompilation_for_the_same_bucket(tiny):
@@ -64,7 +28,7 @@ def test_no_recompilation_for_the_same_bucket(tiny):
   rng = np.random.default_rng(6)
 
   def run(lengths):
-    state, _ = _prefill(dec, [list(rng.integers(3, cfg.vocab_size, size=n)) for n in lengths])
+    state, _ = prefill(dec, [list(rng.integers(3, cfg.vocab_size, size=n)) for n in lengths])
     for _ in range(2):
       state, _ = dec.step(state, config=CONFIG)
 
@@ -114,7 +78,7 @@ def test_jitted_steps_take_their_arguments_by_name(tiny):
     assert tuple(inspect.signature(fn).parameters) == names
     assert not hasattr(fn.__wrapped__ if hasattr(fn, "__wrapped__") else fn, "__signature__")
   rng = np.random.default_rng(9)
-  state, _ = _prefill(dec, [list(rng.integers(3, cfg.vocab_size, size=5))])
+  state, _ = prefill(dec, [list(rng.integers(3, cfg.vocab_size, size=5))])
   old_k = state.cache.k[0]
   new_state, _ = dec.step(state, config=CONFIG)
   assert old_k.is_deleted()  # DONATES state: the cache was updated in place

@@ -4,66 +4,16 @@ acceptance, frozen rows."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from medusa_files import random_v2_heads
+from step_cases import CACHE, CONFIG, ROWS, TREE, forward_all, prefill
 from medusa_jax.decoding.decoder import Decoder
-from medusa_jax.decoding.state import DecodeState, StepConfig
-from medusa_jax.decoding.strategies import Greedy
-from medusa_jax.decoding.tree import build_tree
-from medusa_jax.models.llama import KVCache, causal_mask
-
-CACHE = 32
-
-
-# One tree and one batch bucket for every test, so the steps compile once.
-# Nodes: 0 root, 1 (0,), 2 (1,), 3 (0,0), 4 (1,0).
-TREE = build_tree([[0], [1], [0, 0], [1, 0]])
-CONFIG = StepConfig(tree=TREE, strategy=Greedy())
-ROWS = 4
-
-
-def _prefill(dec, prompts, config=CONFIG, max_new=20, rows=ROWS):
-  width = 16
-  prompt = np.zeros((rows, width), np.int32)
-  lens = np.ones((rows,), np.int32)
-  done = np.ones((rows,), bool)
-  for b, p in enumerate(prompts):
-    prompt[b, :len(p)], lens[b], done[b] = p, len(p), False
-  cache = dec.init_cache(rows, CACHE, jnp.float32)
-  return dec.prefill(cache, jnp.asarray(prompt), jnp.asarray(lens),
-                     jnp.full((rows,), max_new, jnp.int32), jnp.asarray(done),
-                     jax.random.PRNGKey(0), config=config)
-
-
-REF_WIDTH = 16
-
-
-@jax.jit
-def _reference_forward(graphdef, state, tokens_1xW):
-  """Causal forward of one padded row from an empty cache (padding sits after the tokens)."""
-  llama = nnx.merge(graphdef, state)
-  cache = KVCache.init(llama.cfg, 1, CACHE, jnp.float32)
-  idx = jnp.zeros((1,), jnp.int32)
-  pos = jnp.arange(REF_WIDTH, dtype=jnp.int32)[None, :]
-  hidden, cache = llama(tokens_1xW, pos, cache, idx, causal_mask(idx, REF_WIDTH, CACHE))
-  return hidden[0], llama.lm_head(hidden[0]), cache
-
-
-def _forward_all(llama, tokens):
-  """Hidden states [T, H], logits [T, V] and the cache of one row run from scratch."""
-  padded = np.zeros((1, REF_WIDTH), np.int32)
-  padded[0, :len(tokens)] = tokens
-  graphdef, state = nnx.split(llama)
-  hidden, logits, cache = _reference_forward(graphdef, state, jnp.asarray(padded))
-  t = len(tokens)
-  return hidden[:t], logits[:t], cache
-
+from medusa_jax.decoding.state import DecodeState
 
 def _greedy(llama, prompt, n):
   toks = list(prompt)
   for _ in range(n):
-    _, logits, _ = _forward_all(llama, toks)
+    _, logits, _ = forward_all(llama, toks)
     toks.append(int(jnp.argmax(logits[-1])))
   return toks[len(prompt):]
 
@@ -72,7 +22,7 @@ def test_decode_step_matches_heads_on_last_hidden(tiny):
   cfg, llama, heads, dec = tiny
   rng = np.random.default_rng(1)
   prompts = [list(rng.integers(3, cfg.vocab_size, size=n)) for n in (4, 7, 2)]
-  state, _ = _prefill(dec, prompts)  # row 3 pads
+  state, _ = prefill(dec, prompts)  # row 3 pads
   fed = rng.integers(3, cfg.vocab_size, size=ROWS).astype(np.int32)
   state = state.replace(tokens=state.tokens.at[:, 0].set(jnp.asarray(fed)))
   lengths_before = np.asarray(state.lengths)
@@ -80,7 +30,7 @@ def test_decode_step_matches_heads_on_last_hidden(tiny):
   assert draft is not None and draft.shape == (ROWS, 3, cfg.vocab_size)
   np.testing.assert_array_equal(np.asarray(new_state.lengths), lengths_before + [1, 1, 1, 0])
   for b, p in enumerate(prompts):
-    hidden, _, _ = _forward_all(llama, p + [int(fed[b])])
+    hidden, _, _ = forward_all(llama, p + [int(fed[b])])
     want_logits, want_draft = heads(hidden[-1:], llama.lm_head)
     np.testing.assert_allclose(np.asarray(logits[b]), np.asarray(want_logits[0]),
                                rtol=1e-5, atol=1e-5)
@@ -108,7 +58,7 @@ def test_speculative_step_compacts_cache_like_plain_decoding(tiny):
   rng = np.random.default_rng(3)
   prompts = [list(rng.integers(3, cfg.vocab_size, size=n)) for n in (5, 3)]
   g0, g1 = [_greedy(llama, p, 4) for p in prompts]
-  state, out = _prefill(dec, prompts)
+  state, out = prefill(dec, prompts)
   assert [int(t) for t in np.asarray(out.tokens)[:2, 0]] == [g0[0], g1[0]]
   v = cfg.vocab_size
   planted = np.array(state.tokens)
@@ -124,7 +74,7 @@ def test_speculative_step_compacts_cache_like_plain_decoding(tiny):
   np.testing.assert_array_equal(np.asarray(new_state.lengths)[:2], lengths[:2] + [3, 1])
   committed = [prompts[0] + [g0[0], g0[1], g0[2]], prompts[1] + [g1[0]]]
   for b, toks in enumerate(committed):
-    _, _, ref = _forward_all(llama, toks)
+    _, _, ref = forward_all(llama, toks)
     n = len(toks)
     for layer in range(cfg.num_hidden_layers):
       for got, want in ((new_state.cache.k[layer], ref.k[layer]),
@@ -140,7 +90,7 @@ def test_planted_perfect_drafts_are_all_accepted(tiny):
   rng = np.random.default_rng(4)
   prompt = list(rng.integers(3, cfg.vocab_size, size=6))
   g = _greedy(llama, prompt, 4)
-  state, _ = _prefill(dec, [prompt])
+  state, _ = prefill(dec, [prompt])
   planted = np.array(state.tokens)
   planted[0] = [g[0], g[1], (g[1] + 1) % cfg.vocab_size, g[2], rng.integers(cfg.vocab_size)]
   state, out = dec.step(state.replace(tokens=jnp.asarray(planted)), config=CONFIG)
@@ -153,7 +103,7 @@ def test_finished_and_padding_rows_are_frozen(tiny):
   cfg, _, _, dec = tiny
   rng = np.random.default_rng(5)
   prompts = [list(rng.integers(3, cfg.vocab_size, size=4)) for _ in range(3)]
-  state, out = _prefill(dec, prompts, max_new=2)  # row 3 pads
+  state, out = prefill(dec, prompts, max_new=2)  # row 3 pads
   assert not bool(out.active[3]) and int(out.count[3]) == 0
   for _ in range(3):
     before = np.asarray(state.lengths)
