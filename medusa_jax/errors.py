@@ -102,6 +102,18 @@ class NonFiniteLogitsError(RequestError, NonFiniteOutputError):
   """A request's logits became NaN or infinite during decoding; that request failed alone."""
 
 
+class AdapterNotFoundError(RequestError):
+  """A request names an adapter that is neither loaded nor loadable (HTTP 404)."""
+
+
+class OverloadedError(MedusaError):
+  """The server's request queue is full: retry later (HTTP 503)."""
+
+
+class ShuttingDownError(MedusaError):
+  """The server is shutting down and admits no new requests (HTTP 503)."""
+
+
 class ShardingError(MedusaError):
   """A size does not divide the mesh axis it is sharded over."""
 

@@ -1,0 +1,1 @@
+"""Serving: fixed decode slots (slots), the request scheduler (scheduler), the HTTP server (server)."""
