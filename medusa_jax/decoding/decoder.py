@@ -85,6 +85,11 @@ class Decoder:
       count["speculative"] += 1
       return step.speculative_step(graphs, unflat(param_leaves), state, config=config)
 
+    def multi_step(param_leaves, state, *, configs, branch_of_active, num_steps):
+      count["multi_step"] += 1
+      return step.multi_step(graphs, unflat(param_leaves), state, configs=configs,
+                             branch_of_active=branch_of_active, num_steps=num_steps)
+
     def decode_step(param_leaves, state):
       count["decode_step"] += 1
       return step.decode_step(graphs, unflat(param_leaves), state)
@@ -95,6 +100,9 @@ class Decoder:
     self._plain = jax.jit(plain_step, static_argnames="config", donate_argnames="state")
     self._spec = jax.jit(speculative_step, static_argnames="config", donate_argnames="state")
     self._lorax = jax.jit(decode_step, donate_argnames="state")
+    self._multi = jax.jit(multi_step, static_argnames=("configs", "branch_of_active", "num_steps"),
+                          donate_argnames="state")
+    self._params_def = params_def
 
   def init_cache(self, batch: int, length: int, dtype) -> KVCache:
     """An empty ``KVCache`` of ``batch`` rows and ``length`` slots."""
@@ -115,6 +123,39 @@ class Decoder:
     if config.tree is None:
       return self._plain(self.param_leaves, state, config=config)
     return self._spec(self.param_leaves, state, config=config)
+
+  def steps(self, state: DecodeState, *, configs: StepConfig | tuple[StepConfig, ...],
+            num_steps: int, branch_of_active: tuple[int, ...] | None = None):
+    """Up to ``num_steps`` steps in one device loop (``step.multi_step``). DONATES state.
+
+    Returns the new state and a :class:`~medusa_jax.decoding.state.StepsOutput`.
+    """
+    if isinstance(configs, StepConfig):
+      configs = (configs,)
+    return self._multi(self.param_leaves, state, configs=tuple(configs),
+                       branch_of_active=None if branch_of_active is None
+                       else tuple(int(b) for b in branch_of_active),
+                       num_steps=int(num_steps))
+
+  def replace_heads(self, heads_state) -> None:
+    """Swaps the heads' arrays for others of the same structure and shapes (no recompilation).
+
+    Args:
+      heads_state: the new ``nnx.State`` of the heads (``nnx.split(heads)[1]``).
+
+    Raises:
+      ValueError: the structure or an array's shape or dtype differs.
+    """
+    params = self.params.replace(heads=heads_state)
+    leaves, params_def = jax.tree.flatten(params)
+    if params_def != self._params_def:
+      raise ValueError("replace_heads: the heads' structure differs from the decoder's")
+    for old, new in zip(self.param_leaves, leaves):
+      if old.shape != new.shape or old.dtype != new.dtype:
+        raise ValueError(f"replace_heads: an array changes from {old.shape} {old.dtype} to"
+                         f" {new.shape} {new.dtype}")
+    self.params = params
+    self.param_leaves = tuple(leaves)
 
   def decode_step(self, state: DecodeState):
     """LoRAX's I/O step (``step.decode_step``), routed per row by ``state.adapter_slot``.

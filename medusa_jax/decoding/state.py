@@ -15,6 +15,7 @@ import dataclasses
 from typing import Any
 
 import flax
+import numpy as np
 import jax
 import jax.numpy as jnp
 
@@ -34,10 +35,18 @@ class StepConfig:
       ``Greedy()``, ``Sampling()``, ``Typical()``), also used to choose the
       root; its temperatures come from the state's per-row arrays.
     eos_ids: ids that end a row (the EOS itself is emitted).
+    carrier: the tree whose candidates the state carries between steps, when
+      it is not ``tree`` (None: ``tree``). ``tree`` must then be a sub-tree
+      of it (every path of ``tree`` is a path of ``carrier``): the step
+      verifies the carried candidates of ``tree``'s nodes and drafts the
+      whole carrier again, so steps of different sub-trees (or plain steps)
+      can follow one another on the same state. A plain step leaves stale
+      drafts behind; they only cost acceptance, never correctness.
   """
   tree: Any = None
   strategy: Any
   eos_ids: tuple[int, ...] = ()
+  carrier: Any = None
 
   @property
   def num_nodes(self) -> int:
@@ -48,6 +57,34 @@ class StepConfig:
   def width(self) -> int:
     """Most tokens a step can emit: tree depth + 1."""
     return 1 if self.tree is None else int(self.tree.depth) + 1
+
+  @property
+  def state_tree(self):
+    """The tree whose candidates ``DecodeState.tokens`` holds (or None: plain)."""
+    return self.tree if self.carrier is None else self.carrier
+
+  @property
+  def state_nodes(self) -> int:
+    """Columns of ``DecodeState.tokens``: the carried tree's nodes (1 when plain)."""
+    tree = self.state_tree
+    return 1 if tree is None else int(tree.num_nodes)
+
+  @property
+  def tree_index(self) -> np.ndarray | None:
+    """[T] column of ``DecodeState.tokens`` holding each node of ``tree``; None: all, in order.
+
+    Raises:
+      TreeError: ``tree`` is not a sub-tree of ``carrier``.
+    """
+    if self.carrier is None or self.tree is None or self.carrier == self.tree:
+      return None
+    column = {path: i + 1 for i, path in enumerate(self.carrier.choices)}
+    missing = [p for p in self.tree.choices if p not in column]
+    if missing or self.tree.topk != self.carrier.topk:
+      from medusa_jax.decoding.tree import TreeError
+      raise TreeError(f"StepConfig: tree is not a sub-tree of carrier (paths {missing[:4]}"
+                      f" missing, or topk {self.tree.topk} != {self.carrier.topk})")
+    return np.asarray([0] + [column[p] for p in self.tree.choices], np.int32)
 
 
 @flax.struct.dataclass
@@ -110,6 +147,36 @@ class StepOutput:
   active: Array
   done: Array
   finite: Array
+
+
+@flax.struct.dataclass
+class StepsOutput:
+  """What the host reads after a call of K steps (one ``jax.device_get``).
+
+  Attributes:
+    tokens: [K, B, W] int32 emitted tokens per step, ``EMPTY`` after ``count``.
+    count: [K, B] int32 tokens emitted per step.
+    accept_len: [K, B] int32 draft tokens accepted per step.
+    active: [K, B] bool rows that took part in each step.
+    done: [K, B] bool rows finished after each step.
+    finite: [K, B] bool (see :class:`StepOutput`).
+    steps: [] int32 steps that ran (the loop stops when every row is done).
+    branch: [K] int32 index of the step config each step ran (-1: not run).
+  """
+  tokens: Array
+  count: Array
+  accept_len: Array
+  active: Array
+  done: Array
+  finite: Array
+  steps: Array
+  branch: Array
+
+  def step(self, k: int) -> StepOutput:
+    """Step ``k``'s :class:`StepOutput` (works on host copies too)."""
+    return StepOutput(tokens=self.tokens[k], count=self.count[k],
+                      accept_len=self.accept_len[k], active=self.active[k],
+                      done=self.done[k], finite=self.finite[k])
 
 
 @dataclasses.dataclass(frozen=True)

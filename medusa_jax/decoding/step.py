@@ -34,6 +34,7 @@ with the step's one ``device_get``), so a corrupt model never passes for
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -41,7 +42,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from medusa_jax.decoding import cache_ops
-from medusa_jax.decoding.state import EMPTY, DecodeState, Graphs, Params, StepConfig, StepOutput
+from medusa_jax.decoding.state import (EMPTY, DecodeState, Graphs, Params, StepConfig, StepOutput,
+                                      StepsOutput)
 from medusa_jax.decoding.verify import finish_walk, internal_nodes, tree_candidates, walk_tree
 
 Array = jax.Array
@@ -114,10 +116,14 @@ def _finish(state: DecodeState, emitted: Array, num_emitted: Array, eos_ids: tup
 
 
 def _next_tokens(config: StepConfig, root: Array, draft_logits: Array | None) -> Array:
-  """[B, T] inputs of the next step from the root [B] and the draft logits [B, D, V]."""
-  if config.tree is None:
-    return root[:, None]
-  return tree_candidates(config.tree, root, draft_logits).astype(jnp.int32)
+  """[B, T] inputs of the next step from the root [B] and the draft logits [B, D, V].
+
+  T is the carried tree's size (``config.state_nodes``).
+  """
+  tree = config.state_tree
+  if tree is None or draft_logits is None:
+    return jnp.broadcast_to(root[:, None], (root.shape[0], config.state_nodes))
+  return tree_candidates(tree, root, draft_logits).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -180,10 +186,11 @@ def prefill_start(graphs: Graphs, params: Params, cache, x: Array, prompt_lens: 
   lm_head = _lm_head(llama, params)
   batch = x.shape[0]
   zero_B = jnp.zeros((batch,), jnp.int32)
-  if config.tree is None:
+  drafting = config.state_tree
+  if drafting is None:
     logits_BxV, draft = lm_head(x), None
   else:
-    logits_BxV, draft = heads.logits_and_drafts(x, lm_head, config.tree.depth,
+    logits_BxV, draft = heads.logits_and_drafts(x, lm_head, drafting.depth,
                                                 row_slot=adapter_slot)
   rng, key = jax.random.split(rng)
   if temperature is not None:
@@ -191,7 +198,7 @@ def prefill_start(graphs: Graphs, params: Params, cache, x: Array, prompt_lens: 
     top_p = (jnp.ones_like(temperature) if top_p is None
              else jnp.asarray(top_p, jnp.float32))
   start = DecodeState(cache=cache, lengths=prompt_lens.astype(jnp.int32),
-                      tokens=jnp.zeros((batch, config.num_nodes), jnp.int32),
+                      tokens=jnp.zeros((batch, config.state_nodes), jnp.int32),
                       generated=zero_B, max_new=max_new.astype(jnp.int32), done=done, rng=rng,
                       temperature=temperature, top_p=top_p, adapter_slot=adapter_slot)
   root_B = config.strategy.choose(logits_BxV, key, start.rows).astype(jnp.int32)
@@ -236,11 +243,13 @@ def speculative_step(graphs: Graphs, params: Params, state: DecodeState, *,
   llama = _merge(graphs.llama, params.llama)
   heads = _merge(graphs.heads, params.heads)
   cache = state.cache
+  index_T = config.tree_index
+  tokens_BxT = state.tokens if index_T is None else state.tokens[:, index_T]
   depth_T = jnp.asarray(tree.node_depth, jnp.int32)
   positions_BxT = state.lengths[:, None] + depth_T[None, :]
   mask = cache_ops.tree_attention_mask(state.lengths, jnp.asarray(tree.attn_mask, bool),
                                        cache.length)
-  hidden_BxTxH, cache = llama(state.tokens, positions_BxT, cache, state.lengths, mask)
+  hidden_BxTxH, cache = llama(tokens_BxT, positions_BxT, cache, state.lengths, mask)
   lm_head = _lm_head(llama, params)
   # The walk reads the logits of internal nodes only; the accepted node's own
   # logits (for the bonus) come with its drafts from one more LM-head call, so
@@ -248,12 +257,12 @@ def speculative_step(graphs: Graphs, params: Params, state: DecodeState, *,
   logits_BxIxV = lm_head(hidden_BxTxH[:, internal_nodes(tree)])
   rng, key = jax.random.split(state.rng)
   rows = state.rows
-  walk = walk_tree(tree, state.tokens, logits_BxIxV, config.strategy, key, rows)
+  walk = walk_tree(tree, tokens_BxT, logits_BxIxV, config.strategy, key, rows)
   best_B = walk.best_node.astype(jnp.int32)
   x_BxH = jnp.take_along_axis(hidden_BxTxH, best_B[:, None, None], axis=1)[:, 0]
-  logits_best_BxV, draft_BxDxV = heads.logits_and_drafts(x_BxH, lm_head, tree.depth,
+  logits_best_BxV, draft_BxDxV = heads.logits_and_drafts(x_BxH, lm_head, config.state_tree.depth,
                                                          row_slot=state.adapter_slot)
-  verdict = finish_walk(tree, state.tokens, walk, logits_best_BxV, config.strategy, key, rows)
+  verdict = finish_walk(tree, tokens_BxT, walk, logits_best_BxV, config.strategy, key, rows)
   path_BxP = verdict.path_nodes.astype(jnp.int32)
   cache = cache_ops.compact_cache(cache, state.lengths, path_BxP)
   next_root_B = verdict.next_root.astype(jnp.int32)
@@ -299,3 +308,75 @@ def decode_step(graphs: Graphs, params: Params, state: DecodeState
     logits, draft = heads(x_BxH, llama.lm_head, row_slot=state.adapter_slot)
   lengths = jnp.where(state.done, state.lengths, state.lengths + 1)
   return logits, draft, state.replace(cache=cache, lengths=lengths)
+
+
+def multi_step(graphs: Graphs, params: Params, state: DecodeState, *,
+               configs: tuple[StepConfig, ...], branch_of_active: tuple[int, ...] | None = None,
+               num_steps: int) -> tuple[DecodeState, StepsOutput]:
+  """Up to ``num_steps`` decode steps in one device loop. DONATES state.
+
+  The loop stops on the device as soon as every row is done, so a call past
+  the end of a batch costs one loop test. With several ``configs`` (plain
+  and sub-trees of one carrier: see ``StepConfig.carrier``) each step picks
+  its own, ``configs[branch_of_active[a]]`` for ``a`` rows still active, so
+  the tree follows the batch's occupancy step by step without a host round
+  trip.
+
+  Args:
+    graphs, params: the split base model and heads.
+    state: the decode state; ``tokens`` has ``configs[i].state_nodes`` columns
+      (the same for every config).
+    configs: the step configs (static).
+    branch_of_active: [B + 1] index into ``configs`` per count of active
+      rows; None with a single config.
+    num_steps: K, the most steps of the call (static).
+
+  Returns:
+    The new state and the K steps' outputs; steps past ``StepsOutput.steps``
+    did not run (their ``count`` is 0 and ``active`` False).
+  """
+  batch = state.lengths.shape[0]
+  width = max(c.width for c in configs)
+  if len({c.state_nodes for c in configs}) != 1:
+    raise ValueError("multi_step: configs carry different trees; give them one carrier")
+  if len(configs) > 1 and (branch_of_active is None or len(branch_of_active) != batch + 1):
+    raise ValueError(f"multi_step: branch_of_active needs {batch + 1} entries, one per count"
+                     f" of active rows")
+
+  def one(config: StepConfig, st: DecodeState) -> tuple[DecodeState, StepOutput]:
+    fn = plain_step if config.tree is None else speculative_step
+    st, out = fn(graphs, params, st, config=config)
+    pad = width - out.tokens.shape[1]
+    if pad:
+      out = out.replace(tokens=jnp.pad(out.tokens, ((0, 0), (0, pad)), constant_values=EMPTY))
+    return st, out
+
+  branches = [functools.partial(one, c) for c in configs]
+  table_A = None if len(configs) == 1 else jnp.asarray(branch_of_active, jnp.int32)
+
+  def body(carry):
+    k, st, buf = carry
+    if table_A is None:
+      st, out = branches[0](st)
+      branch = jnp.int32(0)
+    else:
+      branch = table_A[jnp.sum(~st.done, dtype=jnp.int32)]
+      st, out = jax.lax.switch(branch, branches, st)
+    buf = jax.tree.map(lambda b, x: b.at[k].set(x), buf, (out, branch))
+    return k + 1, st, buf
+
+  def cond(carry):
+    k, st, _ = carry
+    return (k < num_steps) & jnp.any(~st.done)
+
+  zeros_KxB = jnp.zeros((num_steps, batch), jnp.int32)
+  empty = StepOutput(tokens=jnp.full((num_steps, batch, width), EMPTY, jnp.int32),
+                     count=zeros_KxB, accept_len=zeros_KxB,
+                     active=jnp.zeros((num_steps, batch), bool),
+                     done=jnp.broadcast_to(state.done, (num_steps, batch)),
+                     finite=jnp.ones((num_steps, batch), bool))
+  buf = (empty, jnp.full((num_steps,), -1, jnp.int32))
+  k, state, (out, branch) = jax.lax.while_loop(cond, body, (jnp.int32(0), state, buf))
+  return state, StepsOutput(tokens=out.tokens, count=out.count, accept_len=out.accept_len,
+                            active=out.active, done=out.done, finite=out.finite, steps=k,
+                            branch=branch)
