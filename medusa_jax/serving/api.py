@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from typing import Any, AsyncIterator, Mapping, Sequence
-
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
 
 from medusa_jax.options import Option
 
