@@ -75,6 +75,12 @@ class Platform(Option):
 
 
 TREE_ROWS: Mapping[Platform, int] = {Platform.CPU: 3, Platform.GPU: 64, Platform.TPU: 64}
+
+# Decode steps per jitted call (one device loop): the host pays once per K
+# steps. Chosen by measurement (docs/perf.md): on the GPU K = 8 brings the
+# engine's per-token time to the in-graph step time; on the CPU the host cost
+# is small next to a step, and K = 4 keeps streaming smooth.
+STEPS_PER_CALL: Mapping[Platform, int] = {Platform.CPU: 4, Platform.GPU: 8, Platform.TPU: 8}
 """Default B * T budget of the adaptive tree, per platform.
 
 CPU: every verified row costs compute; with SmolLM2 a step over the 3-node
@@ -113,6 +119,8 @@ class EngineConfig:
     eos_ids: ids that end a request; None: the model config's.
     transpose_lm_head: keep a [H, V] copy of a tied embedding for the LM
       head; None: on a CPU only, where it makes a tree step markedly cheaper.
+    steps_per_call: K decode steps per jitted call (a device loop; the host
+      reads their tokens together); None: the platform's :data:`STEPS_PER_CALL`.
     platform: the platform whose defaults apply; None: the running one.
   """
 
@@ -124,6 +132,7 @@ class EngineConfig:
   max_batch_size: int | None = None
   eos_ids: tuple[int, ...] | None = None
   transpose_lm_head: bool | None = None
+  steps_per_call: int | None = None
   platform: Platform | None = None
 
   def __post_init__(self):
@@ -133,6 +142,9 @@ class EngineConfig:
       object.__setattr__(self, name, _check_positive_int(name, getattr(self, name), None))
     rows = TREE_ROWS[platform] if self.max_tree_rows is None else self.max_tree_rows
     object.__setattr__(self, "max_tree_rows", _check_positive_int("max_tree_rows", rows, None))
+    steps = STEPS_PER_CALL[platform] if self.steps_per_call is None else self.steps_per_call
+    object.__setattr__(self, "steps_per_call",
+                       _check_positive_int("steps_per_call", steps, None))
     if self.max_batch_size is not None:
       speculation_max_batch_size(self.max_batch_size)  # validates
     if self.transpose_lm_head is None:

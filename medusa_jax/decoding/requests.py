@@ -375,7 +375,7 @@ def choose_tree(params: SamplingParams, ctx: RequestContext, batch: int
   return tree, False
 
 
-def encode_prompt(prompt, ctx: RequestContext, *, chat: bool = False, index: int = 0
+def encode_prompt(prompt, ctx: RequestContext, *, chat: bool = False, index: int | None = 0
                   ) -> tuple[int, ...]:
   """A prompt's token ids -- exactly the ids the engine feeds -- checked against the vocabulary.
 
@@ -387,13 +387,14 @@ def encode_prompt(prompt, ctx: RequestContext, *, chat: bool = False, index: int
       template), or with ``chat`` a list of ``{"role", "content"}`` messages.
     ctx: the engine's tokenizer, template and vocabulary size.
     chat: apply the chat template to a string.
-    index: the request's position, named in errors.
+    index: the request's position, named in errors (None: a lone request,
+      errors name the prompt).
 
   Raises:
     RequestError: a string without a tokenizer, an empty prompt, an id that is
       not an integer in [0, V).
   """
-  where = f"request {index}: "
+  where = "prompt: " if index is None else f"request {index}: "
   is_messages = chat and isinstance(prompt, Sequence) and bool(prompt) and all(
       isinstance(m, Mapping) for m in prompt)
   if isinstance(prompt, str) or is_messages:

@@ -204,10 +204,10 @@ class SlotCore:
       return tuple(StepConfig(tree=t, strategy=strategy, eos_ids=eos, carrier=table.carrier)
                    for t in table.trees)
     self._configs = {True: configs(Greedy()), False: configs(Sampling())}
-    # The prefill drafts the whole carried tree.
-    self._prefill_config = {
-        g: StepConfig(tree=table.carrier, strategy=s, eos_ids=eos)
-        for g, s in ((True, Greedy()), (False, Sampling()))}
+    # The prefill drafts the whole carried tree. One rule for every request:
+    # sampling takes the greedy limit at temperature 0, and a single rule
+    # halves the prefill compilations (one per prompt bucket).
+    self._prefill_config = StepConfig(tree=table.carrier, strategy=Sampling(), eos_ids=eos)
     self.nodes = 1 if table.carrier is None else table.carrier.num_nodes
     count = self.trace_counts = self.decoder.trace_counts
 
@@ -278,14 +278,13 @@ class SlotCore:
     ids = np.zeros((1, width), np.int32)
     ids[0, :n] = prompt
     one = lambda v, dt: jnp.asarray(np.asarray([v], dt))
-    greedy = temperature == 0.0
     if rng is None:
       rng = jax.random.PRNGKey(self.seed)
     dec = self.decoder
     state, first = dec.prefill(
         KVCache.init(self.cfg, 1, width, self.cache_dtype), jnp.asarray(ids),
         one(n, np.int32), one(max_new, np.int32), one(False, bool), rng,
-        config=self._prefill_config[greedy], temperature=one(temperature, np.float32),
+        config=self._prefill_config, temperature=one(temperature, np.float32),
         top_p=one(top_p, np.float32),
         adapter_slot=one(adapter_slot, np.int32) if self.routed else None)
     return Prefix(state=state, first=first)
@@ -321,6 +320,10 @@ class SlotCore:
   def warmup(self, progress: Callable[[str], None] | None = None) -> None:
     """Compiles every function the serving loop calls (prefill and insert per bucket, both rules).
 
+    On the CPU this takes seconds per prompt bucket and decode rule; a
+    persistent compilation cache (``jax_compilation_cache_dir``) makes later
+    starts fast.
+
     Afterwards ``decoder.trace_counts`` stays fixed as requests come and go.
     """
     state = self.init_state()
@@ -328,9 +331,7 @@ class SlotCore:
       n = min(width, self.cache_len - self.nodes - 1)
       if n < 1:
         continue
-      for temperature in (0.0, 1.0):
-        prefix = self.prefill([1] * n, max_new=1, temperature=temperature)
-        state = self.insert(prefix, state, 0)
+      state = self.insert(self.prefill([1] * n, max_new=1), state, 0)
       if progress:
         progress(f"compiled prefill for prompts up to {width} tokens")
     for greedy in (True, False):
