@@ -4,8 +4,9 @@
 different lengths and one :class:`~medusa_jax.decoding.requests.SamplingParams`
 (or its fields as keywords), validates every request on the host
 (``requests.validate``: a bad one fails alone), pads the batch to a bucket,
-prefills once and then runs one jitted step per iteration (``Decoder``), with
-exactly one ``jax.device_get`` per step. Rows stop independently at EOS or at
+prefills once and then runs K decode steps per jitted call in one device loop
+(``Decoder.steps``, K = ``EngineConfig.steps_per_call``), with exactly one
+``jax.device_get`` per call. Rows stop independently at EOS or at
 their token budget; finished rows are masked until the whole batch is done.
 The speculation policy (tree, chain, none) is described in requests.py.
 """
@@ -349,34 +350,46 @@ class Engine:
     outputs = []      # host copies of every step's StepOutput (prefill first)
     finished = np.full((n,), np.nan)
     decode_t0, decode_tokens = None, 0
-    # Dispatch step k+1 before reading step k's output, so the host read overlaps
-    # device work; finished rows make the extra step a no-op. The per-step host
-    # work is a few vectorised NumPy operations, whatever the batch size.
-    for k in range(max(r.max_new_tokens for r in valid) + 1):
-      state, nxt = dec.step(state, config=config)
-      host = jax.device_get(pending)
+    steps_per_call = self.config.steps_per_call
+    # K steps per call in one device loop (stopping on the device when every row
+    # is done), and call c+1 dispatched before call c's tokens are read, so the
+    # host's read overlaps device work; a call after the end costs one loop test.
+    chunks = 0
+    while True:
+      state, nxt = dec.steps(state, configs=config, num_steps=steps_per_call)
+      host_chunk = jax.device_get(pending)
       now = time.perf_counter()
-      outputs.append(host)
-      for b in np.flatnonzero(~host.finite[:n]):
-        r = valid[b]
-        if errors[r.index] is None:
-          errors[r.index] = NonFiniteLogitsError(
-              f"request {r.index}: the model's logits became NaN or infinite at step {k}"
-              f" (after {int(sum(o.count[b] for o in outputs))} tokens); the base model or"
-              f" the heads are corrupt, or overflow {jnp.dtype(self.cache_dtype).name}")
-          if on_error is OnError.RAISE:
-            raise errors[r.index]
-      newly_done = host.done[:n] & np.isnan(finished)
-      finished[newly_done] = now - t_start
-      if k == 1:
-        decode_t0 = now  # the first decode step paid for its compilation
-      elif k > 1:
-        decode_tokens += int(host.count[:n].sum())
+      if chunks == 0:
+        host_steps = [host_chunk]
+      else:
+        host_steps = [host_chunk.step(j) for j in range(int(host_chunk.steps))]
+      for host in host_steps:
+        k = len(outputs)
+        outputs.append(host)
+        for b in np.flatnonzero(~host.finite[:n]):
+          r = valid[b]
+          if errors[r.index] is None:
+            errors[r.index] = NonFiniteLogitsError(
+                f"request {r.index}: the model's logits became NaN or infinite at step {k}"
+                f" (after {int(sum(o.count[b] for o in outputs))} tokens); the base model or"
+                f" the heads are corrupt, or overflow {jnp.dtype(self.cache_dtype).name}")
+            if on_error is OnError.RAISE:
+              raise errors[r.index]
+        newly_done = host.done[:n] & np.isnan(finished)
+        finished[newly_done] = now - t_start
+        if chunks > 1:
+          decode_tokens += int(host.count[:n].sum())
+      if chunks == 1:
+        decode_t0 = now  # the first decode call paid for its compilation
       t_yield = time.perf_counter()
-      yield StreamEvent(step=k, host=host, rows=rows_to_requests, num_requests=num_requests)
+      first_step = len(outputs) - len(host_steps)
+      for j, host in enumerate(host_steps):
+        yield StreamEvent(step=first_step + j, host=host, rows=rows_to_requests,
+                          num_requests=num_requests)
       if decode_t0 is not None:
         decode_t0 += time.perf_counter() - t_yield  # the consumer's time is not decoding
-      if bool(np.all(host.done[:n])):
+      chunks += 1
+      if bool(np.all(outputs[-1].done[:n])):
         break
       pending = nxt
     decode_s = (time.perf_counter() - decode_t0) if decode_t0 is not None else 0.0
