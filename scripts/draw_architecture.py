@@ -21,10 +21,11 @@ DOC = os.path.join(ROOT, "docs", "architecture.md")
 BEGIN, END = "<!-- imports:begin -->", "<!-- imports:end -->"
 # Shared by everything; drawn as one box without edges to keep the picture readable.
 CORE = ("config", "errors", "options", "_validate", "_atomic")
-ORDER = ("app", "training", "decoding", "heads", "adapters", "models", "parallel", "pallas",
+ORDER = ("app", "serving", "training", "decoding", "heads", "adapters", "models", "parallel", "pallas",
          "assets", "bundled")
 LABELS = {
     "app": "app/<br/>medusa-jax COMMAND: one parser, a module per command",
+    "serving": "serving/<br/>api · slots · scheduler · server (OpenAI routes, SSE) · metrics",
     "training": "training/<br/>data · distill · train · evaluate · pod_eval",
     "decoding": "decoding/<br/>requests · engine · decoder · step · strategies · tree",
     "heads": "heads/<br/>protocol · modules · routed · sharded",

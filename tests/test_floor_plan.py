@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "medusa_jax")
 TOP_LEVEL = {"__init__", "__main__", "config", "errors", "options", "_validate", "_atomic"}
 SUBPACKAGES = {"adapters", "app", "assets", "bundled", "decoding", "heads", "models", "pallas",
-               "parallel", "training"}
+               "parallel", "serving", "training"}
 
 
 def _modules() -> dict[str, str]:
