@@ -424,12 +424,11 @@ def test_failure_after_tokens_without_stream_is_an_error_status(http, fake):
 
 def test_server_side_cancel_is_503(http, fake):
   fake.script = Script(hang_after=1)
-  with httpx.Client(base_url=str(http.base_url), timeout=10) as c:
-    with c.stream("POST", "/v1/completions", json={"prompt": "x", "stream": True}) as r:
-      lines = r.iter_lines()
-      assert next(lines).startswith("data: ")
-      next(iter(fake.handles.values())).cancel()  # as the scheduler's shutdown(drain=False)
-      rest = "\n".join(lines)
+  with http.stream("POST", "/v1/completions", json={"prompt": "x", "stream": True}) as r:
+    lines = r.iter_lines()
+    assert next(lines).startswith("data: ")
+    next(iter(fake.handles.values())).cancel()  # as the scheduler's shutdown(drain=False)
+    rest = "\n".join(lines)
   assert '"code":"cancelled"' in rest and rest.rstrip().endswith("data: [DONE]")
 
 
@@ -445,12 +444,11 @@ def _wait_for(predicate, timeout=5.0):
 
 def test_streaming_client_that_goes_away_cancels_its_request(url, fake):
   fake.script = Script(tokens=10_000, delay_s=0.01)
-  with httpx.Client(base_url=url, timeout=10) as c:
-    with c.stream("POST", "/v1/completions", json={"prompt": "x", "stream": True,
-                                                   "max_tokens": 10_000}) as r:
-      for line in r.iter_lines():
-        if line.startswith("data: "):
-          break
+  with httpx.stream("POST", f"{url}/v1/completions", timeout=10, json={
+      "prompt": "x", "stream": True, "max_tokens": 10_000}) as r:
+    for line in r.iter_lines():
+      if line.startswith("data: "):
+        break
   (rid,) = fake.handles
   finish = fake.wait_finished(rid)
   assert finish.reason.value == "cancelled" and finish.completion_tokens < 10_000
@@ -458,10 +456,9 @@ def test_streaming_client_that_goes_away_cancels_its_request(url, fake):
 
 def test_streaming_client_gone_while_no_token_comes(url, fake):
   fake.script = Script(hang_after=2)
-  with httpx.Client(base_url=url, timeout=10) as c:
-    with c.stream("POST", "/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "x"}], "stream": True}) as r:
-      next(r.iter_lines())
+  with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=10, json={
+      "messages": [{"role": "user", "content": "x"}], "stream": True}) as r:
+    next(r.iter_lines())
   (rid,) = fake.handles
   assert fake.wait_finished(rid).reason.value == "cancelled"
 
