@@ -28,9 +28,7 @@ examples:
 then:
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
     -d '{"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 16}'
-  python -c "import openai; c = openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='x');\\
-print(c.chat.completions.create(model='smollm2', messages=[{'role': 'user', 'content': 'Hi'}])\\
-.choices[0].message.content)"
+  # or any OpenAI client: openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="x")
 
 `model` picks the Medusa adapter: the served model's name (see GET /v1/models) is the default
 adapter; the name of a subdirectory of --adapter-dir loads that adapter. GET /health, GET /metrics
@@ -101,8 +99,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_serve_packages() -> None:
   """Raises MedusaError naming the extra when a serve package is not installed."""
-  import importlib.util
-  missing = [m for m in SERVE_PACKAGES if importlib.util.find_spec(m) is None]
+  import importlib
+  missing = []
+  for name in SERVE_PACKAGES:
+    try:
+      importlib.import_module(name)
+    except ImportError:  # absent, or installed without what it needs
+      missing.append(name)
   if missing:
     raise MedusaError(f"medusa-jax serve needs {', '.join(missing)}: pip install"
                       " 'medusa_jax[serve]'")
