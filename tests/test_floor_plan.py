@@ -80,8 +80,8 @@ def test_library_never_imports_the_app():
     assert "medusa_jax.app" not in source.replace("medusa_jax.application", ""), name
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"], ["train", "--help"],
-                                  ["convert", "--help"], ["--version"]])
+@pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"], ["serve", "--help"],
+                                  ["train", "--help"], ["convert", "--help"], ["--version"]])
 def test_help_imports_no_jax(argv):
   code = ("import sys\nfrom medusa_jax.app.main import main\n"
           f"rc = main({argv!r})\n"

@@ -33,6 +33,7 @@ COMMANDS = {
     "generate": "generate",
     "chat": "chat",
     "bench": "bench",
+    "serve": "serve",
     "train": "train",
     "eval": "eval",
     "convert": "convert",
@@ -47,6 +48,7 @@ examples:
   medusa-jax generate "Write a haiku about JAX" --speculate tree
   echo "Hi!" | medusa-jax chat --max-new-tokens 64
   medusa-jax bench --json
+  medusa-jax serve --port 8000                      # OpenAI-compatible server
   medusa-jax convert medusa_lm_head.pt my-adapter/ --base-model lmsys/vicuna-7b-v1.3
   medusa-jax info --json
 
