@@ -95,7 +95,16 @@ class SegmentError(MedusaError):
 
 
 class RequestError(MedusaError):
-  """A generation request is malformed (empty prompt, bad ids, bad options)."""
+  """A generation request is malformed (empty prompt, bad ids, bad options).
+
+  Attributes:
+    param: the request field at fault, as the client named it, when known
+      (an HTTP answer's ``param``).
+  """
+
+  def __init__(self, *args, param: str | None = None):
+    super().__init__(*args)
+    self.param = param
 
 
 class NonFiniteLogitsError(RequestError, NonFiniteOutputError):

@@ -99,6 +99,7 @@ class Engine:
     self.cache_dtype = config.cache_dtype or getattr(llama, "dtype", jnp.float32)
     self.max_batch_size = config.speculation_limit(None if model is None else model.max_batch_size)
     self.heads_notice = heads_notice
+    self.model_name = "medusa-jax"  # Engine.load names it after the base model
     self.chat_template = chat_template
     self.eos_ids = (tuple(llama.cfg.eos_token_ids) if config.eos_ids is None
                     else config.eos_ids)
@@ -180,8 +181,10 @@ class Engine:
       config = dataclasses.replace(config, tree_choices=loaded.tree_choices)
     if config.eos_ids is None and loaded.eos_ids:
       config = dataclasses.replace(config, eos_ids=loaded.eos_ids)
-    return cls(loaded.llama, loaded.tokenizer, loaded.medusa, config=config,
-               heads_notice=loaded.notice, chat_template=loaded.chat_template, mesh=mesh)
+    engine = cls(loaded.llama, loaded.tokenizer, loaded.medusa, config=config,
+                 heads_notice=loaded.notice, chat_template=loaded.chat_template, mesh=mesh)
+    engine.model_name = _model_name(base)
+    return engine
 
   # ------------------------------------------------------------------------- generation
 
@@ -410,6 +413,17 @@ class Engine:
                            steps=int(steps_b.sum()), hist=[int(h) for h in hist],
                            finished=None if np.isnan(finished[b]) else float(finished[b]))
     return outs, decode_s, decode_tokens, len(outputs) - 1
+
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def _model_name(base) -> str:
+  """The name a server answers to: a directory's name, a hub id as given, or the default's."""
+  if base is None:
+    return DEFAULT_MODEL_NAME
+  text = os.fspath(base).rstrip("/\\")
+  return os.path.basename(text) if os.path.isdir(text) else text
 
 
 def _check_heads_fit(heads, llama, source: str | None) -> None:

@@ -199,7 +199,8 @@ class AdapterPool:
     try:
       self.registry.load_dynamic(slot, weights)  # LoRAX's rules, LoRAX's messages
     except AdapterLoadError as e:
-      raise AdapterLoadError(f"adapter {name!r}: {e}") from e
+      text = str(e).removeprefix(f"adapter {slot}: ")  # the slot is internal; name the adapter
+      raise AdapterLoadError(f"adapter {name!r}: {text}") from e
     heads = self.heads
     medusa = weights.model.medusa
     heads.fused_w = heads.fused_w.at[slot].set(medusa.kernel[...].astype(heads.fused_w.dtype))

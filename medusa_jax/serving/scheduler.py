@@ -33,8 +33,8 @@ from typing import Sequence
 import jax
 
 from medusa_jax.decoding.requests import SamplingParams, Speculate, encode_prompt
-from medusa_jax.errors import (MedusaError, NonFiniteLogitsError, OverloadedError, RequestError,
-                               ShuttingDownError)
+from medusa_jax.errors import (AdapterNotFoundError, MedusaError, NonFiniteLogitsError,
+                               OverloadedError, RequestError, ShuttingDownError)
 from medusa_jax.serving.adapters import AdapterPool
 from medusa_jax.serving.api import (FinishEvent, FinishReason, GenerationRequest, RequestHandle,
                                     TokenEvent)
@@ -240,42 +240,52 @@ class Scheduler:
   def _check(self, r: GenerationRequest, loop) -> _Job:
     if r.seed is not None:
       raise RequestError("seed: per-request seeds are not supported by this server (sampled"
-                         " rows share the server's random stream); omit it")
+                         " requests share the server's random stream); omit it", param="seed")
     if not isinstance(r.chat, bool):
       raise RequestError(f"chat: expected a bool, got {r.chat!r}")
     stop = r.stop
     if isinstance(stop, str) or not isinstance(stop, (tuple, list)):
-      raise RequestError(f"stop: expected a list of strings, got {type(stop).__name__}")
+      raise RequestError(f"stop: expected a list of strings, got {type(stop).__name__}",
+                         param="stop")
     if len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
       raise RequestError(f"stop: expected at most {MAX_STOP_STRINGS} non-empty strings, got"
-                         f" {list(stop)!r}")
+                         f" {list(stop)!r}", param="stop")
     if stop and self.tokenizer is None:
-      raise RequestError("stop: stop strings need a tokenizer; this server has none")
+      raise RequestError("stop: stop strings need a tokenizer; this server has none",
+                         param="stop")
     if self.pool is not None:
       self.pool.check(r.adapter)
     elif r.adapter not in (None, self.model_name):
-      from medusa_jax.errors import AdapterNotFoundError
       raise AdapterNotFoundError(f"adapter {r.adapter!r}: this server has no adapters")
-    prompt = encode_prompt(r.prompt, self.context, chat=r.chat, index=None)
+    try:
+      params = SamplingParams.make(temperature=r.temperature, top_p=r.top_p)
+    except RequestError as e:
+      name = "temperature" if str(e).startswith("temperature") else "top_p"
+      raise RequestError(str(e), param=name) from None
+    try:
+      prompt = encode_prompt(r.prompt, self.context, chat=r.chat, index=None)
+    except RequestError as e:
+      raise RequestError(str(e), param="messages" if r.chat else "prompt") from None
     room = self.core.max_new_tokens(len(prompt))
     if room < 1:
       raise RequestError(
           f"prompt: {len(prompt)} tokens leave no room in the context of"
           f" {self.core.cache_len} tokens ({self.core.nodes} are reserved for the tree);"
-          f" shorten the prompt")
+          f" shorten the prompt", param="messages" if r.chat else "prompt")
     max_new = room if r.max_tokens is None else r.max_tokens
-    params = SamplingParams.make(temperature=r.temperature, top_p=r.top_p,
-                                 max_new_tokens=max_new)  # validates, naming the field
-    if params.max_new_tokens > room:
+    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
+      raise RequestError(f"max_tokens: expected an integer >= 1, got {max_new!r}",
+                         param="max_tokens")
+    if max_new > room:
       raise RequestError(
-          f"max_tokens: the prompt ({len(prompt)} tokens) + max_tokens"
-          f" ({params.max_new_tokens}) + tree ({self.core.nodes}) exceeds the context of"
-          f" {self.core.cache_len} tokens; at most {room} new tokens fit")
+          f"max_tokens: the prompt ({len(prompt)} tokens) + max_tokens ({max_new}) + tree"
+          f" ({self.core.nodes}) exceeds the context of {self.core.cache_len} tokens; at most"
+          f" {room} new tokens fit", param="max_tokens")
     rid = r.request_id or uuid.uuid4().hex
     r = dataclasses.replace(r, request_id=rid, temperature=float(params.temperature),
                             top_p=float(params.top_p), stop=tuple(stop))
     handle = RequestHandle(rid, len(prompt), loop)
-    return _Job(handle=handle, request=r, prompt=prompt, max_new=int(params.max_new_tokens),
+    return _Job(handle=handle, request=r, prompt=prompt, max_new=max_new,
                 t_submit=time.perf_counter())
 
   # -- the loop -----------------------------------------------------------------------------
@@ -340,6 +350,8 @@ class Scheduler:
       except MedusaError as e:
         with self._cond:
           self._queue.remove(job)
+        if not isinstance(e, RequestError):  # the adapter the request named is unusable
+          e = _as_request_error(e, param="model")
         self._finish(job, FinishReason.ERROR, e)
         continue
       if weight_slot is None:
@@ -463,6 +475,13 @@ class Scheduler:
                                completion_tokens=tokens, error=error,
                                accepted_per_step=(tokens - 1) / job.steps if job.steps else 0.0))
     self.metrics.request_finished(reason.value, tokens, time.perf_counter() - job.t_submit)
+
+
+def _as_request_error(error: BaseException, *, param: str) -> RequestError:
+  """``error`` as the request's own fault (HTTP 400), chained to it."""
+  out = RequestError(str(error), param=param)
+  out.__cause__ = error
+  return out
 
 
 def _find_stop(text: str, stops: Sequence[str], sent: int) -> int | None:

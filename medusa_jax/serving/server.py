@@ -104,7 +104,7 @@ def api_error(error: BaseException) -> ApiError:
   if isinstance(error, AdapterNotFoundError):
     return ApiError(404, message, param="model", code="model_not_found")
   if isinstance(error, RequestError):
-    return ApiError(400, message)
+    return ApiError(400, message, param=getattr(error, "param", None))
   if isinstance(error, OverloadedError):
     return ApiError(503, message, type="server_error", code="overloaded",
                     headers={"Retry-After": "1"})
