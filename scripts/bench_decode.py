@@ -69,19 +69,37 @@ def _build(cfg, dtype, num_heads, seed=0, fused=True, attention="grouped"):
 
 
 def _copy_bandwidth():
-  """Device copy bandwidth in bytes/s (read + write), median of 10."""
+  """(device-timed, host-timed) copy bandwidth in bytes/s (read + write).
+
+  Device-timed: 20 dependent copies of a 1 GiB array inside one jitted loop
+  (the loop keeps XLA from fusing them), timed end to end, so one dispatch and
+  one sync are spread over 20 copies. Host-timed: one jitted 256 MiB copy per
+  call, median of 10; it includes the dispatch and the sync and so reads low
+  (kept to show the difference).
+  """
   import jax
   import jax.numpy as jnp
-  x = jax.random.normal(jax.random.PRNGKey(0), (256 * 1024 * 1024 // 4,), jnp.float32)
+  n = 256 * 1024 * 1024 // 4
+  x = jax.random.normal(jax.random.PRNGKey(0), (4 * n,), jnp.float32)
+  loop = jax.jit(lambda a: jax.lax.fori_loop(0, 20, lambda i, b: b * 1.0001, a))
+  loop(x).block_until_ready()
+  device = []
+  for _ in range(3):
+    t = time.perf_counter()
+    loop(x).block_until_ready()
+    device.append(time.perf_counter() - t)
+  device_bw = 2 * 20 * x.nbytes / min(device)
+  y = x[:n]
   f = jax.jit(lambda a: a * 1.0001)
-  f(x).block_until_ready()
+  f(y).block_until_ready()
   times = []
   for _ in range(10):
     t = time.perf_counter()
-    f(x).block_until_ready()
+    f(y).block_until_ready()
     times.append(time.perf_counter() - t)
   times.sort()
-  return 2 * x.nbytes / times[len(times) // 2]
+  del x, y
+  return device_bw, 2 * 4 * n / times[len(times) // 2]
 
 
 def _start_state(dec, cfg, batch, cache_len, prompt_len, config, dtype, seed):
@@ -121,6 +139,21 @@ def _time_steps(dec, state, config, steps, warmup=3):
     state, out = dec.step(state, config=config)
   jax.block_until_ready((state, out))
   return 1e3 * (time.perf_counter() - t) / steps, state
+
+
+def _time_multi(dec, state, config, steps, k, warmup=2):
+  """(ms per step, state) with ``k`` steps per dispatched call (``Decoder.steps``)."""
+  import jax
+  calls = max(1, steps // k)
+  for _ in range(warmup):
+    state, out = dec.steps(state, configs=config, num_steps=k)
+  jax.block_until_ready((state, out))
+  t = time.perf_counter()
+  for _ in range(calls):
+    state, out = dec.steps(state, configs=config, num_steps=k)
+    jax.device_get(out.count)  # the host reads every call's tokens, as the engine does
+  jax.block_until_ready(state)
+  return 1e3 * (time.perf_counter() - t) / (calls * k), state
 
 
 def _time_in_graph(dec, state, config, steps, repeats=2):
@@ -245,6 +278,8 @@ def _time_plain(dec, cfg, args, batch, dtype, in_graph: bool, kernels: bool,
   row = {"kernels": _kernel_counts(dec, state, config)} if kernels else {}
   if dispatched:
     row["step_ms"], state = _time_steps(dec, state, config, args.steps)
+    for k in getattr(args, "steps_per_call", None) or ():
+      row[f"k{k}_step_ms"], state = _time_multi(dec, state, config, args.steps, k)
   if in_graph:
     row["in_graph_ms"], state = _time_in_graph(dec, state, config, args.steps)
   return row
@@ -269,10 +304,11 @@ def bench_jax(args) -> dict:
   dec = engine.decoder
   n_params = sum(x.size for x in jax.tree.leaves(dec.params.llama))
   weight_bytes = n_params * jnp.dtype(dtype).itemsize
-  bw = _copy_bandwidth()
+  bw, host_bw = _copy_bandwidth()
   out = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
              jax=jax.__version__, dtype=args.dtype, cache_len=args.cache_len,
              prompt_len=args.prompt_len, params=int(n_params), copy_bw_tb_s=bw / 1e12,
+             copy_bw_host_timed_tb_s=host_bw / 1e12,
              fused_projections=args.fused, attention=args.attention, steps=args.steps,
              xla_flags=os.environ.get("XLA_FLAGS", ""), rows=[])
   kv_row_bytes = (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
@@ -289,6 +325,8 @@ def bench_jax(args) -> dict:
     plain = _time_plain(dec, cfg, args, batch, dtype, args.in_graph, kernels=i == 0)
     row.update(plain_step_ms=plain["step_ms"], plain_kernels=plain.get("kernels", {}),
                plain_nodes=1)
+    row.update({f"plain_{key}": v for key, v in plain.items() if key.startswith("k")
+                and key.endswith("_step_ms")})
     if "in_graph_ms" in plain:
       row["plain_step_in_graph_ms"] = min(plain["in_graph_ms"])
       row["plain_step_in_graph_repeats_ms"] = plain["in_graph_ms"]
@@ -593,6 +631,8 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
   p.add_argument("--steps", type=int, default=50, help="timed steps per measurement")
+  p.add_argument("--steps-per-call", type=int, nargs="*", default=[1, 4, 8, 16],
+                 help="K values: plain steps timed with K steps per dispatched call")
   p.add_argument("--cache-len", type=int, default=1024)
   p.add_argument("--prompt-len", type=int, default=128)
   p.add_argument("--new-tokens", type=int, default=64, help="engine / HF new tokens")

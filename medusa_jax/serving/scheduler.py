@@ -356,11 +356,14 @@ class Scheduler:
         continue
       if weight_slot is None:
         return  # every weight slot is held: wait for one to be released
-      with self._cond:
-        self._queue.remove(job)
-        self.metrics.set_queue_depth(len(self._queue))
-      job.weight_slot = weight_slot
       slot = free[0]
+      with self._cond:
+        # The job holds its slot from here, so the overload test of submit
+        # never counts it twice or not at all.
+        self._queue.remove(job)
+        self._slots[slot] = job
+        self.metrics.set_queue_depth(len(self._queue))
+      job.weight_slot, job.slot = weight_slot, slot
       try:
         self._rng, key = jax.random.split(self._rng)
         prefix = self.core.prefill(job.prompt, max_new=job.max_new,
@@ -369,11 +372,10 @@ class Scheduler:
         self._state = self.core.insert(prefix, self._state, slot)
         first = jax.device_get(prefix.first)
       except MedusaError as e:
+        with self._cond:
+          self._slots[slot] = None
         self._finish(job, FinishReason.ERROR, e)
         continue
-      job.slot = slot
-      with self._cond:
-        self._slots[slot] = job
       now = time.perf_counter()
       self.metrics.observe_ttft(now - job.t_submit)
       job.t_last = now
