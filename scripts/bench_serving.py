@@ -278,12 +278,16 @@ def _cpu_name() -> str:
 
 
 def _git_commit() -> str | None:
+  """The checkout's short commit, "+dirty" when the package differs from it (read at start)."""
+  here = os.path.dirname(os.path.abspath(__file__))
   try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.abspath(__file__)),
-                          check=True).stdout.strip() or None
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=here, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "../medusa_jax"],
+                           capture_output=True, text=True, cwd=here, check=True).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return None
+  return (commit + "+dirty" if dirty else commit) or None
 
 
 def _questions(path: str | None, limit: int) -> list[str]:
@@ -411,6 +415,7 @@ def _ratio(a, b):
 
 def main(argv=None):
   args = parse_args(argv)
+  commit = _git_commit()  # now: the package imported below is this one, not a later checkout's
   import jax
   import jax.numpy as jnp
   if args.compile_cache:
@@ -509,7 +514,7 @@ def main(argv=None):
                    "cpu_count": os.cpu_count()},
         "jax_version": jax.__version__,
         "python": platform.python_version(),
-        "git_commit": _git_commit(),
+        "git_commit": commit,
         "dtype": dtype_name,
         "args": {k: (list(v) if isinstance(v, (list, tuple)) else v)
                  for k, v in vars(args).items()},
