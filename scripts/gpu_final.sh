@@ -6,6 +6,8 @@
 #                                     # tree-verify cost, copy bandwidth -> $OUT/bench_decode.json
 #   bash scripts/gpu_final.sh e2e     # real SmolLM2 + bundled heads through Engine.generate on
 #                                     # MT-bench first turns -> $OUT/bench_e2e.json
+#   bash scripts/gpu_final.sh serve   # after e2e, same machine: scripts/bench_serving.py
+#                                     # (Poisson arrivals, plain vs tree) -> $OUT/bench_serving.json
 #
 # e2e expects /root/assets/gguf.part00 (copied there by an earlier call), .assets/train2/
 # (gguf.part01, questions.json) and the gguf wheel in .whl/. Each stage ends within its
@@ -74,5 +76,14 @@ PY
       --out "$OUT" --attention "$ATTENTION" --batches 1 64 16 4 --new-tokens 256 --cache-len 1024 --e2e-f32 \
       --time-budget "$E2E_BUDGET" ${E2E_EXTRA:-} 2>&1 | tee -a "$OUT/$STAGE.log"
     ;;
-  *) echo "unknown stage $STAGE (expected bench or e2e)"; exit 2 ;;
+  serve)
+    # The serving benchmark over the model the e2e stage converted (same warm machine).
+    MODEL=$ASSETS/smollm2-135m-instruct
+    python3 scripts/bench_serving.py --base "$MODEL" --questions .assets/train2/question.jsonl \
+      --rates ${SERVE_RATES:-8,32,inf} --num-requests ${SERVE_REQUESTS:-64} --max-tokens 128 \
+      --modes ${SERVE_MODES:-none,tree} --slots 16 --dtype bfloat16 --max-cache-len 1024 \
+      --compile-cache "$JAX_COMPILATION_CACHE_DIR" --out "$OUT/bench_serving.json" \
+      ${SERVE_EXTRA:-} 2>&1 | tee -a "$OUT/$STAGE.log"
+    ;;
+  *) echo "unknown stage $STAGE (expected bench, e2e or serve)"; exit 2 ;;
 esac
