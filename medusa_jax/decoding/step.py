@@ -34,13 +34,14 @@ with the step's one ``device_get``), so a corrupt model never passes for
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from medusa_jax.decoding import cache_ops
+from medusa_jax.decoding import cache_ops, verify
 from medusa_jax.decoding.state import EMPTY, DecodeState, Graphs, Params, StepConfig, StepOutput
 from medusa_jax.decoding.verify import finish_walk, internal_nodes, tree_candidates, walk_tree
 
@@ -50,16 +51,28 @@ Array = jax.Array
 def _lm_head(llama, params: Params):
   """The LM head ``[..., H] -> [..., V]`` float32 the steps use.
 
-  With ``params.lm_head_t`` the tied embedding is read in ``[H, V]`` layout:
-  XLA:CPU runs ``[M, H] @ [H, V]`` for a few rows M at about the cost of one
-  row, while ``[M, H] x [V, H]^T`` costs 2-3x more from M = 2 on, which made
-  every verification step pay for its tree twice.
+  With ``params.lm_head_t`` (a CPU, see ``Decoder``) the tied embedding is
+  read in ``[H, V]`` layout: XLA:CPU runs ``[M, H] @ [H, V]`` for one row as
+  a memory-bound matrix-vector product, while ``[M, H] x [V, H]^T`` costs
+  2-3x more from M = 2 on. For 2 <= M <= ``verify.SMALL_ROWS_MAX`` rows even
+  the ``[H, V]`` matmul goes to a library kernel that costs about 1.6x one
+  row at M = 2 (SmolLM2, 2-core CPU, docs/perf.md), so those rows are
+  computed as one multiply-and-reduce over H instead,
+  ``logits[m, v] = sum_h h[m, h] * w[h, v]``: a loop fusion that reads the
+  weight once and costs about one row. Same products (exact in f32 for f32
+  and bf16 operands), f32 accumulation in another order.
   """
   w_HxV = params.lm_head_t
   if w_HxV is None:
     return llama.lm_head
 
   def lm_head(h: Array) -> Array:
+    lead, hidden = h.shape[:-1], h.shape[-1]
+    rows = math.prod(lead)
+    if 2 <= rows <= verify.SMALL_ROWS_MAX:
+      h_MxH = h.reshape(rows, hidden).astype(w_HxV.dtype).astype(jnp.float32)
+      logits_MxV = jnp.sum(h_MxH[:, :, None] * w_HxV.astype(jnp.float32)[None], axis=1)
+      return logits_MxV.reshape(*lead, w_HxV.shape[1])
     return jnp.einsum("...h,hv->...v", h.astype(w_HxV.dtype), w_HxV,
                       preferred_element_type=jnp.float32)
   return lm_head
@@ -242,17 +255,35 @@ def speculative_step(graphs: Graphs, params: Params, state: DecodeState, *,
                                        cache.length)
   hidden_BxTxH, cache = llama(state.tokens, positions_BxT, cache, state.lengths, mask)
   lm_head = _lm_head(llama, params)
-  # The walk reads the logits of internal nodes only; the accepted node's own
-  # logits (for the bonus) come with its drafts from one more LM-head call, so
-  # the LM head runs over I + 1 + D rows instead of T + D.
-  logits_BxIxV = lm_head(hidden_BxTxH[:, internal_nodes(tree)])
   rng, key = jax.random.split(state.rng)
   rows = state.rows
-  walk = walk_tree(tree, state.tokens, logits_BxIxV, config.strategy, key, rows)
-  best_B = walk.best_node.astype(jnp.int32)
-  x_BxH = jnp.take_along_axis(hidden_BxTxH, best_B[:, None, None], axis=1)[:, 0]
-  logits_best_BxV, draft_BxDxV = heads.logits_and_drafts(x_BxH, lm_head, tree.depth,
-                                                         row_slot=state.adapter_slot)
+  internal = internal_nodes(tree)
+  batch, num_nodes, hidden = hidden_BxTxH.shape
+  if batch * num_nodes * (1 + tree.depth) <= verify.SHARED_HEAD_MAX_ROWS:
+    # Small trees: the LM head and the heads run once, over every node, before
+    # the walk: B*T*(1+D) rows in one pass cost less than reading the LM head
+    # twice (the walk's I rows, then the accepted node's 1 + D rows).
+    slot_N = (None if state.adapter_slot is None
+              else jnp.repeat(state.adapter_slot, num_nodes))
+    logits_NxV, draft_NxDxV = heads.logits_and_drafts(
+        hidden_BxTxH.reshape(batch * num_nodes, hidden), lm_head, tree.depth, row_slot=slot_N)
+    logits_BxTxV = logits_NxV.reshape(batch, num_nodes, -1)
+    logits_BxIxV = logits_BxTxV[:, internal]
+    walk = walk_tree(tree, state.tokens, logits_BxIxV, config.strategy, key, rows)
+    best_B = walk.best_node.astype(jnp.int32)
+    logits_best_BxV = jnp.take_along_axis(logits_BxTxV, best_B[:, None, None], axis=1)[:, 0]
+    draft_BxTxDxV = draft_NxDxV.reshape(batch, num_nodes, *draft_NxDxV.shape[1:])
+    draft_BxDxV = jnp.take_along_axis(draft_BxTxDxV, best_B[:, None, None, None], axis=1)[:, 0]
+  else:
+    # The walk reads the logits of internal nodes only; the accepted node's own
+    # logits (for the bonus) come with its drafts from one more LM-head call, so
+    # the LM head runs over I + 1 + D rows instead of T + D.
+    logits_BxIxV = lm_head(hidden_BxTxH[:, internal])
+    walk = walk_tree(tree, state.tokens, logits_BxIxV, config.strategy, key, rows)
+    best_B = walk.best_node.astype(jnp.int32)
+    x_BxH = jnp.take_along_axis(hidden_BxTxH, best_B[:, None, None], axis=1)[:, 0]
+    logits_best_BxV, draft_BxDxV = heads.logits_and_drafts(x_BxH, lm_head, tree.depth,
+                                                           row_slot=state.adapter_slot)
   verdict = finish_walk(tree, state.tokens, walk, logits_best_BxV, config.strategy, key, rows)
   path_BxP = verdict.path_nodes.astype(jnp.int32)
   cache = cache_ops.compact_cache(cache, state.lengths, path_BxP)
