@@ -34,7 +34,6 @@ with the step's one ``device_get``), so a corrupt model never passes for
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -51,28 +50,16 @@ Array = jax.Array
 def _lm_head(llama, params: Params):
   """The LM head ``[..., H] -> [..., V]`` float32 the steps use.
 
-  With ``params.lm_head_t`` (a CPU, see ``Decoder``) the tied embedding is
-  read in ``[H, V]`` layout: XLA:CPU runs ``[M, H] @ [H, V]`` for one row as
-  a memory-bound matrix-vector product, while ``[M, H] x [V, H]^T`` costs
-  2-3x more from M = 2 on. For 2 <= M <= ``verify.SMALL_ROWS_MAX`` rows even
-  the ``[H, V]`` matmul goes to a library kernel that costs about 1.6x one
-  row at M = 2 (SmolLM2, 2-core CPU, docs/perf.md), so those rows are
-  computed as one multiply-and-reduce over H instead,
-  ``logits[m, v] = sum_h h[m, h] * w[h, v]``: a loop fusion that reads the
-  weight once and costs about one row. Same products (exact in f32 for f32
-  and bf16 operands), f32 accumulation in another order.
+  With ``params.lm_head_t`` the tied embedding is read in ``[H, V]`` layout:
+  XLA:CPU runs ``[M, H] @ [H, V]`` for a few rows M at about the cost of one
+  row, while ``[M, H] x [V, H]^T`` costs 2-3x more from M = 2 on, which made
+  every verification step pay for its tree twice.
   """
   w_HxV = params.lm_head_t
   if w_HxV is None:
     return llama.lm_head
 
   def lm_head(h: Array) -> Array:
-    lead, hidden = h.shape[:-1], h.shape[-1]
-    rows = math.prod(lead)
-    if 2 <= rows <= verify.SMALL_ROWS_MAX:
-      h_MxH = h.reshape(rows, hidden).astype(w_HxV.dtype).astype(jnp.float32)
-      logits_MxV = jnp.sum(h_MxH[:, :, None] * w_HxV.astype(jnp.float32)[None], axis=1)
-      return logits_MxV.reshape(*lead, w_HxV.shape[1])
     return jnp.einsum("...h,hv->...v", h.astype(w_HxV.dtype), w_HxV,
                       preferred_element_type=jnp.float32)
   return lm_head

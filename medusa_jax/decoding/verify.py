@@ -41,16 +41,11 @@ SHARED_HEAD_MAX_ROWS = 8
 LM head and the Medusa heads once over every tree node (then picks the walk's
 and the accepted node's rows) instead of twice (the internal nodes, then the
 accepted node). At these sizes an LM-head call is bound by reading its
-weight (SmolLM2 on a 2-core CPU: 8 rows cost about 2x one row, two calls of
-1 and 2 rows about 2.5x; docs/perf.md), so one call is cheaper than two; past
-it the rows' compute wins and the two calls stay. On a GPU the small call is
-weight-bound as well, and one launch fewer (not measured here)."""
-
-SMALL_ROWS_MAX = 8
-"""Most rows for which the CPU LM head (``step._lm_head``) uses a
-multiply-and-reduce over H instead of a matmul: XLA:CPU's library kernel for
-a 2..8-row matmul against the [H, V] embedding costs 1.1-1.6x the loop
-fusion; at 12 rows they are even and from 16 rows on the matmul wins."""
+weight, so one call is cheaper than two: SmolLM2 on a 2-core CPU, batch 1,
+the step over the 2-node chain took 28.6 ms instead of 32.3, over the 3-node
+tree 32.6 instead of 34.7 (docs/perf.md). Past it the rows' compute wins and
+the two calls stay. On a GPU the small call is weight-bound as well, and one
+launch fewer (not measured here)."""
 
 
 # ---- results -------------------------------------------------------------------
