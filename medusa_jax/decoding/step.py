@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from medusa_jax.decoding import cache_ops
+from medusa_jax.decoding import cache_ops, verify
 from medusa_jax.decoding.state import (EMPTY, DecodeState, Graphs, Params, StepConfig, StepOutput,
                                       StepsOutput)
 from medusa_jax.decoding.verify import finish_walk, internal_nodes, tree_candidates, walk_tree
@@ -251,17 +251,36 @@ def speculative_step(graphs: Graphs, params: Params, state: DecodeState, *,
                                        cache.length)
   hidden_BxTxH, cache = llama(tokens_BxT, positions_BxT, cache, state.lengths, mask)
   lm_head = _lm_head(llama, params)
-  # The walk reads the logits of internal nodes only; the accepted node's own
-  # logits (for the bonus) come with its drafts from one more LM-head call, so
-  # the LM head runs over I + 1 + D rows instead of T + D.
-  logits_BxIxV = lm_head(hidden_BxTxH[:, internal_nodes(tree)])
   rng, key = jax.random.split(state.rng)
   rows = state.rows
-  walk = walk_tree(tree, tokens_BxT, logits_BxIxV, config.strategy, key, rows)
-  best_B = walk.best_node.astype(jnp.int32)
-  x_BxH = jnp.take_along_axis(hidden_BxTxH, best_B[:, None, None], axis=1)[:, 0]
-  logits_best_BxV, draft_BxDxV = heads.logits_and_drafts(x_BxH, lm_head, config.state_tree.depth,
-                                                         row_slot=state.adapter_slot)
+  internal = internal_nodes(tree)
+  batch, num_nodes, hidden = hidden_BxTxH.shape
+  draft_depth = config.state_tree.depth  # drafts for the carried tree
+  if batch * num_nodes * (1 + draft_depth) <= verify.SHARED_HEAD_MAX_ROWS:
+    # Small trees: the LM head and the heads run once, over every node, before
+    # the walk: B*T*(1+D) rows in one pass cost less than reading the LM head
+    # twice (the walk's I rows, then the accepted node's 1 + D rows).
+    slot_N = (None if state.adapter_slot is None
+              else jnp.repeat(state.adapter_slot, num_nodes))
+    logits_NxV, draft_NxDxV = heads.logits_and_drafts(
+        hidden_BxTxH.reshape(batch * num_nodes, hidden), lm_head, draft_depth, row_slot=slot_N)
+    logits_BxTxV = logits_NxV.reshape(batch, num_nodes, -1)
+    logits_BxIxV = logits_BxTxV[:, internal]
+    walk = walk_tree(tree, tokens_BxT, logits_BxIxV, config.strategy, key, rows)
+    best_B = walk.best_node.astype(jnp.int32)
+    logits_best_BxV = jnp.take_along_axis(logits_BxTxV, best_B[:, None, None], axis=1)[:, 0]
+    draft_BxTxDxV = draft_NxDxV.reshape(batch, num_nodes, *draft_NxDxV.shape[1:])
+    draft_BxDxV = jnp.take_along_axis(draft_BxTxDxV, best_B[:, None, None, None], axis=1)[:, 0]
+  else:
+    # The walk reads the logits of internal nodes only; the accepted node's own
+    # logits (for the bonus) come with its drafts from one more LM-head call, so
+    # the LM head runs over I + 1 + D rows instead of T + D.
+    logits_BxIxV = lm_head(hidden_BxTxH[:, internal])
+    walk = walk_tree(tree, tokens_BxT, logits_BxIxV, config.strategy, key, rows)
+    best_B = walk.best_node.astype(jnp.int32)
+    x_BxH = jnp.take_along_axis(hidden_BxTxH, best_B[:, None, None], axis=1)[:, 0]
+    logits_best_BxV, draft_BxDxV = heads.logits_and_drafts(x_BxH, lm_head, draft_depth,
+                                                           row_slot=state.adapter_slot)
   verdict = finish_walk(tree, tokens_BxT, walk, logits_best_BxV, config.strategy, key, rows)
   path_BxP = verdict.path_nodes.astype(jnp.int32)
   cache = cache_ops.compact_cache(cache, state.lengths, path_BxP)

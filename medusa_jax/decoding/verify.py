@@ -36,6 +36,17 @@ Array = jax.Array
 
 REJECTED = -1  # placeholder in `emitted` past the bonus token
 
+SHARED_HEAD_MAX_ROWS = 8
+"""Most LM-head rows, B * T * (1 + D), for which a speculative step runs the
+LM head and the Medusa heads once over every tree node (then picks the walk's
+and the accepted node's rows) instead of twice (the internal nodes, then the
+accepted node). At these sizes an LM-head call is bound by reading its
+weight, so one call is cheaper than two: SmolLM2 on a 2-core CPU, batch 1,
+the step over the 2-node chain took 28.6 ms instead of 32.3, over the 3-node
+tree 32.6 instead of 34.7 (docs/perf.md). Past it the rows' compute wins and
+the two calls stay. On a GPU the small call is weight-bound as well, and one
+launch fewer (not measured here)."""
+
 
 # ---- results -------------------------------------------------------------------
 

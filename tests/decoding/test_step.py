@@ -112,3 +112,34 @@ def test_finished_and_padding_rows_are_frozen(tiny):
   assert np.all(np.asarray(state.generated)[:3] == 2)
   np.testing.assert_array_equal(np.asarray(state.lengths), before)
   assert np.all(np.asarray(out.count) == 0) and np.all(np.asarray(out.tokens) == -1)
+
+
+def test_one_pass_lm_head_equals_two_passes(tiny, monkeypatch):
+  """A small tree's single LM-head pass over every node gives the two-pass step's result."""
+  from medusa_jax.decoding import verify
+  from medusa_jax.decoding.state import StepConfig
+  from medusa_jax.decoding.strategies import Greedy
+  from medusa_jax.decoding.tree import build_tree
+  cfg, llama, heads, _ = tiny
+  tree = build_tree([[0], [1]])  # B * T * (1 + D) = 1 * 3 * 2 rows: one pass
+  config = StepConfig(tree=tree, strategy=Greedy())
+  assert 3 * (1 + tree.depth) <= verify.SHARED_HEAD_MAX_ROWS
+  rng = np.random.default_rng()
+  prompt = list(rng.integers(3, cfg.vocab_size, size=5))
+  g = _greedy(llama, prompt, 3)
+  results = []
+  for max_rows in (verify.SHARED_HEAD_MAX_ROWS, 0):
+    monkeypatch.setattr(verify, "SHARED_HEAD_MAX_ROWS", max_rows)
+    dec = Decoder(llama, heads)  # a fresh jit cache, traced under this setting
+    state, _ = prefill(dec, [prompt], config=config, rows=1)
+    # The rank-1 draft is the target's next token: node 2 is accepted.
+    planted = np.array([[g[0], (g[1] + 1) % cfg.vocab_size, g[1]]], np.int32)
+    state, out = dec.step(state.replace(tokens=jnp.asarray(planted)), config=config)
+    results.append((state, out))
+  (s1, o1), (s2, o2) = results
+  assert int(o1.accept_len[0]) == 1
+  np.testing.assert_array_equal(np.asarray(o1.tokens), np.asarray(o2.tokens))
+  np.testing.assert_array_equal(np.asarray(o1.tokens[0]), g[1:3])
+  np.testing.assert_array_equal(np.asarray(s1.tokens), np.asarray(s2.tokens))
+  for a, b in zip(s1.cache.k + s1.cache.v, s2.cache.k + s2.cache.v):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,0 +1,172 @@
+"""The measured speculation policy: expected tokens, the choice rule, the cache, refine."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from medusa_jax.decoding import policy as P
+from medusa_jax.decoding import tree as tree_lib
+
+CHOICES = ((0,), (1,), (0, 0), (2,), (0, 1), (1, 0), (0, 0, 0))
+
+
+def _reference_expected(tree, acc) -> float:
+  """1 + sum over nodes of prod along the path, by walking parents, in float64."""
+  acc = np.asarray(acc, np.float64)
+  total = 1.0
+  for node in range(1, tree.num_nodes):
+    p, u = 1.0, node
+    while u > 0:
+      d, r = int(tree.node_depth[u]) - 1, int(tree.node_rank[u])
+      p *= acc[d, r] if d < acc.shape[0] and r < acc.shape[1] else 0.0
+      u = int(tree.parent[u])
+    total += p
+  return total
+
+
+def test_expected_tokens_hand_checked():
+  acc = [[0.5, 0.25], [0.4, 0.1]]
+  chain = tree_lib.build_tree(tree_lib.chain_choices(2))
+  assert P.expected_tokens(chain, acc) == pytest.approx(1 + 0.5 + 0.5 * 0.4)
+  wide = tree_lib.build_tree(((0,), (1,), (1, 0)))
+  assert P.expected_tokens(wide, acc) == pytest.approx(1 + 0.5 + 0.25 + 0.25 * 0.4)
+  assert P.expected_tokens(None, acc) == 1.0
+  # A rank past the table is never accepted.
+  assert P.expected_tokens(tree_lib.build_tree(((0,), (5,))), acc) == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_expected_tokens_against_float64_reference(seed):
+  rng = np.random.default_rng(seed + np.random.default_rng().integers(1 << 20))
+  acc = rng.uniform(0.01, 0.9, size=(4, 10))
+  size = int(rng.integers(2, 40))
+  tree = tree_lib.build_tree(tree_lib.tree_from_accuracies(acc, size))
+  assert P.expected_tokens(tree, acc) == pytest.approx(_reference_expected(tree, acc), rel=1e-12)
+  depth = P.depth_probs(tree, acc)
+  assert depth[0] == 1.0 and depth.sum() == pytest.approx(P.expected_tokens(tree, acc))
+
+
+def test_bad_acceptance_is_refused():
+  tree = tree_lib.build_tree(((0,),))
+  for bad in ([[1.5]], [[math.nan]], [1.0, 2.0], [[]]):
+    with pytest.raises(P.PolicyError, match="acceptance"):
+      P.expected_tokens(tree, bad)
+
+
+def test_candidates_plain_chain_and_prefixes():
+  cands = P.candidate_trees(CHOICES, 2)
+  assert cands[0] is None
+  assert cands[1].choices == ((0,), (0, 0))
+  keys = [P.tree_key(t) for t in cands]
+  assert len(keys) == len(set(keys))
+  assert all(t is None or t.depth <= 2 for t in cands)
+  # The 3-path prefix of the depth-2 list: (0,), (1,), (0, 0).
+  assert tree_lib.build_tree(((0,), (1,), (0, 0))) in cands
+
+
+_TIMES = st.lists(st.floats(1e-4, 1.0), min_size=4, max_size=4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(_TIMES, min_size=1, max_size=3),
+       acc=st.lists(st.lists(st.floats(0.0, 1.0), min_size=3, max_size=3), min_size=2,
+                    max_size=2))
+def test_choice_never_slower_than_plain(rows, acc):
+  trees = P.candidate_trees(CHOICES, 2)[:4]
+  policy = P.SpeculationPolicy(candidates=tuple(None if t is None else t.choices for t in trees),
+                               batch_sizes=tuple(range(1, len(rows) + 1)),
+                               step_times=tuple(tuple(r) for r in rows), acceptance=acc)
+  for b in policy.batch_sizes:
+    rates, chosen = policy.rates(b), policy.choice(b)
+    plain_rate = 1.0 / rows[b - 1][0]
+    assert rates[chosen] >= plain_rate * (1 - 1e-12)
+    assert rates[chosen] == max(rates)
+    tree = policy.tree_for(b)
+    assert (tree is None) == (chosen == 0)
+
+
+def test_bucket_and_json_round_trip():
+  trees = P.candidate_trees(CHOICES, 2)[:3]
+  times = {(P.tree_key(t), b): s for b, row in ((1, (1.0, 1.1, 1.2)), (4, (1.0, 3.0, 3.0)))
+           for t, s in zip(trees, row)}
+  acc = [[0.6, 0.3, 0.1], [0.5, 0.2, 0.1]]
+  policy = P.SpeculationPolicy.from_times(times, trees, acceptance=acc)
+  assert policy.tree_for(1) is not None      # 1.6+ tokens for 1.1-1.2x the time
+  assert policy.tree_for(3) is None          # bucket 4: 3x the time, never worth it
+  assert policy.tree_for(100) is None        # past the largest bucket: the largest
+  again = P.SpeculationPolicy.from_json(json.loads(json.dumps(policy.to_json())))
+  assert again == policy
+  with pytest.raises(P.PolicyError, match="format"):
+    P.SpeculationPolicy.from_json({"format": 99})
+  with pytest.raises(P.PolicyError, match="step_times"):
+    P.SpeculationPolicy(candidates=(None,), batch_sizes=(1,), step_times=((-1.0,),))
+
+
+def test_refine_moves_acceptance_toward_observed():
+  tree = tree_lib.build_tree(tree_lib.chain_choices(2))
+  policy = P.SpeculationPolicy(candidates=(None, tree.choices), batch_sizes=(1,),
+                               step_times=((1.0, 1.05),), acceptance=[[0.5, 0.1], [0.5, 0.1]])
+  # Heads far worse than the table: nearly every step accepts nothing.
+  worse = P.refine(policy, [1000, 10, 1], tree=tree, prior_steps=0)
+  assert worse.acceptance[0][0] == pytest.approx(11 / 1011)
+  assert worse.acceptance[1][0] == pytest.approx(1 / 11)
+  assert worse.tree_for(1) is None and policy.tree_for(1) is not None
+  # Heads that match the table leave it unchanged (counts in proportion 0.5 / 0.25 / 0.25).
+  same = P.refine(policy, [500, 250, 250], tree=tree, prior_steps=16)
+  np.testing.assert_allclose(same.acceptance, policy.acceptance, rtol=1e-12)
+  assert P.refine(policy, [0, 0, 0], tree=tree) is policy
+  with pytest.raises(P.PolicyError, match="accept_hist"):
+    P.refine(policy, [1, 2, 3, 4], tree=tree)
+
+
+def test_acceptance_from_bundled_recipe():
+  from medusa_jax.bundled import __path__ as bundled
+  acc = P.acceptance_from_recipe(f"{bundled[0]}/heads/smollm2-135m-instruct")
+  assert acc is not None and len(acc) == 5 and acc[0][0] == pytest.approx(0.38351)
+
+
+# ---- on the tiny model: timing, cache round trip, a corrupt cache file
+
+
+_REAL_MEASURE = P.measure_step_times
+
+
+def _measure(tiny, tmp_path, monkeypatch, calls):
+  _, _, _, dec = tiny
+
+  def counted(*args, **kwargs):
+    calls.append(1)
+    return _REAL_MEASURE(*args, **kwargs)
+  monkeypatch.setattr(P, "measure_step_times", counted)
+  return P.load_or_measure(dec, choices=((0,), (1,), (0, 0)), num_heads=2, acceptance=None,
+                           batch_sizes=(1, 2), cache_len=32, cache_dir=tmp_path,
+                           device_kind="cpu-test", model_key="tiny", repeats=1)
+
+
+def test_tiny_timing_cache_round_trip_and_corrupt_file(tiny, tmp_path, monkeypatch):
+  calls = []
+  policy = _measure(tiny, tmp_path, monkeypatch, calls)
+  assert len(calls) == 1
+  assert all(t > 0 for row in policy.step_times for t in row)
+  assert policy.candidates[0] is None and len(policy.candidates) >= 2
+  for b in (1, 2, 3):
+    tree = policy.tree_for(b)
+    assert tree is None or tree.choices in policy.candidates
+  (path,) = tmp_path.iterdir()
+  # Cached: read back, not measured.
+  assert _measure(tiny, tmp_path, monkeypatch, calls) == policy and len(calls) == 1
+  # Corrupt file (fault injection): measured again and replaced by a valid one.
+  path.write_text('{"key": {"device_kind": "cpu-test"}, "policy": [1, 2')
+  again = _measure(tiny, tmp_path, monkeypatch, calls)
+  assert len(calls) == 2 and again.candidates == policy.candidates
+  assert json.loads(path.read_text())["policy"]["format"] == 1
+  # A file whose table does not fit its candidates is refused the same way.
+  obj = json.loads(path.read_text())
+  obj["policy"]["step_times_s"] = [[1.0]]
+  path.write_text(json.dumps(obj))
+  _measure(tiny, tmp_path, monkeypatch, calls)
+  assert len(calls) == 3
