@@ -16,7 +16,6 @@ from medusa_jax.training.config import LossKind, PromptTurns, TrainConfig
 from medusa_jax.training.data import Prompt
 from medusa_jax.training.distill import (
   generate_rows,
-  greedy_generate,
   hidden_rows,
   make_examples,
 )
@@ -135,7 +134,6 @@ def test_one_pass_rows_equal_a_second_forward():
   kw = {"max_new_tokens": 6, "batch_size": 4, "eos_ids": [2], "length_bucket": 8}
   answers, rows = generate_rows(model, prompts, num_heads=n, teacher_topk=k, dtype=np.float32,
                                 **kw)
-  assert answers == greedy_generate(model, [p.ids for p in prompts], **kw)
   assert all(len(a) for a in answers)
   examples = make_examples(prompts, answers)
   for split in ("train", "val"):
@@ -150,7 +148,8 @@ def test_one_pass_rows_equal_a_second_forward():
     np.testing.assert_array_equal(g["teacher_ids"][valid], w["teacher_ids"][valid])
     np.testing.assert_allclose(g["teacher_logp"][valid].astype(np.float64),
                                w["teacher_logp"][valid].astype(np.float64), atol=2e-3)
-    # the teacher's top-1 for a head is the greedy token that head must predict
+    # the teacher's top-1 for a head is the greedy token that head must predict (so the
+    # answers are greedy)
     np.testing.assert_array_equal(w["teacher_ids"][..., 0][valid], w["targets"][valid])
   # without a teacher: the same rows, float16 hidden states, no teacher arrays
   _, plain = generate_rows(model, prompts, num_heads=n, **kw)
