@@ -15,7 +15,8 @@
 #
 # Environment: CONFIG (default configs/train_smollm2_v3.json), WORK (/tmp/medusa_train),
 # EVAL_MODES (tree), EVAL_TIMEOUT (120 s per evaluation), TIME_BUDGET (230 s: no baseline
-# evaluation starts later), EXAMPLES=1 also writes examples.jsonl.gz, TRAIN_EXTRA (options
+# evaluation starts later), GENERATE_BUDGET (seconds after which no new generation batch
+# starts: `medusa-jax train --generate-budget`; default none), EXAMPLES=1 also writes examples.jsonl.gz, TRAIN_EXTRA (options
 # appended to `medusa-jax train`, e.g. "--steps 20" for a quick check), EVAL_EXTRA (the same
 # for `medusa-jax eval`, e.g. "--num-questions 2 --max-new-tokens 8").
 set -uo pipefail
@@ -53,7 +54,8 @@ evaluate() {  # evaluate HEADS_DIR OUT_JSON
   fi
   "$PY" -m medusa_jax train --config "$CONFIG" \
     --workdir "$WORK" --gguf "$GGUF" --prompts "$PROMPTS" --out "$OUT_DIR/heads" --no-progress \
-    --no-row-cache ${TRAIN_EXTRA:-} || echo "training stopped (status $?)"
+    --no-row-cache ${GENERATE_BUDGET:+--generate-budget "$GENERATE_BUDGET"} ${TRAIN_EXTRA:-} \
+    || echo "training stopped (status $?)"
   cp "$WORK/metrics.jsonl" "$OUT_DIR/" || true
   if [ "${EXAMPLES:-0}" = 1 ]; then gzip -c "$WORK/examples.jsonl" > "$OUT_DIR/examples.jsonl.gz"; fi
   echo "training done at ${SECONDS} s (script start = 0)"

@@ -13,6 +13,7 @@ hidden states and top-K it computes anyway.
 from __future__ import annotations
 
 import functools
+import time
 from typing import Callable, Sequence
 
 import jax
@@ -140,10 +141,18 @@ def _generate_fn(graphdef, max_new: int, eos_ids: tuple[int, ...], window: int =
                                    window=window, topk=topk, out_dtype=out_dtype))
 
 
-def _batches(prompts: Sequence[Sequence[int]], batch_size: int, length_bucket: int, pad_id: int):
-  """(rows, tokens [B, P], lengths [B], active [B]) per batch, prompts sorted by length."""
+def _batches(prompts: Sequence[Sequence[int]], batch_size: int, length_bucket: int, pad_id: int,
+             shuffle_seed: int | None = None):
+  """(rows, tokens [B, P], lengths [B], active [B]) per batch, prompts sorted by length.
+
+  With ``shuffle_seed`` the batches (each still of similar lengths) come in a
+  seeded random order, so that any prefix of them is a fair sample.
+  """
   order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-  for start in range(0, len(order), batch_size):
+  starts = list(range(0, len(order), batch_size))
+  if shuffle_seed is not None:
+    starts = [starts[j] for j in np.random.default_rng(shuffle_seed).permutation(len(starts))]
+  for start in starts:
     rows = order[start:start + batch_size]
     p = _bucket(max(len(prompts[i]) for i in rows), length_bucket)
     tokens = np.full((batch_size, p), pad_id, np.int32)
@@ -205,7 +214,8 @@ class _RowBuffer:
 def generate_rows(llama: Llama, prompts: Sequence[Prompt], *, max_new_tokens: int,
                   batch_size: int, eos_ids: Sequence[int], num_heads: int,
                   teacher_topk: int = 0, pad_id: int = 0, length_bucket: int = 32,
-                  dtype=np.float16, progress: Progress | None = None
+                  dtype=np.float16, time_budget_s: float | None = None, seed: int = 0,
+                  progress: Progress | None = None
                   ) -> tuple[list[list[int]], dict[str, TokenRows]]:
   """Greedy answers and their token rows in one pass (no second forward).
 
@@ -223,6 +233,12 @@ def generate_rows(llama: Llama, prompts: Sequence[Prompt], *, max_new_tokens: in
     teacher_topk: K > 0 also keeps each head's teacher top-K
       (``losses.teacher_targets``).
     dtype: storage dtype of the hidden states.
+    time_budget_s: no new batch (after the first) starts after this many
+      seconds; the prompts
+      of the batches not run get empty answers and no rows. Batches then run
+      in a seeded random order (``seed``), so the prompts done are a fair
+      sample of all lengths. None: every batch, shortest prompts first.
+    seed: the batch order's seed (with ``time_budget_s``).
 
   Returns:
     (answers in input order, {"train": TokenRows, "val": TokenRows}).
@@ -235,7 +251,12 @@ def generate_rows(llama: Llama, prompts: Sequence[Prompt], *, max_new_tokens: in
   answers: list[list[int]] = [[] for _ in prompts]
   buffers = {"train": _RowBuffer(), "val": _RowBuffer()}
   ids_list = [p.ids for p in prompts]
-  for rows, tokens, lengths, active in _batches(ids_list, batch_size, length_bucket, pad_id):
+  t0 = time.perf_counter()
+  batches = _batches(ids_list, batch_size, length_bucket, pad_id,
+                     None if time_budget_s is None else seed)
+  for b, (rows, tokens, lengths, active) in enumerate(batches):
+    if b and time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
+      break
     out, n_new, rec = jax.device_get(fn(params, tokens, lengths, active))
     for r, i in enumerate(rows):
       answer = out[r, :n_new[r]]

@@ -116,9 +116,11 @@ def teacher_topk(cfg: TrainConfig) -> int:
   return cfg.teacher_topk if cfg.loss is LossKind.KL else 0
 
 
-def distill_rows(cfg: TrainConfig, llama, prompts: Sequence[D.Prompt]
+def distill_rows(cfg: TrainConfig, llama, prompts: Sequence[D.Prompt],
+                 time_budget_s: float | None = None
                  ) -> tuple[list[D.Example], dict[str, TokenRows]]:
-  """Greedy answers and their token rows in one generation pass."""
+  """Greedy answers and their token rows in one generation pass (``time_budget_s``:
+  see ``distill.generate_rows``)."""
   eos = tuple(llama.cfg.eos_token_ids)
   pad = llama.cfg.pad_token_id if llama.cfg.pad_token_id is not None else eos[0]
   with _bar(len(prompts), "generate + rows") as bar:
@@ -126,6 +128,7 @@ def distill_rows(cfg: TrainConfig, llama, prompts: Sequence[D.Prompt]
                                  batch_size=cfg.gen_batch_size, eos_ids=eos,
                                  num_heads=cfg.num_heads, teacher_topk=teacher_topk(cfg),
                                  pad_id=pad, length_bucket=cfg.length_bucket,
+                                 time_budget_s=time_budget_s, seed=cfg.seed,
                                  progress=bar.update)
   return make_examples(prompts, answers), out
 
@@ -164,11 +167,13 @@ def export(cfg: TrainConfig, model, out_dir: str, *, accuracy, recipe: dict[str,
   return out_dir
 
 
-def _turn_counts(prompts: Sequence[D.Prompt]) -> dict[str, int]:
-  """Prompts per user-turn index ("1", "2", ...)."""
+def _turn_counts(prompts: Sequence[D.Prompt], done: set) -> dict[str, int]:
+  """Examples per user-turn index ("1", "2", ...); ``done`` holds the
+  (conv_id, prompt ids) of the prompts that became examples."""
   counts: dict[str, int] = {}
   for p in prompts:
-    counts[str(p.turn + 1)] = counts.get(str(p.turn + 1), 0) + 1
+    if (p.conv_id, tuple(p.ids)) in done:
+      counts[str(p.turn + 1)] = counts.get(str(p.turn + 1), 0) + 1
   return dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
 
 
@@ -204,11 +209,15 @@ def _model_dir(src: Sources, workdir: str) -> str:
 
 
 def run(cfg: TrainConfig, workdir: str, out_dir: str, src: Sources = Sources(), *,
-        progress: bool = True, cache_rows: bool = True) -> dict[str, Any]:
+        progress: bool = True, cache_rows: bool = True,
+        generate_budget_s: float | None = None) -> dict[str, Any]:
   """Runs (or resumes) every stage and exports the heads; returns the recipe.
 
   ``cache_rows=False`` keeps freshly computed token rows in memory only
   (they are the largest cache: about 2 KB per row with the teacher top-K).
+  ``generate_budget_s`` bounds the one-pass generation: no new batch starts
+  after that many seconds, and the prompts done (a seeded random sample of
+  whole batches) are the data; the recipe counts them.
   """
 
   os.makedirs(workdir, exist_ok=True)
@@ -236,7 +245,7 @@ def run(cfg: TrainConfig, workdir: str, out_dir: str, src: Sources = Sources(), 
   fresh: dict[str, TokenRows] | None = None
   t = time.perf_counter()
   if not os.path.exists(examples_path):
-    examples, fresh = distill_rows(cfg, llama, prompts)
+    examples, fresh = distill_rows(cfg, llama, prompts, generate_budget_s)
     D.write_jsonl(examples_path, examples)
   examples = D.read_examples(examples_path)
   timings["generate_s"] = time.perf_counter() - t
@@ -261,12 +270,13 @@ def run(cfg: TrainConfig, workdir: str, out_dir: str, src: Sources = Sources(), 
   n_train = sum(e.split == "train" for e in examples)
   recipe = {
       "config": cfg.to_dict(),
-      "data": {"prompts": len(prompts), "examples_train": n_train,
+      "data": {"prompts": len(prompts), "examples": len(examples), "examples_train": n_train,
                "examples_val": len(examples) - n_train,
                "answer_tokens": int(sum(len(e.ids) - e.prompt_len for e in examples)),
                "prompt_tokens": int(sum(e.prompt_len for e in examples)),
-               "conversations": len({p.conv_id for p in prompts}),
-               "turns": _turn_counts(prompts),
+               "conversations": len({e.conv_id for e in examples}),
+               "turns": _turn_counts(prompts, {(e.conv_id, e.ids[:e.prompt_len])
+                                               for e in examples}),
                "rows_train": train_rows.num_rows, "rows_val": val_rows.num_rows},
       "device": f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})",
       "jax": jax.__version__,

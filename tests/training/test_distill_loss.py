@@ -160,6 +160,28 @@ def test_one_pass_rows_equal_a_second_forward():
                                rtol=2e-3, atol=2e-3)
 
 
+def test_generation_budget_keeps_whole_batches_of_a_seeded_order():
+  rng = np.random.default_rng()
+  cfg = LlamaConfig.tiny()
+  model = Llama(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  prompts = _prompts(rng, cfg.vocab_size, 8)
+  kw = {"max_new_tokens": 3, "batch_size": 2, "eos_ids": [2], "length_bucket": 8,
+        "num_heads": 2}
+  full, _ = generate_rows(model, prompts, **kw)
+  runs = [generate_rows(model, prompts, time_budget_s=0.0, seed=s, **kw) for s in (5, 5, 6)]
+  for answers, rows in runs:
+    done = [i for i, a in enumerate(answers) if a]
+    assert len(done) == 2  # the first batch only, whole
+    assert all(answers[i] == full[i] for i in done)
+    want = 0
+    for i in done:
+      ids = np.asarray(prompts[i].ids + tuple(answers[i]))
+      tgt = medusa_targets(ids, np.arange(len(ids)) >= len(prompts[i].ids), 2)
+      want += int((tgt != IGNORE).any(-1).sum())
+    assert sum(r.num_rows for r in rows.values()) == want
+  assert runs[0][0] == runs[1][0]  # the order is a function of the seed
+
+
 def _rows(rng, r=20, n=3, k=4, h=8):
   t_ids, t_logp = _random_teacher(rng, r, n, k, 40)
   return TokenRows(hidden=rng.normal(size=(r, h)).astype(np.float16),
