@@ -27,6 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--mtbench", help="MT-bench question.jsonl (excluded from training)")
   p.add_argument("--steps", type=int, help="override the config's steps")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  p.add_argument("--no-row-cache", action="store_true",
+                 help="keep the token rows in memory (no rows_*.npz in the workdir)")
+  p.add_argument("--generate-budget", type=float, metavar="SECONDS",
+                 help="no new generation batch starts after SECONDS (batches in a seeded"
+                 " random order; the prompts done are the data)")
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -41,7 +46,9 @@ def run(ns: argparse.Namespace) -> int:
   out = ns.out or os.path.join(workdir, "heads")
   src = Sources(model_dir=ns.model_dir, gguf=ns.gguf, prompts=ns.prompts,
                 sharegpt_json=ns.sharegpt, mtbench_jsonl=ns.mtbench)
-  recipe = run_pipeline(cfg, workdir, out, src, progress=not ns.no_progress)
+  recipe = run_pipeline(cfg, workdir, out, src, progress=not ns.no_progress,
+                        cache_rows=not ns.no_row_cache,
+                        generate_budget_s=ns.generate_budget)
   print(json.dumps({"out": out, "val_accuracy": recipe["val_accuracy"],
                     "timings_s": recipe["timings_s"]}))
   return 0

@@ -37,6 +37,22 @@ class ComputeDType(Option):
     return jnp.bfloat16 if self is ComputeDType.BFLOAT16 else jnp.float32
 
 
+class LossKind(Option):
+  """Head loss: CE on the greedy token, or KL from the base model's top-K distribution."""
+  __option__ = "loss"
+  __error__ = ConfigError
+  CE = "ce"
+  KL = "kl"
+
+
+class PromptTurns(Option):
+  """Which ShareGPT user turns become prompts: the first, or all (with their context)."""
+  __option__ = "prompt_turns"
+  __error__ = ConfigError
+  FIRST = "first"
+  ALL = "all"
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class TrainConfig:
   """A Medusa head-training run.
@@ -47,7 +63,10 @@ class TrainConfig:
     num_heads: n, Medusa heads (head k predicts token t+k+2).
     num_layers: ResBlocks per head (V2 needs 1).
     head_kind: "v2" (default, fused, shared lm_head) or "v1".
-    num_prompts: ShareGPT first user turns to self-distil.
+    num_prompts: ShareGPT prompts (user turns) to self-distil.
+    prompt_turns: "first" (each conversation's first user turn) or "all"
+      (every user turn, with the conversation before it as context:
+      ``data.user_turn_prompts``).
     val_fraction: fraction of conversations held out for validation.
     max_prompt_tokens: longer chat prompts are dropped.
     max_new_tokens: answer length limit in self-distillation.
@@ -65,6 +84,11 @@ class TrainConfig:
     weight_decay: AdamW weight decay.
     grad_clip: global-norm gradient clip (0 = off).
     loss_decay: head k's loss weighs ``loss_decay**k``.
+    loss: "ce" (cross-entropy on the greedy token) or "kl" (Medusa-2
+      self-distillation: KL from the base model's top-``teacher_topk``
+      next-token distribution).
+    teacher_topk: K, teacher ids and log-probs stored per head and row
+      (``kl`` only; ``ce`` stores none).
     compute_dtype: "float32" or "bfloat16" matmul operands.
     eval_every: steps between validation passes (and JSONL records).
     log_every: steps between training-loss records.
@@ -81,6 +105,7 @@ class TrainConfig:
   num_layers: int = 1
   head_kind: HeadKind = HeadKind.V2
   num_prompts: int = 4000
+  prompt_turns: PromptTurns = PromptTurns.FIRST
   val_fraction: float = 0.05
   max_prompt_tokens: int = 256
   max_new_tokens: int = 256
@@ -96,6 +121,8 @@ class TrainConfig:
   weight_decay: float = 0.0
   grad_clip: float = 1.0
   loss_decay: float = 0.8
+  loss: LossKind = LossKind.CE
+  teacher_topk: int = 32
   compute_dtype: ComputeDType = ComputeDType.FLOAT32
   eval_every: int = 500
   log_every: int = 50
@@ -109,10 +136,13 @@ class TrainConfig:
   def __post_init__(self):
     object.__setattr__(self, "head_kind", HeadKind.parse(self.head_kind))
     object.__setattr__(self, "compute_dtype", ComputeDType.parse(self.compute_dtype))
+    object.__setattr__(self, "loss", LossKind.parse(self.loss))
+    object.__setattr__(self, "prompt_turns", PromptTurns.parse(self.prompt_turns))
     require_ints(self, ("num_heads", "num_layers", "num_prompts", "max_prompt_tokens",
                         "max_new_tokens", "gen_batch_size", "hidden_batch_size", "length_bucket",
                         "seq_bucket", "batch_rows", "steps", "eval_every", "log_every",
-                        "checkpoint_every", "max_to_keep", "max_rank", "tree_nodes"), minimum=1)
+                        "checkpoint_every", "max_to_keep", "max_rank", "tree_nodes", "teacher_topk"),
+                 minimum=1)
     require_ints(self, ("warmup_steps", "eval_max_rows", "seed"), minimum=0)
     if self.warmup_steps >= self.steps:
       raise ConfigError(f"warmup_steps={self.warmup_steps}: expected fewer than"
@@ -151,4 +181,6 @@ class TrainConfig:
     d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     d["head_kind"] = self.head_kind.value
     d["compute_dtype"] = self.compute_dtype.value
+    d["loss"] = self.loss.value
+    d["prompt_turns"] = self.prompt_turns.value
     return d

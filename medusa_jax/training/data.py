@@ -9,6 +9,8 @@ The pipeline (each stage cached as JSONL under the run's work directory):
    conversation (roles ``human``/``user`` -> user, ``gpt``/``chatgpt`` ->
    assistant), minus anything that overlaps an MT-bench question, split into
    train/validation by a stable hash of the conversation id.
+   ``user_turn_prompts``: every user turn instead, each with the
+   conversation before it as context (the dataset's own earlier answers).
 3. Self-distillation (``distill.py``): the base model answers each prompt
    greedily; an ``Example`` is ``chat prompt + generated answer`` with a loss
    mask on the answer tokens only.
@@ -37,18 +39,21 @@ ASSISTANT_ROLES = frozenset({"gpt", "chatgpt", "assistant"})
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Prompt:
-  """One first user turn, rendered and tokenised.
+  """One user turn, rendered with its context and tokenised.
 
   Attributes:
     conv_id: the ShareGPT conversation id.
     text: the user turn.
-    ids: chat-template token ids ending with the generation prompt.
-    split: "train" or "val".
+    ids: chat-template token ids of the conversation up to this turn, ending
+      with the generation prompt.
+    split: "train" or "val" (all turns of a conversation share it).
+    turn: 0-based index of the user turn in its conversation.
   """
   conv_id: str
   text: str
   ids: tuple[int, ...]
   split: str
+  turn: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -245,6 +250,81 @@ def first_user_prompts(
 # --------------------------------------------------------------------------- caches
 
 
+def user_turn_prompts(
+    conversations: Sequence[tuple[str, list[dict[str, str]]]],
+    *,
+    encode_chat: Callable[[list[dict[str, str]]], Sequence[int]],
+    exclude: Sequence[str],
+    max_prompts: int,
+    max_prompt_tokens: int,
+    val_fraction: float,
+    min_chars: int = 8,
+) -> list[Prompt]:
+  """Every user turn of every conversation, in file order, with its context.
+
+  The prompt of user turn k is the conversation up to it: the earlier user
+  turns and the dataset's own earlier answers (not the base model's), then
+  turn k and the generation prompt. Dataset answers keep later turns
+  coherent (they often refer to the earlier answer: "shorten the second
+  paragraph") and let every turn be generated in one batched pass instead of
+  one pass per turn depth; the loss only ever sees the base model's answer.
+  A context longer than ``max_prompt_tokens`` loses its oldest
+  (user, assistant) pairs until it fits; a turn that does not fit alone is
+  dropped. A conversation any of whose texts overlaps an evaluation question
+  is dropped whole, and a repeated context (the same turns) is kept once.
+
+  Args: as :func:`first_user_prompts`; ``max_prompts`` caps the turns.
+
+  Returns:
+    Prompts with their split (by conversation) and turn index; none of their
+    texts (context included) overlaps ``exclude``.
+  """
+  if not 0.0 <= val_fraction < 1.0:
+    raise TrainingDataError(f"val_fraction={val_fraction}: expected a value in [0, 1)")
+  exclude_keys = [normalize_text(q) for q in exclude]
+  prompts: list[Prompt] = []
+  contexts: list[list[dict[str, str]]] = []
+  seen: set[tuple[str, ...]] = set()
+  for conv_id, messages in conversations:
+    if len(prompts) >= max_prompts:
+      break
+    keys = [normalize_text(m["content"]) for m in messages]
+    if any(_overlaps_key(k, exclude_keys) for k in keys):
+      continue
+    split = split_of(conv_id, val_fraction)
+    start = 0  # first message of the context (a user turn); only moves forward
+    for u in range(0, len(messages), 2):
+      if len(prompts) >= max_prompts:
+        break
+      text = messages[u]["content"].strip()
+      if len(text) < min_chars:
+        continue
+      ids = None
+      while start <= u:
+        ids = tuple(int(t) for t in encode_chat(_context(messages, start, u)))
+        if len(ids) <= max_prompt_tokens:
+          break
+        start, ids = start + 2, None
+      if ids is None:
+        start = u + 2  # the turn alone is too long: later turns start after it
+        continue
+      key = tuple(keys[start:u + 1])
+      if key in seen:
+        continue
+      seen.add(key)
+      prompts.append(Prompt(conv_id=conv_id, text=text, ids=ids, split=split, turn=u // 2))
+      contexts.append(messages[start:u + 1])
+  check_no_overlap((m["content"] for c in contexts for m in c), list(exclude))
+  return prompts
+
+
+def _context(messages: Sequence[dict[str, str]], start: int, stop: int) -> list[dict[str, str]]:
+  """Messages ``start..stop`` (both user turns), the last one stripped."""
+  out = [dict(m) for m in messages[start:stop + 1]]
+  out[-1]["content"] = out[-1]["content"].strip()
+  return out
+
+
 def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> None:
   """Writes dataclass records (or dicts) as JSONL, atomically (a pipeline cache: replaced)."""
   with _atomic.writing(path):
@@ -263,7 +343,7 @@ def read_prompts(path: str | os.PathLike) -> list[Prompt]:
   out = []
   for d in _read_jsonl(path):
     out.append(Prompt(conv_id=d["conv_id"], text=d["text"], ids=tuple(d["ids"]),
-                      split=d["split"]))
+                      split=d["split"], turn=int(d.get("turn", 0))))
   return out
 
 

@@ -118,6 +118,27 @@ class EvalOptions:
   max_cache_len: int = 2048
 
 
+def tokens_per_step_by(res, groups: Sequence[str]) -> dict[str, float]:
+  """Tokens per decode step of each group of prompts (e.g. MT-bench categories).
+
+  Args:
+    res: a GenerateResult whose ``stats[i]`` belongs to prompt i.
+    groups: one group name per prompt.
+
+  Returns:
+    {group: emitted tokens / decode steps over the group's prompts}, sorted by
+    name; groups without a decode step are left out.
+  """
+  tokens: dict[str, float] = {}
+  steps: dict[str, int] = {}
+  for g, st in zip(groups, res.stats):
+    if st is None or not st.steps:
+      continue
+    tokens[g] = tokens.get(g, 0.0) + st.tokens_per_step * st.steps
+    steps[g] = steps.get(g, 0) + st.steps
+  return {g: tokens[g] / steps[g] for g in sorted(steps)}
+
+
 def _mode_summary(res, plain_tokens) -> dict[str, Any]:
   hist = None
   for s in res.stats:
@@ -145,6 +166,8 @@ def run_eval(engine, questions: list[dict[str, Any]], heads_choices, opts: EvalO
                             "jax": jax.__version__, "questions": len(qs),
                             "max_new_tokens": opts.max_new_tokens, "turns": {}}
   turns = {"turn1": [list(q["turn1_ids"]) for q in qs]}
+  categories = {"turn1": [q.get("category", "") for q in qs],
+                "turn2": [q.get("category", "") for q in qs if q["turn2_suffix_ids"]]}
   answers: dict[str, list[list[int]]] = {}
   for name in ("turn1", "turn2"):
     if name == "turn2":
@@ -161,6 +184,7 @@ def run_eval(engine, questions: list[dict[str, Any]], heads_choices, opts: EvalO
       res = engine.generate(prompts, opts.max_new_tokens, speculate=mode,
                             tree=heads_choices if mode == "tree" else None, adaptive=True)
       entry[mode] = _mode_summary(res, plain.tokens)
+      entry[mode]["tokens_per_step_by_category"] = tokens_per_step_by(res, categories[name])
       entry[mode]["speedup"] = entry[mode]["tokens_per_s"] / entry["plain"]["tokens_per_s"]
       _log(f"{name} {mode}: {entry[mode]['tokens_per_step']:.3f} tokens/step,"
            f" speed-up {entry[mode]['speedup']:.2f}x (batch {len(prompts)})")

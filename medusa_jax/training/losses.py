@@ -5,8 +5,14 @@ Indexing: the base ``lm_head`` at position t predicts token t+1, so head k
 when that token is an answer (assistant) token; prompt and padding positions
 get ``IGNORE``.
 
-Loss: ``sum_k decay**k * mean_t CE(head k at t, token t+k+2)`` over the
-valid targets of each head (Medusa-2's decayed weighting, gamma = 0.8).
+Losses (``TrainConfig.loss``), both ``sum_k decay**k * mean_t L_k(t)`` over
+the valid targets of each head (Medusa-2's decayed weighting, gamma = 0.8):
+
+* ``ce``: L = CE(head k at t, token t+k+2), the greedy token only.
+* ``kl``: Medusa-2's self-distillation, L = KL(p || q) from the base model's
+  next-token distribution p at position t+k+1 (the one that chose token
+  t+k+2) to head k's distribution q at t. p is stored as its top-K (ids and
+  log-probabilities, ``teacher_targets``) and renormalised over those K.
 """
 
 from __future__ import annotations
@@ -41,6 +47,81 @@ def medusa_targets(ids: np.ndarray, loss_mask: np.ndarray, num_heads: int) -> np
       continue
     out[..., : s - shift, k] = np.where(loss_mask[..., shift:], ids[..., shift:], IGNORE)
   return out
+
+
+def teacher_targets(topk_ids: np.ndarray, topk_logp: np.ndarray, num_heads: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """Per-position teacher distributions of every head, from per-position top-K.
+
+  Args:
+    topk_ids: [..., S, K] int, the base model's top-K next-token ids at each
+      position (position t predicts token t+1).
+    topk_logp: [..., S, K] float, their log-probabilities.
+    num_heads: n.
+
+  Returns:
+    ids [..., S, n, K] int32 and logp [..., S, n, K] float16: head k at
+    position t gets position t+k+1's top-K (the distribution of token
+    t+k+2); where that position does not exist, ids 0 and logp 0 (masked by
+    the ``IGNORE`` targets of :func:`medusa_targets`).
+  """
+  topk_ids = np.asarray(topk_ids)
+  topk_logp = np.asarray(topk_logp)
+  *lead, s, k = topk_ids.shape
+  ids = np.zeros((*lead, s, num_heads, k), np.int32)
+  logp = np.zeros((*lead, s, num_heads, k), np.float16)
+  for h in range(num_heads):
+    shift = h + 1
+    if shift >= s:
+      continue
+    ids[..., : s - shift, h, :] = topk_ids[..., shift:, :]
+    logp[..., : s - shift, h, :] = topk_logp[..., shift:, :]
+  return ids, logp
+
+
+def per_head_kl(logits_RxnxV: jax.Array, teacher_ids_RxnxK: jax.Array,
+                teacher_logp_RxnxK: jax.Array, targets_Rxn: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+  """Summed KL(teacher || head) and valid-target count per head.
+
+  Args:
+    logits_RxnxV: [R, n, V] head logits (log-softmax in f32).
+    teacher_ids_RxnxK: [R, n, K] int32 teacher top-K token ids.
+    teacher_logp_RxnxK: [R, n, K] teacher log-probabilities (any float
+      dtype); renormalised over the K ids.
+    targets_Rxn: [R, n] int32; rows with ``IGNORE`` count nothing.
+
+  Returns:
+    kl_sum [n] float32, count [n] float32.
+  """
+  logq_RxnxV = jax.nn.log_softmax(logits_RxnxV.astype(jnp.float32), axis=-1)
+  logq_RxnxK = jnp.take_along_axis(logq_RxnxV, teacher_ids_RxnxK, axis=-1)
+  logp_RxnxK = jax.nn.log_softmax(teacher_logp_RxnxK.astype(jnp.float32), axis=-1)
+  kl_Rxn = jnp.sum(jnp.exp(logp_RxnxK) * (logp_RxnxK - logq_RxnxK), axis=-1)
+  valid_Rxn = targets_Rxn != IGNORE
+  kl_Rxn = jnp.where(valid_Rxn, kl_Rxn, 0.0)
+  return kl_Rxn.sum(axis=0), valid_Rxn.astype(jnp.float32).sum(axis=0)
+
+
+def medusa_kl_loss(logits_RxnxV: jax.Array, teacher_ids_RxnxK: jax.Array,
+                   teacher_logp_RxnxK: jax.Array, targets_Rxn: jax.Array, decay: float
+                   ) -> tuple[jax.Array, jax.Array]:
+  """Weighted self-distillation loss over token rows.
+
+  Args:
+    logits_RxnxV: [R, n, V].
+    teacher_ids_RxnxK, teacher_logp_RxnxK: [R, n, K] teacher top-K.
+    targets_Rxn: [R, n] int32; ``IGNORE`` marks rows without a target.
+    decay: head k weighs ``decay**k``.
+
+  Returns:
+    loss [] float32; per-head mean KL [n] float32 (0 for a head with no target).
+  """
+  kl_sum, count = per_head_kl(logits_RxnxV, teacher_ids_RxnxK, teacher_logp_RxnxK,
+                              targets_Rxn)
+  head_kl = kl_sum / jnp.maximum(count, 1.0)
+  w = jnp.asarray(head_weights(targets_Rxn.shape[-1], decay))
+  return jnp.sum(w * head_kl), head_kl
 
 
 def per_head_ce(logits_RxnxV: jax.Array, targets_Rxn: jax.Array

@@ -3,10 +3,16 @@
 Every stage caches its output in the work directory, so a rerun (or a resumed
 run) skips what is done:
 
-  prompts.jsonl     tokenised ShareGPT first user turns (train/val split)
+  prompts.jsonl     tokenised ShareGPT user turns (first turns, or every turn
+                    with its context; train/val split by conversation)
   examples.jsonl    prompt + greedy answer of the base model (token ids)
-  rows_train.npz    hidden states [R, H] float16 + targets [R, n]
-  rows_val.npz
+  rows_train.npz    hidden states [R, H] float16 + targets [R, n] (+ the
+  rows_val.npz      teacher top-K [R, n, K] of the ``kl`` loss); kept in
+                    memory instead with ``cache_rows=False``
+
+Generation and rows come from one pass (``distill.generate_rows``) when
+neither is cached; rows of cached examples come from a second forward
+(``distill.hidden_rows``).
   checkpoints/      orbax (resume)
   metrics.jsonl     training loss and validation accuracy records
 
@@ -38,9 +44,9 @@ from medusa_jax.models.chat import chat_ids
 from medusa_jax.models.gguf import convert_gguf
 from medusa_jax.models.llama_weights import load_llama
 from medusa_jax.training import data as D
-from medusa_jax.training.config import HeadKind, TrainConfig
-from medusa_jax.training.distill import (greedy_generate, hidden_rows, lm_head_weight,
-                                         make_examples)
+from medusa_jax.training.config import HeadKind, LossKind, PromptTurns, TrainConfig
+from medusa_jax.training.distill import (generate_rows, greedy_generate, hidden_rows,
+                                         lm_head_weight, make_examples)
 from medusa_jax.training.train import TokenRows, fit, medusa_config
 
 def _log(msg: str) -> None:
@@ -73,10 +79,13 @@ def chat_encoder(tokenizer, template):
 
 def build_prompts(cfg: TrainConfig, *, sharegpt_json: str, mtbench_jsonl: str, tokenizer,
                   template=None) -> list[D.Prompt]:
-  """ShareGPT first user turns, rendered in ``template`` and split, never overlapping MT-bench."""
+  """ShareGPT user turns (``cfg.prompt_turns``), rendered in ``template`` and split,
+  never overlapping MT-bench."""
   t0 = time.perf_counter()
   conversations = D.load_sharegpt_conversations(sharegpt_json)
-  prompts = D.first_user_prompts(
+  build = (D.user_turn_prompts if cfg.prompt_turns is PromptTurns.ALL
+           else D.first_user_prompts)
+  prompts = build(
       conversations, encode_chat=chat_encoder(tokenizer, template),
       exclude=mtbench_turns(mtbench_jsonl),
       max_prompts=cfg.num_prompts, max_prompt_tokens=cfg.max_prompt_tokens,
@@ -102,6 +111,28 @@ def distill(cfg: TrainConfig, llama, prompts: Sequence[D.Prompt]) -> list[D.Exam
   return make_examples(prompts, answers)
 
 
+def teacher_topk(cfg: TrainConfig) -> int:
+  """K of the stored teacher distributions: ``cfg.teacher_topk`` for the kl loss, else 0."""
+  return cfg.teacher_topk if cfg.loss is LossKind.KL else 0
+
+
+def distill_rows(cfg: TrainConfig, llama, prompts: Sequence[D.Prompt],
+                 time_budget_s: float | None = None
+                 ) -> tuple[list[D.Example], dict[str, TokenRows]]:
+  """Greedy answers and their token rows in one generation pass (``time_budget_s``:
+  see ``distill.generate_rows``)."""
+  eos = tuple(llama.cfg.eos_token_ids)
+  pad = llama.cfg.pad_token_id if llama.cfg.pad_token_id is not None else eos[0]
+  with _bar(len(prompts), "generate + rows") as bar:
+    answers, out = generate_rows(llama, prompts, max_new_tokens=cfg.max_new_tokens,
+                                 batch_size=cfg.gen_batch_size, eos_ids=eos,
+                                 num_heads=cfg.num_heads, teacher_topk=teacher_topk(cfg),
+                                 pad_id=pad, length_bucket=cfg.length_bucket,
+                                 time_budget_s=time_budget_s, seed=cfg.seed,
+                                 progress=bar.update)
+  return make_examples(prompts, answers), out
+
+
 def rows(cfg: TrainConfig, llama, examples: Sequence[D.Example]):
   """(train TokenRows, val TokenRows) of the examples."""
   pad = llama.cfg.pad_token_id if llama.cfg.pad_token_id is not None else 0
@@ -111,7 +142,8 @@ def rows(cfg: TrainConfig, llama, examples: Sequence[D.Example]):
     with _bar(len(part), f"hidden {split}") as bar:
       out.append(hidden_rows(llama, part, num_heads=cfg.num_heads,
                              batch_size=cfg.hidden_batch_size, pad_id=pad,
-                             progress=bar.update, length_bucket=cfg.length_bucket))
+                             progress=bar.update, length_bucket=cfg.length_bucket,
+                             teacher_topk=teacher_topk(cfg)))
   return tuple(out)
 
 
@@ -133,6 +165,16 @@ def export(cfg: TrainConfig, model, out_dir: str, *, accuracy, recipe: dict[str,
     write_choices(tmp, choices)
     _atomic.write_json(os.path.join(tmp, "recipe.json"), recipe, indent=1)
   return out_dir
+
+
+def _turn_counts(prompts: Sequence[D.Prompt], done: set) -> dict[str, int]:
+  """Examples per user-turn index ("1", "2", ...); ``done`` holds the
+  (conv_id, prompt ids) of the prompts that became examples."""
+  counts: dict[str, int] = {}
+  for p in prompts:
+    if (p.conv_id, tuple(p.ids)) in done:
+      counts[str(p.turn + 1)] = counts.get(str(p.turn + 1), 0) + 1
+  return dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -167,8 +209,16 @@ def _model_dir(src: Sources, workdir: str) -> str:
 
 
 def run(cfg: TrainConfig, workdir: str, out_dir: str, src: Sources = Sources(), *,
-        progress: bool = True) -> dict[str, Any]:
-  """Runs (or resumes) every stage and exports the heads; returns the recipe."""
+        progress: bool = True, cache_rows: bool = True,
+        generate_budget_s: float | None = None) -> dict[str, Any]:
+  """Runs (or resumes) every stage and exports the heads; returns the recipe.
+
+  ``cache_rows=False`` keeps freshly computed token rows in memory only
+  (they are the largest cache: about 2 KB per row with the teacher top-K).
+  ``generate_budget_s`` bounds the one-pass generation: no new batch starts
+  after that many seconds, and the prompts done (a seeded random sample of
+  whole batches) are the data; the recipe counts them.
+  """
 
   os.makedirs(workdir, exist_ok=True)
   timings: dict[str, float] = {}
@@ -190,18 +240,26 @@ def run(cfg: TrainConfig, workdir: str, out_dir: str, src: Sources = Sources(), 
   prompts = D.read_prompts(prompts_path)[: cfg.num_prompts]
 
   examples_path = os.path.join(workdir, "examples.jsonl")
+  paths = {s: os.path.join(workdir, f"rows_{s}.npz") for s in ("train", "val")}
+  have_rows = all(os.path.exists(p) for p in paths.values())
+  fresh: dict[str, TokenRows] | None = None
   t = time.perf_counter()
   if not os.path.exists(examples_path):
-    D.write_jsonl(examples_path, distill(cfg, llama, prompts))
+    examples, fresh = distill_rows(cfg, llama, prompts, generate_budget_s)
+    D.write_jsonl(examples_path, examples)
   examples = D.read_examples(examples_path)
   timings["generate_s"] = time.perf_counter() - t
 
   t = time.perf_counter()
-  paths = {s: os.path.join(workdir, f"rows_{s}.npz") for s in ("train", "val")}
-  if not all(os.path.exists(p) for p in paths.values()):
-    for split, r in zip(("train", "val"), rows(cfg, llama, examples)):
-      r.save(paths[split])
-  train_rows, val_rows = TokenRows.load(paths["train"]), TokenRows.load(paths["val"])
+  if fresh is None and not have_rows:
+    fresh = dict(zip(("train", "val"), rows(cfg, llama, examples)))
+  if fresh is not None:
+    if cache_rows:
+      for split, r in fresh.items():
+        r.save(paths[split])
+    train_rows, val_rows = fresh["train"], fresh["val"]
+  else:
+    train_rows, val_rows = TokenRows.load(paths["train"]), TokenRows.load(paths["val"])
   timings["hidden_s"] = time.perf_counter() - t
   _log(f"rows: train {train_rows.num_rows}, val {val_rows.num_rows}")
 
@@ -212,9 +270,13 @@ def run(cfg: TrainConfig, workdir: str, out_dir: str, src: Sources = Sources(), 
   n_train = sum(e.split == "train" for e in examples)
   recipe = {
       "config": cfg.to_dict(),
-      "data": {"prompts": len(prompts), "examples_train": n_train,
+      "data": {"prompts": len(prompts), "examples": len(examples), "examples_train": n_train,
                "examples_val": len(examples) - n_train,
                "answer_tokens": int(sum(len(e.ids) - e.prompt_len for e in examples)),
+               "prompt_tokens": int(sum(e.prompt_len for e in examples)),
+               "conversations": len({e.conv_id for e in examples}),
+               "turns": _turn_counts(prompts, {(e.conv_id, e.ids[:e.prompt_len])
+                                               for e in examples}),
                "rows_train": train_rows.num_rows, "rows_val": val_rows.num_rows},
       "device": f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})",
       "jax": jax.__version__,

@@ -35,8 +35,8 @@ from medusa_jax import _atomic
 from medusa_jax.config import MedusaConfig
 from medusa_jax.errors import ConfigError
 from medusa_jax.heads.modules import MedusaModel
-from medusa_jax.training.config import HeadKind, TrainConfig
-from medusa_jax.training.losses import IGNORE, medusa_loss, per_head_ce
+from medusa_jax.training.config import HeadKind, LossKind, TrainConfig
+from medusa_jax.training.losses import IGNORE, medusa_kl_loss, medusa_loss, per_head_ce
 from medusa_jax.training.metrics import HeadAccuracy, rank_hits
 
 # V2 heads skip drafting above a row limit at serving time; training feeds
@@ -52,31 +52,58 @@ class TokenRows:
     hidden: [R, H] float (float16/float32) base-model hidden states after the
       final norm.
     targets: [R, n] int32 targets of the n heads (``IGNORE`` = none).
+    teacher_ids: [R, n, K] int32, the base model's top-K ids for each head's
+      token (``losses.teacher_targets``), or None (no distillation targets).
+    teacher_logp: [R, n, K] float16 log-probabilities of ``teacher_ids``, or None.
   """
   hidden: np.ndarray
   targets: np.ndarray
+  teacher_ids: np.ndarray | None = None
+  teacher_logp: np.ndarray | None = None
 
   def __post_init__(self):
     if self.hidden.ndim != 2 or self.targets.ndim != 2 or (
         self.hidden.shape[0] != self.targets.shape[0]):
       raise ConfigError(f"TokenRows: expected hidden [R, H] and targets [R, n], got"
                         f" {self.hidden.shape} and {self.targets.shape}")
+    if (self.teacher_ids is None) != (self.teacher_logp is None):
+      raise ConfigError("TokenRows: expected both teacher_ids and teacher_logp, or neither")
+    if self.teacher_ids is not None:
+      want = self.targets.shape
+      for name in ("teacher_ids", "teacher_logp"):
+        shape = getattr(self, name).shape
+        if len(shape) != 3 or shape[:2] != want or shape[2] < 1:
+          raise ConfigError(f"TokenRows: expected {name} [R, n, K] with [R, n] = {want},"
+                            f" got {shape}")
+      if self.teacher_ids.shape != self.teacher_logp.shape:
+        raise ConfigError(f"TokenRows: teacher_ids {self.teacher_ids.shape} and teacher_logp"
+                          f" {self.teacher_logp.shape}: expected the same shape")
 
   @property
   def num_rows(self) -> int:
     return self.hidden.shape[0]
 
+  @property
+  def has_teacher(self) -> bool:
+    return self.teacher_ids is not None
+
   def save(self, path: str | os.PathLike) -> None:
     """Writes the rows as ``.npz``, atomically (a cache of the pipeline: replaced)."""
+    arrays = {"hidden": self.hidden, "targets": self.targets}
+    if self.has_teacher:
+      arrays.update(teacher_ids=self.teacher_ids, teacher_logp=self.teacher_logp)
+
     def fill(tmp: str) -> None:
       with open(tmp, "xb") as f:
-        np.savez(f, hidden=self.hidden, targets=self.targets)
+        np.savez(f, **arrays)
     _atomic.write_file(path, fill, overwrite=True)
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "TokenRows":
     with np.load(path) as z:
-      return cls(hidden=z["hidden"], targets=z["targets"])
+      teacher = ({"teacher_ids": z["teacher_ids"], "teacher_logp": z["teacher_logp"]}
+                 if "teacher_ids" in z.files else {})
+      return cls(hidden=z["hidden"], targets=z["targets"], **teacher)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -171,28 +198,33 @@ def batch_indices(step: int, num_rows: int, batch_rows: int, seed: int,
   return perm[i * batch_rows:(i + 1) * batch_rows]
 
 
-def _train_step(graphdef, tx, decay, dtype, state, idx_R, hidden_AxH, targets_Axn, lm_head_VxH):
+def _train_step(graphdef, tx, decay, dtype, loss_kind, state, idx_R, rows, lm_head_VxH):
   """One AdamW step on rows ``idx_R`` of the device-resident rows. DONATES state.
 
   Args:
     state: {"params", "opt_state"}.
     idx_R: [R] int32 row indices (sharded over ``data`` on a mesh).
-    hidden_AxH: [A, H] all training hidden states.
-    targets_Axn: [A, n] all training targets.
+    rows: {"hidden": [A, H], "targets": [A, n]} all training rows, plus
+      "teacher_ids" / "teacher_logp" [A, n, K] for the ``kl`` loss.
     lm_head_VxH: [V, H].
   """
-  h_RxH = jnp.take(hidden_AxH, idx_R, axis=0)
-  tgt_Rxn = jnp.take(targets_Axn, idx_R, axis=0)
+  h_RxH = jnp.take(rows["hidden"], idx_R, axis=0)
+  tgt_Rxn = jnp.take(rows["targets"], idx_R, axis=0)
+  if loss_kind is LossKind.KL:
+    t_ids_RxnxK = jnp.take(rows["teacher_ids"], idx_R, axis=0)
+    t_logp_RxnxK = jnp.take(rows["teacher_logp"], idx_R, axis=0)
 
   def loss_fn(params):
     model = nnx.merge(graphdef, params)
     logits_RxnxV = head_logits(model, h_RxH, lm_head_VxH, dtype)
+    if loss_kind is LossKind.KL:
+      return medusa_kl_loss(logits_RxnxV, t_ids_RxnxK, t_logp_RxnxK, tgt_Rxn, decay)
     return medusa_loss(logits_RxnxV, tgt_Rxn, decay)
 
-  (loss, head_ce), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  (loss, head_loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
-  return {"params": params, "opt_state": opt_state}, loss, head_ce
+  return {"params": params, "opt_state": opt_state}, loss, head_loss
 
 
 def _eval_step(graphdef, dtype, max_rank, params, h_RxH, tgt_Rxn, lm_head_VxH):
@@ -274,7 +306,7 @@ def _step_fn(graphdef, cfg: TrainConfig):
   """The jitted train step of a (heads, config) pair; cached so a resumed or
   repeated run in one process reuses the compiled program."""
   step = functools.partial(_train_step, graphdef, make_optimizer(cfg), cfg.loss_decay,
-                           cfg.compute_dtype.jnp_dtype)
+                           cfg.compute_dtype.jnp_dtype, cfg.loss)
   return jax.jit(step, donate_argnames=("state",))
 
 
@@ -313,6 +345,9 @@ def fit(cfg: TrainConfig, train: TokenRows, val: TokenRows | None, lm_head_VxH: 
     raise ConfigError(f"targets: expected {cfg.num_heads} heads (num_heads), got {n}")
   if lm_head_VxH.shape[1] != hidden:
     raise ConfigError(f"lm_head: expected [V, {hidden}], got {lm_head_VxH.shape}")
+  if cfg.loss is LossKind.KL and not train.has_teacher:
+    raise ConfigError("loss='kl': expected training rows with teacher top-K"
+                      " (teacher_ids, teacher_logp); these rows have none")
   batch_sh, repl = _mesh_shardings(cfg.batch_rows)
 
   model = init_heads(cfg, hidden, lm_head_VxH)
@@ -323,8 +358,10 @@ def fit(cfg: TrainConfig, train: TokenRows, val: TokenRows | None, lm_head_VxH: 
     state = jax.device_put(state, repl)
   lm_head = _put(np.asarray(lm_head_VxH), repl)
   # The rows live on the device; a step only ships its [R] indices.
-  hidden_all = _put(train.hidden, repl)
-  targets_all = _put(train.targets, repl)
+  rows_all = {"hidden": _put(train.hidden, repl), "targets": _put(train.targets, repl)}
+  if cfg.loss is LossKind.KL:
+    rows_all["teacher_ids"] = _put(train.teacher_ids, repl)
+    rows_all["teacher_logp"] = _put(train.teacher_logp, repl)
 
   options = ocp.CheckpointManagerOptions(max_to_keep=cfg.max_to_keep, create=True)
   manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options)
@@ -350,7 +387,8 @@ def fit(cfg: TrainConfig, train: TokenRows, val: TokenRows | None, lm_head_VxH: 
       losses[s] = float(loss)
       if s % cfg.log_every == 0 or s == end:
         metrics.write({"kind": "train", "step": s, "loss": losses[s],
-                       "head_ce": [round(float(c), 5) for c in np.asarray(head_ce)],
+                       f"head_{cfg.loss.value}": [round(float(c), 5)
+                                                  for c in np.asarray(head_ce)],
                        "seconds": round(time.perf_counter() - t0, 2)})
     if pending:
       bar.set_postfix(loss=f"{losses[pending[-1][0]]:.4f}")
@@ -358,8 +396,8 @@ def fit(cfg: TrainConfig, train: TokenRows, val: TokenRows | None, lm_head_VxH: 
 
   for step in range(start, end):
     idx = batch_indices(step, train.num_rows, cfg.batch_rows, cfg.seed, perm_cache)
-    state, loss, head_ce = step_fn(state, _put(idx.astype(np.int32), batch_sh), hidden_all,
-                                   targets_all, lm_head)
+    state, loss, head_ce = step_fn(state, _put(idx.astype(np.int32), batch_sh), rows_all,
+                                   lm_head)
     done = step + 1
     pending.append((done, loss, head_ce))
     bar.update(1)

@@ -153,3 +153,98 @@ def test_pad_examples():
   assert valid.tolist() == [[True, True, True, False], [True, True, False, False]]
   with pytest.raises(D.TrainingDataError, match="at most 2"):
     D.pad_examples(ex, 2, pad_id=0)
+
+
+def _encode_all(messages):
+  """A stand-in chat template over every message: a role marker, then one id per character."""
+  out = [1]
+  for m in messages:
+    out.append(5 if m["role"] == "user" else 6)
+    out.extend(ord(c) % 200 + 10 for c in m["content"])
+  return out + [2]
+
+
+def _chat(*texts):
+  return [{"role": "user" if i % 2 == 0 else "assistant", "content": t}
+          for i, t in enumerate(texts)]
+
+
+def test_user_turn_prompts_every_turn_with_dataset_context():
+  convs = [("a", _chat("first question here", "dataset answer one", "a follow-up turn",
+                       "dataset answer two", "third question now", "answer three")),
+           ("b", _chat("only one user turn", "its answer"))]
+  prompts = D.user_turn_prompts(convs, encode_chat=_encode_all, exclude=QUESTIONS,
+                                max_prompts=99, max_prompt_tokens=999, val_fraction=0.5)
+  assert [(p.conv_id, p.turn) for p in prompts] == [("a", 0), ("a", 1), ("a", 2), ("b", 0)]
+  msgs = convs[0][1]
+  # turn k's prompt: the conversation up to it, with the dataset's own earlier answers
+  for p in prompts[:3]:
+    assert p.ids == tuple(_encode_all(msgs[:2 * p.turn + 1]))
+    assert p.text == msgs[2 * p.turn]["content"]
+  # every turn of a conversation lands in the conversation's split
+  assert len({p.split for p in prompts[:3]}) == 1
+  assert prompts[0].split == D.split_of("a", 0.5)
+  assert prompts[3].split == D.split_of("b", 0.5)
+  # the first turns alone are the first-turn builder's prompts (same ids)
+  first = D.first_user_prompts(convs, encode_chat=_encode_all, exclude=QUESTIONS,
+                               max_prompts=99, max_prompt_tokens=999, val_fraction=0.5)
+  assert [p.ids for p in first] == [p.ids for p in prompts if p.turn == 0]
+
+
+def test_user_turn_prompts_drop_oldest_pairs_to_fit_and_cap():
+  rng = np.random.default_rng()
+  texts = ["".join(chr(97 + int(c)) for c in rng.integers(0, 26, int(n)))
+           for n in rng.integers(20, 40, 8)]
+  convs = [("a", _chat(*texts))]
+  limit = int(rng.integers(70, 110))
+  prompts = D.user_turn_prompts(convs, encode_chat=_encode_all, exclude=[], max_prompts=99,
+                                max_prompt_tokens=limit, val_fraction=0.0)
+  msgs = convs[0][1]
+  assert [p.turn for p in prompts] == [0, 1, 2, 3]
+  for p in prompts:
+    u = 2 * p.turn
+    # the longest suffix of whole (user, assistant) pairs that fits, ending at turn u
+    fits = [s for s in range(0, u + 1, 2) if len(_encode_all(msgs[s:u + 1])) <= limit]
+    assert fits and p.ids == tuple(_encode_all(msgs[fits[0]:u + 1]))
+    assert len(p.ids) <= limit
+  capped = D.user_turn_prompts(convs, encode_chat=_encode_all, exclude=[], max_prompts=2,
+                               max_prompt_tokens=limit, val_fraction=0.0)
+  assert capped == prompts[:2]
+  # a turn too long alone is dropped; later turns start after it
+  long = _chat("short opener text", "ok", "y" * 200, "ok", "a later question", "ok")
+  got = D.user_turn_prompts([("L", long)], encode_chat=_encode_all, exclude=[],
+                            max_prompts=9, max_prompt_tokens=60, val_fraction=0.0)
+  assert [p.turn for p in got] == [0, 2]
+  assert got[1].ids == tuple(_encode_all(long[4:5]))
+
+
+def test_user_turn_prompts_never_overlap_mtbench_and_dedupe():
+  hawaii = QUESTIONS[0]
+  convs = [
+      ("clean", _chat("Tell me about the moon", "It orbits.", "And the sun?", "A star.")),
+      # an evaluation question in a later turn: the whole conversation goes
+      ("later", _chat("An innocent opener here", "Sure.", hawaii.upper(), "Aloha...")),
+      # ... and in an answer (context) too
+      ("ctx", _chat("Please write something nice", "Prefix " + hawaii + " suffix", "more",
+                    "ok")),
+      ("dup", _chat("Tell me about the moon", "It orbits.", "Something else now", "ok")),
+      ("short", _chat("hey", "hi", "Now a real question", "ok")),
+  ]
+  prompts = D.user_turn_prompts(convs, encode_chat=_encode_all, exclude=QUESTIONS,
+                                max_prompts=99, max_prompt_tokens=999, val_fraction=0.0)
+  # "dup" turn 0 repeats "clean" turn 0 exactly (same context): kept once; its turn 1 differs
+  assert [(p.conv_id, p.turn) for p in prompts] == [("clean", 0), ("clean", 1), ("dup", 1),
+                                                    ("short", 1)]
+  D.check_no_overlap([p.text for p in prompts], QUESTIONS)
+  with pytest.raises(D.TrainingDataError, match="val_fraction"):
+    D.user_turn_prompts(convs, encode_chat=_encode_all, exclude=[], max_prompts=1,
+                        max_prompt_tokens=9, val_fraction=1.0)
+
+
+def test_prompt_turn_round_trips_and_old_caches_read_as_first_turns(tmp_path):
+  p = D.Prompt(conv_id="c", text="t", ids=(1, 2, 3), split="val", turn=3)
+  D.write_jsonl(tmp_path / "p.jsonl", [p])
+  assert D.read_prompts(tmp_path / "p.jsonl") == [p]
+  (tmp_path / "old.jsonl").write_text('{"conv_id": "c", "text": "t", "ids": [1], "split":'
+                                      ' "train"}\n')
+  assert D.read_prompts(tmp_path / "old.jsonl")[0].turn == 0
