@@ -11,6 +11,7 @@ import json
 import sys
 
 from medusa_jax.bundled import SMOLLM2_HEADS
+from medusa_jax.errors import MedusaError
 from medusa_jax.training.bundle import install
 
 
@@ -22,7 +23,11 @@ def main(argv=None) -> int:
   p.add_argument("--dest", default=SMOLLM2_HEADS, help="the adapter directory to replace")
   p.add_argument("--force", action="store_true", help="install even if not better")
   ns = p.parse_args(argv)
-  result = install(ns.run_dir, ns.dest, baseline_eval=ns.baseline_eval, force=ns.force)
+  try:
+    result = install(ns.run_dir, ns.dest, baseline_eval=ns.baseline_eval, force=ns.force)
+  except MedusaError as e:
+    print(f"install_bundled_heads: error: {e}", file=sys.stderr)
+    return 2
   print(json.dumps(result, indent=1))
   return 0 if result["installed"] else 1
 
