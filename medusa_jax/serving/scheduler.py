@@ -329,7 +329,26 @@ class Scheduler:
       self.error = e
 
   def _admit(self) -> None:
-    """Moves queued requests into free slots, first come first served."""
+    """Moves queued requests into free slots, first come first served.
+
+    Every admitted request is prefilled and inserted before any first token is
+    read, so a wave of admissions costs one host sync, not one per request.
+    """
+    admitted: list[tuple[_Job, object]] = []
+    try:
+      self._admit_into(admitted)
+    finally:
+      if admitted:
+        firsts = jax.device_get([first for _, first in admitted])
+        now = time.perf_counter()
+        for (job, _), first in zip(admitted, firsts):
+          self.metrics.observe_ttft(now - job.t_submit)
+          job.t_last = now
+          self._take(job, first.tokens[0, :first.count[0]].tolist(), bool(first.done[0]),
+                     bool(first.finite[0]))
+        self.metrics.set_slots(self._busy_slots(), self.core.num_slots)
+
+  def _admit_into(self, admitted: list) -> None:
     while True:
       with self._cond:
         free = [s for s, j in enumerate(self._slots) if j is None]
@@ -370,18 +389,12 @@ class Scheduler:
                                    temperature=job.request.temperature, top_p=job.request.top_p,
                                    adapter_slot=weight_slot, rng=key)
         self._state = self.core.insert(prefix, self._state, slot)
-        first = jax.device_get(prefix.first)
       except MedusaError as e:
         with self._cond:
           self._slots[slot] = None
         self._finish(job, FinishReason.ERROR, e)
         continue
-      now = time.perf_counter()
-      self.metrics.observe_ttft(now - job.t_submit)
-      job.t_last = now
-      self._take(job, first.tokens[0, :first.count[0]].tolist(), bool(first.done[0]),
-                 bool(first.finite[0]))
-      self.metrics.set_slots(self._busy_slots(), self.core.num_slots)
+      admitted.append((job, prefix.first))
 
   def _busy_slots(self) -> int:
     return sum(j is not None for j in self._slots)
