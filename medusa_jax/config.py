@@ -77,10 +77,12 @@ class Platform(Option):
 TREE_ROWS: Mapping[Platform, int] = {Platform.CPU: 3, Platform.GPU: 64, Platform.TPU: 64}
 
 # Decode steps per jitted call (one device loop): the host pays once per K
-# steps. Chosen by measurement (docs/perf.md): on the GPU K = 8 brings the
-# engine's per-token time to the in-graph step time; on the CPU the host cost
-# is small next to a step, and K = 4 keeps streaming smooth.
-STEPS_PER_CALL: Mapping[Platform, int] = {Platform.CPU: 4, Platform.GPU: 8, Platform.TPU: 8}
+# steps. Chosen by measurement (docs/perf.md, H200, SmolLM2 plain step at
+# batch 1): 3.44 / 1.95 / 1.48 / 1.38 ms per step at K = 1 / 4 / 8 / 16 with a
+# host read after every call, against 1.20 ms in-graph; K = 16 was the fastest
+# at batch 1, 4 and 64. On the CPU a step (~20 ms) dwarfs the host's share,
+# and K = 4 keeps streamed text smooth.
+STEPS_PER_CALL: Mapping[Platform, int] = {Platform.CPU: 4, Platform.GPU: 16, Platform.TPU: 16}
 """Default B * T budget of the adaptive tree, per platform.
 
 CPU: every verified row costs compute; with SmolLM2 a step over the 3-node
