@@ -85,6 +85,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--speculate", default="tree", choices=SPECULATE_CHOICES,
                  help="none: plain decoding; chain: LoRAX's one draft per head; tree: Medusa's"
                  " candidate tree (default)")
+  p.add_argument("--policy", default="budget", choices=("budget", "measured"),
+                 help="tree per number of busy slots: budget = the row budget (--max-tree-rows);"
+                 " measured = time the candidate trees on this device at start-up (cached under"
+                 " $MEDUSA_JAX_HOME/policy) and pick the most expected tokens/s, plain included")
   p.add_argument("--max-queue", type=_at_least(1), default=256,
                  help="requests waiting for a slot before new ones get 503 (default 256)")
   p.add_argument("--served-model-name", default=None, metavar="NAME",
@@ -180,7 +184,8 @@ def run(ns: argparse.Namespace) -> int:
     from medusa_jax.serving.scheduler import Scheduler  # CLI dispatch (after the engine: JAX)
     scheduler = Scheduler.from_engine(
         engine, num_slots=ns.slots, steps_per_call=ns.steps_per_call, speculate=ns.speculate,
-        adapter_dir=ns.adapter_dir, max_adapters=ns.max_adapters, max_queue=ns.max_queue)
+        adapter_dir=ns.adapter_dir, max_adapters=ns.max_adapters, max_queue=ns.max_queue,
+        policy=None if ns.policy == "budget" else ns.policy)
     stderr(f"warming up {ns.slots} slots (compiling; the compilation cache {cache_dir} makes"
            " later starts quicker)")
     scheduler.start()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import os
 import threading
 import time
 import uuid
@@ -132,9 +133,17 @@ class Scheduler:
       metrics: a ``ServingMetrics``.
       model_name: the served model's name (None: from the engine).
       cache_len: L per slot (None: the engine's ``max_cache_len``).
-      policy: a measured ``active -> tree`` choice for "tree" (None: the row budget).
+      policy: for "tree", the choice of tree per count of busy slots: a
+        ``decoding.policy.SpeculationPolicy`` (or any ``active -> TreeBuffers |
+        None``), "measured" (time the candidate trees on this device now, or
+        read the times cached under ``$MEDUSA_JAX_HOME/policy``), or None (the
+        row budget, ``EngineConfig.max_tree_rows``).
     """
     speculate = Speculate.parse(speculate)
+    if policy == "measured":
+      policy = measured_policy(engine, num_slots, cache_len or engine.config.max_cache_len)
+    if policy is not None and hasattr(policy, "tree_for"):
+      policy = policy.tree_for
     default = engine.medusa if speculate is not Speculate.NONE or adapter_dir else None
     name = model_name or getattr(engine, "model_name", None) or "medusa-jax"
     pool = AdapterPool(default, max_adapters=max_adapters, adapter_dir=adapter_dir,
@@ -490,6 +499,32 @@ class Scheduler:
                                completion_tokens=tokens, error=error,
                                accepted_per_step=(tokens - 1) / job.steps if job.steps else 0.0))
     self.metrics.request_finished(reason.value, tokens, time.perf_counter() - job.t_submit)
+
+
+def measured_policy(engine, num_slots: int, cache_len: int):
+  """The measured speculation policy of ``engine``'s model and heads at 1..S busy slots.
+
+  Times plain decoding, LoRAX's chain and best-first prefixes of the adapter's
+  tree at power-of-two batch sizes up to ``num_slots`` (cached per device,
+  model, heads and JAX version), with the adapter's measured per-head
+  acceptance (its ``recipe.json``) when it has one.
+  """
+  from medusa_jax.decoding import policy as policy_mod
+  if engine.num_heads is None:
+    return None
+  sizes, b = [], 1
+  while b < num_slots:
+    sizes.append(b)
+    b *= 2
+  sizes.append(num_slots)
+  source = getattr(engine.medusa, "source", None)
+  if source and not os.path.isdir(source):
+    source = os.path.dirname(source)  # a weight file: its adapter directory
+  acceptance = policy_mod.acceptance_from_recipe(source) if source else None
+  return policy_mod.load_or_measure(
+      engine.decoder, choices=engine.config.tree_choices, num_heads=engine.num_heads,
+      acceptance=acceptance, batch_sizes=sizes, cache_len=min(cache_len, 512),
+      model_key=f"{engine.model_name}-{source or 'heads'}")
 
 
 def _as_request_error(error: BaseException, *, param: str) -> RequestError:

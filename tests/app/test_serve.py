@@ -121,7 +121,7 @@ def test_serve_runs_the_scheduler_behind_the_app(monkeypatch, tmp_path, capsys):
     assert fake.started
     assert made == {"engine": engine, "num_slots": 3, "steps_per_call": 2, "speculate": "chain",
                     "adapter_dir": str(tmp_path / "adapters"), "max_adapters": 2,
-                    "max_queue": 9}
+                    "max_queue": 9, "policy": None}
     with openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client:
       assert [m.id for m in client.models.list()] == ["smol-default", "alpha", "beta"]
       out = client.completions.create(model="smol-default", prompt="hi", max_tokens=3)

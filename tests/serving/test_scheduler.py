@@ -239,3 +239,18 @@ def test_pool_refuses_what_lorax_refuses(tmp_path):
     AdapterPool(load_medusa_adapter(d), adapter_dir=tmp_path / "nope")
   with pytest.raises(ConfigError, match="need a default"):
     AdapterPool(None, adapter_dir=tmp_path / "lib")
+
+
+def test_a_measured_policy_sets_the_tree_per_occupancy_plain_included(engine):
+  from medusa_jax.decoding.policy import SpeculationPolicy
+  chain = tree_mod.chain_choices(3)
+  small = ((0,), (1,), (0, 0))
+  # At 1 busy slot the chain is cheap enough to win; from 2 on, plain.
+  policy = SpeculationPolicy(candidates=(None, chain, small), batch_sizes=(1, 2),
+                             step_times=((1.0, 1.05, 1.5), (1.0, 8.0, 8.0)),
+                             acceptance=((0.9,) * 4,) * 3)
+  sched = Scheduler.from_engine(engine, num_slots=3, steps_per_call=2, speculate="tree",
+                                policy=policy)
+  table = sched.core.table
+  assert table.tree_for(1).choices == chain
+  assert table.tree_for(2) is None and table.tree_for(3) is None
