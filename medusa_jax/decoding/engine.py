@@ -353,6 +353,9 @@ class Engine:
     outputs = []      # host copies of every step's StepOutput (prefill first)
     finished = np.full((n,), np.nan)
     decode_t0, decode_tokens = None, 0
+    # A fallback when every row finished within the first decode call: all
+    # decode calls, timed from the prefill's read (compilation included, if any).
+    span_t0, span_tokens = None, 0
     steps_per_call = self.config.steps_per_call
     # K steps per call in one device loop (stopping on the device when every row
     # is done), and call c+1 dispatched before call c's tokens are read, so the
@@ -382,6 +385,10 @@ class Engine:
         finished[newly_done] = now - t_start
         if chunks > 1:
           decode_tokens += int(host.count[:n].sum())
+        if chunks > 0:
+          span_tokens += int(host.count[:n].sum())
+      if chunks == 0:
+        span_t0 = now
       if chunks == 1:
         decode_t0 = now  # the first decode call paid for its compilation
       t_yield = time.perf_counter()
@@ -389,13 +396,18 @@ class Engine:
       for j, host in enumerate(host_steps):
         yield StreamEvent(step=first_step + j, host=host, rows=rows_to_requests,
                           num_requests=num_requests)
+      consumer_s = time.perf_counter() - t_yield  # the consumer's time is not decoding
       if decode_t0 is not None:
-        decode_t0 += time.perf_counter() - t_yield  # the consumer's time is not decoding
+        decode_t0 += consumer_s
+      if span_t0 is not None:
+        span_t0 += consumer_s
       chunks += 1
       if bool(np.all(outputs[-1].done[:n])):
         break
       pending = nxt
     decode_s = (time.perf_counter() - decode_t0) if decode_t0 is not None else 0.0
+    if decode_tokens == 0 and span_tokens and span_t0 is not None:
+      decode_s, decode_tokens = time.perf_counter() - span_t0, span_tokens
 
     tokens_SxBxW = np.stack([np.pad(o.tokens[:n], ((0, 0), (0, config.width - o.tokens.shape[1])),
                                     constant_values=-1) for o in outputs])

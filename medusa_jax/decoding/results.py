@@ -46,8 +46,10 @@ class GenerationResult:
     tree_nodes: T, tokens verified per row per step (1 when plain).
     speculation_skipped: True when the chain guard turned speculation off.
     wall_s: whole call, compile included.
-    decode_s: decode steps after the first (compile excluded).
-    decode_tokens: tokens those steps emitted.
+    decode_s: decode calls after the first (K steps each; the first paid for
+      any compilation); when every row finished within the first call, all
+      decode calls.
+    decode_tokens: tokens those calls emitted.
   """
   tokens: list[list[int]]
   steps: list[int]

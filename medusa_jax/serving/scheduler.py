@@ -13,7 +13,9 @@ as slots free up. Each loop iteration:
    (a stop string), on the device, in one call;
 3. dispatches ``generate`` (K steps) over all slots;
 4. while the device works, reads the *previous* dispatch's tokens, turns them
-   into text (stop strings, held-back partial characters), and delivers them.
+   into text (stop strings, held-back partial characters), and delivers them,
+   then the first tokens of the requests admitted in step 1 (their prefills
+   ran before this dispatch, so reading them never waits for it).
 
 So the host pays once per K steps and its work overlaps the device's. A
 request that fails (its adapter cannot be loaded, its logits turn NaN) ends
@@ -310,7 +312,7 @@ class Scheduler:
           self._cond.wait(timeout=0.5)
           continue
       try:
-        self._admit()
+        admitted = self._admit()
         self._free_ended()
         running = [j for j in self._slots if j is not None]
         dispatched = None
@@ -320,7 +322,8 @@ class Scheduler:
           dispatched = (out, list(self._slots), time.perf_counter())
           self.dispatches += 1
         if pending is not None:
-          self._deliver(*pending)
+          self._deliver(*pending)  # waits for the previous call only
+        self._take_firsts(admitted)  # their prefills ran before this call
         pending = dispatched
       except Exception as e:  # noqa: BLE001 - a device or library failure: fail what runs, go on
         pending = None
@@ -337,25 +340,32 @@ class Scheduler:
       self.healthy = False
       self.error = e
 
-  def _admit(self) -> None:
+  def _admit(self) -> list:
     """Moves queued requests into free slots, first come first served.
 
-    Every admitted request is prefilled and inserted before any first token is
-    read, so a wave of admissions costs one host sync, not one per request.
+    Prefills and inserts them without reading anything back: returns
+    ``[(job, its first-token output on the device)]`` for :meth:`_take_firsts`,
+    which the loop calls only after dispatching the next decode call, so no
+    admission ever stalls the host on the device.
     """
-    admitted: list[tuple[_Job, object]] = []
-    try:
-      self._admit_into(admitted)
-    finally:
-      if admitted:
-        firsts = jax.device_get([first for _, first in admitted])
-        now = time.perf_counter()
-        for (job, _), first in zip(admitted, firsts):
-          self.metrics.observe_ttft(now - job.t_submit)
-          job.t_last = now
-          self._take(job, first.tokens[0, :first.count[0]].tolist(), bool(first.done[0]),
-                     bool(first.finite[0]))
-        self.metrics.set_slots(self._busy_slots(), self.core.num_slots)
+    admitted: list = []
+    self._admit_into(admitted)
+    return admitted
+
+  def _take_firsts(self, admitted: list) -> None:
+    """Delivers the first tokens of requests admitted this iteration (one host read)."""
+    if not admitted:
+      return
+    firsts = jax.device_get([first for _, first in admitted])
+    now = time.perf_counter()
+    for (job, _), first in zip(admitted, firsts):
+      if job.done:
+        continue
+      self.metrics.observe_ttft(now - job.t_submit)
+      job.t_last = now
+      self._take(job, first.tokens[0, :first.count[0]].tolist(), bool(first.done[0]),
+                 bool(first.finite[0]))
+    self.metrics.set_slots(self._busy_slots(), self.core.num_slots)
 
   def _admit_into(self, admitted: list) -> None:
     while True:

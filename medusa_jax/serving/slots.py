@@ -219,6 +219,9 @@ class SlotCore:
       count["release"] += 1
       return _release(state, mask_S)
     self._insert = jax.jit(insert, donate_argnames="state")
+    # One dispatch for a prefill's empty cache (not one per layer and buffer).
+    self._empty_cache = jax.jit(
+        lambda width: KVCache.init(self.cfg, 1, width, self.cache_dtype), static_argnums=0)
     self._release = jax.jit(release, donate_argnames="state")
 
   # -- sizes --------------------------------------------------------------------------------
@@ -282,7 +285,7 @@ class SlotCore:
       rng = jax.random.PRNGKey(self.seed)
     dec = self.decoder
     state, first = dec.prefill(
-        KVCache.init(self.cfg, 1, width, self.cache_dtype), jnp.asarray(ids),
+        self._empty_cache(width), jnp.asarray(ids),
         one(n, np.int32), one(max_new, np.int32), one(False, bool), rng,
         config=self._prefill_config, temperature=one(temperature, np.float32),
         top_p=one(top_p, np.float32),
