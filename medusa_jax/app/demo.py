@@ -35,7 +35,7 @@ DEFAULT_MODES = ("none", "tree")
 def run_demo(num_prompts: int = 4, max_new_tokens: int = 32, batch_size: int | None = 1,
              speculate: Sequence[str] = DEFAULT_MODES, *, engine=None,
              max_tree_rows: int | None = None, temperature: float = 0.0, seed: int = 0,
-             log=print) -> dict:
+             policy: str = "budget", log=print) -> dict:
   """Runs the demo and returns its numbers.
 
   Args:
@@ -51,6 +51,9 @@ def run_demo(num_prompts: int = 4, max_new_tokens: int = 32, batch_size: int | N
       verified row costs compute, 64 on GPU/TPU).
     temperature: 0 = greedy (speculation is then lossless: same answers).
     seed: sampling seed.
+    policy: "budget" (the row budget picks the tree) or "measured" (time the
+      candidate trees on this device first, cached for later runs, and let
+      the most expected tokens per second win, plain decoding included).
     log: where lines go (``print``; None = silent).
 
   Returns:
@@ -65,10 +68,19 @@ def run_demo(num_prompts: int = 4, max_new_tokens: int = 32, batch_size: int | N
   if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
     raise ConfigError(f"num_prompts={num_prompts!r}: expected an integer >= 1")
   modes = [Speculate.parse(m) for m in speculate]
+  if policy not in ("budget", "measured"):
+    raise ConfigError(f"policy={policy!r}: expected budget or measured")
   if engine is None:
     engine = Engine.load(max_cache_len=1024, max_tree_rows=max_tree_rows)
   if engine.heads_notice:
     log(f"NOTE: {engine.heads_notice}")
+  if policy == "measured" and engine.num_heads is not None:
+    log("timing the candidate trees on this device (cached for later runs) ...")
+    measured = engine.measure_policy((batch_size or num_prompts,), cache_len=1024)
+    engine.use_policy(measured)
+    tree = measured.tree_for(batch_size or num_prompts)
+    log("measured policy: " + ("plain decoding pays best here; 'tree' runs plain" if tree is None
+                                else f"a {tree.num_nodes}-node tree"))
   paths = assets.asset_paths()
   questions = load_mtbench(paths.mtbench_jsonl)
   step = max(1, len(questions) // max(num_prompts, 1))
@@ -135,12 +147,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--max-tree-rows", type=int, default=None,
                  help="B*T budget of the adaptive tree (default: per platform,"
                  " medusa_jax.config.TREE_ROWS: 3 on CPU, 64 on GPU/TPU)")
+  p.add_argument("--policy", choices=("budget", "measured"), default="budget",
+                 help="how 'tree' picks its tree: the row budget (default) or measured step"
+                 " times on this device (a minute or two the first time, then cached)")
   p.add_argument("--json", action="store_true", help="print the results as JSON as well")
 
 
 def run(ns: argparse.Namespace) -> int:
   out = run_demo(ns.prompts, ns.max_new_tokens, ns.batch_size or None, ns.speculate,
-                 max_tree_rows=ns.max_tree_rows, temperature=ns.temperature)
+                 max_tree_rows=ns.max_tree_rows, temperature=ns.temperature, policy=ns.policy)
   if ns.json:
     print(json.dumps(out, indent=2))
   return 0

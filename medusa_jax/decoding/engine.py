@@ -100,6 +100,7 @@ class Engine:
     self.max_batch_size = config.speculation_limit(None if model is None else model.max_batch_size)
     self.heads_notice = heads_notice
     self.model_name = "medusa-jax"  # Engine.load names it after the base model
+    self.policy = None
     self.chat_template = chat_template
     self.eos_ids = (tuple(llama.cfg.eos_token_ids) if config.eos_ids is None
                     else config.eos_ids)
@@ -112,6 +113,41 @@ class Engine:
         chat_template=chat_template)
     self.decoder = Decoder(llama, model if routed is None else routed,
                            transpose_lm_head=config.transpose_lm_head)
+
+  def use_policy(self, policy) -> None:
+    """Lets a measured speculation policy pick the tree of ``speculate="tree"`` calls.
+
+    Args:
+      policy: a :class:`~medusa_jax.decoding.policy.SpeculationPolicy`, any
+        ``batch -> TreeBuffers | None``, "measured" (:meth:`measure_policy`), or
+        None (back to the row budget, ``EngineConfig.max_tree_rows``).
+    """
+    if policy == "measured":
+      policy = self.measure_policy()
+    tree_for = getattr(policy, "tree_for", policy)
+    self.policy = policy
+    self.context = dataclasses.replace(self.context, tree_policy=tree_for)
+
+  def measure_policy(self, batch_sizes=(1, 2, 4, 8, 16, 32, 64), *, cache_len: int = 512):
+    """This model's :class:`~medusa_jax.decoding.policy.SpeculationPolicy` on this device.
+
+    Times plain decoding, the chain and best-first prefixes of the adapter's
+    tree at each batch size (cached under ``$MEDUSA_JAX_HOME/policy``: later
+    calls read the table) with the adapter's per-head acceptance from its
+    ``recipe.json`` when it has one.
+    """
+    from medusa_jax.decoding import policy as policy_mod
+    if self.num_heads is None:
+      raise ConfigError("measure_policy: this engine has no Medusa heads")
+    source = getattr(self.medusa, "source", None)
+    if source and not os.path.isdir(source):
+      source = os.path.dirname(source)  # a weight file: its adapter directory
+    acceptance = policy_mod.acceptance_from_recipe(source) if source else None
+    return policy_mod.load_or_measure(
+        self.decoder, choices=self.config.tree_choices, num_heads=self.num_heads,
+        acceptance=acceptance, batch_sizes=tuple(batch_sizes),
+        cache_len=min(cache_len, self.config.max_cache_len),
+        model_key=f"{self.model_name}-{source or 'heads'}")
 
   @property
   def max_cache_len(self) -> int:

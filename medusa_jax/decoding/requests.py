@@ -22,6 +22,9 @@ oscillates):
   large at batch 1, smaller as the batch grows, at least LoRAX's chain -- so
   large batches still speculate. The speculation max-batch guard does not
   apply.
+  With a measured policy (``Engine.use_policy``) the tree is instead the one
+  with the most expected tokens per second at this batch size on this
+  device, or none (plain decoding, ``speculation_skipped``).
 * ``chain`` (LoRAX's scheme: argmax per head, prefix match, one bonus token):
   LoRAX's guard is honoured. LoRAX's V2 heads skip drafting when the rows
   entering the LM head, ``B * (n + 1)`` in a verifying step, exceed the
@@ -211,6 +214,9 @@ class RequestContext:
     tokenizer: ``encode(str) -> ids``, or None (token-id prompts only).
     chat_template: a ``ChatTemplate`` for chat prompts; None: the model has
       none, and a chat prompt fails (saying how to pass one).
+    tree_policy: for ``tree`` without a given tree, a measured choice
+      ``batch -> TreeBuffers | None`` (``decoding.policy.SpeculationPolicy.tree_for``)
+      replacing the row budget; None (plain) sets ``speculation_skipped``.
   """
   vocab_size: int
   max_cache_len: int
@@ -222,6 +228,7 @@ class RequestContext:
   adapter_slots: Mapping[int, int] | None = None
   tokenizer: Any = None
   chat_template: Any = None
+  tree_policy: Any = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -253,7 +260,8 @@ class Batch:
     requests: per prompt, the :class:`Request`, or None where it failed.
     errors: per prompt, its RequestError, or None.
     config: the step config (tree, strategy, EOS ids) of the call.
-    speculation_skipped: True when LoRAX's chain guard turned speculation off.
+    speculation_skipped: True when LoRAX's chain guard (or, for "tree", the
+      measured policy) turned speculation off.
   """
   params: SamplingParams
   requests: tuple[Request | None, ...]
@@ -364,6 +372,9 @@ def choose_tree(params: SamplingParams, ctx: RequestContext, batch: int
       return None, True
     return tree_mod.build_tree(tree_mod.chain_choices(n)), False
   if params.tree is None:
+    if ctx.tree_policy is not None:
+      tree = ctx.tree_policy(batch)  # the measured choice; None: plain pays best
+      return tree, tree is None
     return tree_mod.tree_for_batch(batch, n, max_tree_rows=ctx.max_tree_rows,
                                    choices=ctx.tree_choices), False
   tree = params.tree

@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-import os
 import threading
 import time
 import uuid
@@ -512,29 +511,14 @@ class Scheduler:
 
 
 def measured_policy(engine, num_slots: int, cache_len: int):
-  """The measured speculation policy of ``engine``'s model and heads at 1..S busy slots.
-
-  Times plain decoding, LoRAX's chain and best-first prefixes of the adapter's
-  tree at power-of-two batch sizes up to ``num_slots`` (cached per device,
-  model, heads and JAX version), with the adapter's measured per-head
-  acceptance (its ``recipe.json``) when it has one.
-  """
-  from medusa_jax.decoding import policy as policy_mod
+  """The engine's measured speculation policy at power-of-two batch sizes up to S."""
   if engine.num_heads is None:
     return None
   sizes, b = [], 1
   while b < num_slots:
     sizes.append(b)
     b *= 2
-  sizes.append(num_slots)
-  source = getattr(engine.medusa, "source", None)
-  if source and not os.path.isdir(source):
-    source = os.path.dirname(source)  # a weight file: its adapter directory
-  acceptance = policy_mod.acceptance_from_recipe(source) if source else None
-  return policy_mod.load_or_measure(
-      engine.decoder, choices=engine.config.tree_choices, num_heads=engine.num_heads,
-      acceptance=acceptance, batch_sizes=sizes, cache_len=min(cache_len, 512),
-      model_key=f"{engine.model_name}-{source or 'heads'}")
+  return engine.measure_policy(tuple(sizes) + (num_slots,), cache_len=cache_len)
 
 
 def _as_request_error(error: BaseException, *, param: str) -> RequestError:

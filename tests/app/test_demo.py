@@ -45,3 +45,9 @@ def test_demo_rejects_unknown_modes(smol_assets):
   from medusa_jax.errors import RequestError
   with pytest.raises(RequestError, match="speculate='beam'"):
     demo.run_demo(1, 4, speculate=["none", "beam"], engine=object(), log=None)
+
+
+def test_demo_rejects_an_unknown_policy(smol_assets):
+  from medusa_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match="policy='fastest'"):
+    demo.run_demo(1, 4, policy="fastest", engine=object(), log=None)

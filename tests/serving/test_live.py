@@ -45,7 +45,7 @@ def served(tmp_path_factory):
   cfg["version"] = 1
   with open(old, "w") as f:
     json.dump(cfg, f)
-  engine = Engine.load(root / "tiny-llama", default, max_cache_len=CACHE, max_tree_rows=8)
+  engine = Engine.load(root / "tiny-llama", default, max_cache_len=CACHE, max_tree_rows=4)
   sched = Scheduler.from_engine(engine, num_slots=SLOTS, steps_per_call=3, speculate="tree",
                                 adapter_dir=adapters, max_adapters=2, max_queue=64)
   sched.start()

@@ -41,7 +41,7 @@ def smollm2_server():
   port = _free_port()
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   cmd = [sys.executable, "-m", "medusa_jax", "serve", "--port", str(port), "--slots", "2",
-         "--max-cache-len", str(CACHE), "--steps-per-call", "2", "--speculate", "tree",
+         "--max-cache-len", str(CACHE), "--steps-per-call", "2", "--speculate", "chain",
          "--shutdown-timeout", "20"]
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
