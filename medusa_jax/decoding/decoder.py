@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from medusa_jax.config import Platform
+from medusa_jax.errors import ConfigError
 from medusa_jax.decoding import step
 from medusa_jax.decoding.state import DecodeState, Graphs, Params, StepConfig
 from medusa_jax.models.llama import KVCache
@@ -144,15 +145,15 @@ class Decoder:
       heads_state: the new ``nnx.State`` of the heads (``nnx.split(heads)[1]``).
 
     Raises:
-      ValueError: the structure or an array's shape or dtype differs.
+      ConfigError: the structure or an array's shape or dtype differs.
     """
     params = self.params.replace(heads=heads_state)
     leaves, params_def = jax.tree.flatten(params)
     if params_def != self._params_def:
-      raise ValueError("replace_heads: the heads' structure differs from the decoder's")
+      raise ConfigError("replace_heads: the heads' structure differs from the decoder's")
     for old, new in zip(self.param_leaves, leaves):
       if old.shape != new.shape or old.dtype != new.dtype:
-        raise ValueError(f"replace_heads: an array changes from {old.shape} {old.dtype} to"
+        raise ConfigError(f"replace_heads: an array changes from {old.shape} {old.dtype} to"
                          f" {new.shape} {new.dtype}")
     self.params = params
     self.param_leaves = tuple(leaves)

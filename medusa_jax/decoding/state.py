@@ -16,6 +16,8 @@ from typing import Any
 
 import flax
 import numpy as np
+
+from medusa_jax.decoding.tree import TreeError
 import jax
 import jax.numpy as jnp
 
@@ -81,7 +83,6 @@ class StepConfig:
     column = {path: i + 1 for i, path in enumerate(self.carrier.choices)}
     missing = [p for p in self.tree.choices if p not in column]
     if missing or self.tree.topk != self.carrier.topk:
-      from medusa_jax.decoding.tree import TreeError
       raise TreeError(f"StepConfig: tree is not a sub-tree of carrier (paths {missing[:4]}"
                       f" missing, or topk {self.tree.topk} != {self.carrier.topk})")
     return np.asarray([0] + [column[p] for p in self.tree.choices], np.int32)

@@ -45,6 +45,7 @@ from medusa_jax.decoding import cache_ops, verify
 from medusa_jax.decoding.state import (EMPTY, DecodeState, Graphs, Params, StepConfig, StepOutput,
                                       StepsOutput)
 from medusa_jax.decoding.verify import finish_walk, internal_nodes, tree_candidates, walk_tree
+from medusa_jax.errors import ConfigError
 
 Array = jax.Array
 
@@ -357,9 +358,9 @@ def multi_step(graphs: Graphs, params: Params, state: DecodeState, *,
   batch = state.lengths.shape[0]
   width = max(c.width for c in configs)
   if len({c.state_nodes for c in configs}) != 1:
-    raise ValueError("multi_step: configs carry different trees; give them one carrier")
+    raise ConfigError("multi_step: configs carry different trees; give them one carrier")
   if len(configs) > 1 and (branch_of_active is None or len(branch_of_active) != batch + 1):
-    raise ValueError(f"multi_step: branch_of_active needs {batch + 1} entries, one per count"
+    raise ConfigError(f"multi_step: branch_of_active needs {batch + 1} entries, one per count"
                      f" of active rows")
 
   def one(config: StepConfig, st: DecodeState) -> tuple[DecodeState, StepOutput]:

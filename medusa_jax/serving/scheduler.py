@@ -58,6 +58,10 @@ class _Job:
   ids: list[int] = dataclasses.field(default_factory=list)
   sent: int = 0          # characters of text delivered
   text: str = ""
+  # Incremental detokenization: ids[prefix:read] decoded to the end of
+  # ``text``; only the window ids[prefix:] is decoded again per delivery.
+  prefix: int = 0
+  read: int = 0
   t_last: float | None = None
   steps: int = 0
   done: bool = False     # ended on the host (its device row may still run)
@@ -469,20 +473,38 @@ class Scheduler:
     job.ids += ids
     stops = job.request.stop
     if self.tokenizer is not None:
-      text = self._decode(job.ids)
+      if done:
+        job.text = self._decode(job.ids)  # once, so the answer is exactly the engine's text
+      else:
+        self._extend_text(job)
+      text = job.text
       hit = _find_stop(text, stops, job.sent)
       if hit is not None:
         job.text = text[:hit]
         self._emit(job, ids, len(job.text))
         self._finish(job, FinishReason.STOP)
         return
-      job.text = text
       self._emit(job, ids, len(text) if done else _safe_length(text, stops))
     elif ids:
       job.handle.put(TokenEvent(tuple(ids), ""))
     if done:
       eos = job.ids and job.ids[-1] in self.core.eos_ids
       self._finish(job, FinishReason.STOP if eos else FinishReason.LENGTH)
+
+  def _extend_text(self, job: _Job) -> None:
+    """Appends the text of ``job.ids``' new tokens to ``job.text``, decoding a short window.
+
+    The window starts one delivery back (``prefix``) so that a token whose
+    text depends on its left neighbour (a leading space, a character split
+    over tokens) decodes as in the whole sequence; new text is taken only once
+    it no longer ends in a partial character. Each delivery costs O(window),
+    not O(answer).
+    """
+    before = self._decode(job.ids[job.prefix:job.read])
+    now = self._decode(job.ids[job.prefix:])
+    if len(now) > len(before) and not now.endswith("\ufffd"):
+      job.text += now[len(before):]
+      job.prefix, job.read = job.read, len(job.ids)
 
   def _emit(self, job: _Job, ids: list[int], upto: int) -> None:
     piece = job.text[job.sent:upto] if upto > job.sent else ""

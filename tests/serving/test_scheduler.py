@@ -254,3 +254,24 @@ def test_a_measured_policy_sets_the_tree_per_occupancy_plain_included(engine):
   table = sched.core.table
   assert table.tree_for(1).choices == chain
   assert table.tree_for(2) is None and table.tree_for(3) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(alphabet="ab é€😀\n", min_size=1, max_size=30),
+       cuts=st.lists(st.integers(1, 80), max_size=8))
+def test_incremental_text_is_always_a_prefix_of_the_whole_decode(text, cuts):
+  """Decoding a short window per delivery gives the text of decoding every id at once."""
+  from tiny_model import _byte_tokenizer
+  from medusa_jax.serving.api import RequestHandle
+  from medusa_jax.serving.scheduler import _Job
+  tok, _ = _byte_tokenizer()
+  ids = tok.encode(text).ids
+  sched = Scheduler.__new__(Scheduler)
+  sched.tokenizer = tok
+  job = _Job(handle=RequestHandle("r", 1), request=GenerationRequest(prompt=[1]), prompt=(1,),
+             max_new=len(ids), t_submit=0.0)
+  for cut in sorted(set(c for c in cuts if c < len(ids))) + [len(ids)]:
+    job.ids = list(ids[:cut])
+    sched._extend_text(job)
+    assert tok.decode(ids).startswith(job.text)
+  assert job.text == tok.decode(ids)

@@ -68,7 +68,7 @@ def test_fit_learns_pattern_and_logs(tmp_path):
 
 
 def test_resume_reproduces_uninterrupted_curve(tmp_path):
-  train, val, lm_head = _task(np.random.default_rng().integers(1 << 30))
+  train, _, lm_head = _task(np.random.default_rng().integers(1 << 30))
   cfg = _cfg(steps=40, eval_every=40, checkpoint_every=10)
   quiet = {"progress": False, "log": lambda m: None}
   full = fit(cfg, train, None, lm_head, tmp_path / "a", **quiet)
