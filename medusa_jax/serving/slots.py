@@ -37,6 +37,7 @@ plain, chain and tree steps follow one another on one state. ``speculate``:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -89,16 +90,15 @@ class SpeculationTable:
     return self.trees[self.branch_of_active[active]]
 
   def describe(self) -> str:
-    """One line: nodes per step for each occupancy range."""
-    parts, start = [], 0
-    table = self.branch_of_active
-    for a in range(1, len(table) + 1):
-      if a == len(table) or table[a] != table[start if start else 1]:
-        lo = max(start, 1)
-        tree = self.trees[table[lo]]
-        nodes = "plain" if tree is None else f"{tree.num_nodes} nodes"
-        parts.append(f"{lo}-{a - 1} busy: {nodes}" if a - 1 > lo else f"{lo} busy: {nodes}")
-        start = a
+    """One line: nodes per step for each range of busy slots."""
+    parts = []
+    for branch, group in itertools.groupby(range(1, len(self.branch_of_active)),
+                                           key=self.branch_of_active.__getitem__):
+      busy = list(group)
+      tree = self.trees[branch]
+      nodes = "plain" if tree is None else f"{tree.num_nodes} nodes"
+      span = f"{busy[0]}-{busy[-1]}" if len(busy) > 1 else f"{busy[0]}"
+      parts.append(f"{span} busy: {nodes}")
     return "; ".join(parts)
 
 
@@ -141,14 +141,14 @@ def speculation_table(speculate: Speculate | str, num_slots: int, num_heads: int
     return plain
   # Row 0 (no active slot) runs nothing: give it the config of one busy slot.
   per_active = (per_active[1],) + per_active[1:]
+  topk = max(t.topk for t in per_active if t is not None)
+  per_active = tuple(None if t is None else tree_mod.build_tree(t.choices, topk)
+                     for t in per_active)
   trees = tuple(dict.fromkeys(per_active))
   paths = {p for t in trees if t is not None for p in t.choices}
-  topk = max(t.topk for t in trees if t is not None)
   carrier = tree_mod.build_tree(sorted(paths, key=lambda p: (len(p), p)), topk)
-  trees = tuple(None if t is None else tree_mod.build_tree(t.choices, topk) for t in trees)
   index = {t: i for i, t in enumerate(trees)}
-  branch = tuple(index[None if t is None else tree_mod.build_tree(t.choices, topk)]
-                 for t in per_active)
+  branch = tuple(index[t] for t in per_active)
   return SpeculationTable(carrier=carrier, trees=trees, branch_of_active=branch)
 
 
