@@ -83,7 +83,7 @@ def test_compilation_cache_goes_under_the_home(monkeypatch, tmp_path):
     jax.config.update("jax_compilation_cache_dir", before)
 
 
-def test_serve_runs_the_scheduler_behind_the_app(monkeypatch, tmp_path, capsys):
+def test_serve_runs_the_scheduler_behind_the_app(monkeypatch, tmp_path):
   """The whole command, in a thread, over a fake scheduler and no engine."""
   engine = object()
   fake = FakeScheduler(model="smol-default")
@@ -100,11 +100,13 @@ def test_serve_runs_the_scheduler_behind_the_app(monkeypatch, tmp_path, capsys):
   monkeypatch.setitem(sys.modules, "medusa_jax.serving.scheduler", module)
   monkeypatch.setattr(serve, "load_engine", lambda ns, notice: engine)
   monkeypatch.setattr(serve, "enable_compilation_cache", lambda: str(tmp_path / "jax_cache"))
-  servers, urls = [], queue.Queue()
+  servers, urls, lines = [], queue.Queue(), []
   real = serve.make_server
 
   def make_server(*args, **kwargs):
-    ready = lambda u: (print(f"ready {u}", flush=True), urls.put(u))
+    # The ready line is kept here, not printed: the command runs in a thread that
+    # may outlive a captured stdout.
+    ready = lambda u: (lines.append(f"ready {u}"), urls.put(u))
     servers.append(real(*args, **kwargs, ready=ready))
     return servers[-1]
 
@@ -132,7 +134,7 @@ def test_serve_runs_the_scheduler_behind_the_app(monkeypatch, tmp_path, capsys):
     thread.join(20)
   assert rc == [0]
   assert fake.shutdowns == [(True, 2.0)]
-  assert capsys.readouterr().out.startswith("ready http://127.0.0.1:")
+  assert lines and lines[0].startswith("ready http://127.0.0.1:")
 
 
 def test_ready_line_names_the_model(capsys):
