@@ -95,6 +95,12 @@ step. TPU: not measured; the GPU value.
 """
 
 
+TREE_POLICY_ENV = "MEDUSA_JAX_TREE_POLICY"
+"""Environment variable naming the default tree policy ("measured" or "budget")."""
+
+TREE_POLICIES = ("measured", "budget")
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class EngineConfig:
   """Every knob of the generation engine; per-platform defaults resolved once.
@@ -110,7 +116,13 @@ class EngineConfig:
     min_cache_len: the smallest cache bucket (a larger one means fewer
       distinct shapes, hence fewer compilations, across calls).
     cache_dtype: KV cache dtype; None: the model's compute dtype.
-    max_tree_rows: B * T budget of the adaptive tree policy; None: the
+    tree_policy: how ``speculate="tree"`` picks its tree when none is given:
+      "measured" (time the candidate trees on this device at the batch size
+      in use, once, cached under ``$MEDUSA_JAX_HOME/policy``, and take the
+      most expected tokens per second, plain decoding included:
+      ``decoding.policy``) or "budget" (the row budget ``max_tree_rows``);
+      None: ``$MEDUSA_JAX_TREE_POLICY``, else "measured".
+    max_tree_rows: B * T budget of the "budget" tree policy; None: the
       platform's :data:`TREE_ROWS`.
     tree_choices: the best-first path list the adaptive policy cuts trees
       from, or a name of ``tree.NAMED_TREES``; None: Medusa's ``mc_sim_7b_63``
@@ -129,6 +141,7 @@ class EngineConfig:
   max_cache_len: int = 2048
   min_cache_len: int = 64
   cache_dtype: Any = None
+  tree_policy: str | None = None
   max_tree_rows: int | None = None
   tree_choices: tuple[tuple[int, ...], ...] | str | None = None
   max_batch_size: int | None = None
@@ -142,6 +155,15 @@ class EngineConfig:
     object.__setattr__(self, "platform", platform)
     for name in ("max_cache_len", "min_cache_len"):
       object.__setattr__(self, name, _check_positive_int(name, getattr(self, name), None))
+    policy = self.tree_policy
+    if policy is None:
+      policy = os.environ.get(TREE_POLICY_ENV) or "measured"
+      where = f" (from ${TREE_POLICY_ENV})" if os.environ.get(TREE_POLICY_ENV) else ""
+    else:
+      where = ""
+    if policy not in TREE_POLICIES:
+      raise ConfigError(f"tree_policy={policy!r}{where}: expected one of {', '.join(TREE_POLICIES)}")
+    object.__setattr__(self, "tree_policy", policy)
     rows = TREE_ROWS[platform] if self.max_tree_rows is None else self.max_tree_rows
     object.__setattr__(self, "max_tree_rows", _check_positive_int("max_tree_rows", rows, None))
     steps = STEPS_PER_CALL[platform] if self.steps_per_call is None else self.steps_per_call

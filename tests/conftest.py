@@ -1,4 +1,4 @@
-"""Test set-up: 8 fake CPU devices (for mesh tests) and strict rank promotion.
+"""Test set-up: 8 fake CPU devices (for mesh tests), strict rank promotion, the budget tree policy.
 
 Both must be configured before JAX initialises its backends.
 """
@@ -7,6 +7,9 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite runs the row-budget tree policy: the measured one (the library's
+# default) times candidate trees on first use, which tests of it ask for.
+os.environ.setdefault("MEDUSA_JAX_TREE_POLICY", "budget")
 
 import jax  # noqa: E402
 

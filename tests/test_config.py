@@ -188,3 +188,17 @@ def test_speculation_limit_reads_the_lorax_variable_at_the_boundary(monkeypatch)
   monkeypatch.setenv(MAX_BATCH_ENV, "many")
   with pytest.raises(ConfigError, match=f"{MAX_BATCH_ENV}='many': expected a non-negative"):
     cfg.speculation_limit()
+
+
+def test_tree_policy_defaults_to_measured_and_follows_the_environment(monkeypatch):
+  from medusa_jax.config import TREE_POLICY_ENV
+  monkeypatch.delenv(TREE_POLICY_ENV, raising=False)
+  assert EngineConfig().tree_policy == "measured"
+  monkeypatch.setenv(TREE_POLICY_ENV, "budget")
+  assert EngineConfig().tree_policy == "budget"
+  assert EngineConfig(tree_policy="measured").tree_policy == "measured"  # explicit wins
+  monkeypatch.setenv(TREE_POLICY_ENV, "fastest")
+  with pytest.raises(ConfigError, match=r"tree_policy='fastest' \(from \$MEDUSA_JAX_TREE_POLICY\)"):
+    EngineConfig()
+  with pytest.raises(ConfigError, match="tree_policy='auto': expected one of measured, budget"):
+    EngineConfig(tree_policy="auto")

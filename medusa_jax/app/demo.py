@@ -35,7 +35,7 @@ DEFAULT_MODES = ("none", "tree")
 def run_demo(num_prompts: int = 4, max_new_tokens: int = 32, batch_size: int | None = 1,
              speculate: Sequence[str] = DEFAULT_MODES, *, engine=None,
              max_tree_rows: int | None = None, temperature: float = 0.0, seed: int = 0,
-             policy: str = "budget", log=print) -> dict:
+             policy: str | None = None, log=print) -> dict:
   """Runs the demo and returns its numbers.
 
   Args:
@@ -51,9 +51,13 @@ def run_demo(num_prompts: int = 4, max_new_tokens: int = 32, batch_size: int | N
       verified row costs compute, 64 on GPU/TPU).
     temperature: 0 = greedy (speculation is then lossless: same answers).
     seed: sampling seed.
-    policy: "budget" (the row budget picks the tree) or "measured" (time the
-      candidate trees on this device first, cached for later runs, and let
-      the most expected tokens per second win, plain decoding included).
+    policy: how "tree" picks its tree: "measured" (time the candidate trees
+      on this device first, cached for later runs, and let the most expected
+      tokens per second win, plain decoding included), "budget" (the row
+      budget), or None (the engine's ``EngineConfig.tree_policy``: measured
+      unless ``$MEDUSA_JAX_TREE_POLICY`` says otherwise). When the measured
+      policy picks plain decoding, "tree" is plain decoding: its row repeats
+      the "none" run rather than timing the same thing twice, and says so.
     log: where lines go (``print``; None = silent).
 
   Returns:
@@ -68,19 +72,24 @@ def run_demo(num_prompts: int = 4, max_new_tokens: int = 32, batch_size: int | N
   if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
     raise ConfigError(f"num_prompts={num_prompts!r}: expected an integer >= 1")
   modes = [Speculate.parse(m) for m in speculate]
-  if policy not in ("budget", "measured"):
+  if policy not in (None, "budget", "measured"):
     raise ConfigError(f"policy={policy!r}: expected budget or measured")
   if engine is None:
-    engine = Engine.load(max_cache_len=1024, max_tree_rows=max_tree_rows)
+    engine = Engine.load(max_cache_len=1024, max_tree_rows=max_tree_rows, tree_policy=policy)
+  elif policy is not None:
+    engine.use_policy(None if policy == "budget" else policy)
   if engine.heads_notice:
     log(f"NOTE: {engine.heads_notice}")
-  if policy == "measured" and engine.num_heads is not None:
-    log("timing the candidate trees on this device (cached for later runs) ...")
-    measured = engine.measure_policy((batch_size or num_prompts,), cache_len=1024)
-    engine.use_policy(measured)
-    tree = measured.tree_for(batch_size or num_prompts)
-    log("measured policy: " + ("plain decoding pays best here; 'tree' runs plain" if tree is None
-                                else f"a {tree.num_nodes}-node tree"))
+  plain_tree = False
+  if Speculate.TREE in modes and engine.context.tree_policy is not None:
+    rows = batch_size or num_prompts
+    if engine.config.tree_policy == "measured" and rows not in engine.measured:
+      log(f"timing the candidate trees at batch {rows} on this device (cached for later runs)"
+          " ...")
+    tree = engine.context.tree_policy(rows)
+    plain_tree = tree is None
+    log("measured policy: " + ("plain decoding pays best on this device, so 'tree' is plain"
+                                " decoding" if plain_tree else f"a {tree.num_nodes}-node tree"))
   paths = assets.asset_paths()
   questions = load_mtbench(paths.mtbench_jsonl)
   step = max(1, len(questions) // max(num_prompts, 1))
@@ -90,6 +99,9 @@ def run_demo(num_prompts: int = 4, max_new_tokens: int = 32, batch_size: int | N
 
   results = {}
   for mode in modes:
+    if mode is Speculate.TREE and plain_tree and "none" in results:
+      results["tree"] = dict(results["none"], repeats="none")
+      continue
     tokens, texts, decode_s, decode_tok, steps, emitted, nodes = [], [], 0.0, 0, 0, 0, 1
     for start in range(0, len(prompts), batch_size):
       res = engine.generate(prompts[start:start + batch_size], max_new_tokens,
@@ -118,19 +130,20 @@ def run_demo(num_prompts: int = 4, max_new_tokens: int = 32, batch_size: int | N
   log(f"{'mode':<8}{'tree nodes':>11}{'tokens/s':>11}{'tokens/step':>13}{'speed-up':>10}")
   for name, r in results.items():
     log(f"{name:<8}{r['tree_nodes']:>11}{r['tokens_per_s']:>11.1f}{r['tokens_per_step']:>13.2f}"
-        f"{r['speedup']:>9.2f}x")
+        f"{r['speedup']:>9.2f}x" + ("  (plain decoding: the measured policy's choice; the"
+                                   " 'none' run)" if r.get("repeats") else ""))
   if same is not None:
     log("greedy answers identical to plain decoding: "
         + ", ".join(f"{m}={'yes' if ok else 'NO'}" for m, ok in same.items()))
   if Platform.current() is Platform.CPU and len(results) > 1:
     log("(on a CPU every verified tree row costs compute: a speculative step costs ~1.5 plain"
-        " steps here, about what the heads gain, so expect speed-ups near 1x; on a GPU the"
-        " extra rows are nearly free: see docs/perf_decode.md)")
+        " steps here, about what the heads gain, so the measured policy picks a small tree or"
+        " none; on a GPU the extra rows are nearly free: see docs/perf_decode.md)")
   last = list(results)[-1]
   sample = dict(question=prompts[0], answer=results[last]["texts"][0], mode=last)
   log(f"\nQ: {sample['question']}\nA ({last}): {sample['answer']}")
   for r in results.values():
-    del r["tokens"], r["texts"]
+    r.pop("tokens", None), r.pop("texts", None)
   return dict(heads="bundled" if engine.heads_notice is None else "freshly initialised",
               notice=engine.heads_notice, questions=[q["question_id"] for q in chosen],
               modes=results, identical_to_plain=same, sample=sample)
@@ -147,9 +160,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--max-tree-rows", type=int, default=None,
                  help="B*T budget of the adaptive tree (default: per platform,"
                  " medusa_jax.config.TREE_ROWS: 3 on CPU, 64 on GPU/TPU)")
-  p.add_argument("--policy", choices=("budget", "measured"), default="budget",
-                 help="how 'tree' picks its tree: the row budget (default) or measured step"
-                 " times on this device (a minute or two the first time, then cached)")
+  p.add_argument("--policy", choices=("budget", "measured"), default=None,
+                 help="how 'tree' picks its tree: measured step times on this device (a minute"
+                 " the first time, then cached) or the row budget; default:"
+                 " $MEDUSA_JAX_TREE_POLICY, else measured")
   p.add_argument("--json", action="store_true", help="print the results as JSON as well")
 
 

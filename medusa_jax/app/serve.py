@@ -85,10 +85,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--speculate", default="tree", choices=SPECULATE_CHOICES,
                  help="none: plain decoding; chain: LoRAX's one draft per head; tree: Medusa's"
                  " candidate tree (default)")
-  p.add_argument("--policy", default="budget", choices=("budget", "measured"),
-                 help="tree per number of busy slots: budget = the row budget (--max-tree-rows);"
-                 " measured = time the candidate trees on this device at start-up (cached under"
-                 " $MEDUSA_JAX_HOME/policy) and pick the most expected tokens/s, plain included")
+  p.add_argument("--policy", default=None, choices=("budget", "measured"),
+                 help="tree per number of busy slots: measured = time the candidate trees on this"
+                 " device at start-up (cached under $MEDUSA_JAX_HOME/policy) and pick the most"
+                 " expected tokens/s, plain included; budget = the row budget (--max-tree-rows)."
+                 " Default: $MEDUSA_JAX_TREE_POLICY, else measured")
   p.add_argument("--max-queue", type=_at_least(1), default=256,
                  help="requests waiting for a slot before new ones get 503 (default 256)")
   p.add_argument("--served-model-name", default=None, metavar="NAME",
@@ -185,7 +186,7 @@ def run(ns: argparse.Namespace) -> int:
     scheduler = Scheduler.from_engine(
         engine, num_slots=ns.slots, steps_per_call=ns.steps_per_call, speculate=ns.speculate,
         adapter_dir=ns.adapter_dir, max_adapters=ns.max_adapters, max_queue=ns.max_queue,
-        policy=None if ns.policy == "budget" else ns.policy)
+        policy=ns.policy)
     stderr(f"warming up {ns.slots} slots (compiling; the compilation cache {cache_dir} makes"
            " later starts quicker)")
     scheduler.start()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import time
 from typing import Any, Iterator, Mapping, Sequence
@@ -39,6 +40,11 @@ from medusa_jax.heads.modules import MedusaModel
 from medusa_jax.heads.routed import BatchMedusaWeights
 from medusa_jax.models.llama_sharding import shard_cache
 from medusa_jax.parallel.mesh import DATA, axis_size, shard_batch
+
+logger = logging.getLogger(__name__)
+
+MEASURE_CACHE_LEN = 512
+"""Cache slots per row of the steps the measured tree policy times."""
 
 
 class Engine:
@@ -113,27 +119,48 @@ class Engine:
         chat_template=chat_template)
     self.decoder = Decoder(llama, model if routed is None else routed,
                            transpose_lm_head=config.transpose_lm_head)
+    self.measured: dict[int, Any] = {}
+    """Batch bucket -> the ``SpeculationPolicy`` measured for it (``tree_policy="measured"``)."""
+    if config.tree_policy == "measured" and self.num_heads is not None and mesh is None:
+      # Timed on first use of each batch bucket (cached on disk), not here:
+      # only the buckets a workload uses cost anything.
+      self.context = dataclasses.replace(self.context, tree_policy=self._measured_tree)
+
+  def _measured_tree(self, batch: int):
+    """The measured policy's tree for ``batch`` requests (None: plain pays best)."""
+    rows = buckets.batch_bucket(batch)
+    if rows not in self.measured:
+      logger.info("timing the candidate trees at batch %d on this device (cached) ...", rows)
+      self.measured[rows] = self.measure_policy(
+          (rows,), cache_len=min(MEASURE_CACHE_LEN, self.config.max_cache_len),
+          log=logger.info)
+    return self.measured[rows].tree_for(rows)
 
   def use_policy(self, policy) -> None:
     """Lets a measured speculation policy pick the tree of ``speculate="tree"`` calls.
 
     Args:
       policy: a :class:`~medusa_jax.decoding.policy.SpeculationPolicy`, any
-        ``batch -> TreeBuffers | None``, "measured" (:meth:`measure_policy`), or
-        None (back to the row budget, ``EngineConfig.max_tree_rows``).
+        ``batch -> TreeBuffers | None``, "measured" (:meth:`measure_policy`
+        per batch bucket on first use, as ``EngineConfig.tree_policy =
+        "measured"``), or None (the row budget, ``EngineConfig.max_tree_rows``).
     """
     if policy == "measured":
-      policy = self.measure_policy()
-    tree_for = getattr(policy, "tree_for", policy)
+      tree_for = self._measured_tree
+    else:
+      tree_for = getattr(policy, "tree_for", policy)
     self.policy = policy
     self.context = dataclasses.replace(self.context, tree_policy=tree_for)
 
-  def measure_policy(self, batch_sizes=(1, 2, 4, 8, 16, 32, 64), *, cache_len: int = 512):
+  def measure_policy(self, batch_sizes=(1, 2, 4, 8, 16, 32, 64), *, cache_len: int = 512,
+                     steps_per_call: int | None = None, log=None):
     """This model's :class:`~medusa_jax.decoding.policy.SpeculationPolicy` on this device.
 
     Times plain decoding, the chain and best-first prefixes of the adapter's
-    tree at each batch size (cached under ``$MEDUSA_JAX_HOME/policy``: later
-    calls read the table) with the adapter's per-head acceptance from its
+    tree at each batch size, ``steps_per_call`` steps per device loop (None:
+    ``EngineConfig.steps_per_call``, what :meth:`generate` runs) over a cache
+    of the engine's dtype (cached under ``$MEDUSA_JAX_HOME/policy``: later
+    calls read the table), with the adapter's per-head acceptance from its
     ``recipe.json`` when it has one.
     """
     from medusa_jax.decoding import policy as policy_mod
@@ -147,7 +174,8 @@ class Engine:
         self.decoder, choices=self.config.tree_choices, num_heads=self.num_heads,
         acceptance=acceptance, batch_sizes=tuple(batch_sizes),
         cache_len=min(cache_len, self.config.max_cache_len),
-        model_key=f"{self.model_name}-{source or 'heads'}")
+        model_key=f"{self.model_name}-{source or 'heads'}", dtype=self.cache_dtype,
+        steps_per_call=steps_per_call or self.config.steps_per_call, log=log)
 
   @property
   def max_cache_len(self) -> int:

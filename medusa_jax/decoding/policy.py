@@ -67,7 +67,8 @@ from medusa_jax.decoding.tree import Choices, TreeBuffers
 from medusa_jax.errors import ConfigError
 
 __all__ = ["DEFAULT_ACCEPTANCE", "PolicyError", "SpeculationPolicy", "acceptance_from_recipe",
-           "candidate_trees", "expected_tokens", "load_or_measure", "measure_step_times",
+           "cache_needed", "candidate_trees", "expected_tokens", "load_or_measure",
+           "measure_step_times",
            "refine", "tree_key"]
 
 PREFIX_SIZES = (3, 7, 15, 31, 63)
@@ -231,15 +232,25 @@ def candidate_trees(choices: Sequence[Sequence[int]] | str | None, num_heads: in
 
 def measure_step_times(decoder, trees: Sequence[TreeBuffers | None], batch_sizes: Sequence[int],
                        cache_len: int, *, repeats: int = 5, warmup: int = 2,
-                       dtype=None) -> dict[tuple[str, int], float]:
-  """Seconds per jitted verify step, for each tree (None = plain) and batch size.
+                       dtype=None, steps_per_call: int = 1,
+                       acceptance=None) -> dict[tuple[str, int], float]:
+  """Seconds per decode step, for each tree (None = plain) and batch size.
 
-  Each step runs ``decoder.step`` (greedy, no EOS) on a state of ``batch``
-  rows with a quarter of the cache committed; every call is ended by
-  ``block_until_ready``, so dispatch is counted as in the engine's loop. The
+  Each call runs ``steps_per_call`` = K greedy steps (no EOS) in one device
+  loop (``decoder.steps``, as the engine and the server do; K = 1 times the
+  single jitted ``decoder.step``) on a state of ``batch`` rows with a quarter
+  of the cache committed, and is ended by ``block_until_ready``, so the
+  per-call dispatch is counted once per K steps as in the engine's loop. The
   first ``warmup`` calls (compilation included) are left out; the result is
-  the median of ``repeats`` calls. The committed length is reset before each
-  call, so every call sees the same cache state.
+  the median of ``repeats`` calls divided by K. The committed length is reset
+  before each call, so every call sees the same cache state.
+
+  With ``acceptance``, candidates are timed smallest first and one that
+  cannot win is not timed (its entry is ``inf``): a tree of more nodes is
+  taken to step no faster than the largest smaller one timed, so a candidate
+  whose expected tokens over that time fall below the best rate so far
+  cannot beat it. On a CPU, where every verified row costs compute, this
+  leaves the big trees untimed (and uncompiled).
 
   Args:
     decoder: a ``Decoder`` with heads (for trees).
@@ -249,9 +260,12 @@ def measure_step_times(decoder, trees: Sequence[TreeBuffers | None], batch_sizes
     repeats: timed calls per entry.
     warmup: untimed calls per entry.
     dtype: cache dtype (default float32).
+    steps_per_call: K, steps per timed call (the engine's ``steps_per_call``).
+    acceptance: the [n, k] table (see :func:`expected_tokens`) that prunes
+      candidates which cannot win; None: time every candidate.
 
   Returns:
-    ``{(tree_key(tree), batch): seconds}``.
+    ``{(tree_key(tree), batch): seconds per step}``.
 
   Raises:
     PolicyError: bad batch sizes, cache length, repeats, or a tree deeper
@@ -264,7 +278,8 @@ def measure_step_times(decoder, trees: Sequence[TreeBuffers | None], batch_sizes
   from medusa_jax.decoding.strategies import Greedy
 
   batch_sizes = _positive_ints("batch_sizes", batch_sizes)
-  for name, v in (("cache_len", cache_len), ("repeats", repeats)):
+  for name, v in (("cache_len", cache_len), ("repeats", repeats),
+                  ("steps_per_call", steps_per_call)):
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
       raise PolicyError(f"{name}: expected a positive integer, got {v!r}")
   if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -272,16 +287,27 @@ def measure_step_times(decoder, trees: Sequence[TreeBuffers | None], batch_sizes
   dtype = jnp.float32 if dtype is None else dtype
   vocab = decoder.cfg.vocab_size
   out: dict[tuple[str, int], float] = {}
+  if acceptance is not None:
+    acc = _acceptance_array(acceptance)
+    trees = sorted(trees, key=lambda t: 1 if t is None else t.num_nodes)
+  best_rate: dict[int, float] = {}   # batch -> best expected tokens/s so far
+  slowest: dict[int, float] = {}     # batch -> longest step time timed so far
   for tree in trees:
     if tree is not None and (decoder.num_heads or 0) < tree.depth:
       raise PolicyError(f"tree {tree_key(tree)}: depth {tree.depth} needs {tree.depth} heads;"
                         f" the decoder has {decoder.num_heads}")
     config = StepConfig(tree=tree, strategy=Greedy(), eos_ids=())
-    width = config.num_nodes + config.width
-    if 4 * width > cache_len:
+    need = cache_needed(tree, steps_per_call)
+    if need > cache_len:
       raise PolicyError(f"cache_len={cache_len}: too short for tree {tree_key(tree)}"
-                        f" ({config.num_nodes} nodes); expected >= {4 * width}")
+                        f" ({config.num_nodes} nodes, {steps_per_call} steps per call);"
+                        f" expected >= {need}")
     for batch in batch_sizes:
+      if acceptance is not None:
+        tokens_e = expected_tokens(tree, acc)
+        if batch in slowest and tokens_e / slowest[batch] < best_rate[batch]:
+          out[(tree_key(tree), batch)] = math.inf  # cannot win: not timed
+          continue
       committed = np.full((batch,), cache_len // 4, np.int32)  # host copy: state is donated
       rng = np.random.default_rng(batch)
       tokens = jnp.asarray(rng.integers(0, vocab, size=(batch, config.num_nodes)), jnp.int32)
@@ -294,12 +320,29 @@ def measure_step_times(decoder, trees: Sequence[TreeBuffers | None], batch_sizes
       for i in range(warmup + repeats):
         state = state.replace(lengths=jnp.asarray(committed))
         t0 = time.perf_counter()
-        state, step_out = decoder.step(state, config=config)
+        if steps_per_call == 1:
+          state, step_out = decoder.step(state, config=config)
+        else:
+          state, step_out = decoder.steps(state, configs=config, num_steps=steps_per_call)
         jax.block_until_ready((state, step_out))
         if i >= warmup:
-          times.append(time.perf_counter() - t0)
-      out[(tree_key(tree), batch)] = float(statistics.median(times))
+          times.append((time.perf_counter() - t0) / steps_per_call)
+      seconds = float(statistics.median(times))
+      out[(tree_key(tree), batch)] = seconds
+      if acceptance is not None:
+        slowest[batch] = max(slowest.get(batch, 0.0), seconds)
+        best_rate[batch] = max(best_rate.get(batch, 0.0), tokens_e / seconds)
   return out
+
+
+def cache_needed(tree: TreeBuffers | None, steps_per_call: int = 1) -> int:
+  """Cache slots :func:`measure_step_times` needs to time ``tree``.
+
+  A quarter of the cache is committed; then K steps of at most depth + 1
+  tokens each and one more tree must fit.
+  """
+  nodes, width = (1, 1) if tree is None else (int(tree.num_nodes), int(tree.depth) + 1)
+  return max(4 * (nodes + width), -(-4 * (steps_per_call * width + nodes + width) // 3))
 
 
 def _positive_ints(name: str, values) -> tuple[int, ...]:
@@ -322,7 +365,8 @@ class SpeculationPolicy:
       among them).
     batch_sizes: measured B values, increasing.
     step_times: ``step_times[i][c]`` seconds per step of candidate c at
-      ``batch_sizes[i]`` (> 0, finite).
+      ``batch_sizes[i]`` (> 0; ``inf``: not timed, as it could not win;
+      plain is always timed).
     acceptance: [n, k] acceptance table (see :func:`expected_tokens`).
     topk: k of the candidate trees.
 
@@ -351,8 +395,11 @@ class SpeculationPolicy:
     if len(times) != len(sizes) or any(len(row) != len(cands) for row in times):
       raise PolicyError(f"step_times: expected [{len(sizes)}][{len(cands)}] seconds"
                         f" (batch sizes x candidates), got {[len(r) for r in times]}")
-    if any(not math.isfinite(t) or t <= 0 for row in times for t in row):
-      raise PolicyError("step_times: expected finite positive seconds")
+    if any(math.isnan(t) or t <= 0 for row in times for t in row):
+      raise PolicyError("step_times: expected positive seconds (inf: not timed)")
+    plain = cands.index(None)
+    if any(not math.isfinite(row[plain]) for row in times):
+      raise PolicyError("step_times: plain decoding must be timed at every batch size")
     acc = _acceptance_array(self.acceptance)
     object.__setattr__(self, "candidates", cands)
     object.__setattr__(self, "batch_sizes", sizes)
@@ -427,7 +474,8 @@ class SpeculationPolicy:
     """A JSON-ready dict (:meth:`from_json` reads it back)."""
     return {"format": _FORMAT, "topk": self.topk, "batch_sizes": list(self.batch_sizes),
             "candidates": [None if c is None else [list(p) for p in c] for c in self.candidates],
-            "step_times_s": [list(r) for r in self.step_times],
+            "step_times_s": [[t if math.isfinite(t) else None for t in r]
+                             for r in self.step_times],
             "acceptance": [list(r) for r in self.acceptance]}
 
   @classmethod
@@ -443,7 +491,8 @@ class SpeculationPolicy:
       raise PolicyError(f"policy: expected format {_FORMAT}, got {obj.get('format')!r}")
     try:
       return cls(candidates=tuple(obj["candidates"]), batch_sizes=tuple(obj["batch_sizes"]),
-                 step_times=tuple(tuple(r) for r in obj["step_times_s"]),
+                 step_times=tuple(tuple(math.inf if t is None else t for t in r)
+                                  for r in obj["step_times_s"]),
                  acceptance=tuple(tuple(r) for r in obj["acceptance"]), topk=obj["topk"])
     except (KeyError, TypeError, ValueError) as e:
       if isinstance(e, PolicyError):
@@ -524,15 +573,16 @@ def load_or_measure(decoder, *, choices, num_heads: int, acceptance=None,
                     batch_sizes: Sequence[int], cache_len: int,
                     cache_dir: str | os.PathLike | None = None, device_kind: str | None = None,
                     model_key: str, repeats: int = 5, topk: int = tree_lib.DEFAULT_TOPK,
-                    log=None) -> SpeculationPolicy:
+                    dtype=None, steps_per_call: int = 1, log=None) -> SpeculationPolicy:
   """The policy from the cached time table of this device, model and heads, else measured.
 
   Args:
     decoder: the ``Decoder`` to time (its heads must have ``num_heads`` heads).
     choices: the adapter's best-first choices (see :func:`candidate_trees`).
     num_heads: n.
-    acceptance: [n, k] table, or None for :data:`DEFAULT_ACCEPTANCE`; not
-      part of the cache (it changes with :func:`refine`, the times do not).
+    acceptance: [n, k] table, or None for :data:`DEFAULT_ACCEPTANCE`; the
+      candidates it rules out are not timed (:func:`measure_step_times`), so
+      the cached table is kept per acceptance table.
     batch_sizes: B values to measure.
     cache_len: L of the timed steps.
     cache_dir: where the JSON goes (default ``$MEDUSA_JAX_HOME/policy``).
@@ -540,6 +590,8 @@ def load_or_measure(decoder, *, choices, num_heads: int, acceptance=None,
     model_key: names the base model (its step time is what is measured).
     repeats: timed calls per entry when measuring.
     topk: k of the candidate trees.
+    dtype: cache dtype of the timed steps (default float32).
+    steps_per_call: K steps per timed device loop (see :func:`measure_step_times`).
     log: called with one line when measuring or replacing a bad file.
 
   Returns:
@@ -554,16 +606,24 @@ def load_or_measure(decoder, *, choices, num_heads: int, acceptance=None,
   from medusa_jax.assets.cache import default_home
 
   log = log or (lambda line: None)
-  trees = candidate_trees(choices, num_heads, topk=topk)
+  # Trees too big to time in this cache are no candidates (the engine's
+  # cache_len is at most its max_cache_len).
+  trees = tuple(t for t in candidate_trees(choices, num_heads, topk=topk)
+                if cache_needed(t, steps_per_call) <= cache_len)
   sizes = tuple(sorted(set(_positive_ints("batch_sizes", batch_sizes))))
   device_kind = device_kind or jax.devices()[0].device_kind
   key = {"device_kind": device_kind, "model": model_key, "num_heads": num_heads,
          "candidates": [tree_key(t) for t in trees], "cache_len": cache_len,
-         "batch_sizes": list(sizes), "jax": jax.__version__}
-  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+         "batch_sizes": list(sizes), "jax": jax.__version__,
+         "dtype": np.dtype(dtype or np.float32).name, "steps_per_call": int(steps_per_call)}
   directory = Path(cache_dir) if cache_dir is not None else default_home() / "policy"
-  path = directory / f"{_slug(device_kind)}-{_slug(model_key)}-{digest}.json"
   acceptance = DEFAULT_ACCEPTANCE if acceptance is None else acceptance
+  # Candidates that cannot win under this acceptance are left untimed, so the
+  # table belongs to it too.
+  key["pruned_for"] = hashlib.sha256(json.dumps(
+      np.round(_acceptance_array(acceptance), 4).tolist()).encode()).hexdigest()[:12]
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+  path = directory / f"{_slug(device_kind)}-{_slug(model_key)}-{digest}.json"
   if path.exists():
     try:
       cached = json.loads(path.read_text(encoding="utf-8"))
@@ -576,7 +636,8 @@ def load_or_measure(decoder, *, choices, num_heads: int, acceptance=None,
     except (OSError, ValueError, KeyError, TypeError) as e:
       log(f"policy cache {path}: unusable ({e}); measuring again")
   log(f"measuring {len(trees)} candidates x {len(sizes)} batch sizes on {device_kind}")
-  times = measure_step_times(decoder, trees, sizes, cache_len, repeats=repeats)
+  times = measure_step_times(decoder, trees, sizes, cache_len, repeats=repeats, dtype=dtype,
+                             steps_per_call=steps_per_call, acceptance=acceptance)
   policy = SpeculationPolicy.from_times(times, trees, acceptance=acceptance, topk=topk)
   directory.mkdir(parents=True, exist_ok=True)
   _atomic.write_json(path, {"key": key, "policy": policy.to_json()}, overwrite=True)

@@ -141,12 +141,18 @@ class Scheduler:
       policy: for "tree", the choice of tree per count of busy slots: a
         ``decoding.policy.SpeculationPolicy`` (or any ``active -> TreeBuffers |
         None``), "measured" (time the candidate trees on this device now, or
-        read the times cached under ``$MEDUSA_JAX_HOME/policy``), or None (the
-        row budget, ``EngineConfig.max_tree_rows``).
+        read the times cached under ``$MEDUSA_JAX_HOME/policy``), "budget"
+        (the row budget, ``EngineConfig.max_tree_rows``), or None (the
+        engine's ``EngineConfig.tree_policy``).
     """
     speculate = Speculate.parse(speculate)
-    if policy == "measured":
-      policy = measured_policy(engine, num_slots, cache_len or engine.config.max_cache_len)
+    if policy is None:
+      policy = engine.config.tree_policy
+    if policy == "budget" or speculate is not Speculate.TREE:
+      policy = None
+    elif policy == "measured":
+      policy = measured_policy(engine, num_slots, cache_len or engine.config.max_cache_len,
+                               steps_per_call=steps_per_call)
     if policy is not None and hasattr(policy, "tree_for"):
       policy = policy.tree_for
     default = engine.medusa if speculate is not Speculate.NONE or adapter_dir else None
@@ -532,15 +538,20 @@ class Scheduler:
     self.metrics.request_finished(reason.value, tokens, time.perf_counter() - job.t_submit)
 
 
-def measured_policy(engine, num_slots: int, cache_len: int):
-  """The engine's measured speculation policy at power-of-two batch sizes up to S."""
+def measured_policy(engine, num_slots: int, cache_len: int, *, steps_per_call: int | None = None,
+                    log=None):
+  """The engine's measured speculation policy at power-of-two batch sizes up to S.
+
+  Timed with the scheduler's K steps per call (None: the engine's).
+  """
   if engine.num_heads is None:
     return None
   sizes, b = [], 1
   while b < num_slots:
     sizes.append(b)
     b *= 2
-  return engine.measure_policy(tuple(sizes) + (num_slots,), cache_len=cache_len)
+  return engine.measure_policy(tuple(sizes) + (num_slots,), cache_len=cache_len,
+                               steps_per_call=steps_per_call, log=log)
 
 
 def _as_request_error(error: BaseException, *, param: str) -> RequestError:

@@ -51,3 +51,29 @@ def test_demo_rejects_an_unknown_policy(smol_assets):
   from medusa_jax.errors import ConfigError
   with pytest.raises(ConfigError, match="policy='fastest'"):
     demo.run_demo(1, 4, policy="fastest", engine=object(), log=None)
+
+
+def test_demo_says_so_when_the_measured_policy_picks_plain_decoding(smol_assets):
+  """The tree row repeats the plain run (same computation), flagged, at 1.00x."""
+  from types import SimpleNamespace
+
+  runs = []
+
+  class PlainPicking:
+    heads_notice, num_heads, measured = None, 5, {}
+    config = SimpleNamespace(tree_policy="measured")
+    context = SimpleNamespace(tree_policy=lambda batch: None)
+
+    def generate(self, prompts, max_new, *, speculate, **kw):
+      runs.append(speculate.value)
+      stats = [SimpleNamespace(steps=max_new - 1, new_tokens=max_new) for _ in prompts]
+      return SimpleNamespace(tokens=[[5] * max_new for _ in prompts], texts=["ok"] * len(prompts),
+                             decode_s=0.5, decode_tokens=(max_new - 1) * len(prompts),
+                             stats=stats, tree_nodes=1)
+  lines = []
+  out = demo.run_demo(2, 6, engine=PlainPicking(), log=lines.append)
+  assert runs == ["none", "none"]  # two prompts, batch 1; the tree row is not run again
+  assert out["modes"]["tree"]["speedup"] == 1.0 and out["modes"]["tree"]["repeats"] == "none"
+  text = "\n".join(lines)
+  assert "plain decoding pays best on this device" in text
+  assert "the measured policy's choice" in text

@@ -170,3 +170,64 @@ def test_tiny_timing_cache_round_trip_and_corrupt_file(tiny, tmp_path, monkeypat
   path.write_text(json.dumps(obj))
   _measure(tiny, tmp_path, monkeypatch, calls)
   assert len(calls) == 3
+
+
+# ---- pruning: candidates that cannot win are not timed
+
+
+def test_candidates_that_cannot_win_are_not_timed(tiny):
+  _, _, _, dec = tiny
+  trees = P.candidate_trees(((0,), (1,), (0, 0)), 2)
+  assert len(trees) >= 3
+  # Heads that never hit: each tree's 1 expected token over a step at least as
+  # long as the slowest timed one cannot beat plain decoding, so after the
+  # first tree nothing more is timed.
+  never = ((0.0,) * 3,) * 2
+  times = P.measure_step_times(dec, trees, (1,), 64, repeats=1, warmup=1, acceptance=never)
+  finite = [k for k, t in times.items() if math.isfinite(t)]
+  assert ("plain", 1) in finite and len(finite) == 2 and len(times) == len(trees)
+  policy = P.SpeculationPolicy.from_times(times, trees, acceptance=never)
+  assert policy.tree_for(1) is None
+  back = P.SpeculationPolicy.from_json(json.loads(json.dumps(policy.to_json())))
+  assert back == policy and sum(math.isinf(t) for t in back.step_times[0]) == len(trees) - 2
+  # Heads that always hit: every tree could win, every one is timed.
+  always = ((1.0,) * 3,) * 2
+  times = P.measure_step_times(dec, trees, (1,), 64, repeats=1, warmup=1, acceptance=always)
+  assert all(math.isfinite(t) for t in times.values())
+  # K steps per timed call: a cache too short for K steps of the deepest tree is refused.
+  with pytest.raises(P.PolicyError, match="16 steps per call"):
+    P.measure_step_times(dec, trees[-1:], (1,), 40, repeats=1, steps_per_call=16)
+  with pytest.raises(P.PolicyError, match="plain decoding must be timed"):
+    P.SpeculationPolicy(candidates=(None,), batch_sizes=(1,), step_times=((math.inf,),))
+
+
+def test_engine_measures_its_tree_policy_once_per_batch_bucket(tiny, tmp_path, monkeypatch):
+  from medusa_jax.decoding.engine import Engine
+  cfg, llama, heads, _ = tiny
+  monkeypatch.setenv("MEDUSA_JAX_HOME", str(tmp_path))
+  calls = []
+
+  def counted(decoder, trees, batch_sizes, *args, **kwargs):
+    calls.append(tuple(batch_sizes))
+    return _REAL_MEASURE(decoder, trees, batch_sizes, *args, **kwargs)
+  monkeypatch.setattr(P, "measure_step_times", counted)
+  choices = ((0,),)  # candidates: plain, the chain, the one-draft tree
+  eng = Engine(llama, None, heads, max_cache_len=128, tree_choices=choices, tree_policy="measured")
+  rng = np.random.default_rng()
+  prompts = [list(map(int, rng.integers(0, cfg.vocab_size, 4)))]
+  want = eng.generate(prompts, 7).tokens  # plain: nothing timed
+  assert calls == []
+  one = eng.generate(prompts[:1], 7, speculate="tree")
+  assert calls == [(1,)] and set(eng.measured) == {1}
+  assert one.tokens == want[:1]
+  assert one.speculation_skipped == (eng.measured[1].tree_for(1) is None)
+  eng.generate(prompts[:1], 7, speculate="tree")
+  assert calls == [(1,)]                            # measured once per bucket
+  # A new engine on the same device and model reads the table from disk.
+  again = Engine(llama, None, heads, max_cache_len=128, tree_choices=choices,
+                 tree_policy="measured")
+  assert again.generate(prompts[:1], 7, speculate="tree").tokens == want[:1]
+  assert calls == [(1,)] and len(list((tmp_path / "policy").iterdir())) == 1
+  budget = Engine(llama, None, heads, max_cache_len=128, tree_choices=choices,
+                  tree_policy="budget")
+  assert budget.context.tree_policy is None
