@@ -156,6 +156,27 @@ def _time_multi(dec, state, config, steps, k, warmup=2):
   return 1e3 * (time.perf_counter() - t) / (calls * k), state
 
 
+def _loop_copies(dec, state, config, k, min_bytes=1 << 20) -> dict:
+  """Copies of at least ``min_bytes`` in the compiled K-step loop (``Decoder.steps``).
+
+  A copy of the KV cache inside the loop body (buffer assignment failing to
+  alias the donated cache through the while loop) would cost a full cache
+  read and write per step; this counts them in the optimized HLO.
+  """
+  import re
+
+  import numpy as np
+  text = dec._multi.lower(dec.param_leaves, state, configs=(config,), branch_of_active=None,
+                          num_steps=k).compile().as_text()
+  sizes = dict(f32=4, bf16=2, f16=2, s32=4, u32=4, pred=1, s8=1, u8=1)
+  found = []
+  for dtype, dims in re.findall(r"= (\w+)\[([\d,]*)\][^ ]* copy(?:-start)?\(", text):
+    n = int(np.prod([int(d) for d in dims.split(",") if d])) * sizes.get(dtype, 4)
+    if n >= min_bytes:
+      found.append(f"{dtype}[{dims}]")
+  return dict(count=len(found), shapes=sorted(set(found))[:8])
+
+
 def _time_in_graph(dec, state, config, steps, repeats=2):
   """([ms per step] per repeat, state): ``steps`` steps inside one jitted fori_loop.
 
@@ -360,6 +381,9 @@ def bench_jax(args) -> dict:
       state = _start_state(dec, cfg, batch, args.cache_len, args.prompt_len, config, dtype, 0)
       ms, state = _time_steps(dec, state, config, args.steps)
       row[f"{name}_step_ms"] = ms
+      for k in args.tree_steps_per_call:
+        row[f"{name}_k{k}_step_ms"], state = _time_multi(dec, state, config, args.steps, k)
+        row[f"{name}_k{k}_loop_copies"] = _loop_copies(dec, state, config, k)
       row[f"{name}_nodes"] = tree.num_nodes
       row[f"{name}_break_even_tokens_per_step"] = ms / row["plain_step_ms"]
       if args.in_graph:
@@ -448,9 +472,20 @@ def bench_real(args) -> dict:
                   chat_template=base.chat_template)
 
   def run(engine, batch_prompts, mode):
+    # "tree" follows the engine's tree policy (measured by default: timed on
+    # first use of a batch bucket, inside the untimed first call);
+    # "tree-budget" the row budget.
+    budget = mode == "tree-budget"
+    mode = "tree" if budget else mode
     kw = {} if mode == "none" else {"adaptive": True}
-    engine.generate(batch_prompts, args.new_tokens, speculate=mode, **kw)  # compile
-    return engine.generate(batch_prompts, args.new_tokens, speculate=mode, **kw)
+    if budget:
+      engine.use_policy(None)
+    try:
+      engine.generate(batch_prompts, args.new_tokens, speculate=mode, **kw)  # compile
+      return engine.generate(batch_prompts, args.new_tokens, speculate=mode, **kw)
+    finally:
+      if budget and engine.config.tree_policy == "measured":
+        engine.use_policy("measured")
 
   def one_config(engine, dtype_name, batch):
     if batch == 1:
@@ -459,7 +494,8 @@ def bench_real(args) -> dict:
       sets = [prompts[:batch]]
     entry = dict(dtype=dtype_name, batch=batch, prompts=sum(len(s) for s in sets))
     plain_tokens = None
-    for mode in ("none", "chain", "tree"):
+    for mode in args.e2e_modes:
+      t_mode = time.time()
       res = [run(engine, s, mode) for s in sets]
       toks = [t for r in res for t in r.tokens]
       steps = sum(sum(r.steps) for r in res)
@@ -470,7 +506,11 @@ def bench_real(args) -> dict:
                e2e_tokens_per_s=sum(len(t) for t in toks) / wall,
                tokens_per_step=(sum(len(t) - 1 for t in toks) / steps) if steps else 0.0,
                tree_nodes=res[0].tree_nodes,
-               skipped=bool(getattr(res[0], "speculation_skipped", False)))
+               skipped=bool(getattr(res[0], "speculation_skipped", False)),
+               mode_s=time.time() - t_mode)
+      rows = 1 << (len(sets[0]) - 1).bit_length()
+      if mode == "tree" and rows in getattr(engine, "measured", {}):
+        m["policy"] = engine.measured[rows].table()
       if mode == "none":
         plain_tokens = toks
       else:
@@ -504,14 +544,21 @@ def _e2e_table(res: dict) -> str:
            f"{res['new_tokens']} new tokens, MT-bench turn 1, greedy, decode-only tokens/s",
            f"{'dtype':>5} {'B':>3} {'plain':>7} {'chain':>7} {'x':>5} {'tok/st':>6} {'T':>3} "
            f"{'=plain':>7} {'tree':>7} {'x':>5} {'tok/st':>6} {'T':>3} {'=plain':>7}"]
+  nan = float("nan")
+  empty = dict(tokens_per_s=nan, speedup=nan, tokens_per_step=nan, tree_nodes=0,
+               matches_plain="-")
   for r in res["runs"]:
-    c, t = r["chain"], r["tree"]
+    c, t = r.get("chain", empty), r.get("tree", empty)
     lines.append(
         f"{r['dtype']:>5} {r['batch']:>3} {r['none']['tokens_per_s']:>7.0f} "
         f"{c['tokens_per_s']:>7.0f} {c['speedup']:>5.2f} {c['tokens_per_step']:>6.2f} "
         f"{c['tree_nodes']:>3} {c['matches_plain']:>7} {t['tokens_per_s']:>7.0f} "
         f"{t['speedup']:>5.2f} {t['tokens_per_step']:>6.2f} {t['tree_nodes']:>3} "
         f"{t['matches_plain']:>7}")
+    if "tree-budget" in r:
+      b = r["tree-budget"]
+      lines.append(f"      row-budget tree: {b['tokens_per_s']:.0f} tok/s ({b['speedup']:.2f}x,"
+                   f" {b['tokens_per_step']:.2f} tok/step, T={b['tree_nodes']})")
   return "\n".join(lines)
 
 
@@ -565,8 +612,13 @@ def bench_hf(args) -> list:
 def _flag_variants(args) -> list:
   """Re-runs the plain/tree step at batch 1 under other XLA flags (new processes)."""
   variants = {
-      "command_buffers_off": "--xla_gpu_enable_command_buffer=",
       "graph_min_size_1": "--xla_gpu_graph_min_graph_size=1",
+      # The K-step loop is a while loop whose condition the host reads back
+      # every iteration; with WHILE/CONDITIONAL command buffers the loop runs
+      # as one CUDA graph with device-side conditionals.
+      "while_command_buffers": "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL",
+      "while_command_buffers_min_1": ("--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
+                                      " --xla_gpu_graph_min_graph_size=1"),
   }
   results = []
   for name, flags in variants.items():
@@ -622,7 +674,9 @@ def _table(res: dict) -> str:
     if "error" in v:
       lines.append(f"flags {v['variant']}: error {v['error'][-200:]}")
     else:
-      lines.append(f"flags {v['variant']} ({v['flags']}): plain B=1 {v['plain_step_ms']:.3f} ms,"
+      lines.append(f"flags {v['variant']} ({v['flags']}): plain B=1 {v['plain_step_ms']:.3f} ms"
+                   f" dispatched, {v.get('plain_k16_step_ms', nan):.3f} ms at K=16,"
+                   f" {v.get('plain_step_in_graph_ms', nan):.3f} ms in-graph;"
                    f" tree {v.get('tree_step_ms', nan):.3f} ms (T={v.get('tree_nodes', 0)})")
   return "\n".join(lines)
 
@@ -633,6 +687,9 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, default=50, help="timed steps per measurement")
   p.add_argument("--steps-per-call", type=int, nargs="*", default=[1, 4, 8, 16],
                  help="K values: plain steps timed with K steps per dispatched call")
+  p.add_argument("--tree-steps-per-call", type=int, nargs="*", default=[16],
+                 help="K values: tree steps timed with K steps per dispatched call (and the"
+                 " large copies in that loop's HLO counted)")
   p.add_argument("--cache-len", type=int, default=1024)
   p.add_argument("--prompt-len", type=int, default=128)
   p.add_argument("--new-tokens", type=int, default=64, help="engine / HF new tokens")
@@ -658,6 +715,10 @@ def main(argv=None) -> int:
   p.add_argument("--e2e-bs1-questions", type=int, default=4,
                  help="questions run one at a time for batch 1")
   p.add_argument("--e2e-f32", action="store_true", help="also run f32 at batch 1")
+  p.add_argument("--e2e-modes", nargs="+", default=["none", "chain", "tree", "tree-budget"],
+                 choices=("none", "chain", "tree", "tree-budget"),
+                 help="end-to-end modes (none first): tree = the engine's tree policy"
+                 " (measured by default), tree-budget = the row budget")
   p.add_argument("--e2e-min-cache-len", type=int, default=512,
                  help="smallest cache bucket of the end-to-end engine (fewer compilations)")
   p.add_argument("--no-hf", dest="hf", action="store_false")

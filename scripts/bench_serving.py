@@ -438,12 +438,14 @@ def main(argv=None):
   _log(f"engine loaded in {time.perf_counter() - t:.1f} s ({dtype_name}, {backend},"
        f" {dev.device_kind})")
 
-  scheds = {}
+  scheds, policy_s = {}, {}
   for m in args.modes:
+    t = time.perf_counter()  # "tree" under the measured policy times its candidates here
     scheds[m] = Scheduler.from_engine(eng, num_slots=args.slots,
                                       steps_per_call=args.steps_per_call, speculate=m,
                                       max_queue=max(1024, args.num_requests),
                                       metrics=_Recorder())
+    policy_s[m] = time.perf_counter() - t
 
   # prompts that fit every mode's cache (prompt + max_tokens + tree nodes <= cache length)
   questions = _questions(args.questions, 0)
@@ -471,7 +473,8 @@ def main(argv=None):
     if warm_n:
       warm = [fits[-1 - i % len(fits)][0] for i in range(warm_n)]  # the other end of the file
       run_once(s, warm, np.zeros(len(warm)), args, timed_cls)
-    startup[m] = {"compile_s": compile_s, "warmup_s": time.perf_counter() - t,
+    startup[m] = {"policy_s": policy_s[m], "tree_policy": eng.config.tree_policy,
+                  "compile_s": compile_s, "warmup_s": time.perf_counter() - t,
                   "table": s.core.table.describe(), "steps_per_call": s.core.steps_per_call,
                   "nodes": s.core.nodes}
     _log(f"{m}: started in {compile_s:.1f} s, {warm_n} warm-up requests in"

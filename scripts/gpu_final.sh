@@ -32,9 +32,12 @@ mkdir -p "$OUT"
 
 case "$STAGE" in
   bench)
-    python3 scripts/bench_decode.py --out "$OUT" --batches 1 64 4 16 --steps 100 \
-      --compare-unfused --compare-attention 1 64 --tree-batches 1 --only-plain --no-engine \
-      --no-hf --no-flags --time-budget "$BENCH_BUDGET" ${BENCH_EXTRA:-} 2>&1 | tee -a "$OUT/$STAGE.log"
+    # Step times at B = 1, 64, 16 (plain; the row-budget tree with K = 16 steps per call and
+    # the large copies in that loop's HLO), then the XLA-flag variants (new processes).
+    python3 scripts/bench_decode.py --out "$OUT" --batches 1 64 16 --steps 100 \
+      --compare-attention 1 64 --tree-batches 1 16 64 --only-plain --no-engine \
+      --no-hf --flags-before "${FLAGS_BEFORE:-400}" --time-budget "$BENCH_BUDGET" \
+      ${BENCH_EXTRA:-} 2>&1 | tee -a "$OUT/$STAGE.log"
     # The attention-score method that won (in-graph, summed over the compared batch sizes)
     # is what the e2e stage runs.
     mkdir -p "$ASSETS"
