@@ -612,7 +612,7 @@ def bench_hf(args) -> list:
 def _flag_variants(args) -> list:
   """Re-runs the plain/tree step at batch 1 under other XLA flags (new processes)."""
   variants = {
-      "graph_min_size_1": "--xla_gpu_graph_min_graph_size=1",
+      # (--xla_gpu_graph_min_graph_size=1 alone: measured before, docs/perf_decode.md.)
       # The K-step loop is a while loop whose condition the host reads back
       # every iteration; with WHILE/CONDITIONAL command buffers the loop runs
       # as one CUDA graph with device-side conditionals.
