@@ -75,14 +75,6 @@ class Platform(Option):
 
 
 TREE_ROWS: Mapping[Platform, int] = {Platform.CPU: 3, Platform.GPU: 64, Platform.TPU: 64}
-
-# Decode steps per jitted call (one device loop): the host pays once per K
-# steps. Chosen by measurement (docs/perf.md, H200, SmolLM2 plain step at
-# batch 1): 3.44 / 1.95 / 1.48 / 1.38 ms per step at K = 1 / 4 / 8 / 16 with a
-# host read after every call, against 1.20 ms in-graph; K = 16 was the fastest
-# at batch 1, 4 and 64. On the CPU a step (~20 ms) dwarfs the host's share,
-# and K = 4 keeps streamed text smooth.
-STEPS_PER_CALL: Mapping[Platform, int] = {Platform.CPU: 4, Platform.GPU: 16, Platform.TPU: 16}
 """Default B * T budget of the adaptive tree, per platform.
 
 CPU: every verified row costs compute; with SmolLM2 a step over the 3-node
@@ -93,6 +85,23 @@ plain steps, larger trees more than their extra accepted tokens
 (1.55x / 1.73x / 1.99x); 256 made a 64-node tree at batch 4 cost 2.2x a plain
 step. TPU: not measured; the GPU value.
 """
+
+# Decode steps per jitted call (one device loop): the host pays once per K
+# steps. Chosen by measurement (docs/perf.md, H200, SmolLM2 plain step at
+# batch 1): 3.44 / 1.95 / 1.48 / 1.38 ms per step at K = 1 / 4 / 8 / 16 with a
+# host read after every call, against 1.20 ms in-graph; K = 16 was the fastest
+# at batch 1, 4 and 64. On the CPU a step (~20 ms) dwarfs the host's share,
+# and K = 4 keeps streamed text smooth.
+STEPS_PER_CALL: Mapping[Platform, int] = {Platform.CPU: 4, Platform.GPU: 16, Platform.TPU: 16}
+
+# Whether the K-step loop leaves early once every row is done. XLA:GPU reads a
+# while loop's predicate back to the host every iteration (H200, SmolLM2: 0.15
+# ms per plain step at K = 16, 0.2-0.28 ms per tree step, against 1.2 ms
+# in-graph), so there the loop runs its K iterations (finished rows emit
+# nothing); on a CPU the test is free and a wasted step costs ~25 ms; a TPU
+# runs the loop on the device.
+STOP_WHEN_DONE: Mapping[Platform, bool] = {Platform.CPU: True, Platform.GPU: False,
+                                           Platform.TPU: True}
 
 
 TREE_POLICY_ENV = "MEDUSA_JAX_TREE_POLICY"

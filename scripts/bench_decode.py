@@ -141,16 +141,17 @@ def _time_steps(dec, state, config, steps, warmup=3):
   return 1e3 * (time.perf_counter() - t) / steps, state
 
 
-def _time_multi(dec, state, config, steps, k, warmup=2):
+def _time_multi(dec, state, config, steps, k, warmup=2, stop_when_done=None):
   """(ms per step, state) with ``k`` steps per dispatched call (``Decoder.steps``)."""
   import jax
   calls = max(1, steps // k)
+  kw = dict(configs=config, num_steps=k, stop_when_done=stop_when_done)
   for _ in range(warmup):
-    state, out = dec.steps(state, configs=config, num_steps=k)
+    state, out = dec.steps(state, **kw)
   jax.block_until_ready((state, out))
   t = time.perf_counter()
   for _ in range(calls):
-    state, out = dec.steps(state, configs=config, num_steps=k)
+    state, out = dec.steps(state, **kw)
     jax.device_get(out.count)  # the host reads every call's tokens, as the engine does
   jax.block_until_ready(state)
   return 1e3 * (time.perf_counter() - t) / (calls * k), state
@@ -167,7 +168,7 @@ def _loop_copies(dec, state, config, k, min_bytes=1 << 20) -> dict:
 
   import numpy as np
   text = dec._multi.lower(dec.param_leaves, state, configs=(config,), branch_of_active=None,
-                          num_steps=k).compile().as_text()
+                          num_steps=k, stop_when_done=dec.stop_when_done).compile().as_text()
   sizes = dict(f32=4, bf16=2, f16=2, s32=4, u32=4, pred=1, s8=1, u8=1)
   found = []
   for dtype, dims in re.findall(r"= (\w+)\[([\d,]*)\][^ ]* copy(?:-start)?\(", text):
@@ -301,6 +302,12 @@ def _time_plain(dec, cfg, args, batch, dtype, in_graph: bool, kernels: bool,
     row["step_ms"], state = _time_steps(dec, state, config, args.steps)
     for k in getattr(args, "steps_per_call", None) or ():
       row[f"k{k}_step_ms"], state = _time_multi(dec, state, config, args.steps, k)
+    if getattr(args, "steps_per_call", None):
+      # The other loop form at the largest K (leaving early when every row is
+      # done, or running all K iterations), for the platform's choice.
+      k, stop = max(args.steps_per_call), not dec.stop_when_done
+      row[f"k{k}_{'stop' if stop else 'fixed'}_step_ms"], state = _time_multi(
+          dec, state, config, args.steps, k, stop_when_done=stop)
   if in_graph:
     row["in_graph_ms"], state = _time_in_graph(dec, state, config, args.steps)
   return row
@@ -383,6 +390,9 @@ def bench_jax(args) -> dict:
       row[f"{name}_step_ms"] = ms
       for k in args.tree_steps_per_call:
         row[f"{name}_k{k}_step_ms"], state = _time_multi(dec, state, config, args.steps, k)
+        stop = not dec.stop_when_done
+        row[f"{name}_k{k}_{'stop' if stop else 'fixed'}_step_ms"], state = _time_multi(
+            dec, state, config, args.steps, k, stop_when_done=stop)
         row[f"{name}_k{k}_loop_copies"] = _loop_copies(dec, state, config, k)
       row[f"{name}_nodes"] = tree.num_nodes
       row[f"{name}_break_even_tokens_per_step"] = ms / row["plain_step_ms"]

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from medusa_jax.config import Platform
+from medusa_jax.config import STOP_WHEN_DONE, Platform
 from medusa_jax.errors import ConfigError
 from medusa_jax.decoding import step
 from medusa_jax.decoding.state import DecodeState, Graphs, Params, StepConfig
@@ -36,7 +36,8 @@ class Decoder:
   shapes and config does not grow it (no recompilation).
   """
 
-  def __init__(self, llama, heads=None, *, transpose_lm_head: bool | None = None):
+  def __init__(self, llama, heads=None, *, transpose_lm_head: bool | None = None,
+               stop_when_done: bool | None = None):
     """Args:
       llama: the base ``Llama``.
       heads: any heads of the heads protocol (``MedusaModel``, ``MedusaV1``,
@@ -46,6 +47,9 @@ class Decoder:
         LM head (one more embedding in memory; see ``step._lm_head``). None:
         on a CPU only (``Platform.current()``), where it makes a tree step
         markedly cheaper.
+      stop_when_done: whether :meth:`steps` leaves its device loop once every
+        row is done (``step.multi_step``); None: the platform's
+        :data:`~medusa_jax.config.STOP_WHEN_DONE`.
     """
     llama_def, llama_state = nnx.split(llama)
     heads_def, heads_state = (None, None) if heads is None else nnx.split(heads)
@@ -53,6 +57,8 @@ class Decoder:
     self.graphs = Graphs(llama=llama_def, heads=heads_def)
     if transpose_lm_head is None:
       transpose_lm_head = Platform.current() is Platform.CPU
+    self.stop_when_done = (STOP_WHEN_DONE[Platform.current()] if stop_when_done is None
+                           else bool(stop_when_done))
     lm_head_t = None
     if transpose_lm_head and getattr(llama, "lm_head_kernel", None) is None:
       # A real copy (not a lazy transpose): the layout is the point.
@@ -86,10 +92,12 @@ class Decoder:
       count["speculative"] += 1
       return step.speculative_step(graphs, unflat(param_leaves), state, config=config)
 
-    def multi_step(param_leaves, state, *, configs, branch_of_active, num_steps):
+    def multi_step(param_leaves, state, *, configs, branch_of_active, num_steps,
+                   stop_when_done):
       count["multi_step"] += 1
       return step.multi_step(graphs, unflat(param_leaves), state, configs=configs,
-                             branch_of_active=branch_of_active, num_steps=num_steps)
+                             branch_of_active=branch_of_active, num_steps=num_steps,
+                             stop_when_done=stop_when_done)
 
     def decode_step(param_leaves, state):
       count["decode_step"] += 1
@@ -101,7 +109,8 @@ class Decoder:
     self._plain = jax.jit(plain_step, static_argnames="config", donate_argnames="state")
     self._spec = jax.jit(speculative_step, static_argnames="config", donate_argnames="state")
     self._lorax = jax.jit(decode_step, donate_argnames="state")
-    self._multi = jax.jit(multi_step, static_argnames=("configs", "branch_of_active", "num_steps"),
+    self._multi = jax.jit(multi_step, static_argnames=("configs", "branch_of_active", "num_steps",
+                                                       "stop_when_done"),
                           donate_argnames="state")
     self._params_def = params_def
 
@@ -126,9 +135,11 @@ class Decoder:
     return self._spec(self.param_leaves, state, config=config)
 
   def steps(self, state: DecodeState, *, configs: StepConfig | tuple[StepConfig, ...],
-            num_steps: int, branch_of_active: tuple[int, ...] | None = None):
+            num_steps: int, branch_of_active: tuple[int, ...] | None = None,
+            stop_when_done: bool | None = None):
     """Up to ``num_steps`` steps in one device loop (``step.multi_step``). DONATES state.
 
+    ``stop_when_done``: None = the decoder's (:attr:`stop_when_done`).
     Returns the new state and a :class:`~medusa_jax.decoding.state.StepsOutput`.
     """
     if isinstance(configs, StepConfig):
@@ -136,7 +147,9 @@ class Decoder:
     return self._multi(self.param_leaves, state, configs=tuple(configs),
                        branch_of_active=None if branch_of_active is None
                        else tuple(int(b) for b in branch_of_active),
-                       num_steps=int(num_steps))
+                       num_steps=int(num_steps),
+                       stop_when_done=self.stop_when_done if stop_when_done is None
+                       else bool(stop_when_done))
 
   def replace_heads(self, heads_state) -> None:
     """Swaps the heads' arrays for others of the same structure and shapes (no recompilation).

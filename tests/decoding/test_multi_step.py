@@ -47,9 +47,10 @@ def _single(dec, config):
   return call
 
 
-def _multi(dec, configs, k, table=None):
+def _multi(dec, configs, k, table=None, stop_when_done=None):
   def call(state):
-    state, out = dec.steps(state, configs=configs, num_steps=k, branch_of_active=table)
+    state, out = dec.steps(state, configs=configs, num_steps=k, branch_of_active=table,
+                           stop_when_done=stop_when_done)
     out = jax.device_get(out)
     return state, [out.step(j) for j in range(int(out.steps))]
   return call
@@ -68,6 +69,30 @@ def test_k_steps_per_call_equal_single_steps_and_stop_on_the_device(tiny):
   state, out = dec.steps(state, configs=plain, num_steps=64)
   assert int(out.steps) == int(jnp.max(budget)) - 1  # stopped once every row was done
   assert not np.asarray(out.active[int(out.steps):]).any()
+
+
+def test_a_loop_of_known_trip_count_gives_the_same_tokens(tiny):
+  """stop_when_done=False (the GPU's loop): K iterations always, finished rows emit nothing."""
+  cfg, _, _, dec = tiny
+  seed = int(np.random.default_rng().integers(1 << 30))
+  g = Greedy()
+  plain = StepConfig(tree=None, strategy=g)
+  want = _run(dec, cfg, seed, plain, _single(dec, plain))
+  assert _run(dec, cfg, seed, plain, _multi(dec, (plain,), 3, stop_when_done=False)) == want
+  carrier = tree_mod.build_tree(tree_mod._closed_prefix(tree_mod.MC_SIM_7B_63, 7))
+  configs = (StepConfig(tree=None, strategy=g, carrier=carrier),
+             StepConfig(tree=carrier, strategy=g))
+  full = StepConfig(tree=carrier, strategy=g)
+  assert _run(dec, cfg, seed, full, _multi(dec, configs, 4, (0, 1, 0, 1, 1),
+                                           stop_when_done=False)) == want
+  prompt, lens, budget = _prompts(cfg, seed)
+  state, _ = dec.prefill(dec.init_cache(B, L, jnp.float32), prompt, lens, budget,
+                         jnp.zeros(B, bool), jax.random.PRNGKey(0), config=plain)
+  state, out = dec.steps(state, configs=plain, num_steps=40, stop_when_done=False)
+  ran = int(jnp.max(budget)) - 1
+  assert int(out.steps) == ran
+  assert (np.asarray(out.branch[:ran]) == 0).all() and (np.asarray(out.branch[ran:]) == -1).all()
+  assert not np.asarray(out.active[ran:]).any() and not np.asarray(out.count[ran:]).any()
 
 
 def test_plain_chain_and_sub_trees_follow_one_another_on_one_carried_state(tiny):
