@@ -327,10 +327,11 @@ def decode_step(graphs: Graphs, params: Params, state: DecodeState
   hidden_Bx1xH, cache = llama(state.tokens[:, :1], state.lengths[:, None], cache,
                               state.lengths, mask)
   x_BxH = hidden_Bx1xH[:, 0]
+  lm_head = _lm_head(llama, params)
   if heads is None:
-    logits, draft = llama.lm_head(x_BxH), None
+    logits, draft = lm_head(x_BxH), None
   else:
-    logits, draft = heads(x_BxH, llama.lm_head, row_slot=state.adapter_slot)
+    logits, draft = heads(x_BxH, lm_head, row_slot=state.adapter_slot)
   lengths = jnp.where(state.done, state.lengths, state.lengths + 1)
   return logits, draft, state.replace(cache=cache, lengths=lengths)
 
