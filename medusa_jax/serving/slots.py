@@ -230,9 +230,11 @@ class SlotCore:
     self._insert = jax.jit(insert, donate_argnames="state")
     # One dispatch for a prefill's empty cache (not one per layer and buffer),
     # made where the prefill reads it.
+    placed = {} if mesh is None else dict(
+        out_shardings=NamedSharding(mesh, cache_spec(self.cfg, 1, mesh)))
     self._empty_cache = jax.jit(
         lambda width: KVCache.init(self.cfg, 1, width, self.cache_dtype), static_argnums=0,
-        out_shardings=None if mesh is None else NamedSharding(mesh, cache_spec(self.cfg, 1, mesh)))
+        **placed)
     self._release = jax.jit(release, donate_argnames="state")
 
   # -- sizes --------------------------------------------------------------------------------
