@@ -6,7 +6,12 @@ H=4096, V=128256, n=4, bf16, B in {1, 8, 32} rows, on 1, 2 (, 4) GPUs:
 * ``1gpu``: the unsharded ``MedusaV2`` + a plain ``[H, V]`` lm_head.
 * ``tp{W}``: ``ShardedMedusaV2`` + ``vocab_parallel_lm_head`` on a 1 x W mesh;
   logits stay split over V (``+argmax`` variants also pick each row's token,
-  which adds a small cross-device reduction).
+  which adds a small cross-device reduction). The heads meet the LM head by
+  the RING collective matmul (``tp{W}``) and, with ``--collectives``, by
+  LoRAX's all-gather (``tp{W}-ag``). ``--dump-hlo`` writes each variant's
+  optimized HLO to ``$OUT/hlo_{variant}.txt`` and prints what it holds:
+  async collectives, and fusions that copy a block of the LM-head weight
+  (``[H/W, V/W]``: the ring should read it in place).
 
 Part 2, one LoRAX-style decode step (1 token per row, heads + lm_head) of a
 Llama-3-8B-shaped model with random weights and fewer layers, on 1 and W GPUs.
@@ -46,6 +51,10 @@ def _args(argv):
   p.add_argument("--in-graph", type=int, default=20,
                  help="also time R forwards (+argmax) inside one jitted fori_loop, as in a"
                       " decode step (no per-call dispatch); 0 = off")
+  p.add_argument("--collectives", default="ring,all_gather",
+                 help="how sharded heads meet the LM head: ring (tp{W}), all_gather (tp{W}-ag)")
+  p.add_argument("--dump-hlo", action="store_true",
+                 help="write each sharded variant's optimized HLO and summarise it")
   p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
   p.add_argument("--cpu-devices", type=int, default=0, help="fake CPU devices (before JAX starts)")
   p.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -70,6 +79,22 @@ def _time(fn, *args, calls, repeats):
     jax.block_until_ready(out)
     times.append((time.perf_counter() - t0) / calls)
   return statistics.median(times), times
+
+
+def _hlo_summary(text, block, vocab_shard):
+  """Counts, in an optimized HLO text, the collectives (sync and async starts)
+  and the non-dot fusions whose output is a ``[block, vocab_shard]`` array: a
+  copy of one block of the LM-head weight, which the ring means to read in place."""
+  import collections
+  import re
+  ops = collections.Counter(re.findall(
+      r"= [^=]*? (all-gather-start|all-gather|collective-permute-start|collective-permute|"
+      r"all-reduce-start|all-reduce|reduce-scatter)\(", text))
+  copies = [line.strip()[:120] for line in text.splitlines()
+            if re.search(rf"= \w+\[{block},{vocab_shard}\]", line)
+            and re.search(r" (fusion|copy|dynamic-slice)\(", line)
+            and "dot" not in line.split("calls=")[0] and "gemm" not in line]
+  return f"collectives {dict(ops)}; weight-block copies {len(copies)} {copies[:2]}"
 
 
 def _copy_bandwidth(device):
@@ -125,7 +150,9 @@ def bench_heads(a, devices, widths, bw):
     if width == 1:
       variants["1gpu"] = heads
     else:
-      variants[f"tp{width}"] = heads.shard(mesh)
+      for coll in a.collectives.split(","):
+        name = f"tp{width}" if coll == "ring" else f"tp{width}-ag"
+        variants[name] = heads.shard(mesh, lm_head_collective=coll)
     for name, model in variants.items():
       graphdef, state = nnx.split(model)
 
@@ -160,6 +187,11 @@ def bench_heads(a, devices, widths, bw):
           agree = float(np.mean(np.asarray(jax.device_get(toks[1])) == want_tok))
         if not np.isfinite(host).all():
           raise SystemExit(f"{name} B={b}: non-finite logits")
+        if a.dump_hlo and width > 1 and b == max(int(s) for s in a.batches.split(",")):
+          text = f_argmax.lower(state, lm_w, x).compile().as_text()
+          with open(os.path.join(a.out, f"hlo_{name}.txt"), "w") as f:
+            f.write(text)
+          print(f"  {name} B={b} HLO: {_hlo_summary(text, H // width, V // width)}", flush=True)
         kinds = [("logits", f_logits), ("+argmax", f_argmax)]
         if a.in_graph:
           kinds.append(("in-graph", jax.jit(looped_fn)))

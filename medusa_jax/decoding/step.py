@@ -46,6 +46,7 @@ from medusa_jax.decoding.state import (EMPTY, DecodeState, Graphs, Params, StepC
                                       StepsOutput)
 from medusa_jax.decoding.verify import finish_walk, internal_nodes, tree_candidates, walk_tree
 from medusa_jax.errors import ConfigError
+from medusa_jax.heads.protocol import LinearLMHead
 
 Array = jax.Array
 
@@ -53,19 +54,23 @@ Array = jax.Array
 def _lm_head(llama, params: Params):
   """The LM head ``[..., H] -> [..., V]`` float32 the steps use.
 
-  With ``params.lm_head_t`` the tied embedding is read in ``[H, V]`` layout:
+  A :class:`~medusa_jax.heads.protocol.LinearLMHead` computing what
+  ``llama.lm_head`` computes, so that tensor-parallel V2 heads can fuse their
+  all-gather into it (``heads.sharded.v2_heads_logits``). With
+  ``params.lm_head_t`` the tied embedding is read in ``[H, V]`` layout:
   XLA:CPU runs ``[M, H] @ [H, V]`` for a few rows M at about the cost of one
   row, while ``[M, H] x [V, H]^T`` costs 2-3x more from M = 2 on, which made
   every verification step pay for its tree twice.
   """
   w_HxV = params.lm_head_t
-  if w_HxV is None:
+  if w_HxV is not None:
+    return LinearLMHead(weight=w_HxV, dtype=w_HxV.dtype)
+  kernel = getattr(llama, "lm_head_kernel", False)
+  if kernel is False:  # not a medusa_jax Llama: its own callable
     return llama.lm_head
-
-  def lm_head(h: Array) -> Array:
-    return jnp.einsum("...h,hv->...v", h.astype(w_HxV.dtype), w_HxV,
-                      preferred_element_type=jnp.float32)
-  return lm_head
+  if kernel is None:
+    return LinearLMHead(weight=llama.embed_tokens[...], transposed=True, dtype=llama.dtype)
+  return LinearLMHead(weight=kernel[...], dtype=llama.dtype)
 
 
 def _merge(graphdef, state):
@@ -322,10 +327,11 @@ def decode_step(graphs: Graphs, params: Params, state: DecodeState
   hidden_Bx1xH, cache = llama(state.tokens[:, :1], state.lengths[:, None], cache,
                               state.lengths, mask)
   x_BxH = hidden_Bx1xH[:, 0]
+  lm_head = _lm_head(llama, params)
   if heads is None:
-    logits, draft = llama.lm_head(x_BxH), None
+    logits, draft = lm_head(x_BxH), None
   else:
-    logits, draft = heads(x_BxH, llama.lm_head, row_slot=state.adapter_slot)
+    logits, draft = heads(x_BxH, lm_head, row_slot=state.adapter_slot)
   lengths = jnp.where(state.done, state.lengths, state.lengths + 1)
   return logits, draft, state.replace(cache=cache, lengths=lengths)
 

@@ -35,7 +35,8 @@ from jax.sharding import PartitionSpec as P
 from medusa_jax.config import DEFAULT_MAX_BATCH, MedusaConfig, speculation_max_batch_size
 from medusa_jax.errors import ArchitectureError
 from medusa_jax.heads.protocol import LMHead, exceeds_guard, shared_lm_head
-from medusa_jax.heads.sharded import MEDUSA_RULES, HeadsSharding, v2_heads_hidden
+from medusa_jax.heads.sharded import (MEDUSA_RULES, HeadsSharding, LMHeadCollective,
+                                      ring_applies, v2_heads_hidden, v2_heads_logits)
 from medusa_jax.parallel.mesh import check_divisible, shard_state
 
 Array = jax.Array
@@ -291,12 +292,22 @@ class MedusaV2(nnx.Module):
     """
     if exceeds_guard(x.shape[0], self.max_batch_size):
       return lm_head(x), None
-    return shared_lm_head(x, self.heads_hidden(x), lm_head)
+    return self.logits_and_drafts(x, lm_head)
 
   def logits_and_drafts(self, x: Array, lm_head: LMHead, num_drafts: int | None = None, *,
                         row_slot: Array | None = None) -> tuple[Array, Array]:
-    """(logits [N, V], drafts [N, D, V]) with no guard: heads past D skip the LM head."""
+    """(logits [N, V], drafts [N, D, V]) with no guard: heads past D skip the LM head.
+
+    Tensor-parallel heads with a :class:`~medusa_jax.heads.protocol.LinearLMHead`
+    run heads and LM head as one collective matmul when
+    ``shd.lm_head_collective`` is ``RING`` (:func:`v2_heads_logits`); the
+    result is the same up to f32 summation order.
+    """
     del row_slot
+    if (self.tensor_parallel and self.shd.lm_head_collective is LMHeadCollective.RING
+        and ring_applies(lm_head, self.hidden, self.mesh)):
+      return v2_heads_logits(x, self.kernel[...], self.bias[...], lm_head, mesh=self.mesh,
+                             num_drafts=num_drafts)
     return shared_lm_head(x, self.heads_hidden(x)[:, :num_drafts], lm_head)
 
 
@@ -358,16 +369,22 @@ class MedusaModel(nnx.Module):
     """See :meth:`~medusa_jax.heads.protocol.Heads.logits_and_drafts`."""
     return self.medusa.logits_and_drafts(x, lm_head, num_drafts, row_slot=row_slot)
 
-  def shard(self, mesh: Mesh) -> "MedusaModel":
+  def shard(self, mesh: Mesh, *,
+            lm_head_collective: LMHeadCollective | str = LMHeadCollective.RING
+            ) -> "MedusaModel":
     """These heads placed on ``mesh`` in LoRAX's layout (a copy; placed anew if on a mesh).
 
     V2: kernel ``P(None, None, "model")``, bias ``P(None, "model")``, sharded
-    kernels from then on. V1: ResBlocks split on their output dim, output
-    projections over V (:data:`~medusa_jax.heads.sharded.MEDUSA_RULES`).
+    kernels from then on, meeting the LM head by ``lm_head_collective``
+    (:class:`~medusa_jax.heads.sharded.LMHeadCollective`). V1: ResBlocks split
+    on their output dim, output projections over V
+    (:data:`~medusa_jax.heads.sharded.MEDUSA_RULES`).
 
     Raises:
-      ShardingError: H (V2, V1) or V (V1) does not divide the ``model`` axis.
+      ShardingError: H (V2, V1) or V (V1) does not divide the ``model`` axis, or
+        an unknown ``lm_head_collective``.
     """
+    lm_head_collective = LMHeadCollective.parse(lm_head_collective)
     if self.is_v2:  # name the tensor as users know it
       check_divisible(self.medusa.kernel.shape, HeadsSharding.tensor_parallel().fused_w_hnh,
                       mesh, "V2 kernel [H, n, H]")
@@ -375,7 +392,7 @@ class MedusaModel(nnx.Module):
     placed = nnx.merge(graphdef, shard_state(state, MEDUSA_RULES, mesh))
     placed.medusa.mesh = mesh
     if placed.is_v2:
-      placed.medusa.shd = HeadsSharding.tensor_parallel()
+      placed.medusa.shd = HeadsSharding.tensor_parallel(lm_head_collective)
     return placed
 
 

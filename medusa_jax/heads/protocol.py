@@ -11,13 +11,50 @@ heads; single-adapter heads ignore it (every row uses their one adapter).
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, runtime_checkable
+import dataclasses
+import functools
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
 LMHead = Callable[[Array], Array]  # [..., H] -> [..., V] float32
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["weight"],
+                   meta_fields=["transposed", "dtype"])
+@dataclasses.dataclass(frozen=True, eq=False)
+class LinearLMHead:
+  """An LM head that is one matmul, with its weight in sight.
+
+  Any :data:`LMHead` callable works with every kind of heads; this one also
+  lets tensor-parallel V2 heads fuse their all-gather into the LM-head
+  product (:func:`~medusa_jax.heads.sharded.v2_heads_logits`), which needs
+  the weight itself, not a closure over it. A pytree (the weight is its one
+  leaf), so it passes through ``jax.jit``.
+
+  Attributes:
+    weight: ``[H, V]``, or with ``transposed`` a tied embedding ``[V, H]``;
+      on a mesh, split over the vocabulary.
+    transposed: the weight is ``[V, H]``.
+    dtype: the compute dtype: ``h`` and the weight are cast to it (None:
+      ``h``'s dtype); products accumulate in f32.
+  """
+  weight: Array
+  transposed: bool = False
+  dtype: Any = None
+
+  @property
+  def vocab_size(self) -> int:
+    return self.weight.shape[0 if self.transposed else 1]
+
+  def __call__(self, h: Array) -> Array:
+    """h: [..., H] -> logits [..., V] float32."""
+    dtype = h.dtype if self.dtype is None else self.dtype
+    eq = "...h,vh->...v" if self.transposed else "...h,hv->...v"
+    return jnp.einsum(eq, h.astype(dtype), self.weight.astype(dtype),
+                      preferred_element_type=jnp.float32)
 
 
 @runtime_checkable

@@ -10,6 +10,13 @@
 * **LM head** ``[H, V]`` is split over the vocabulary, ``P(None, "model")``;
   logits come out vocabulary-sharded and stay so (an argmax over them needs
   only a small reduction, not LoRAX's all-gather of ``[N, n+1, V]``).
+* **Heads + LM head, fused** (:func:`v2_heads_logits`, :class:`LMHeadCollective`).
+  LoRAX's order (heads, all-gather, LM head) leaves the all-gather exposed:
+  the LM head cannot start before the last slice arrives. The ``RING``
+  collective matmul instead contracts the LM head over H block by block
+  while the heads' slices travel a ring of ``ppermute``s, so each transfer
+  (``[N, n, H/W]``, kilobytes) hides behind the product of one block of the
+  LM-head weight (``[H/W, V/W]``, megabytes).
 * **V1 heads** (not sharded by LoRAX) split their ResBlocks on the output
   dim and their output projections over the vocabulary (:data:`MEDUSA_RULES`);
   GSPMD inserts the gathers.
@@ -33,11 +40,28 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from medusa_jax.errors import ShardingError
+from medusa_jax.heads.protocol import LinearLMHead
+from medusa_jax.options import Option
 from medusa_jax.pallas import Epilogue, segmented_matmul
 from medusa_jax.parallel.mesh import (DATA, MODEL, PartitionRules, check_divisible, constrain,
                                       has_explicit_axes, row_spec_of, rows_axis)
 
 Array = jax.Array
+
+
+class LMHeadCollective(Option):
+  """How tensor-parallel V2 heads meet a vocabulary-split LM head.
+
+  * ``ALL_GATHER``: LoRAX's order, the reference: one ``all_gather`` of the
+    heads' hidden ``[N, n, H]``, then the LM head over ``[N, n+1, H]``.
+  * ``RING``: a collective matmul (:func:`v2_heads_logits`): W ``[N, n+1, H/W]
+    x [H/W, V/W]`` block products, W-1 ``ppermute``s of ``[N, n, H/W]``
+    between them, no all-gather; the same sums in another order (f32).
+  """
+  __option__ = "lm_head_collective"
+  __error__ = ShardingError
+  ALL_GATHER = "all_gather"
+  RING = "ring"
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -46,28 +70,41 @@ class HeadsSharding:
 
   Names end with the axes they cover: ``fused_w_hnh`` is the V2 ``[H, n, H]``
   kernel, ``fused_b_nh`` its bias, ``block_w_hh``/``block_b_h`` a V1 ResBlock,
-  ``out_w_hv`` a V1 output projection.
+  ``out_w_hv`` a V1 output projection. ``lm_head_collective`` chooses how
+  sharded V2 heads reach a :class:`~medusa_jax.heads.protocol.LinearLMHead`
+  (any other LM-head callable takes ``ALL_GATHER``).
   """
   fused_w_hnh: P | None = None
   fused_b_nh: P | None = None
   block_w_hh: P | None = None
   block_b_h: P | None = None
   out_w_hv: P | None = None
+  lm_head_collective: LMHeadCollective = LMHeadCollective.RING
+
+  def __post_init__(self):
+    object.__setattr__(self, "lm_head_collective",
+                       LMHeadCollective.parse(self.lm_head_collective))
 
   @staticmethod
   def no_sharding() -> "HeadsSharding":
     return HeadsSharding()
 
   @staticmethod
-  def tensor_parallel() -> "HeadsSharding":
-    """LoRAX's layout over ``model`` (V2), and the V1 rules of :data:`MEDUSA_RULES`."""
+  def tensor_parallel(lm_head_collective: LMHeadCollective | str = LMHeadCollective.RING
+                      ) -> "HeadsSharding":
+    """LoRAX's layout over ``model`` (V2), and the V1 rules of :data:`MEDUSA_RULES`.
+
+    ``RING`` by default: on GPUs it takes the heads' all-gather off the
+    critical path (docs/perf_sharded.md); ``ALL_GATHER`` is LoRAX's order.
+    """
     return HeadsSharding(fused_w_hnh=P(None, None, MODEL), fused_b_nh=P(None, MODEL),
                          block_w_hh=P(None, MODEL), block_b_h=P(MODEL),
-                         out_w_hv=P(None, MODEL))
+                         out_w_hv=P(None, MODEL), lm_head_collective=lm_head_collective)
 
   @property
   def is_sharded(self) -> bool:
-    return any(getattr(self, f.name) is not None for f in dataclasses.fields(self))
+    return any(getattr(self, f.name) is not None for f in dataclasses.fields(self)
+               if f.name != "lm_head_collective")
 
 
 # Paths of MedusaModel's parameters -> specs, for placing a whole state by rules.
@@ -245,8 +282,110 @@ def v2_heads_hidden_segmented(x: Array, w: Array, b: Array, s_start: Array, s_en
                        check_vma=False)(*args)
 
 
-def vocab_parallel_lm_head(weight: Array, *, transposed: bool = False):
-  """The base LM head as a callable over a vocabulary-split weight.
+def ring_applies(lm_head: Any, hidden: int, mesh: Mesh) -> bool:
+  """Whether :func:`v2_heads_logits` can run the ring for ``lm_head`` on ``mesh``.
+
+  It needs the weight (a :class:`LinearLMHead`), a ``model`` axis of two or
+  more, and H and V that divide it; otherwise callers take the all-gather path.
+  """
+  width = int(mesh.shape[MODEL])
+  return (isinstance(lm_head, LinearLMHead) and width > 1 and hidden % width == 0
+          and lm_head.vocab_size % width == 0)
+
+
+def v2_heads_logits(x: Array, kernel_hnh: Array, bias_nh: Array, lm_head: LinearLMHead, *,
+                    mesh: Mesh, num_drafts: int | None = None) -> tuple[Array, Array]:
+  """V2 heads and a vocabulary-split LM head as one collective matmul (``RING``).
+
+  Device ``d`` of the ``model`` axis (size W, block ``j`` = columns
+  ``j*H/W:(j+1)*H/W``, ``u = V/W``) holds head columns ``d`` of the kernel
+  and vocabulary slice ``d`` of the LM head ``W_lm [H, u]``. The logits of
+  the stacked rows ``s = [x, h_0..h_{D-1}]`` ``[N, 1+D, H]`` on that slice are
+
+      logits[:, :, d*u:(d+1)*u] = sum_j s[:, :, block j] @ W_lm[block j, :]
+
+  1. ``h[:, :, block d] = x[:, block d] + silu(x @ kernel[:, :, block d] + b)``
+     (local, as :func:`v2_heads_hidden`), the first D heads kept;
+  2. for ``k = 0..W-1``: the device holds the heads' block ``j = (d - k) mod W``
+     (its own at ``k = 0``, then what its ring neighbour ``d - 1`` sent),
+     stacks it under ``x[:, block j]`` (x is whole on every device: no
+     transfer) and adds ``s_j @ W_lm[block j]`` to an f32 accumulator, while
+     ``ppermute`` passes the block on to ``d + 1``.
+
+  Invariant: after step k the accumulator holds the blocks ``d, d-1, ..,
+  d-k``; after W steps every block, i.e. the full contraction. No all-gather:
+  W-1 transfers of ``[N, D, H/W]`` each, and product k depends only on the
+  first k transfers, so the GPU backend's latency-hiding scheduler can run
+  transfer k+1 under product k (the first product needs no transfer).
+  CPU collectives are synchronous: tests check the pattern in the HLO, the
+  overlap itself is measured by ``scripts/bench_sharded.py`` on GPUs.
+
+  Args:
+    x: [N, H] hidden states after the final norm, any sharding.
+    kernel_hnh: [H, n, H] (``[in, head, out]``), split over ``model`` on out.
+    bias_nh: [n, H], split on H.
+    lm_head: the LM head; its weight ``[H, V]`` (or tied ``[V, H]``) is read
+      vocabulary-split (resharded if it is not).
+    mesh: the mesh; its ``model`` axis must divide H and V.
+    num_drafts: D <= n heads through the LM head (None: all).
+
+  Returns:
+    logits [N, V] float32 and drafts [N, D, V] float32, split over ``model``
+    on V (rows as :func:`v2_heads_hidden`).
+
+  Raises:
+    ShardingError: H or V does not divide the ``model`` axis.
+  """
+  width = int(mesh.shape[MODEL])
+  hidden, num_heads = kernel_hnh.shape[0], kernel_hnh.shape[1]
+  drafts = num_heads if num_drafts is None else num_drafts
+  check_divisible(kernel_hnh.shape, P(None, None, MODEL), mesh, "V2 kernel [H, n, H]")
+  w_spec = P(MODEL, None) if lm_head.transposed else P(None, MODEL)
+  check_divisible(lm_head.weight.shape, w_spec, mesh,
+                  "LM head [V, H]" if lm_head.transposed else "LM head [H, V]")
+  rows = _rows(x, mesh)
+  block = hidden // width
+  dtype = x.dtype if lm_head.dtype is None else lm_head.dtype
+  # The ring: device j sends to j + 1, so at step k device d holds block d - k.
+  ring = [(j, (j + 1) % width) for j in range(width)]
+
+  def local(x_nxH, w_Hxnxb, b_nxb, w_lm):
+    d = lax.axis_index(MODEL)
+    y_nxnxb = jnp.einsum("rh,hkm->rkm", x_nxH, w_Hxnxb.astype(x_nxH.dtype),
+                         preferred_element_type=jnp.float32)
+    y_nxnxb = y_nxnxb + b_nxb.astype(jnp.float32)[None]
+    x_own = lax.dynamic_slice_in_dim(x_nxH, d * block, block, axis=1)
+    h_nxDxb = (x_own.astype(jnp.float32)[:, None, :] + jax.nn.silu(y_nxnxb[:, :drafts])
+               ).astype(x_nxH.dtype)
+    # Blocks of the contraction dim as their own axis (a free reshape): for
+    # [H, u] the leading one, so block j is a contiguous offset into the
+    # weight (the scan-over-layers pattern); a tied [u, H] is sliced in place.
+    if lm_head.transposed:
+      w_blocks, block_axis, eq = w_lm.reshape(w_lm.shape[0], width, block), 1, "rkh,vh->rkv"
+    else:
+      w_blocks, block_axis, eq = w_lm.reshape(width, block, w_lm.shape[1]), 0, "rkh,hv->rkv"
+    acc = None
+    for k in range(width):  # static: W products, W - 1 transfers
+      if k:
+        h_nxDxb = lax.ppermute(h_nxDxb, MODEL, ring)
+      j = (d - k) % width
+      x_nxb = lax.dynamic_slice_in_dim(x_nxH, j * block, block, axis=1)
+      s_nx1Dxb = jnp.concatenate([x_nxb[:, None, :], h_nxDxb], axis=1).astype(dtype)
+      w_j = lax.dynamic_index_in_dim(w_blocks, j, axis=block_axis, keepdims=False)
+      part = jnp.einsum(eq, s_nx1Dxb, w_j.astype(dtype), preferred_element_type=jnp.float32)
+      acc = part if acc is None else acc + part
+    return acc
+
+  specs = (P(rows, None), P(None, None, MODEL), P(None, MODEL), w_spec)
+  args = [constrain(a, s, mesh)
+          for a, s in zip((x, kernel_hnh, bias_nh, lm_head.weight), specs)]
+  logits_Nx1DxV = jax.shard_map(local, mesh=mesh, in_specs=specs,
+                                out_specs=P(rows, None, MODEL), check_vma=False)(*args)
+  return logits_Nx1DxV[:, 0], logits_Nx1DxV[:, 1:]
+
+
+def vocab_parallel_lm_head(weight: Array, *, transposed: bool = False) -> LinearLMHead:
+  """The base LM head over a vocabulary-split weight.
 
   Args:
     weight: ``[H, V]`` split ``P(None, "model")``, or with ``transposed`` a tied
@@ -254,11 +393,9 @@ def vocab_parallel_lm_head(weight: Array, *, transposed: bool = False):
     transposed: the weight is ``[V, H]``.
 
   Returns:
-    ``h [..., H] -> logits [..., V]`` float32. Under ``jax.jit`` the product
-    runs per device on its vocabulary slice; logits stay split over V.
+    A :class:`LinearLMHead`: ``h [..., H] -> logits [..., V]`` float32. Under
+    ``jax.jit`` the product runs per device on its vocabulary slice; logits
+    stay split over V; tensor-parallel V2 heads run it as a ring
+    (:func:`v2_heads_logits`).
   """
-  def lm_head(h):
-    w = weight.astype(h.dtype)
-    eq = "...h,vh->...v" if transposed else "...h,hv->...v"
-    return jnp.einsum(eq, h, w, preferred_element_type=jnp.float32)
-  return lm_head
+  return LinearLMHead(weight=weight, transposed=transposed)

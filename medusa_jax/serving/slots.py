@@ -45,6 +45,8 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from medusa_jax.decoding import tree as tree_mod
 from medusa_jax.decoding.decoder import Decoder
@@ -53,6 +55,8 @@ from medusa_jax.decoding.state import DecodeState, StepConfig, StepOutput, Steps
 from medusa_jax.decoding.strategies import Greedy, Sampling
 from medusa_jax.errors import ConfigError
 from medusa_jax.models.llama import KVCache
+from medusa_jax.models.llama_sharding import cache_spec, shard_cache
+from medusa_jax.parallel.mesh import rows_axis
 
 Array = jax.Array
 
@@ -170,7 +174,7 @@ class SlotCore:
 
   def __init__(self, llama, heads=None, *, num_slots: int, cache_len: int, steps_per_call: int,
                table: SpeculationTable, eos_ids: Sequence[int] = (), cache_dtype=None,
-               transpose_lm_head: bool | None = None, seed: int = 0):
+               transpose_lm_head: bool | None = None, seed: int = 0, mesh: Mesh | None = None):
     """Args:
       llama: the base ``Llama``.
       heads: heads of the heads protocol, routed per row by ``adapter_slot``
@@ -183,6 +187,10 @@ class SlotCore:
       cache_dtype: KV cache dtype (None: the model's).
       transpose_lm_head: see :class:`~medusa_jax.decoding.decoder.Decoder`.
       seed: the PRNG seed of the sampled rows.
+      mesh: the ``('data', 'model')`` mesh ``llama`` and ``heads`` are placed on
+        (``Engine.mesh``), or None. The slots' KV cache is then split like
+        the engine's (rows over ``data`` when S divides it, kv heads over
+        ``model``), and the per-slot rows over ``data``.
     """
     for name, value in (("num_slots", num_slots), ("cache_len", cache_len),
                         ("steps_per_call", steps_per_call)):
@@ -199,6 +207,7 @@ class SlotCore:
     eos = tuple(int(e) for e in eos_ids)
     self.eos_ids = eos
     self.seed = seed
+    self.mesh = mesh
 
     def configs(strategy):
       return tuple(StepConfig(tree=t, strategy=strategy, eos_ids=eos, carrier=table.carrier)
@@ -219,9 +228,13 @@ class SlotCore:
       count["release"] += 1
       return _release(state, mask_S)
     self._insert = jax.jit(insert, donate_argnames="state")
-    # One dispatch for a prefill's empty cache (not one per layer and buffer).
+    # One dispatch for a prefill's empty cache (not one per layer and buffer),
+    # made where the prefill reads it.
+    placed = {} if mesh is None else dict(
+        out_shardings=NamedSharding(mesh, cache_spec(self.cfg, 1, mesh)))
     self._empty_cache = jax.jit(
-        lambda width: KVCache.init(self.cfg, 1, width, self.cache_dtype), static_argnums=0)
+        lambda width: KVCache.init(self.cfg, 1, width, self.cache_dtype), static_argnums=0,
+        **placed)
     self._release = jax.jit(release, donate_argnames="state")
 
   # -- sizes --------------------------------------------------------------------------------
@@ -251,13 +264,28 @@ class SlotCore:
     cache = KVCache.init(self.cfg, s, self.cache_len, self.cache_dtype)
     def zero_S():  # a fresh buffer per field: the state is donated
       return jnp.zeros((s,), jnp.int32)
-    return DecodeState(cache=cache, lengths=zero_S(),
-                       tokens=jnp.zeros((s, self.nodes), jnp.int32), generated=zero_S(),
-                       max_new=zero_S(), done=jnp.ones((s,), bool),
-                       rng=jax.random.PRNGKey(self.seed),
-                       temperature=jnp.zeros((s,), jnp.float32),
-                       top_p=jnp.ones((s,), jnp.float32),
-                       adapter_slot=zero_S() if self.routed else None)
+    state = DecodeState(cache=cache, lengths=zero_S(),
+                        tokens=jnp.zeros((s, self.nodes), jnp.int32), generated=zero_S(),
+                        max_new=zero_S(), done=jnp.ones((s,), bool),
+                        rng=jax.random.PRNGKey(self.seed),
+                        temperature=jnp.zeros((s,), jnp.float32),
+                        top_p=jnp.ones((s,), jnp.float32),
+                        adapter_slot=zero_S() if self.routed else None)
+    return state if self.mesh is None else self._place(state)
+
+  def _place(self, state: DecodeState) -> DecodeState:
+    """``state`` on the mesh: the cache by ``shard_cache``, the [S, ...] rows
+    over ``data`` when S divides it (else replicated), the key replicated."""
+    mesh, rows = self.mesh, rows_axis(self.num_slots, self.mesh)
+
+    def put_rows(a):
+      return None if a is None else jax.device_put(
+          a, NamedSharding(mesh, P(rows, *([None] * (a.ndim - 1)))))
+    fields = {f: put_rows(getattr(state, f)) for f in
+              ("lengths", "tokens", "generated", "max_new", "done", "temperature", "top_p",
+               "adapter_slot")}
+    return state.replace(cache=shard_cache(state.cache, self.cfg, mesh),
+                         rng=jax.device_put(state.rng, NamedSharding(mesh, P())), **fields)
 
   def prefill(self, prompt: Sequence[int], *, max_new: int, temperature: float = 0.0,
               top_p: float = 1.0, adapter_slot: int = 0, rng: Array | None = None) -> Prefix:

@@ -246,9 +246,10 @@ def test_v2_sharded_matches_unsharded(data, model):
 
 
 def test_v2_collective_pattern_is_one_all_gather():
+  """LoRAX's order (the ALL_GATHER option); the default RING: test_lm_head_ring.py."""
   rng = np.random.default_rng(11)
   mesh = make_mesh(1, 8)
-  model = _v2_model(rng, 16, 4).shard(mesh)
+  model = _v2_model(rng, 16, 4).shard(mesh, lm_head_collective="all_gather")
   lm = place(rng.standard_normal((16, 64)).astype(np.float32), P(None, "model"), mesh)
   x = jnp.asarray(rng.standard_normal((8, 16)), jnp.float32)
   fwd, state, _ = _forward(model, lm, x, mesh)
