@@ -169,7 +169,8 @@ class Scheduler:
                     cache_len=cache_len or engine.config.max_cache_len,
                     steps_per_call=steps_per_call or engine.config.steps_per_call,
                     table=table, eos_ids=engine.eos_ids, cache_dtype=engine.cache_dtype,
-                    transpose_lm_head=engine.config.transpose_lm_head)
+                    transpose_lm_head=engine.config.transpose_lm_head,
+                    mesh=getattr(engine, "mesh", None))
     return cls(core, tokenizer=engine.tokenizer, context=engine.context, pool=pool,
                model_name=name, max_queue=max_queue, metrics=metrics)
 
