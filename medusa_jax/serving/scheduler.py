@@ -147,7 +147,8 @@ class Scheduler:
     """
     speculate = Speculate.parse(speculate)
     if policy is None:
-      policy = engine.config.tree_policy
+      # On a mesh the candidates are not timed (the timing runs unsharded).
+      policy = engine.config.tree_policy if getattr(engine, "mesh", None) is None else "budget"
     if policy == "budget" or speculate is not Speculate.TREE:
       policy = None
     elif policy == "measured":
