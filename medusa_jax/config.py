@@ -171,7 +171,8 @@ class EngineConfig:
     else:
       where = ""
     if policy not in TREE_POLICIES:
-      raise ConfigError(f"tree_policy={policy!r}{where}: expected one of {', '.join(TREE_POLICIES)}")
+      raise ConfigError(f"tree_policy={policy!r}{where}: expected one of"
+                        f" {', '.join(TREE_POLICIES)}")
     object.__setattr__(self, "tree_policy", policy)
     rows = TREE_ROWS[platform] if self.max_tree_rows is None else self.max_tree_rows
     object.__setattr__(self, "max_tree_rows", _check_positive_int("max_tree_rows", rows, None))

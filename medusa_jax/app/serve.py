@@ -186,7 +186,7 @@ def run(ns: argparse.Namespace) -> int:
     scheduler = Scheduler.from_engine(
         engine, num_slots=ns.slots, steps_per_call=ns.steps_per_call, speculate=ns.speculate,
         adapter_dir=ns.adapter_dir, max_adapters=ns.max_adapters, max_queue=ns.max_queue,
-        policy=ns.policy)
+        policy=ns.policy, log=lambda m: stderr(f"{m} (once; cached under $MEDUSA_JAX_HOME/policy)"))
     stderr(f"warming up {ns.slots} slots (compiling; the compilation cache {cache_dir} makes"
            " later starts quicker)")
     scheduler.start()

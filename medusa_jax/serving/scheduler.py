@@ -124,7 +124,7 @@ class Scheduler:
   def from_engine(cls, engine, *, num_slots: int = 16, steps_per_call: int | None = None,
                   speculate: str = "tree", adapter_dir=None, max_adapters: int = 4,
                   max_queue: int = 256, metrics=None, model_name: str | None = None,
-                  cache_len: int | None = None, policy=None) -> "Scheduler":
+                  cache_len: int | None = None, policy=None, log=None) -> "Scheduler":
     """A scheduler over ``engine``'s model, heads, tokenizer and limits.
 
     Args:
@@ -144,6 +144,7 @@ class Scheduler:
         read the times cached under ``$MEDUSA_JAX_HOME/policy``), "budget"
         (the row budget, ``EngineConfig.max_tree_rows``), or None (the
         engine's ``EngineConfig.tree_policy``).
+      log: called with a line when the candidate trees are timed.
     """
     speculate = Speculate.parse(speculate)
     if policy is None:
@@ -153,7 +154,7 @@ class Scheduler:
       policy = None
     elif policy == "measured":
       policy = measured_policy(engine, num_slots, cache_len or engine.config.max_cache_len,
-                               steps_per_call=steps_per_call)
+                               steps_per_call=steps_per_call, log=log)
     if policy is not None and hasattr(policy, "tree_for"):
       policy = policy.tree_for
     default = engine.medusa if speculate is not Speculate.NONE or adapter_dir else None

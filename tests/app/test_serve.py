@@ -121,6 +121,8 @@ def test_serve_runs_the_scheduler_behind_the_app(monkeypatch, tmp_path):
   url = urls.get(timeout=20)
   try:
     assert fake.started
+    log = made.pop("log")
+    assert callable(log)  # where the policy's timing lines go (stderr)
     assert made == {"engine": engine, "num_slots": 3, "steps_per_call": 2, "speculate": "chain",
                     "adapter_dir": str(tmp_path / "adapters"), "max_adapters": 2,
                     "max_queue": 9, "policy": None}

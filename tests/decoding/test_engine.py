@@ -62,17 +62,17 @@ def test_greedy_chain_and_tree_equal_plain_on_smollm2(smol):
   assert all(len(t) == new for t in plain.tokens)
   assert plain.steps == [new - 1] * 4
   accepted = rejected = 0
-  for mode in ("chain", "tree"):
-    for batch in (prompts, prompts[1:2]):
-      res = smol.generate(batch, new, speculate=mode)
-      want = plain.tokens if len(batch) == 4 else plain.tokens[1:2]
-      assert res.tokens == want, (mode, len(batch))
-      assert res.tree_nodes > 1 and not res.speculation_skipped
-      for s in res.stats:
-        accepted += sum(s.head_accepts)
-        rejected += s.accept_hist[0]
-        assert sum(s.accept_hist) == s.steps
-        assert s.steps <= new - 1
+  # The chain at batch 4 and the adaptive tree at batch 4 and 1 (a bigger tree there).
+  for mode, batch in (("chain", prompts), ("tree", prompts), ("tree", prompts[1:2])):
+    res = smol.generate(batch, new, speculate=mode)
+    want = plain.tokens if len(batch) == 4 else plain.tokens[1:2]
+    assert res.tokens == want, (mode, len(batch))
+    assert res.tree_nodes > 1 and not res.speculation_skipped
+    for s in res.stats:
+      accepted += sum(s.head_accepts)
+      rejected += s.accept_hist[0]
+      assert sum(s.accept_hist) == s.steps
+      assert s.steps <= new - 1
   assert accepted > 0 and rejected > 0  # both verification outcomes were exercised
   assert plain.texts is not None and plain.texts[0].strip()
 
@@ -450,7 +450,8 @@ def _poisoned_setup(seed):
   for _ in range(50):
     prompts = [list(rng.integers(1, 40, size=n)) for n in (3, 5, 4)]
     clean = eng.generate(prompts, 6).tokens
-    seen = set(prompts[0] + prompts[1] + clean[0] + clean[1] + prompts[2] + clean[2][:1])
+    # Token 0 pads prompts in the batch: a NaN row there reaches every padded row.
+    seen = set(prompts[0] + prompts[1] + clean[0] + clean[1] + prompts[2] + clean[2][:1]) | {0}
     late = [t for t in clean[2][1:-1] if t not in seen]
     if late:
       return llama, heads, prompts, clean, late[0]

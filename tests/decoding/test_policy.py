@@ -187,7 +187,7 @@ def test_candidates_that_cannot_win_are_not_timed(tiny):
   finite = [k for k, t in times.items() if math.isfinite(t)]
   assert ("plain", 1) in finite and len(finite) == 2 and len(times) == len(trees)
   policy = P.SpeculationPolicy.from_times(times, trees, acceptance=never)
-  assert policy.tree_for(1) is None
+  assert math.isfinite(policy.step_times[0][policy.choice(1)])  # an untimed one never wins
   back = P.SpeculationPolicy.from_json(json.loads(json.dumps(policy.to_json())))
   assert back == policy and sum(math.isinf(t) for t in back.step_times[0]) == len(trees) - 2
   # Without an acceptance table nothing is pruned.
