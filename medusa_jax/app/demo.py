@@ -84,8 +84,8 @@ def run_demo(num_prompts: int = 4, max_new_tokens: int = 32, batch_size: int | N
   if Speculate.TREE in modes and engine.context.tree_policy is not None:
     rows = batch_size or num_prompts
     if engine.config.tree_policy == "measured" and rows not in engine.measured:
-      log(f"timing the candidate trees at batch {rows} on this device (cached for later runs)"
-          " ...")
+      log(f"the measured tree policy at batch {rows}: timing the candidate trees on this device"
+          " (once; later runs read $MEDUSA_JAX_HOME/policy) ...")
     tree = engine.context.tree_policy(rows)
     plain_tree = tree is None
     log("measured policy: " + ("plain decoding pays best on this device, so 'tree' is plain"

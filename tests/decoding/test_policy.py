@@ -84,9 +84,26 @@ def test_choice_never_slower_than_plain(rows, acc):
     rates, chosen = policy.rates(b), policy.choice(b)
     plain_rate = 1.0 / rows[b - 1][0]
     assert rates[chosen] >= plain_rate * (1 - 1e-12)
-    assert rates[chosen] == max(rates)
+    if chosen != 0:  # a tree only when the best, and by the margin over plain
+      assert rates[chosen] == max(rates) and rates[chosen] > 1.1 * plain_rate
+    else:
+      assert max(rates) <= 1.1 * plain_rate * (1 + 1e-12)
     tree = policy.tree_for(b)
     assert (tree is None) == (chosen == 0)
+
+
+def test_a_tree_must_beat_plain_by_the_margin():
+  trees = P.candidate_trees(CHOICES, 2)[:2]
+  cands = tuple(None if t is None else t.choices for t in trees)
+  acc = ((0.5,) * 3,) * 2
+  gain = P.expected_tokens(trees[1], acc)  # tokens per step of the tree
+  for ratio, margin, want in ((1.05, 0.1, None), (1.15, 0.1, cands[1]), (1.05, 0.0, cands[1])):
+    # the tree's step costs gain / ratio plain steps: it promises `ratio` x plain's rate
+    policy = P.SpeculationPolicy(candidates=cands, batch_sizes=(1,), acceptance=acc,
+                                 step_times=((1.0, gain / ratio),), margin=margin)
+    assert (None if policy.tree_for(1) is None else policy.tree_for(1).choices) == want
+  with pytest.raises(P.PolicyError, match="margin"):
+    P.SpeculationPolicy(candidates=cands, batch_sizes=(1,), step_times=((1.0, 1.0),), margin=-1)
 
 
 def test_bucket_and_json_round_trip():
