@@ -164,12 +164,9 @@ class EngineConfig:
     object.__setattr__(self, "platform", platform)
     for name in ("max_cache_len", "min_cache_len"):
       object.__setattr__(self, name, _check_positive_int(name, getattr(self, name), None))
-    policy = self.tree_policy
-    if policy is None:
-      policy = os.environ.get(TREE_POLICY_ENV) or "measured"
-      where = f" (from ${TREE_POLICY_ENV})" if os.environ.get(TREE_POLICY_ENV) else ""
-    else:
-      where = ""
+    env = os.environ.get(TREE_POLICY_ENV) if self.tree_policy is None else None
+    policy = self.tree_policy if self.tree_policy is not None else env or "measured"
+    where = f" (from ${TREE_POLICY_ENV})" if env else ""
     if policy not in TREE_POLICIES:
       raise ConfigError(f"tree_policy={policy!r}{where}: expected one of"
                         f" {', '.join(TREE_POLICIES)}")

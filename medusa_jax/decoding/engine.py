@@ -106,7 +106,6 @@ class Engine:
     self.max_batch_size = config.speculation_limit(None if model is None else model.max_batch_size)
     self.heads_notice = heads_notice
     self.model_name = "medusa-jax"  # Engine.load names it after the base model
-    self.policy = None
     self.chat_template = chat_template
     self.eos_ids = (tuple(llama.cfg.eos_token_ids) if config.eos_ids is None
                     else config.eos_ids)
@@ -129,8 +128,7 @@ class Engine:
   def _measured_tree(self, batch: int):
     """The measured policy's tree for ``batch`` requests (None: plain pays best)."""
     rows = buckets.batch_bucket(batch)
-    if rows not in self.measured:
-      logger.info("timing the candidate trees at batch %d on this device (cached) ...", rows)
+    if rows not in self.measured:  # timed, or read from the disk cache, once per bucket
       self.measured[rows] = self.measure_policy(
           (rows,), cache_len=min(MEASURE_CACHE_LEN, self.config.max_cache_len),
           log=logger.info)
@@ -149,7 +147,6 @@ class Engine:
       tree_for = self._measured_tree
     else:
       tree_for = getattr(policy, "tree_for", policy)
-    self.policy = policy
     self.context = dataclasses.replace(self.context, tree_policy=tree_for)
 
   def measure_policy(self, batch_sizes=(1, 2, 4, 8, 16, 32, 64), *, cache_len: int = 512,
