@@ -40,6 +40,10 @@ import sys
 import time
 
 
+ATTENTION_METHODS = ("grouped", "flat", "pallas")
+"""The AttentionScores values a step can be timed with (AUTO resolves to one of them)."""
+
+
 def _smollm2_config(tiny: bool):
   from medusa_jax.models.llama import LlamaConfig
   if tiny:
@@ -369,15 +373,25 @@ def bench_jax(args) -> dict:
         row["unfused_plain_step_in_graph_repeats_ms"] = u["in_graph_ms"]
       del udec, unfused
     if batch in (args.compare_attention or ()):
-      # The other way of computing attention scores, same weights (in-graph only).
-      other = "flat" if args.attention == "grouped" else "grouped"
-      odec = Decoder(llama.with_attention_scores(other), medusa.model)
-      o = _time_plain(odec, cfg, args, batch, dtype, True, kernels=i == 0, dispatched=False)
-      row[f"{other}_plain_step_in_graph_ms"] = min(o["in_graph_ms"])
-      row[f"{other}_plain_step_in_graph_repeats_ms"] = o["in_graph_ms"]
-      if "kernels" in o:
+      # The other ways of computing attention, same weights (in-graph only): the plain
+      # step and, where this batch times one, the row-budget tree step.
+      for other in args.compare_methods or ATTENTION_METHODS:
+        if other == args.attention:
+          continue
+        odec = Decoder(llama.with_attention_scores(other), medusa.model)
+        o = _time_plain(odec, cfg, args, batch, dtype, True, kernels=True, dispatched=False)
+        row[f"{other}_plain_step_in_graph_ms"] = min(o["in_graph_ms"])
+        row[f"{other}_plain_step_in_graph_repeats_ms"] = o["in_graph_ms"]
         row[f"{other}_plain_kernels"] = o["kernels"]
-      del odec
+        if args.tree_batches is None or batch in args.tree_batches:
+          tree = tree_for_batch(batch, args.heads, max_tree_rows=args.max_tree_rows)
+          config = StepConfig(tree=tree, strategy=Greedy(), eos_ids=())
+          state = _start_state(odec, cfg, batch, args.cache_len, args.prompt_len, config, dtype, 0)
+          times, _ = _time_in_graph(odec, state, config, args.steps)
+          row[f"{other}_tree_step_in_graph_ms"] = min(times)
+          row[f"{other}_tree_nodes"] = tree.num_nodes
+          del state
+        del odec
     modes = {}
     if not args.only_plain:
       modes["chain"] = build_tree(chain_choices(args.heads))
@@ -619,6 +633,78 @@ def bench_hf(args) -> list:
   return rows
 
 
+def _attention_sweep(args) -> list:
+  """One layer's attention alone, in-graph: the Pallas kernel's block sizes against XLA's
+  FLAT and GROUPED attention, SmolLM2's heads, at (batch, new tokens) decode and tree sizes.
+
+  Each call's output is the next call's query (a dependency chain of ``steps``
+  calls in one fori_loop), so nothing is hoisted; the cache holds ``prompt_len``
+  committed slots (``kv_len``) of ``cache_len``. Also checks the kernel against
+  the XLA attention on the same inputs (max abs difference).
+  """
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from medusa_jax.models.llama import AttentionScores, causal_mask
+  from medusa_jax.pallas.decode_attention import decode_attention
+
+  dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
+  cfg = _smollm2_config(args.tiny)
+  llama, _ = _build(cfg, dtype, 1, attention="flat")
+  flat_attn = llama.layers[0].self_attn
+  grouped_attn = llama.with_attention_scores(AttentionScores.GROUPED).layers[0].self_attn
+  Q, G, D, L = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, args.cache_len
+  results = []
+  for B, T in ((1, 1), (16, 1), (64, 1), (1, 64), (16, 4)):
+    key = jax.random.split(jax.random.PRNGKey(B * 100 + T), 3)
+    q = jax.random.normal(key[0], (B, T, Q, D), jnp.float32).astype(dtype)
+    k = jax.random.normal(key[1], (B, L, G, D), jnp.float32).astype(dtype)
+    v = jax.random.normal(key[2], (B, L, G, D), jnp.float32).astype(dtype)
+    idx = jnp.full((B,), args.prompt_len, jnp.int32)
+    mask = causal_mask(idx, T, L)
+    kv_len = idx + T
+
+    def chain(fn):
+      @jax.jit
+      def run(q):
+        return jax.lax.fori_loop(0, args.steps, lambda i, x: fn(x).astype(dtype), q)
+      run(q).block_until_ready()
+      best = float("inf")
+      for _ in range(3):
+        t = time.perf_counter()
+        run(q).block_until_ready()
+        best = min(best, (time.perf_counter() - t) / args.steps)
+      return 1e6 * best
+
+    xla = {name: functools.partial(attn._flat if name == "flat" else attn._grouped,
+                                   k_BxLxGxD=k, v_BxLxGxD=v,
+                                   mask_Bx1x1xTxL=mask[:, None, None])
+           for name, attn in (("flat", flat_attn), ("grouped", grouped_attn))}
+    row = dict(batch=B, tokens=T, kv_len=int(kv_len[0]), cache_len=L)
+    for name, fn in xla.items():
+      row[f"{name}_us"] = chain(lambda x, fn=fn: fn(x))
+    ref = np.asarray(xla["flat"](q), np.float32)
+    for bk in (32, 64, 128, 256):
+      for warps in (2, 4, 8):
+        fn = functools.partial(decode_attention, k_BxLxGxD=k, v_BxLxGxD=v, mask_BxTxL=mask,
+                               kv_len_B=kv_len, block_k=bk, num_warps=warps)
+        try:
+          got = np.asarray(fn(q), np.float32)
+          row[f"pallas_k{bk}_w{warps}_us"] = chain(fn)
+          row[f"pallas_k{bk}_w{warps}_max_abs_err"] = float(np.abs(got - ref).max())
+        except Exception as e:  # a block shape Triton rejects must not lose the others
+          row[f"pallas_k{bk}_w{warps}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    results.append(row)
+    best = min((v, k) for k, v in row.items() if k.startswith("pallas") and k.endswith("_us"))
+    print(f"attention B={B:>2} T={T:>2}: flat {row['flat_us']:.1f} us, grouped "
+          f"{row['grouped_us']:.1f} us, pallas best {best[0]:.1f} us ({best[1]})", flush=True)
+    print(json.dumps(dict(attention_sweep=row)), flush=True)
+  return results
+
+
 def _flag_variants(args) -> list:
   """Re-runs the plain/tree step at batch 1 under other XLA flags (new processes)."""
   variants = {
@@ -676,10 +762,13 @@ def _table(res: dict) -> str:
       lines.append(f"    unfused (checkpoint layout): {r['unfused_plain_step_ms']:.3f} ms dispatched,"
                    f" {r.get('unfused_plain_step_in_graph_ms', nan):.3f} ms in-graph,"
                    f" {sum(r['unfused_plain_kernels'].values())} kernels")
-    for other in ("flat", "grouped"):
+    for other in ATTENTION_METHODS:
       if f"{other}_plain_step_in_graph_ms" in r:
-        lines.append(f"    {other} attention scores: {r[f'{other}_plain_step_in_graph_ms']:.3f} ms"
-                     f" in-graph, {sum(r.get(f'{other}_plain_kernels', {}).values()) or '-'} kernels")
+        tree_ms = r.get(f"{other}_tree_step_in_graph_ms")
+        lines.append(f"    {other} attention: plain {r[f'{other}_plain_step_in_graph_ms']:.3f} ms"
+                     f" in-graph, {sum(r.get(f'{other}_plain_kernels', {}).values()) or '-'} kernels"
+                     + (f"; tree {tree_ms:.3f} ms in-graph ({r[f'{other}_tree_nodes']} nodes)"
+                        if tree_ms is not None else ""))
   for v in res.get("flags", []):
     if "error" in v:
       lines.append(f"flags {v['variant']}: error {v['error'][-200:]}")
@@ -712,10 +801,16 @@ def main(argv=None) -> int:
                  help="time the unfused (checkpoint) layout of the base model")
   p.add_argument("--compare-unfused", action="store_true",
                  help="also time the unfused layout at the first batch size")
-  p.add_argument("--attention", choices=("grouped", "flat"), default="grouped",
-                 help="how the base model computes attention scores (AttentionScores)")
+  p.add_argument("--attention", choices=ATTENTION_METHODS, default="grouped",
+                 help="how the base model computes attention (AttentionScores)")
   p.add_argument("--compare-attention", type=int, nargs="*", default=None,
-                 help="batch sizes that also time the other --attention, in-graph")
+                 help="batch sizes that also time the other --attention methods, in-graph"
+                 " (plain step, and the tree step where --tree-batches has the batch)")
+  p.add_argument("--compare-methods", nargs="*", choices=ATTENTION_METHODS, default=None,
+                 help="the methods --compare-attention times (default: all others)")
+  p.add_argument("--attention-sweep", action="store_true",
+                 help="first time one layer's attention alone: the Pallas kernel's block sizes"
+                 " against XLA's flat and grouped attention")
   p.add_argument("--tree-batches", type=int, nargs="*", default=None,
                  help="batch sizes that time the tree step (default: all)")
   p.add_argument("--real-model", help="a Hugging Face Llama dir: end-to-end mode (see above)")
@@ -751,7 +846,10 @@ def main(argv=None) -> int:
     _save(args, res, "bench_e2e.json")
     print(_e2e_table(res))
     return 0
+  sweep = _attention_sweep(args) if args.attention_sweep else None
   res = bench_jax(args)
+  if sweep is not None:
+    res["attention_sweep"] = sweep
   if args.hf:
     try:
       res["hf"] = bench_hf(args)

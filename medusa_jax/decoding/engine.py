@@ -38,7 +38,7 @@ from medusa_jax.errors import (AdapterLoadError, ArchitectureError, ConfigError,
                                NonFiniteLogitsError)
 from medusa_jax.heads.modules import MedusaModel
 from medusa_jax.heads.routed import BatchMedusaWeights
-from medusa_jax.models.llama_sharding import shard_cache
+from medusa_jax.models.llama_sharding import partitionable, shard_cache
 from medusa_jax.parallel.mesh import DATA, axis_size, shard_batch
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class Engine:
     model = getattr(medusa, "model", medusa)
     _check_heads_fit(model, llama, getattr(medusa, "source", None))
     self.config = config
-    self.llama = llama
+    self.llama = llama = partitionable(llama, mesh)
     self.mesh = mesh
     self.tokenizer = tokenizer
     self.medusa = medusa

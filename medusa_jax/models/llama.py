@@ -53,6 +53,7 @@ from flax import nnx
 
 from medusa_jax.errors import ConfigError, RequestError
 from medusa_jax.models.llama_config import LlamaConfig, RopeScaling, rope_inv_freq
+from medusa_jax.pallas import decode_attention as decode_attention_kernel
 
 __all__ = ["AttentionScores", "KVCache", "Llama", "apply_rope", "causal_mask", "rope",
            "rope_tables", "window_mask"]
@@ -80,10 +81,20 @@ class AttentionScores(enum.Enum):
   head: G times the (small) score work and no copy of the cache. Used for
   calls of at most ``FLAT_MAX_TOKENS`` new tokens per row (decode and tree
   verification); longer calls (prefill) use GROUPED."""
+  PALLAS = "pallas"
+  """One Pallas kernel per layer (:func:`medusa_jax.pallas.decode_attention.decode_attention`):
+  scores, mask, an online softmax and the weighted sum, reading only the slots
+  below ``cache_index + T``. For calls of at most ``FLAT_MAX_TOKENS`` new tokens
+  per row; longer calls use GROUPED. Compiled by Triton on a GPU, interpreted
+  elsewhere (correct, slow: for tests)."""
   AUTO = "auto"
-  """FLAT on a GPU (on an H100 it cut a SmolLM2 decode step from 1.20 to 1.06 ms
-  at batch 1, equal at batch 64), GROUPED elsewhere (XLA:CPU runs FLAT's
-  transposed cache view about 3x slower). Resolved when the model is built."""
+  """PALLAS on a GPU (on an H200, SmolLM2 bf16, cache 1024, in-graph: the plain step 1.06
+  against FLAT's 1.04-1.31 ms at batch 1, 0.86 against 1.04 at batch 16, 1.00 against 1.56 at
+  batch 64; tree steps equal at batch 1, 22-34 % faster at 16 and 64), GROUPED elsewhere
+  (XLA:CPU runs FLAT's transposed cache view about 3x slower, and interprets the kernel).
+  Resolved when the model is built. A model placed on a mesh of several devices runs FLAT
+  instead (:func:`medusa_jax.models.llama_sharding.partitionable`): XLA does not partition
+  a Pallas call."""
 
   @classmethod
   def parse(cls, value: str | AttentionScores) -> AttentionScores:
@@ -96,10 +107,10 @@ class AttentionScores(enum.Enum):
                         f"{', '.join(m.value for m in cls)}") from None
 
   def resolve(self) -> AttentionScores:
-    """GROUPED or FLAT (AUTO by the default backend)."""
+    """GROUPED, FLAT or PALLAS (AUTO by the default backend)."""
     if self is not AttentionScores.AUTO:
       return self
-    return AttentionScores.FLAT if jax.default_backend() == "gpu" else AttentionScores.GROUPED
+    return AttentionScores.PALLAS if jax.default_backend() == "gpu" else AttentionScores.GROUPED
 
 
 FLAT_MAX_TOKENS = 64
@@ -278,6 +289,10 @@ class Attention(nnx.Module):
                o_bias: bool = False):
     self.num_heads = num_heads
     self.scores = AttentionScores.parse(scores).resolve()
+    if (self.scores is AttentionScores.PALLAS
+        and not decode_attention_kernel.supports(num_heads, num_kv_heads)):
+      raise ConfigError(f"attention_scores=pallas: {num_heads} query heads over {num_kv_heads} "
+                        "kv heads (the kernel needs a whole number of query heads per kv head)")
     self.num_kv_heads = num_kv_heads
     self.head_dim = head_dim
     # A static tuple (not an array attribute) so that nnx treats it as graph data.
@@ -331,7 +346,12 @@ class Attention(nnx.Module):
     v_BxLxGxD = _write(v_BxLxGxD, v_BxTxGxD, cache_index_B)
 
     # Query head g*R + r reads kv head g (Hugging Face's repeat_kv order).
-    if self.scores is AttentionScores.FLAT and T <= FLAT_MAX_TOKENS:
+    if self.scores is AttentionScores.PALLAS and T <= FLAT_MAX_TOKENS:
+      L = k_BxLxGxD.shape[1]
+      o_BxTxQxD = decode_attention_kernel.decode_attention(
+          q_BxTxQxD, k_BxLxGxD, v_BxLxGxD,
+          mask_Bx1x1xTxL.reshape(B, T, L), cache_index_B + T)
+    elif self.scores is AttentionScores.FLAT and T <= FLAT_MAX_TOKENS:
       o_BxTxQxD = self._flat(q_BxTxQxD, k_BxLxGxD, v_BxLxGxD, mask_Bx1x1xTxL)
     else:
       o_BxTxQxD = self._grouped(q_BxTxQxD, k_BxLxGxD, v_BxLxGxD, mask_Bx1x1xTxL)

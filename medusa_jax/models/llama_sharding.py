@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from medusa_jax._validate import check_float_dtype
 from medusa_jax.errors import ShardingError
+from medusa_jax.models.llama import AttentionScores
 from medusa_jax.models.llama_config import LlamaConfig
 from medusa_jax.models.llama_weights import abstract_llama, check_finite, open_checkpoint
 from medusa_jax.parallel.mesh import (MODEL, PartitionRules, axis_size, path_str, place,
@@ -101,3 +102,14 @@ def load_llama_sharded(model_dir: str | os.PathLike, mesh: Mesh, *, dtype=jnp.fl
                               dtype=param_dtype, what=t.name))
     check_finite(model, tensors, param_dtype)
   return model
+
+
+def partitionable(llama, mesh: Mesh | None):
+  """``llama``, or the same model computing attention with XLA's FLAT scores when it would
+  run the Pallas attention kernel on a mesh of several devices: XLA does not partition a
+  Pallas call (it would gather the sharded KV cache onto every device in every layer).
+  The parameter arrays, and their placement, are shared."""
+  if (mesh is not None and mesh.devices.size > 1
+      and llama.attention_scores is AttentionScores.PALLAS):
+    return llama.with_attention_scores(AttentionScores.FLAT)
+  return llama

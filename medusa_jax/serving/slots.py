@@ -55,7 +55,7 @@ from medusa_jax.decoding.state import DecodeState, StepConfig, StepOutput, Steps
 from medusa_jax.decoding.strategies import Greedy, Sampling
 from medusa_jax.errors import ConfigError
 from medusa_jax.models.llama import KVCache
-from medusa_jax.models.llama_sharding import cache_spec, shard_cache
+from medusa_jax.models.llama_sharding import cache_spec, partitionable, shard_cache
 from medusa_jax.parallel.mesh import rows_axis
 
 Array = jax.Array
@@ -202,7 +202,7 @@ class SlotCore:
     self.table = table
     self.cfg = llama.cfg
     self.routed = heads is not None and hasattr(heads, "adapter_ids")
-    self.decoder = Decoder(llama, heads, transpose_lm_head=transpose_lm_head)
+    self.decoder = Decoder(partitionable(llama, mesh), heads, transpose_lm_head=transpose_lm_head)
     self.cache_dtype = cache_dtype or getattr(llama, "dtype", jnp.float32)
     eos = tuple(int(e) for e in eos_ids)
     self.eos_ids = eos

@@ -14,6 +14,7 @@ from flax import nnx
 
 from medusa_jax.errors import (ConfigError, CorruptWeightsError, MissingTensorError,
                                RequestError, TensorShapeError, WeightsNotFoundError)
+from medusa_jax.config import MedusaConfig
 from medusa_jax.models.llama import (AttentionScores, KVCache, Llama, LlamaConfig, apply_rope,
                                      causal_mask, rope, rope_tables)
 from medusa_jax.models.llama_weights import load_llama
@@ -360,17 +361,39 @@ def test_fused_model_built_directly_and_through_the_engine():
   assert tokens[0] == tokens[1] and all(len(t) == 6 for t in tokens[0])
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_flat_attention_scores_match_grouped(fused):
-  """FLAT scores (decode and tree calls) give the grouped attention: a prefill,
-  a tree step with a fully masked padding row, and per-row cache offsets."""
+def test_pallas_attention_through_the_engine_gives_the_same_tokens():
+  """Plain and tree decoding (f32) with the Pallas attention kernel, interpreted: the tokens and
+  steps of the grouped attention; prefill (longer than FLAT_MAX_TOKENS) stays grouped."""
+  from medusa_jax.decoding.engine import Engine
+  from medusa_jax.heads.modules import MedusaModel
+  model = _model(seed=31, eos_token_ids=()).fuse_projections()
+  cfg = model.cfg
+  mcfg = MedusaConfig(base_model_name_or_path="test", medusa_num_heads=2, medusa_num_layers=1,
+                      version=2.0)
+  heads = MedusaModel(mcfg, cfg.hidden_size, rngs=nnx.Rngs(2))
+  rng = np.random.default_rng(32)
+  prompts = [list(rng.integers(3, cfg.vocab_size, n)) for n in (4, 70)]
+  runs = []
+  for m in (model, model.with_attention_scores("pallas")):
+    eng = Engine(m, None, heads, max_cache_len=96, max_tree_rows=8, steps_per_call=2)
+    runs.append([eng.generate(prompts, 5, speculate=mode) for mode in ("none", "tree")])
+  for want, got in zip(*runs):
+    assert got.tokens == want.tokens and got.steps == want.steps
+
+
+@pytest.mark.parametrize("fused,method", [(False, "flat"), (True, "flat"), (True, "pallas")])
+def test_flat_and_pallas_attention_match_grouped(fused, method):
+  """FLAT scores and the Pallas kernel (interpreted; decode and tree calls) give the grouped
+  attention: a prefill, a tree step with a fully masked padding row, and per-row cache
+  offsets (so per-row kv lengths)."""
   model = _model(seed=26)
   model = model.fuse_projections() if fused else model
-  flat = model.with_attention_scores("flat")
-  assert flat.attention_scores is AttentionScores.FLAT and model.with_attention_scores(
+  flat = model.with_attention_scores(method)
+  want = AttentionScores(method)
+  assert flat.attention_scores is want and model.with_attention_scores(
       AttentionScores.GROUPED) is model
   assert flat.layers[0].mlp.down_proj.kernel.get_value() is model.layers[0].mlp.down_proj.kernel.get_value()
-  assert flat.fuse_projections().attention_scores is AttentionScores.FLAT
+  assert flat.fuse_projections().attention_scores is want
   cfg = model.cfg
   rng = np.random.default_rng(27)
   B, P, T, L = 3, 6, 5, 16
@@ -388,13 +411,16 @@ def test_flat_attention_scores_match_grouped(fused):
                     jnp.asarray(mask))
     outs.append((np.asarray(h), np.asarray(cache.k[1]), np.asarray(cache.v[0])))
   assert np.isfinite(outs[1][0]).all()
+  # The fully masked row is finite garbage, an average over the slots read: FLAT reads all
+  # L, the kernel the row's kv_len (and its garbage reaches the next layers' cache).
+  rows = slice(None) if method == "flat" else slice(0, 2)
   for a, b in zip(*outs):
-    np.testing.assert_allclose(b, a, rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(b[rows], a[rows], rtol=2e-6, atol=2e-6)
 
 
 def test_attention_scores_auto_resolves_by_backend():
   model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
-  want = AttentionScores.FLAT if jax.default_backend() == "gpu" else AttentionScores.GROUPED
+  want = AttentionScores.PALLAS if jax.default_backend() == "gpu" else AttentionScores.GROUPED
   assert model.attention_scores is want and model.layers[1].self_attn.scores is want
   assert model.with_attention_scores("auto") is model
 

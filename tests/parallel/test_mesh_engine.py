@@ -83,3 +83,28 @@ def test_slot_core_on_a_mesh_matches_unsharded():
   got = run(core)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(g, w)
+
+
+def test_the_pallas_attention_kernel_is_not_run_on_a_mesh():
+  """XLA does not partition a Pallas call: on a mesh of several devices the engine and the
+  serving core run FLAT attention (same parameters); on one device the kernel stays."""
+  from medusa_jax.decoding.engine import Engine
+  from medusa_jax.models.llama import AttentionScores
+  from medusa_jax.models.llama_sharding import partitionable
+  from medusa_jax.serving.slots import SlotCore, speculation_table
+  llama, heads = _model(50, tied=False, heads=2)
+  pallas = llama.with_attention_scores("pallas")
+  mesh = _mesh(1, 2)
+  assert partitionable(pallas, None) is pallas and partitionable(pallas, _mesh(1, 1)) is pallas
+  assert partitionable(llama, mesh) is llama
+  flat = partitionable(pallas, mesh)
+  assert flat.attention_scores is AttentionScores.FLAT
+  assert flat.layers[0].mlp.down_proj.kernel.get_value() is (
+      pallas.layers[0].mlp.down_proj.kernel.get_value())
+  sharded = shard_llama(pallas, mesh)
+  eng = Engine(sharded, None, heads.shard(mesh), mesh=mesh, max_cache_len=32)
+  assert eng.llama.attention_scores is AttentionScores.FLAT
+  core = SlotCore(sharded, heads.shard(mesh), mesh=mesh, num_slots=2, cache_len=32,
+                  steps_per_call=1, table=speculation_table("none", 2, 2, max_tree_rows=8))
+  core_llama = nnx.merge(core.decoder.graphs.llama, core.decoder.params.llama)
+  assert core_llama.attention_scores is AttentionScores.FLAT

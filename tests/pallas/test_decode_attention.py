@@ -1,0 +1,159 @@
+"""decode_attention: the Pallas kernel (interpret mode) and its jnp reference against a float64
+NumPy loop, a hypothesis property over shapes, block sizes and masks, and every error path.
+
+Shapes come from a few buckets (each new shape compiles the interpreted kernel);
+masks, lengths and values vary per example.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from medusa_jax.errors import ConfigError
+from medusa_jax.pallas.decode_attention import (decode_attention, decode_attention_reference,
+                                                default_block_m, supports)
+
+
+def reference_f64(q, k, v, mask, kv_len):
+  """The documented semantics, one (row, token, head) at a time in float64.
+
+  A row whose every read slot is masked averages the read slots (as the
+  kernel's finite mask value gives); slots at or past kv_len are never read.
+  """
+  B, T, Q, D = q.shape
+  L, G = k.shape[1], k.shape[2]
+  R = Q // G
+  out = np.zeros((B, T, Q, D))
+  for b in range(B):
+    n = min(max(int(kv_len[b]), 1), L)
+    for t in range(T):
+      seen = mask[b, t, :n] != 0
+      for h in range(Q):
+        s = k[b, :n, h // R].astype(np.float64) @ q[b, t, h].astype(np.float64) / np.sqrt(D)
+        if seen.any():
+          s = np.where(seen, s, -np.inf)
+        else:
+          s = np.zeros_like(s)
+        p = np.exp(s - s.max())
+        out[b, t, h] = (p / p.sum()) @ v[b, :n, h // R].astype(np.float64)
+  return out
+
+
+def _inputs(rng, B, T, Q, G, D, L, *, dtype=np.float32, tree=False, empty_row=False):
+  q = rng.standard_normal((B, T, Q, D)).astype(dtype)
+  k = rng.standard_normal((B, L, G, D)).astype(dtype)
+  v = rng.standard_normal((B, L, G, D)).astype(dtype)
+  idx = rng.integers(0, L - T + 1, size=B)
+  kv_len = idx + T
+  slot = np.arange(L)[None, None, :]
+  mask = slot <= (idx[:, None] + np.arange(T)[None, :])[:, :, None]  # causal
+  if tree:  # a random ancestor mask among the new tokens, the prefix fully visible
+    anc = np.tril(rng.random((T, T)) < 0.5) | np.eye(T, dtype=bool)
+    for b in range(B):
+      mask[b, :, idx[b]:idx[b] + T] = anc
+  if empty_row:
+    mask[0, 0] = False
+  return q, k, v, mask, kv_len
+
+
+CASES = [  # B, T, Q, G, D, L, block_k
+    (1, 1, 9, 3, 64, 160, 64),     # SmolLM2 heads, one decode token, a partial last tile
+    (3, 1, 4, 2, 8, 40, 16),       # head dim padded 8 -> 16
+    (2, 5, 4, 4, 80, 33, 32),      # MHA, head dim 80 (padded to 128), L not a tile multiple
+    (2, 21, 6, 2, 16, 72, 16),     # a 21-node tree: 63 rows per kv head in one block
+    (1, 24, 9, 3, 32, 96, 32),     # 72 rows: two row blocks of 64
+]
+
+
+@pytest.mark.parametrize("B,T,Q,G,D,L,bk", CASES)
+def test_kernel_and_reference_match_float64(B, T, Q, G, D, L, bk):
+  rng = np.random.default_rng(B * 1000 + T * 10 + D)
+  q, k, v, mask, kv_len = _inputs(rng, B, T, Q, G, D, L, tree=T > 1, empty_row=B > 1)
+  want = reference_f64(q, k, v, mask, kv_len)
+  got = np.asarray(decode_attention(q, k, v, mask, jnp.asarray(kv_len), block_k=bk,
+                                    interpret=True))
+  ref = np.asarray(decode_attention_reference(q, k, v, mask, jnp.asarray(kv_len)))
+  assert got.shape == (B, T, Q, D) and np.isfinite(got).all()
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+  np.testing.assert_allclose(ref, want, rtol=1e-5, atol=2e-6)
+
+
+def test_slots_at_or_past_kv_len_are_never_read():
+  """NaN in every slot past kv_len (and in the masked ones' values of other rows) changes
+  nothing: the kernel neither reads nor weighs them."""
+  rng = np.random.default_rng(3)
+  B, T, Q, G, D, L = 2, 3, 4, 2, 16, 70
+  q, k, v, mask, kv_len = _inputs(rng, B, T, Q, G, D, L)
+  kv_len = np.asarray([5, 41])
+  for b in range(B):
+    k[b, kv_len[b]:] = np.nan
+    v[b, kv_len[b]:] = np.nan
+    mask[b] = np.arange(L)[None, :] < kv_len[b]
+  got = np.asarray(decode_attention(q, k, v, mask, jnp.asarray(kv_len), block_k=16,
+                                    interpret=True))
+  np.testing.assert_allclose(got, reference_f64(q, k, v, mask, kv_len), rtol=1e-5, atol=2e-6)
+
+
+def test_bfloat16_is_close_to_float64():
+  rng = np.random.default_rng(4)
+  q, k, v, mask, kv_len = _inputs(rng, 2, 4, 9, 3, 64, 128, tree=True)
+  want = reference_f64(q, k, v, mask, kv_len)
+  bf = [jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)]
+  got = decode_attention(*bf, mask, jnp.asarray(kv_len), interpret=True)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=4e-2)
+
+
+def test_cache_in_another_dtype_is_read_as_the_queries():
+  """A bf16 cache under f32 queries: read as f32 (the XLA attention's rule)."""
+  rng = np.random.default_rng(5)
+  q, k, v, mask, kv_len = _inputs(rng, 1, 2, 4, 2, 16, 48)
+  kb, vb = jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16)
+  got = decode_attention(q, kb, vb, mask, jnp.asarray(kv_len), block_k=16, interpret=True)
+  want = reference_f64(q, np.asarray(kb, np.float32), np.asarray(vb, np.float32), mask, kv_len)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=2e-6)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shape=st.sampled_from([(2, 1, 6, 3, 16, 48), (1, 7, 4, 1, 32, 40), (2, 3, 8, 2, 16, 64)]),
+       bk=st.sampled_from([16, 32]), bm=st.sampled_from([None, 16]),
+       tree=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
+def test_property_matches_float64(shape, bk, bm, tree, seed):
+  rng = np.random.default_rng(seed)
+  B, T, Q, G, D, L = shape
+  q, k, v, mask, kv_len = _inputs(rng, B, T, Q, G, D, L, tree=tree, empty_row=rng.random() < 0.3)
+  if rng.random() < 0.5:  # random extra holes in the mask
+    mask &= rng.random(mask.shape) < 0.7
+  got = np.asarray(decode_attention(q, k, v, mask.astype(np.int8), jnp.asarray(kv_len),
+                                    block_k=bk, block_m=bm, interpret=True))
+  np.testing.assert_allclose(got, reference_f64(q, k, v, mask, kv_len), rtol=1e-5, atol=3e-6)
+
+
+def test_default_block_m():
+  assert [default_block_m(r) for r in (1, 3, 16, 17, 63, 64, 65, 192)] == [16, 16, 16, 32, 64,
+                                                                          64, 64, 64]
+  assert supports(9, 3) and supports(4, 4) and not supports(9, 2) and not supports(4, 0)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(k=(1, 16, 2, 8)), "k .* and v"),
+    (dict(mask=(1, 2, 15)), "mask"),
+    (dict(kv_len=(2,)), "kv_len"),
+    (dict(q=(1, 2, 5, 16), k=(1, 16, 2, 16), v=(1, 16, 2, 16)), "5 query heads over 2"),
+    (dict(block_k=24), "block_k=24"),
+    (dict(block_m=8), "block_m=8"),
+])
+def test_errors(change, match):
+  shapes = dict(q=(1, 2, 4, 16), k=(1, 16, 2, 16), v=(1, 16, 2, 16), mask=(1, 2, 16),
+                kv_len=(1,))
+  blocks = {n: change.pop(n) for n in ("block_k", "block_m") if n in change}
+  shapes.update(change)
+  args = [np.zeros(shapes[n], np.float32) for n in ("q", "k", "v")]
+  args += [np.ones(shapes["mask"], bool), np.ones(shapes["kv_len"], np.int32)]
+  with pytest.raises(ConfigError, match=match):
+    decode_attention(*args, interpret=True, **blocks)
