@@ -534,7 +534,7 @@ def bench_real(args) -> dict:
                mode_s=time.time() - t_mode)
       rows = 1 << (len(sets[0]) - 1).bit_length()
       if mode == "tree" and rows in getattr(engine, "measured", {}):
-        m["policy"] = engine.measured[rows].table()
+        m["policy"] = engine.measured[rows].table(static=True)
       if mode == "none":
         plain_tokens = toks
       else:

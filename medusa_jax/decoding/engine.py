@@ -28,6 +28,7 @@ from medusa_jax.adapters.registry import DEFAULT_INDEX, AdapterRegistry
 from medusa_jax.adapters.weights import MedusaWeights
 from medusa_jax.config import EngineConfig
 from medusa_jax.decoding import buckets
+from medusa_jax.decoding import policy as policy_mod
 from medusa_jax.decoding.decoder import Decoder
 from medusa_jax.decoding.loading import DEFAULT_NUM_HEADS, load_model
 from medusa_jax.decoding.requests import (Batch, OnError, Request, RequestContext,
@@ -120,6 +121,10 @@ class Engine:
                            transpose_lm_head=config.transpose_lm_head)
     self.measured: dict[int, Any] = {}
     """Batch bucket -> the ``SpeculationPolicy`` measured for it (``tree_policy="measured"``)."""
+    self.row_spread: tuple[float, ...] = policy_mod.DEFAULT_ROW_SPREAD
+    """The rows' relative extra tokens per step seen so far (the prior until as many are
+    observed): a static batch is valued by its slowest rows
+    (:meth:`~medusa_jax.decoding.policy.SpeculationPolicy.static_batch_factor`)."""
     if config.tree_policy == "measured" and self.num_heads is not None and mesh is None:
       # Timed on first use of each batch bucket (cached on disk), not here:
       # only the buckets a workload uses cost anything.
@@ -132,7 +137,9 @@ class Engine:
       self.measured[rows] = self.measure_policy(
           (rows,), cache_len=min(MEASURE_CACHE_LEN, self.config.max_cache_len),
           log=logger.info)
-    return self.measured[rows].tree_for(rows)
+    # The batch decodes until its slowest row is done: valued by the rows seen so far.
+    self.measured[rows] = dataclasses.replace(self.measured[rows], row_spread=self.row_spread)
+    return self.measured[rows].tree_for(batch, static=True)
 
   def use_policy(self, policy) -> None:
     """Lets a measured speculation policy pick the tree of ``speculate="tree"`` calls.
@@ -145,8 +152,10 @@ class Engine:
     """
     if policy == "measured":
       tree_for = self._measured_tree
+    elif isinstance(policy, policy_mod.SpeculationPolicy):
+      tree_for = functools.partial(policy.tree_for, static=True)  # a batch waits for its last row
     else:
-      tree_for = getattr(policy, "tree_for", policy)
+      tree_for = policy
     self.context = dataclasses.replace(self.context, tree_policy=tree_for)
 
   def measure_policy(self, batch_sizes=(1, 2, 4, 8, 16, 32, 64), *, cache_len: int = 512,
@@ -160,7 +169,6 @@ class Engine:
     calls read the table), with the adapter's per-head acceptance from its
     ``recipe.json`` when it has one.
     """
-    from medusa_jax.decoding import policy as policy_mod
     if self.num_heads is None:
       raise ConfigError("measure_policy: this engine has no Medusa heads")
     source = getattr(self.medusa, "source", None)
@@ -327,6 +335,9 @@ class Engine:
     if valid:
       outs, decode_s, decode_tokens, steps = yield from self._decode_loop(
           valid, config, batch.params.seed, t_start, num, errors, on_error)
+      if config.tree is not None and len(outs) > 1:
+        self.row_spread = policy_mod.observe_rows(self.row_spread, policy_mod.row_spread(
+            [len(o["tokens"]) for o in outs.values()], [o["steps"] for o in outs.values()]))
     wall = time.perf_counter() - t_start
     tokens = [outs[i]["tokens"] if i in outs else [] for i in range(num)]
     stats = [_row_stats(outs[i], config) if i in outs else None for i in range(num)]

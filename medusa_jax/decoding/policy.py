@@ -26,6 +26,13 @@ decoding; so the choice is never slower than plain by the policy's own numbers. 
 (:func:`candidate_trees`): plain, the chain of the n heads, and the best-first
 closed prefixes of the adapter's choices of 3, 7, 15, 31 and 63 nodes.
 
+A static batch (``Engine.generate``) decodes until its slowest row is done, so
+there the expected extra tokens ``E - 1`` are scaled by :meth:`SpeculationPolicy.
+static_batch_factor`: the expected minimum over B rows of a row's relative extra
+tokens per step, over a pool of observed rows (:attr:`SpeculationPolicy.row_spread`,
+:func:`observe_rows`). The serving core, where a finished row takes the next
+request at once, uses the mean (factor 1).
+
 The acceptance table comes from the adapter (the bundled heads' recipe.json,
 ``val_accuracy.rank_acc``: :func:`acceptance_from_recipe`); without one,
 :data:`DEFAULT_ACCEPTANCE` is a conservative stand-in. :func:`refine` updates
@@ -67,10 +74,10 @@ from medusa_jax.decoding import tree as tree_lib
 from medusa_jax.decoding.tree import Choices, TreeBuffers
 from medusa_jax.errors import ConfigError
 
-__all__ = ["DEFAULT_ACCEPTANCE", "DEFAULT_MARGIN", "PolicyError", "SpeculationPolicy", "acceptance_from_recipe",
-           "cache_needed", "candidate_trees", "expected_tokens", "load_or_measure",
-           "measure_step_times",
-           "refine", "tree_key"]
+__all__ = ["DEFAULT_ACCEPTANCE", "DEFAULT_MARGIN", "DEFAULT_ROW_SPREAD", "PolicyError",
+           "SpeculationPolicy", "acceptance_from_recipe", "cache_needed", "candidate_trees",
+           "expected_tokens", "load_or_measure", "measure_step_times", "observe_rows", "refine",
+           "row_spread", "tree_key"]
 
 PREFIX_SIZES = (3, 7, 15, 31, 63)
 """Sizes (nodes below the root) of the best-first prefixes tried as candidates."""
@@ -95,6 +102,26 @@ than too high: an overestimate picks trees that lose to plain decoding."""
 
 DEFAULT_MARGIN = 0.1
 """Default :attr:`SpeculationPolicy.margin`."""
+
+DEFAULT_ROW_SPREAD = (
+    0.491, 0.497, 0.538, 0.545, 0.571, 0.587, 0.6, 0.628, 0.666, 0.731, 0.763, 0.77, 0.786,
+    0.801, 0.801, 0.816, 0.824, 0.824, 0.838, 0.864, 0.874, 0.88, 0.88, 0.897, 0.934, 0.934,
+    0.945, 0.946, 0.956, 0.967, 0.977, 1.001, 1.019, 1.019, 1.036, 1.053, 1.078, 1.095, 1.109,
+    1.12, 1.126, 1.168, 1.171, 1.171, 1.205, 1.211, 1.214, 1.214, 1.224, 1.245, 1.304, 1.355,
+    1.359, 1.372, 1.372, 1.38, 1.536, 1.831, 1.882)
+"""Relative extra tokens per step of single rows (each row's ``tokens/step - 1`` over its
+batch's mean), the prior of :attr:`SpeculationPolicy.row_spread`: SmolLM2-135M-Instruct with
+the bundled heads, 32 MT-bench first turns in batches of 16, 256 new tokens, greedy, 4- and
+8-node trees (2-core CPU, f32, 2026-12-02): 59 rows of at least 16 steps. Rows of one batch
+accepted from 0.5x to 1.9x its mean; the batch's own tokens per step (plain steps over its
+slowest row's) were 1.28 / 1.28 / 1.43 / 1.40 where the rows' mean was 1.54 / 1.47 / 1.72 /
+1.64, and ``1 + (mean - 1) * static_batch_factor(16)`` gives 1.30 / 1.26 / 1.40 / 1.35."""
+
+ROW_SPREAD_KEEP = 256
+"""Most observed rows :func:`observe_rows` keeps (the latest)."""
+
+ROW_SPREAD_MIN_STEPS = 16
+"""Rows of fewer steps are not observed: their rate is mostly noise."""
 
 
 class PolicyError(ConfigError):
@@ -379,6 +406,8 @@ class SpeculationPolicy:
       table is measured teacher-forced and overstated what decoding saw by
       2-11 % (bundled heads, MT-bench, H200 and CPU, 2026-12-02), and step
       times are noisy; a tree within the margin of plain is not worth it.
+    row_spread: a pool of rows' relative extra tokens per step (mean about 1;
+      :func:`row_spread`), for :meth:`static_batch_factor`; empty: factor 1.
 
   A batch size between two measured ones uses the next larger one (the
   engine's batch buckets are the measured sizes); past the largest, the
@@ -390,6 +419,7 @@ class SpeculationPolicy:
   acceptance: tuple[tuple[float, ...], ...] = DEFAULT_ACCEPTANCE
   topk: int = tree_lib.DEFAULT_TOPK
   margin: float = DEFAULT_MARGIN
+  row_spread: tuple[float, ...] = DEFAULT_ROW_SPREAD
 
   def __post_init__(self):
     if (isinstance(self.margin, bool) or not isinstance(self.margin, (int, float))
@@ -416,6 +446,10 @@ class SpeculationPolicy:
     if any(not math.isfinite(row[plain]) for row in times):
       raise PolicyError("step_times: plain decoding must be timed at every batch size")
     acc = _acceptance_array(self.acceptance)
+    spread = tuple(float(r) for r in self.row_spread)
+    if any(not math.isfinite(r) or r < 0 for r in spread):
+      raise PolicyError(f"row_spread: expected finite values >= 0, got {self.row_spread!r}")
+    object.__setattr__(self, "row_spread", spread)
     object.__setattr__(self, "candidates", cands)
     object.__setattr__(self, "batch_sizes", sizes)
     object.__setattr__(self, "step_times", times)
@@ -456,33 +490,61 @@ class SpeculationPolicy:
     i = int(np.searchsorted(np.asarray(self.batch_sizes), batch))
     return min(i, len(self.batch_sizes) - 1)
 
-  def rates(self, batch: int) -> tuple[float, ...]:
-    """Expected tokens per second of each candidate at ``batch``'s bucket, per row."""
-    row = self.step_times[self._bucket(batch)]
-    return tuple(expected_tokens(t, self.acceptance) / s for t, s in zip(self.trees(), row))
+  def static_batch_factor(self, batch: int) -> float:
+    """E[min of ``batch`` rows' relative extra tokens] / E[one row's], rows drawn from
+    :attr:`row_spread` (1.0 for one row or an empty pool).
 
-  def choice(self, batch: int) -> int:
+    A static batch of B rows, each making N tokens, steps until its slowest
+    row is done: ``N / min_i(1 + (E - 1) r_i)`` steps, where plain decoding
+    takes N. So its expected tokens per step are ``1 + (E - 1) * factor``.
+    With the pool sorted, ``r_(1) <= ... <= r_(n)``, drawing B with
+    replacement, ``E[min] = sum_k r_(k) * (((n-k+1)/n)^B - ((n-k)/n)^B)``.
+    """
+    _positive_ints("batch", (batch,))
+    r = np.sort(np.asarray(self.row_spread, np.float64))
+    if batch == 1 or r.size == 0 or r.mean() <= 0:
+      return 1.0
+    n = r.size
+    k = np.arange(1, n + 1)
+    weight = ((n - k + 1) / n) ** batch - ((n - k) / n) ** batch
+    return float(np.dot(r, weight) / r.mean())
+
+  def rates(self, batch: int, *, static: bool = False) -> tuple[float, ...]:
+    """Expected tokens per second of each candidate at ``batch``'s bucket, per row.
+
+    ``static``: for a static batch of ``batch`` rows (its extra tokens scaled
+    by :meth:`static_batch_factor`); else each row's own mean (serving).
+    """
+    row = self.step_times[self._bucket(batch)]
+    factor = self.static_batch_factor(batch) if static else 1.0
+    return tuple((1.0 + factor * (expected_tokens(t, self.acceptance) - 1.0)) / s
+                 for t, s in zip(self.trees(), row))
+
+  def choice(self, batch: int, *, static: bool = False) -> int:
     """Index of the chosen candidate at ``batch``: the best rate if it beats plain's by the margin."""
-    rates = self.rates(batch)
+    rates = self.rates(batch, static=static)
     plain = self.candidates.index(None)
     best = max(range(len(rates)), key=lambda c: (rates[c], c == plain))
     return best if rates[best] > (1.0 + self.margin) * rates[plain] else plain
 
-  def tree_for(self, batch: int) -> TreeBuffers | None:
-    """The tree to verify at ``batch`` rows, or None for plain decoding."""
-    c = self.candidates[self.choice(batch)]
+  def tree_for(self, batch: int, *, static: bool = False) -> TreeBuffers | None:
+    """The tree to verify at ``batch`` rows, or None for plain decoding (``static``: a
+    static batch of that many rows, see :meth:`rates`)."""
+    c = self.candidates[self.choice(batch, static=static)]
     return None if c is None else tree_lib.build_tree(c, self.topk)
 
-  def table(self) -> list[dict[str, Any]]:
-    """Rows (batch, candidate, nodes, ms, expected tokens, tokens/s, chosen) for printing."""
+  def table(self, *, static: bool = False) -> list[dict[str, Any]]:
+    """Rows (batch, candidate, nodes, ms, expected tokens, tokens/s, chosen) for printing
+    (``static``: expected tokens and tokens/s of a static batch, see :meth:`rates`)."""
     out = []
     for b in self.batch_sizes:
-      chosen, row = self.choice(b), self.step_times[self._bucket(b)]
+      chosen, row = self.choice(b, static=static), self.step_times[self._bucket(b)]
+      factor = self.static_batch_factor(b) if static else 1.0
       for c, (t, s) in enumerate(zip(self.trees(), row)):
-        e = expected_tokens(t, self.acceptance)
+        e = 1.0 + factor * (expected_tokens(t, self.acceptance) - 1.0)
         out.append({"batch": b, "tree": tree_key(t), "nodes": 1 if t is None else t.num_nodes,
                     "ms": s * 1e3, "expected_tokens": e, "tokens_per_s": b * e / s,
-                    "chosen": c == chosen})
+                    "batch_factor": factor, "chosen": c == chosen})
     return out
 
   def to_json(self) -> dict[str, Any]:
@@ -492,7 +554,8 @@ class SpeculationPolicy:
             "candidates": [None if c is None else [list(p) for p in c] for c in self.candidates],
             "step_times_s": [[t if math.isfinite(t) else None for t in r]
                              for r in self.step_times],
-            "acceptance": [list(r) for r in self.acceptance]}
+            "acceptance": [list(r) for r in self.acceptance],
+            "row_spread": list(self.row_spread)}
 
   @classmethod
   def from_json(cls, obj: Any) -> SpeculationPolicy:
@@ -510,7 +573,8 @@ class SpeculationPolicy:
                  step_times=tuple(tuple(math.inf if t is None else t for t in r)
                                   for r in obj["step_times_s"]),
                  acceptance=tuple(tuple(r) for r in obj["acceptance"]), topk=obj["topk"],
-                 margin=obj.get("margin", DEFAULT_MARGIN))
+                 margin=obj.get("margin", DEFAULT_MARGIN),
+                 row_spread=tuple(obj.get("row_spread", DEFAULT_ROW_SPREAD)))
     except (KeyError, TypeError, ValueError) as e:
       if isinstance(e, PolicyError):
         raise
@@ -577,6 +641,60 @@ def refine(policy: SpeculationPolicy, accept_hist: Sequence[int], *,
     factor = (seen_D1[d] / model_D1[d]) / (seen_D1[d - 1] / model_D1[d - 1])
     acc[d - 1] = np.minimum(1.0, acc[d - 1] * factor)
   return dataclasses.replace(policy, acceptance=tuple(tuple(float(x) for x in r) for r in acc))
+
+
+def row_spread(tokens: Sequence[int], steps: Sequence[int], *,
+               min_steps: int = ROW_SPREAD_MIN_STEPS) -> tuple[float, ...]:
+  """Each row's extra tokens per step over the mean of the rows of one batch (one tree).
+
+  Args:
+    tokens: [R] tokens each row emitted (the first one, made by the prefill, not counted).
+    steps: [R] decode steps each row took.
+    min_steps: rows of fewer steps are left out (their rate is mostly noise).
+
+  Returns:
+    The rows' relative rates (mean 1), or () when no row qualifies or none
+    accepted a draft.
+
+  Raises:
+    PolicyError: lists of different lengths or negative counts.
+  """
+  t = np.asarray(tokens, np.float64)
+  s = np.asarray(steps, np.float64)
+  if t.shape != s.shape or t.ndim != 1 or (t.size and (t.min() < 0 or s.min() < 0)):
+    raise PolicyError(f"row_spread: expected two equal-length lists of counts >= 0, got"
+                      f" {len(t)} and {len(s)}")
+  keep = s >= max(1, min_steps)
+  if not keep.any():
+    return ()
+  extra = np.maximum(t[keep] - 1.0, 0.0) / s[keep] - 1.0
+  extra = np.maximum(extra, 0.0)
+  mean = extra.mean()
+  if mean <= 0:
+    return ()
+  return tuple(float(x) for x in extra / mean)
+
+
+def observe_rows(pool: Sequence[float], spread: Sequence[float], *,
+                 keep: int = ROW_SPREAD_KEEP) -> tuple[float, ...]:
+  """A row pool (:attr:`SpeculationPolicy.row_spread`) with ``spread`` (:func:`row_spread`
+  of one batch) added.
+
+  The prior (:data:`DEFAULT_ROW_SPREAD` at the front of the pool) stays until
+  the observed rows are as many, then only the latest ``keep`` rows count.
+
+  Raises:
+    PolicyError: negative or non-finite values, or ``keep < 1``.
+  """
+  new = tuple(float(r) for r in spread)
+  if any(not math.isfinite(r) or r < 0 for r in new):
+    raise PolicyError(f"spread: expected finite values >= 0, got {spread!r}")
+  _positive_ints("keep", (keep,))
+  pool = tuple(float(r) for r in pool)
+  prior = len(DEFAULT_ROW_SPREAD)
+  if pool[:prior] == DEFAULT_ROW_SPREAD and len(pool) - prior + len(new) >= prior:
+    pool = pool[prior:]  # enough observed rows: the prior goes
+  return (pool + new)[-keep:]
 
 
 # ----------------------------------------------------------------------------- cache

@@ -247,3 +247,123 @@ def test_engine_measures_its_tree_policy_once_per_batch_bucket(tiny, tmp_path, m
   budget = Engine(llama, None, heads, max_cache_len=128, tree_choices=choices,
                   tree_policy="budget")
   assert budget.context.tree_policy is None
+
+
+# ---- static batches: valued by their slowest rows
+
+
+def _brute_force_min(pool, batch):
+  """E[min of `batch` draws with replacement] by enumerating every draw (float64)."""
+  import itertools
+  pool = np.asarray(pool, np.float64)
+  draws = list(itertools.product(pool, repeat=batch))
+  return float(np.mean([min(d) for d in draws]))
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 4])
+def test_static_batch_factor_is_the_expected_minimum(batch):
+  rng = np.random.default_rng()
+  pool = tuple(float(x) for x in rng.uniform(0.2, 2.0, size=rng.integers(2, 6)))
+  policy = P.SpeculationPolicy(candidates=(None,), batch_sizes=(1,), step_times=((1.0,),),
+                               row_spread=pool)
+  want = _brute_force_min(pool, batch) / np.mean(pool)
+  assert policy.static_batch_factor(batch) == pytest.approx(want, rel=1e-12)
+
+
+def test_static_batch_factor_limits_and_errors():
+  def factor(pool, batch):
+    return P.SpeculationPolicy(candidates=(None,), batch_sizes=(1,), step_times=((1.0,),),
+                               row_spread=pool).static_batch_factor(batch)
+  assert factor((), 16) == 1.0 and factor((0.7, 0.7, 0.7), 64) == pytest.approx(1.0)
+  assert factor((0.0, 0.0), 4) == 1.0          # nothing ever accepted: no scaling to do
+  pool = (0.5, 1.0, 1.5)
+  values = [factor(pool, b) for b in (1, 2, 4, 16, 256)]
+  assert values[0] == 1.0 and all(a > b for a, b in zip(values, values[1:]))
+  assert values[-1] == pytest.approx(0.5, rel=1e-6)  # -> min / mean
+  assert 0.5 < factor(P.DEFAULT_ROW_SPREAD, 16) < 0.6
+  with pytest.raises(P.PolicyError, match="batch"):
+    factor(pool, 0)
+  with pytest.raises(P.PolicyError, match="row_spread"):
+    factor((1.0, -0.5), 2)
+
+
+def test_a_static_batch_needs_its_slowest_rows_to_gain():
+  """The same times and acceptance: a tree for serving rows (each at its own mean) and for
+  one row, plain decoding for a static batch of 16 whose rows accept unevenly."""
+  trees = P.candidate_trees(CHOICES, 2)[:2]
+  cands = tuple(None if t is None else t.choices for t in trees)
+  acc = ((0.6,) * 3,) * 2
+  e = P.expected_tokens(trees[1], acc)
+  policy = P.SpeculationPolicy(candidates=cands, batch_sizes=(16,), acceptance=acc,
+                               step_times=((1.0, e / 1.3),), row_spread=P.DEFAULT_ROW_SPREAD)
+  assert policy.tree_for(16) is not None and policy.tree_for(1, static=True) is not None
+  assert policy.tree_for(16, static=True) is None
+  f = policy.static_batch_factor(16)
+  rates = policy.rates(16, static=True)
+  assert rates[1] == pytest.approx((1 + f * (e - 1)) / (e / 1.3))
+  rows = policy.table(static=True)
+  assert [r["chosen"] for r in rows] == [True, False] and rows[1]["batch_factor"] == f
+  even = P.SpeculationPolicy(candidates=cands, batch_sizes=(16,), acceptance=acc,
+                             step_times=((1.0, e / 1.3),), row_spread=(1.0,) * 8)
+  assert even.tree_for(16, static=True) is not None
+
+
+def test_row_spread_from_rows_and_the_pool():
+  got = P.row_spread([256, 256, 101, 10], [128, 200, 50, 5], min_steps=16)
+  extra = np.array([255 / 128 - 1, 255 / 200 - 1, 100 / 50 - 1])
+  np.testing.assert_allclose(got, extra / extra.mean())
+  assert P.row_spread([5, 5], [4, 4]) == ()             # too few steps
+  assert P.row_spread([20, 20], [19, 19], min_steps=1) == ()  # nothing accepted
+  for bad in (([1, 2], [3]), ([-1], [20])):
+    with pytest.raises(P.PolicyError, match="row_spread"):
+      P.row_spread(*bad)
+  prior = P.DEFAULT_ROW_SPREAD
+  pool = P.observe_rows(prior, (1.0, 2.0))
+  assert pool == prior + (1.0, 2.0)                      # the prior stays while few are seen
+  seen = tuple(float(x) for x in np.linspace(0.5, 1.5, len(prior)))
+  assert P.observe_rows(pool, seen) == (1.0, 2.0) + seen  # as many seen: the prior goes
+  assert P.observe_rows((), seen, keep=4) == seen[-4:]
+  assert P.observe_rows(pool, ()) == pool
+  with pytest.raises(P.PolicyError, match="spread"):
+    P.observe_rows(pool, (float("nan"),))
+  with pytest.raises(P.PolicyError, match="keep"):
+    P.observe_rows(pool, (1.0,), keep=0)
+
+
+def test_json_keeps_the_row_pool_and_old_files_get_the_prior():
+  policy = P.SpeculationPolicy(candidates=(None,), batch_sizes=(1,), step_times=((1.0,),),
+                               row_spread=(0.5, 1.5))
+  obj = json.loads(json.dumps(policy.to_json()))
+  assert P.SpeculationPolicy.from_json(obj) == policy
+  del obj["row_spread"]
+  assert P.SpeculationPolicy.from_json(obj).row_spread == P.DEFAULT_ROW_SPREAD
+
+
+def test_engine_values_a_static_batch_by_the_rows_it_has_seen(tiny, tmp_path, monkeypatch):
+  """The engine's measured choice for a batch uses its observed row pool; a tree call of
+  several rows adds them to it."""
+  from medusa_jax.decoding.engine import Engine
+  cfg, llama, heads, _ = tiny
+  monkeypatch.setenv("MEDUSA_JAX_HOME", str(tmp_path))
+  choices = ((0,),)
+  eng = Engine(llama, None, heads, max_cache_len=128, tree_choices=choices,
+               tree_policy="measured")
+  trees = P.candidate_trees(choices, heads.num_heads)
+  cands = tuple(None if t is None else t.choices for t in trees)
+  acc = ((0.9,) * 10,) * heads.num_heads
+  gains = [P.expected_tokens(t, acc) for t in trees]
+  for rows in (1, 4):  # every tree promises 1.3x plain per row
+    eng.measured[rows] = P.SpeculationPolicy(
+        candidates=cands, batch_sizes=(rows,), acceptance=acc,
+        step_times=(tuple(1.0 if t is None else g / 1.3 for t, g in zip(trees, gains)),))
+  rng = np.random.default_rng()
+  prompts = [list(map(int, rng.integers(0, cfg.vocab_size, 4))) for _ in range(4)]
+  eng.row_spread = (0.0, 2.0)  # half the rows never accept: a batch of 4 waits for one
+  assert eng.generate(prompts, 6, speculate="tree").tree_nodes == 1
+  assert eng.generate(prompts[:1], 6, speculate="tree").tree_nodes > 1
+  eng.row_spread = (1.0,) * 4  # rows alike: the batch gains as one row
+  before = eng.row_spread
+  four = eng.generate(prompts, 24, speculate="tree")
+  assert four.tree_nodes > 1
+  assert eng.row_spread == P.observe_rows(before, P.row_spread(
+      [len(t) for t in four.tokens], four.steps))
