@@ -137,9 +137,8 @@ class Engine:
       self.measured[rows] = self.measure_policy(
           (rows,), cache_len=min(MEASURE_CACHE_LEN, self.config.max_cache_len),
           log=logger.info)
-    # The batch decodes until its slowest row is done: valued by the rows seen so far.
     self.measured[rows] = dataclasses.replace(self.measured[rows], row_spread=self.row_spread)
-    return self.measured[rows].tree_for(batch, static=True)
+    return self._static_tree(self.measured[rows], batch)
 
   def use_policy(self, policy) -> None:
     """Lets a measured speculation policy pick the tree of ``speculate="tree"`` calls.
@@ -153,10 +152,15 @@ class Engine:
     if policy == "measured":
       tree_for = self._measured_tree
     elif isinstance(policy, policy_mod.SpeculationPolicy):
-      tree_for = functools.partial(policy.tree_for, static=True)  # a batch waits for its last row
+      tree_for = functools.partial(self._static_tree, policy)
     else:
-      tree_for = policy
+      tree_for = getattr(policy, "tree_for", policy)
     self.context = dataclasses.replace(self.context, tree_policy=tree_for)
+
+  def _static_tree(self, policy, batch: int):
+    """``policy``'s tree for a static batch of ``batch`` rows, valued by the rows seen so far
+    (the batch decodes until its slowest row is done)."""
+    return dataclasses.replace(policy, row_spread=self.row_spread).tree_for(batch, static=True)
 
   def measure_policy(self, batch_sizes=(1, 2, 4, 8, 16, 32, 64), *, cache_len: int = 512,
                      steps_per_call: int | None = None, log=None):

@@ -653,8 +653,8 @@ def row_spread(tokens: Sequence[int], steps: Sequence[int], *,
     min_steps: rows of fewer steps are left out (their rate is mostly noise).
 
   Returns:
-    The rows' relative rates (mean 1), or () when no row qualifies or none
-    accepted a draft.
+    The rows' relative rates (mean 1), or () when fewer than two rows qualify
+    or none accepted a draft.
 
   Raises:
     PolicyError: lists of different lengths or negative counts.
@@ -665,8 +665,8 @@ def row_spread(tokens: Sequence[int], steps: Sequence[int], *,
     raise PolicyError(f"row_spread: expected two equal-length lists of counts >= 0, got"
                       f" {len(t)} and {len(s)}")
   keep = s >= max(1, min_steps)
-  if not keep.any():
-    return ()
+  if keep.sum() < 2:
+    return ()  # one row over its own mean is 1.0 whatever it did: no spread to learn
   extra = np.maximum(t[keep] - 1.0, 0.0) / s[keep] - 1.0
   extra = np.maximum(extra, 0.0)
   mean = extra.mean()

@@ -88,10 +88,11 @@ class AttentionScores(enum.Enum):
   per row; longer calls use GROUPED. Compiled by Triton on a GPU, interpreted
   elsewhere (correct, slow: for tests)."""
   AUTO = "auto"
-  """PALLAS on a GPU (on an H200, SmolLM2 bf16, cache 1024, in-graph: the plain step 1.06
-  against FLAT's 1.04-1.31 ms at batch 1, 0.86 against 1.04 at batch 16, 1.00 against 1.56 at
-  batch 64; tree steps equal at batch 1, 22-34 % faster at 16 and 64), GROUPED elsewhere
-  (XLA:CPU runs FLAT's transposed cache view about 3x slower, and interprets the kernel).
+  """PALLAS on an NVIDIA GPU, FLAT on ROCm (where the kernel is not tested), GROUPED
+  elsewhere (XLA:CPU runs FLAT's transposed cache view about 3x slower, and would interpret
+  the kernel). On an H200, SmolLM2 bf16, cache 1024, in-graph, the kernel's plain step took
+  1.06 ms against FLAT's 1.04-1.31 at batch 1, 0.86 against 1.04 at batch 16 and 1.00
+  against 1.56 at batch 64; tree steps equal at batch 1, 22-34 % faster at 16 and 64.
   Resolved when the model is built. A model placed on a mesh of several devices runs FLAT
   instead (:func:`medusa_jax.models.llama_sharding.partitionable`): XLA does not partition
   a Pallas call."""
@@ -110,7 +111,18 @@ class AttentionScores(enum.Enum):
     """GROUPED, FLAT or PALLAS (AUTO by the default backend)."""
     if self is not AttentionScores.AUTO:
       return self
-    return AttentionScores.PALLAS if jax.default_backend() == "gpu" else AttentionScores.GROUPED
+    if jax.default_backend() != "gpu":
+      return AttentionScores.GROUPED
+    # The kernel was built and measured on NVIDIA GPUs; elsewhere (ROCm) XLA's FLAT scores.
+    return AttentionScores.PALLAS if _cuda() else AttentionScores.FLAT
+
+
+def _cuda() -> bool:
+  """Whether the default GPU backend is CUDA (not ROCm)."""
+  try:
+    return "rocm" not in jax.devices()[0].client.platform_version.lower()
+  except Exception:  # an unknown client: the kernel's own platform is the likelier
+    return True
 
 
 FLAT_MAX_TOKENS = 64

@@ -90,8 +90,8 @@ def decode_attention(q_BxTxQxD: Array, k_BxLxGxD: Array, v_BxLxGxD: Array, mask_
     q_BxTxQxD: queries (RoPE applied), f32 or bf16.
     k_BxLxGxD, v_BxLxGxD: the cache after this call's write (read as ``q``'s dtype).
     mask_BxTxL: bool or integer; query t of row b sees slot l iff nonzero.
-    kv_len_B: [B] int; slots ``l >= kv_len[b]`` are never read (a caller passes
-      ``cache_index + T``: later slots are stale and masked anyway).
+    kv_len_B: [B] int, clipped to [1, L]; slots ``l >= kv_len[b]`` are never read (a
+      caller passes ``cache_index + T``: later slots are stale and masked anyway).
     block_m: (head, token) rows per program, a power of two >= 16 (None: by
       :func:`default_block_m`).
     block_k: cache slots per tile, a power of two >= 16 (None: by :func:`default_blocks`).
@@ -125,7 +125,7 @@ def decode_attention(q_BxTxQxD: Array, k_BxLxGxD: Array, v_BxLxGxD: Array, mask_
       raise ConfigError(f"decode_attention: {name}={size}; expected a power of two >= 16")
   if interpret is None:
     interpret = _compat.default_interpret("gpu")
-  mask = mask_BxTxL if mask_BxTxL.dtype == jnp.int8 else mask_BxTxL.astype(jnp.int8)
+  mask = mask_BxTxL if mask_BxTxL.dtype == jnp.int8 else (mask_BxTxL != 0).astype(jnp.int8)
   kernel = functools.partial(_kernel, T=T, R=Q // G, L=L, D=D, Dp=_pow2_at_least(D), bm=bm,
                              bk=block_k,
                              scale=1.0 / math.sqrt(D))

@@ -313,6 +313,7 @@ def test_row_spread_from_rows_and_the_pool():
   extra = np.array([255 / 128 - 1, 255 / 200 - 1, 100 / 50 - 1])
   np.testing.assert_allclose(got, extra / extra.mean())
   assert P.row_spread([5, 5], [4, 4]) == ()             # too few steps
+  assert P.row_spread([100, 5, 6], [40, 4, 4]) == ()    # one row alone says nothing
   assert P.row_spread([20, 20], [19, 19], min_steps=1) == ()  # nothing accepted
   for bad in (([1, 2], [3]), ([-1], [20])):
     with pytest.raises(P.PolicyError, match="row_spread"):
@@ -361,6 +362,10 @@ def test_engine_values_a_static_batch_by_the_rows_it_has_seen(tiny, tmp_path, mo
   eng.row_spread = (0.0, 2.0)  # half the rows never accept: a batch of 4 waits for one
   assert eng.generate(prompts, 6, speculate="tree").tree_nodes == 1
   assert eng.generate(prompts[:1], 6, speculate="tree").tree_nodes > 1
+  eng.use_policy(eng.measured[4])  # a policy object: valued by the engine's rows too
+  assert eng.generate(prompts, 6, speculate="tree").tree_nodes == 1
+  assert eng.generate(prompts[:1], 6, speculate="tree").tree_nodes > 1
+  eng.use_policy("measured")
   eng.row_spread = (1.0,) * 4  # rows alike: the batch gains as one row
   before = eng.row_spread
   four = eng.generate(prompts, 24, speculate="tree")

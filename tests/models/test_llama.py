@@ -418,11 +418,17 @@ def test_flat_and_pallas_attention_match_grouped(fused, method):
     np.testing.assert_allclose(b[rows], a[rows], rtol=2e-6, atol=2e-6)
 
 
-def test_attention_scores_auto_resolves_by_backend():
+def test_attention_scores_auto_resolves_by_backend(monkeypatch):
+  from medusa_jax.models import llama as llama_mod
   model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
-  want = AttentionScores.PALLAS if jax.default_backend() == "gpu" else AttentionScores.GROUPED
+  gpu = AttentionScores.PALLAS if llama_mod._cuda() else AttentionScores.FLAT
+  want = gpu if jax.default_backend() == "gpu" else AttentionScores.GROUPED
   assert model.attention_scores is want and model.layers[1].self_attn.scores is want
   assert model.with_attention_scores("auto") is model
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  for cuda, want in ((True, AttentionScores.PALLAS), (False, AttentionScores.FLAT)):
+    monkeypatch.setattr(llama_mod, "_cuda", lambda cuda=cuda: cuda)
+    assert AttentionScores.AUTO.resolve() is want
 
 
 def test_attention_scores_errors():

@@ -157,3 +157,13 @@ def test_errors(change, match):
   args += [np.ones(shapes["mask"], bool), np.ones(shapes["kv_len"], np.int32)]
   with pytest.raises(ConfigError, match=match):
     decode_attention(*args, interpret=True, **blocks)
+
+
+def test_an_integer_mask_sees_every_nonzero_slot():
+  """int32 256 is visible (not wrapped to 0 by a narrowing cast)."""
+  rng = np.random.default_rng(6)
+  q, k, v, mask, kv_len = _inputs(rng, 1, 2, 4, 2, 16, 40)
+  got = decode_attention(q, k, v, mask.astype(np.int32) * 256, jnp.asarray(kv_len), block_k=16,
+                         interpret=True)
+  np.testing.assert_allclose(np.asarray(got), reference_f64(q, k, v, mask, kv_len), rtol=1e-5,
+                             atol=2e-6)
