@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from medusa_jax.errors import ConfigError
 from medusa_jax.pallas.decode_attention import (decode_attention, decode_attention_reference,
-                                                default_block_m, supports)
+                                                default_block_m, default_blocks, supports)
 
 
 def reference_f64(q, k, v, mask, kv_len):
@@ -138,6 +138,9 @@ def test_default_block_m():
   assert [default_block_m(r) for r in (1, 3, 16, 17, 63, 64, 65, 192)] == [16, 16, 16, 32, 64,
                                                                           64, 64, 64]
   assert supports(9, 3) and supports(4, 4) and not supports(9, 2) and not supports(4, 0)
+  # (block_k, num_warps): 128-slot tiles for 64-row programs (trees) and large batches
+  assert default_blocks(1, 3) == (64, 4) and default_blocks(16, 12) == (64, 4)
+  assert default_blocks(1, 192) == (128, 8) and default_blocks(64, 3) == (128, 4)
 
 
 @pytest.mark.parametrize("change,match", [
