@@ -137,8 +137,9 @@ class Engine:
       self.measured[rows] = self.measure_policy(
           (rows,), cache_len=min(MEASURE_CACHE_LEN, self.config.max_cache_len),
           log=logger.info)
+    # Kept with the rows seen so far, so that its table shows what was chosen.
     self.measured[rows] = dataclasses.replace(self.measured[rows], row_spread=self.row_spread)
-    return self._static_tree(self.measured[rows], batch)
+    return self.measured[rows].tree_for(batch, static=True)
 
   def use_policy(self, policy) -> None:
     """Lets a measured speculation policy pick the tree of ``speculate="tree"`` calls.

@@ -516,9 +516,12 @@ class SpeculationPolicy:
     by :meth:`static_batch_factor`); else each row's own mean (serving).
     """
     row = self.step_times[self._bucket(batch)]
+    return tuple(e / s for e, s in zip(self._batch_tokens(batch, static), row))
+
+  def _batch_tokens(self, batch: int, static: bool) -> list[float]:
+    """Expected tokens per step of each candidate (``static``: ``1 + factor * (E - 1)``)."""
     factor = self.static_batch_factor(batch) if static else 1.0
-    return tuple((1.0 + factor * (expected_tokens(t, self.acceptance) - 1.0)) / s
-                 for t, s in zip(self.trees(), row))
+    return [1.0 + factor * (expected_tokens(t, self.acceptance) - 1.0) for t in self.trees()]
 
   def choice(self, batch: int, *, static: bool = False) -> int:
     """Index of the chosen candidate at ``batch``: the best rate if it beats plain's by the margin."""
@@ -540,8 +543,8 @@ class SpeculationPolicy:
     for b in self.batch_sizes:
       chosen, row = self.choice(b, static=static), self.step_times[self._bucket(b)]
       factor = self.static_batch_factor(b) if static else 1.0
-      for c, (t, s) in enumerate(zip(self.trees(), row)):
-        e = 1.0 + factor * (expected_tokens(t, self.acceptance) - 1.0)
+      tokens = self._batch_tokens(b, static)
+      for c, (t, s, e) in enumerate(zip(self.trees(), row, tokens)):
         out.append({"batch": b, "tree": tree_key(t), "nodes": 1 if t is None else t.num_nodes,
                     "ms": s * 1e3, "expected_tokens": e, "tokens_per_s": b * e / s,
                     "batch_factor": factor, "chosen": c == chosen})
