@@ -82,11 +82,16 @@ class AttentionScores(enum.Enum):
   calls of at most ``FLAT_MAX_TOKENS`` new tokens per row (decode and tree
   verification); longer calls (prefill) use GROUPED."""
   PALLAS = "pallas"
-  """One Pallas kernel per layer (:func:`medusa_jax.pallas.decode_attention.decode_attention`):
-  scores, mask, an online softmax and the weighted sum, reading only the slots
-  below ``cache_index + T``. For calls of at most ``FLAT_MAX_TOKENS`` new tokens
-  per row; longer calls use GROUPED. Compiled by Triton on a GPU, interpreted
-  elsewhere (correct, slow: for tests)."""
+  """One Pallas kernel per layer
+  (:func:`medusa_jax.pallas.decode_attention.decode_attention_update`) from the fused
+  q/k/v projection to the attention output: RoPE, the in-place cache write, scores, mask,
+  an online softmax and the weighted sum, reading only the slots below ``cache_index + T``.
+  For calls of at most ``FLAT_MAX_TOKENS`` new tokens per row; longer calls use GROUPED.
+  A model with unfused projections runs PALLAS_SPLIT's kernel. Compiled by Triton on a
+  GPU, interpreted elsewhere (correct, slow: for tests)."""
+  PALLAS_SPLIT = "pallas_split"
+  """PALLAS with RoPE and the cache write left to XLA (three more kernels per layer): the
+  kernel (:func:`medusa_jax.pallas.decode_attention.decode_attention`) only attends."""
   AUTO = "auto"
   """PALLAS on an NVIDIA GPU, FLAT on ROCm (where the kernel is not tested), GROUPED
   elsewhere (XLA:CPU runs FLAT's transposed cache view about 3x slower, and would interpret
@@ -301,7 +306,7 @@ class Attention(nnx.Module):
                o_bias: bool = False):
     self.num_heads = num_heads
     self.scores = AttentionScores.parse(scores).resolve()
-    if (self.scores is AttentionScores.PALLAS
+    if (self.scores in (AttentionScores.PALLAS, AttentionScores.PALLAS_SPLIT)
         and not decode_attention_kernel.supports(num_heads, num_kv_heads)):
       raise ConfigError(f"attention_scores=pallas: {num_heads} query heads over {num_kv_heads} "
                         "kv heads (the kernel needs a whole number of query heads per kv head)")
@@ -349,7 +354,17 @@ class Attention(nnx.Module):
       out [B, T, H] (compute dtype) and the updated k, v caches [B, L, G, D].
     """
     B, T, _ = x_BxTxH.shape
-    Q, D = self.num_heads, self.head_dim
+    Q, G, D = self.num_heads, self.num_kv_heads, self.head_dim
+    L = k_BxLxGxD.shape[1]
+    if (self.scores is AttentionScores.PALLAS and self.fused and T <= FLAT_MAX_TOKENS
+        and decode_attention_kernel.supports_update(Q, G, D)):
+      cos_BxTx1xD2, sin_BxTx1xD2 = rope_cs
+      o_BxTxQxD, k_BxLxGxD, v_BxLxGxD = decode_attention_kernel.decode_attention_update(
+          self.qkv_proj(x_BxTxH), cos_BxTx1xD2.reshape(B, T, D // 2),
+          sin_BxTx1xD2.reshape(B, T, D // 2), k_BxLxGxD, v_BxLxGxD,
+          mask_Bx1x1xTxL.reshape(B, T, L), cache_index_B, num_heads=Q, num_kv_heads=G)
+      out_BxTxH = self.o_proj(o_BxTxQxD.astype(self.dtype).reshape(B, T, Q * D))
+      return out_BxTxH, k_BxLxGxD, v_BxLxGxD
     q_BxTxQxD, k_BxTxGxD, v_BxTxGxD = self._qkv(x_BxTxH)
     # Rotated apart: a joint [q; k] array would be one more buffer to write and read.
     q_BxTxQxD = apply_rope(q_BxTxQxD, *rope_cs)
@@ -358,8 +373,8 @@ class Attention(nnx.Module):
     v_BxLxGxD = _write(v_BxLxGxD, v_BxTxGxD, cache_index_B)
 
     # Query head g*R + r reads kv head g (Hugging Face's repeat_kv order).
-    if self.scores is AttentionScores.PALLAS and T <= FLAT_MAX_TOKENS:
-      L = k_BxLxGxD.shape[1]
+    if (self.scores in (AttentionScores.PALLAS, AttentionScores.PALLAS_SPLIT)
+        and T <= FLAT_MAX_TOKENS):
       o_BxTxQxD = decode_attention_kernel.decode_attention(
           q_BxTxQxD, k_BxLxGxD, v_BxLxGxD,
           mask_Bx1x1xTxL.reshape(B, T, L), cache_index_B + T)

@@ -41,8 +41,9 @@ from jax.experimental import pallas as pl
 from medusa_jax.errors import ConfigError
 from medusa_jax.pallas import _compat
 
-__all__ = ["MASK_VALUE", "decode_attention", "decode_attention_reference", "default_block_m",
-           "default_blocks", "supports"]
+__all__ = ["MASK_VALUE", "decode_attention", "decode_attention_reference",
+           "decode_attention_update", "decode_attention_update_reference", "default_block_m",
+           "default_blocks", "supports", "supports_update"]
 
 Array = jax.Array
 
@@ -148,64 +149,245 @@ def decode_attention(q_BxTxQxD: Array, k_BxLxGxD: Array, v_BxLxGxD: Array, mask_
 def _kernel(kv_len_ref, q_ref, k_ref, v_ref, mask_ref, o_ref, *, T, R, L, D, Dp, bm, bk, scale):
   """One (row b, kv head g, row block i) program; see the module docstring.
 
-  Rows are ordered (r, t): row ``i * bm + m`` is query head ``g * R + m // T``
-  at token ``m % T``. Accesses use index arrays (``start + iota``), which the
+  Rows as in :func:`_program_rows`. Accesses use index arrays (``start + iota``), which the
   Triton lowering turns into pointer arithmetic and the interpreter supports.
   The head dim is padded to Dp (a power of two, as Triton's tiles need) with
   zeros, which change no dot product.
   """
   b, g, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  t_M, h_M, row_ok_M, d_D, d_ok_D = _program_rows(g, i, T=T, R=R, D=D, Dp=Dp, bm=bm)
+  row_ok_MxD = row_ok_M[:, None] & d_ok_D[None, :]
+  q_MxD = _compat.triton_load(q_ref.at[b, t_M[:, None], h_M[:, None], d_D[None, :]],
+                              mask=row_ok_MxD, other=0)
+  limit = jnp.clip(kv_len_ref[b], 1, L)
+  init = (jnp.zeros((bm, Dp), jnp.float32), jnp.full((bm,), MASK_VALUE, jnp.float32),
+          jnp.zeros((bm,), jnp.float32))
+  o_MxD, _, l_M = _cache_tiles(q_MxD, k_ref, v_ref, mask_ref, b, g, t_M, row_ok_M, d_D,
+                               d_ok_D, limit, init, bk=bk, scale=scale)
+  out_MxD = o_MxD / jnp.maximum(l_M, 1e-30)[:, None]
+  _compat.triton_store(o_ref.at[b, t_M[:, None], h_M[:, None], d_D[None, :]],
+                       out_MxD.astype(o_ref.dtype), mask=row_ok_MxD)
+
+
+def supports_update(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+  """Whether :func:`decode_attention_update` takes this shape (RoPE needs an even head dim)."""
+  return supports(num_heads, num_kv_heads) and head_dim % 2 == 0
+
+
+@functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "block_m", "block_k",
+                                             "num_warps", "num_stages", "interpret"))
+def decode_attention_update(qkv_BxTxN: Array, cos_BxTxD2: Array, sin_BxTxD2: Array,
+                            k_BxLxGxD: Array, v_BxLxGxD: Array, mask_BxTxL: Array,
+                            cache_index_B: Array, *, num_heads: int, num_kv_heads: int,
+                            block_m: int | None = None, block_k: int | None = None,
+                            num_warps: int | None = None, num_stages: int = 2,
+                            interpret: bool | None = None) -> tuple[Array, Array, Array]:
+  """RoPE, the cache write and the attention of a decode or verify call, in one kernel.
+
+  With ``q, k, v`` the column blocks [Q*D | G*D | G*D] of ``qkv`` and
+  ``start[b] = clip(cache_index[b], 0, L - T)`` (where ``dynamic_update_slice`` puts
+  the new entries)::
+
+    q', k'  = rope(q), rope(k)                rotate-half, f32, back to qkv's dtype
+    cache[b, start[b] + t] = k'[b, t], v[b, t]   in the cache's dtype, in place
+    o = decode_attention(q', cache, cache, mask, start + T)
+
+  The new tokens' keys and values are attended from ``qkv`` (registers), the committed
+  slots ``[0, start)`` from the cache; the (row block 0) program of each (row, kv head)
+  writes the new entries, which no program reads from the cache, so the in-place write
+  races with nothing. It replaces XLA's RoPE fusions and the two cache updates, three
+  kernels per layer, and reads no buffer it does not need.
+
+  Args:
+    qkv_BxTxN: the fused q/k/v projection, N = (Q + 2G) * D, before RoPE; f32 or bf16.
+    cos_BxTxD2, sin_BxTxD2: f32 RoPE tables of the new tokens' positions (D/2 frequencies).
+    k_BxLxGxD, v_BxLxGxD: the cache before the write; donated (aliased to the outputs).
+    mask_BxTxL: bool or integer over the cache after the write, as :func:`decode_attention`.
+    cache_index_B: [B] int, slot of each row's first new token.
+    num_heads, num_kv_heads: Q and G.
+    block_m, block_k, num_warps, num_stages, interpret: as :func:`decode_attention`.
+
+  Returns:
+    o [B, T, Q, D] in qkv's dtype, and the written k, v caches.
+
+  Raises:
+    ConfigError: shapes or block sizes the kernel does not take.
+  """
+  B, T, N = qkv_BxTxN.shape
+  _, L, G, D = k_BxLxGxD.shape
+  Q = num_heads
+  if G != num_kv_heads or N != (Q + 2 * G) * D or not supports_update(Q, G, D):
+    raise ConfigError(f"decode_attention_update: qkv {qkv_BxTxN.shape} and cache "
+                      f"{k_BxLxGxD.shape} do not make {Q} query heads over {num_kv_heads} kv "
+                      f"heads of an even head dim (N = (Q + 2G) * D)")
+  if v_BxLxGxD.shape != k_BxLxGxD.shape or k_BxLxGxD.shape[0] != B or T > L:
+    raise ConfigError(f"decode_attention_update: k {k_BxLxGxD.shape} and v {v_BxLxGxD.shape} "
+                      f"must be [B, L, G, D] with B = {B}, L >= T = {T}")
+  if cos_BxTxD2.shape != (B, T, D // 2) or sin_BxTxD2.shape != (B, T, D // 2):
+    raise ConfigError(f"decode_attention_update: cos {cos_BxTxD2.shape} and sin "
+                      f"{sin_BxTxD2.shape} must be {(B, T, D // 2)}")
+  if mask_BxTxL.shape != (B, T, L) or cache_index_B.shape != (B,):
+    raise ConfigError(f"decode_attention_update: mask {mask_BxTxL.shape} must be {(B, T, L)} "
+                      f"and cache_index {cache_index_B.shape} must be {(B,)}")
+  rows = (Q // G) * T
+  bm = default_block_m(rows) if block_m is None else block_m
+  auto_k, auto_warps = default_blocks(B, rows)
+  block_k = auto_k if block_k is None else block_k
+  num_warps = auto_warps if num_warps is None else num_warps
+  for name, size in (("block_m", bm), ("block_k", block_k)):
+    if size < 16 or size & (size - 1):
+      raise ConfigError(f"decode_attention_update: {name}={size}; expected a power of two >= 16")
+  if interpret is None:
+    interpret = _compat.default_interpret("gpu")
+  mask = mask_BxTxL if mask_BxTxL.dtype == jnp.int8 else (mask_BxTxL != 0).astype(jnp.int8)
+  start_B = jnp.clip(cache_index_B.astype(jnp.int32), 0, L - T)
+  kernel = functools.partial(_update_kernel, T=T, Tp=_pow2_at_least(T), R=Q // G, Q=Q, G=G,
+                             L=L, D=D, Dp=_pow2_at_least(D), bm=bm, bk=block_k,
+                             scale=1.0 / math.sqrt(D))
+  itemsize = jnp.dtype(k_BxLxGxD.dtype).itemsize
+  cost = _compat.cost_estimate(
+      flops=4 * B * T * Q * L * D,
+      bytes_accessed=itemsize * (2 * B * L * G * D + 2 * B * T * (Q + G) * D) + B * T * L,
+      transcendentals=B * T * Q * L)
+  cache = jax.ShapeDtypeStruct(k_BxLxGxD.shape, k_BxLxGxD.dtype)
+  return pl.pallas_call(
+      kernel,
+      out_shape=(jax.ShapeDtypeStruct((B, T, Q, D), qkv_BxTxN.dtype), cache, cache),
+      grid=(B, G, pl.cdiv(rows, bm)),
+      input_output_aliases={4: 1, 5: 2},
+      interpret=interpret,
+      name="decode_attention_update",
+      compiler_params=_compat.triton_compiler_params(num_warps, num_stages),
+      cost_estimate=cost,
+  )(start_B, qkv_BxTxN, cos_BxTxD2.astype(jnp.float32), sin_BxTxD2.astype(jnp.float32),
+    k_BxLxGxD, v_BxLxGxD, mask)
+
+
+def _update_kernel(start_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, mask_ref, o_ref,
+                   k_out_ref, v_out_ref, *, T, Tp, R, Q, G, L, D, Dp, bm, bk, scale):
+  """One (row b, kv head g, row block i) program of :func:`decode_attention_update`.
+
+  RoPE in the rotate-half layout as one product per lane: with ``perm(d) = (d + D/2) % D``,
+  ``x'[d] = x[d] * cos[d % D/2] + x[perm(d)] * sign(d) * sin[d % D/2]``, sign -1 on the
+  first half; so every dot stays over the whole head dim. ``k_ref``/``v_ref`` and
+  ``k_out_ref``/``v_out_ref`` are the same buffers.
+  """
+  b, g, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  t_M, h_M, row_ok_M, d_D, d_ok_D = _program_rows(g, i, T=T, R=R, D=D, Dp=Dp, bm=bm)
+  half = D // 2
+  perm_D = jnp.where(d_D < half, d_D + half, d_D - half)
+  freq_D = jnp.where(d_D < half, d_D, d_D - half)
+  sign_D = jnp.where(d_D < half, -1.0, 1.0).astype(jnp.float32)
+  dtype = qkv_ref.dtype
+  precision = _precision(dtype)
+
+  def rotated(tok_X, col_X, ok_X):
+    """rope(x) [X, Dp] for the D columns from ``col_X`` of tokens ``tok_X``, qkv's dtype."""
+    ok_XxD = ok_X[:, None] & d_ok_D[None, :]
+    x = _compat.triton_load(qkv_ref.at[b, tok_X[:, None], col_X[:, None] + d_D[None, :]],
+                            mask=ok_XxD, other=0).astype(jnp.float32)
+    x_perm = _compat.triton_load(qkv_ref.at[b, tok_X[:, None], col_X[:, None] + perm_D[None, :]],
+                                 mask=ok_XxD, other=0).astype(jnp.float32)
+    cos = _compat.triton_load(cos_ref.at[b, tok_X[:, None], freq_D[None, :]], mask=ok_XxD,
+                              other=0)
+    sin = _compat.triton_load(sin_ref.at[b, tok_X[:, None], freq_D[None, :]], mask=ok_XxD,
+                              other=0)
+    return (x * cos + x_perm * (sign_D[None, :] * sin)).astype(dtype)
+
+  q_MxD = rotated(t_M, h_M * D, row_ok_M)
+  start = start_ref[b]
+
+  # The T new tokens, from qkv: keys rotated, both rounded through the cache's dtype as the
+  # cache holds them; a padded token (j >= T) points past the cache's end.
+  j_N = jax.lax.iota(jnp.int32, Tp)
+  new_N = j_N < T
+  new_NxD = new_N[:, None] & d_ok_D[None, :]
+  k_NxD = rotated(j_N, jnp.full((Tp,), (Q + g) * D, jnp.int32), new_N).astype(k_out_ref.dtype)
+  v_NxD = _compat.triton_load(qkv_ref.at[b, j_N[:, None], (Q + G + g) * D + d_D[None, :]],
+                              mask=new_NxD, other=0).astype(v_out_ref.dtype)
+  slot_N = jnp.where(new_N, start + j_N, L)
+  write_NxD = new_NxD & (i == 0)
+  _compat.triton_store(k_out_ref.at[b, slot_N[:, None], g, d_D[None, :]], k_NxD, mask=write_NxD)
+  _compat.triton_store(v_out_ref.at[b, slot_N[:, None], g, d_D[None, :]], v_NxD, mask=write_NxD)
+
+  k_NxD, v_NxD = k_NxD.astype(dtype), v_NxD.astype(dtype)
+  scores_MxN = jax.lax.dot_general(q_MxD, k_NxD, (((1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32,
+                                   precision=precision) * scale
+  seen_MxN = _compat.triton_load(mask_ref.at[b, t_M[:, None], slot_N[None, :]],
+                                 mask=row_ok_M[:, None] & new_N[None, :], other=0)
+  scores_MxN = jnp.where(seen_MxN != 0, scores_MxN, MASK_VALUE)
+  init = (jnp.zeros((bm, Dp), jnp.float32), jnp.full((bm,), MASK_VALUE, jnp.float32),
+          jnp.zeros((bm,), jnp.float32))
+  carry = _online(init, scores_MxN, new_N, v_NxD, precision)
+  # Then the committed slots [0, start), from the cache (which this call writes only at and
+  # after start).
+  o_MxD, _, l_M = _cache_tiles(q_MxD, k_ref, v_ref, mask_ref, b, g, t_M, row_ok_M, d_D,
+                               d_ok_D, start, carry, bk=bk, scale=scale)
+  out_MxD = o_MxD / jnp.maximum(l_M, 1e-30)[:, None]
+  _compat.triton_store(o_ref.at[b, t_M[:, None], h_M[:, None], d_D[None, :]],
+                       out_MxD.astype(o_ref.dtype), mask=row_ok_M[:, None] & d_ok_D[None, :])
+
+
+def _program_rows(g, i, *, T, R, D, Dp, bm):
+  """A program's rows and head-dim lanes: token t [bm], query head h [bm], row valid [bm],
+  lane d [Dp], lane valid [Dp]. Rows are ordered (r, t): row ``i * bm + m`` is query head
+  ``g * R + m // T`` at token ``m % T``."""
   row_M = i * bm + jax.lax.iota(jnp.int32, bm)
   row_ok_M = row_M < R * T
   # A row past R * T points past the last token: masked accesses never touch it, and
   # the interpreter's scatter drops it instead of racing on a real row.
   t_M = jnp.where(row_ok_M, row_M % T, T)
   h_M = g * R + jnp.where(row_ok_M, row_M // T, 0)
-  # Plain iotas along the head dim and the slots (no select on them), so that Triton
-  # sees contiguous addresses and vectorises the loads.
+  # Plain iotas along the head dim (no select on them), so that Triton sees contiguous
+  # addresses and vectorises the loads.
   d_D = jax.lax.iota(jnp.int32, Dp)
-  d_ok_D = d_D < D
-  row_ok_MxD = row_ok_M[:, None] & d_ok_D[None, :]
-  q_MxD = _compat.triton_load(q_ref.at[b, t_M[:, None], h_M[:, None], d_D[None, :]],
-                              mask=row_ok_MxD, other=0)
-  precision = (jax.lax.Precision.HIGHEST if q_MxD.dtype == jnp.float32
-               else jax.lax.Precision.DEFAULT)
+  return t_M, h_M, row_ok_M, d_D, d_D < D
 
-  limit = jnp.clip(kv_len_ref[b], 1, L)
+
+def _precision(dtype):
+  """f32 operands multiply in f32 (Triton's IEEE dot); bf16 in the tensor cores."""
+  return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def _online(carry, scores_MxK, read_K, v_KxD, precision):
+  """One online-softmax step: fold a tile's scores and values into (o, running max, sum);
+  slots with ``read_K`` false weigh 0."""
+  o_MxD, m_M, l_M = carry
+  m_new_M = jnp.maximum(m_M, jnp.max(scores_MxK, axis=1))
+  correction_M = jnp.exp(m_M - m_new_M)
+  p_MxK = jnp.where(read_K[None, :], jnp.exp(scores_MxK - m_new_M[:, None]), 0.0)
+  pv_MxD = jnp.dot(p_MxK.astype(v_KxD.dtype), v_KxD, preferred_element_type=jnp.float32,
+                   precision=precision)
+  return (o_MxD * correction_M[:, None] + pv_MxD, m_new_M,
+          l_M * correction_M + jnp.sum(p_MxK, axis=1))
+
+
+def _cache_tiles(q_MxD, k_ref, v_ref, mask_ref, b, g, t_M, row_ok_M, d_D, d_ok_D, limit, init,
+                 *, bk, scale):
+  """Streams cache slots ``[0, limit)`` of row b, kv head g in tiles of ``bk`` into the
+  online softmax ``init`` (o [bm, Dp], max [bm], sum [bm], f32)."""
+  precision = _precision(q_MxD.dtype)
 
   def tile(j, carry):
-    o_MxD, m_M, l_M = carry
-    s_K = j * bk + jax.lax.iota(jnp.int32, bk)
-    s_ok_K = s_K < limit
-    slot_K = s_K
-    s_ok_KxD = s_ok_K[:, None] & d_ok_D[None, :]
+    # Plain iotas along the head dim and the slots (no select on them), so that Triton
+    # sees contiguous addresses and vectorises the loads.
+    slot_K = j * bk + jax.lax.iota(jnp.int32, bk)
+    read_K = slot_K < limit
+    read_KxD = read_K[:, None] & d_ok_D[None, :]
     k_KxD = _compat.triton_load(k_ref.at[b, slot_K[:, None], g, d_D[None, :]],
-                                mask=s_ok_KxD, other=0).astype(q_MxD.dtype)
+                                mask=read_KxD, other=0).astype(q_MxD.dtype)
     scores_MxK = jax.lax.dot_general(q_MxD, k_KxD, (((1,), (1,)), ((), ())),
                                      preferred_element_type=jnp.float32,
                                      precision=precision) * scale
     seen_MxK = _compat.triton_load(mask_ref.at[b, t_M[:, None], slot_K[None, :]],
-                                   mask=row_ok_M[:, None] & s_ok_K[None, :], other=0)
+                                   mask=row_ok_M[:, None] & read_K[None, :], other=0)
     scores_MxK = jnp.where(seen_MxK != 0, scores_MxK, MASK_VALUE)
-    m_new_M = jnp.maximum(m_M, jnp.max(scores_MxK, axis=1))
-    correction_M = jnp.exp(m_M - m_new_M)
-    # Slots at or past kv_len (the last tile's overhang) are not read: weight 0.
-    p_MxK = jnp.where(s_ok_K[None, :], jnp.exp(scores_MxK - m_new_M[:, None]), 0.0)
     v_KxD = _compat.triton_load(v_ref.at[b, slot_K[:, None], g, d_D[None, :]],
-                                mask=s_ok_KxD, other=0).astype(q_MxD.dtype)
-    pv_MxD = jnp.dot(p_MxK.astype(q_MxD.dtype), v_KxD, preferred_element_type=jnp.float32,
-                     precision=precision)
-    return (o_MxD * correction_M[:, None] + pv_MxD, m_new_M,
-            l_M * correction_M + jnp.sum(p_MxK, axis=1))
+                                mask=read_KxD, other=0).astype(q_MxD.dtype)
+    return _online(carry, scores_MxK, read_K, v_KxD, precision)
 
-  n_tiles = pl.cdiv(limit, bk)
-  o_MxD, _, l_M = jax.lax.fori_loop(
-      0, n_tiles, tile,
-      (jnp.zeros((bm, Dp), jnp.float32), jnp.full((bm,), MASK_VALUE, jnp.float32),
-       jnp.zeros((bm,), jnp.float32)))
-  out_MxD = o_MxD / jnp.maximum(l_M, 1e-30)[:, None]
-  _compat.triton_store(o_ref.at[b, t_M[:, None], h_M[:, None], d_D[None, :]],
-                       out_MxD.astype(o_ref.dtype), mask=row_ok_MxD)
+  return jax.lax.fori_loop(0, pl.cdiv(limit, bk), tile, init)
 
 
 def decode_attention_reference(q_BxTxQxD: Array, k_BxLxGxD: Array, v_BxLxGxD: Array,
@@ -227,3 +409,30 @@ def decode_attention_reference(q_BxTxQxD: Array, k_BxLxGxD: Array, v_BxLxGxD: Ar
   o = jnp.einsum("bgrtl,blgd->btgrd", p.astype(q.dtype), v_BxLxGxD.astype(q.dtype),
                  preferred_element_type=jnp.float32)
   return o.reshape(B, T, Q, D).astype(q_BxTxQxD.dtype)
+
+
+def decode_attention_update_reference(qkv_BxTxN: Array, cos_BxTxD2: Array, sin_BxTxD2: Array,
+                                      k_BxLxGxD: Array, v_BxLxGxD: Array, mask_BxTxL: Array,
+                                      cache_index_B: Array, *, num_heads: int,
+                                      num_kv_heads: int) -> tuple[Array, Array, Array]:
+  """:func:`decode_attention_update` in plain jnp: split, rotate, ``dynamic_update_slice``,
+  :func:`decode_attention_reference`. Same arguments and results."""
+  B, T, _ = qkv_BxTxN.shape
+  L, G, D = k_BxLxGxD.shape[1:]
+  Q = num_heads
+  q = qkv_BxTxN[..., :Q * D].reshape(B, T, Q, D)
+  k = qkv_BxTxN[..., Q * D:(Q + G) * D].reshape(B, T, G, D)
+  v = qkv_BxTxN[..., (Q + G) * D:].reshape(B, T, G, D)
+
+  def rope(x):
+    x32 = x.astype(jnp.float32)
+    c, s_ = cos_BxTxD2[:, :, None, :], sin_BxTxD2[:, :, None, :]
+    x1, x2 = x32[..., :D // 2], x32[..., D // 2:]
+    return jnp.concatenate([x1 * c - x2 * s_, x2 * c + x1 * s_], axis=-1).astype(x.dtype)
+
+  start_B = jnp.clip(cache_index_B.astype(jnp.int32), 0, L - T)
+  write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (i, 0, 0)))
+  k_cache = write(k_BxLxGxD, rope(k), start_B)
+  v_cache = write(v_BxLxGxD, v, start_B)
+  o = decode_attention_reference(rope(q), k_cache, v_cache, mask_BxTxL, start_B + T)
+  return o, k_cache, v_cache

@@ -1,5 +1,6 @@
-"""decode_attention: the Pallas kernel (interpret mode) and its jnp reference against a float64
-NumPy loop, a hypothesis property over shapes, block sizes and masks, and every error path.
+"""decode_attention and decode_attention_update: the Pallas kernels (interpret mode) and their
+jnp references against a float64 NumPy loop, hypothesis properties over shapes, block sizes
+and masks, and every error path.
 
 Shapes come from a few buckets (each new shape compiles the interpreted kernel);
 masks, lengths and values vary per example.
@@ -15,7 +16,10 @@ from hypothesis import strategies as st
 
 from medusa_jax.errors import ConfigError
 from medusa_jax.pallas.decode_attention import (decode_attention, decode_attention_reference,
-                                                default_block_m, default_blocks, supports)
+                                                decode_attention_update,
+                                                decode_attention_update_reference,
+                                                default_block_m, default_blocks, supports,
+                                                supports_update)
 
 
 def reference_f64(q, k, v, mask, kv_len):
@@ -170,3 +174,128 @@ def test_an_integer_mask_sees_every_nonzero_slot():
                          interpret=True)
   np.testing.assert_allclose(np.asarray(got), reference_f64(q, k, v, mask, kv_len), rtol=1e-5,
                              atol=2e-6)
+
+
+# --------------------------------------------------------------------------- with the update
+
+
+def update_f64(qkv, cos, sin, k, v, mask, cache_index, Q):
+  """decode_attention_update's documented semantics in float64: rotate-half RoPE, the write
+  at ``clip(cache_index, 0, L - T)``, then :func:`reference_f64`. Returns (o, k, v)."""
+  B, T, _ = qkv.shape
+  L, G, D = k.shape[1:]
+  x = qkv.astype(np.float64)
+  q, kn, vn = (x[..., :Q * D].reshape(B, T, Q, D), x[..., Q * D:(Q + G) * D].reshape(B, T, G, D),
+               x[..., (Q + G) * D:].reshape(B, T, G, D))
+  c, s = cos.astype(np.float64)[:, :, None], sin.astype(np.float64)[:, :, None]
+
+  def rope(y):
+    y1, y2 = y[..., :D // 2], y[..., D // 2:]
+    return np.concatenate([y1 * c - y2 * s, y2 * c + y1 * s], axis=-1)
+
+  k2, v2 = k.astype(np.float64).copy(), v.astype(np.float64).copy()
+  start = np.clip(cache_index, 0, L - T)
+  for b in range(B):
+    k2[b, start[b]:start[b] + T] = rope(kn)[b]
+    v2[b, start[b]:start[b] + T] = vn[b]
+  return reference_f64(rope(q), k2, v2, mask, start + T), k2, v2
+
+
+def _update_inputs(rng, B, T, Q, G, D, L, *, dtype=np.float32, tree=False, empty_row=False,
+                   overflow=False):
+  """qkv, cos, sin, k, v, mask, cache_index; ``overflow`` puts row 0's index past L - T
+  (the write is clamped, as dynamic_update_slice does)."""
+  q, k, v, mask, kv_len = _inputs(rng, B, T, Q, G, D, L, dtype=dtype, tree=tree,
+                                  empty_row=empty_row)
+  idx = kv_len - T
+  if overflow:
+    idx[0] = L - T + 2
+  qkv = rng.standard_normal((B, T, (Q + 2 * G) * D)).astype(dtype)
+  angle = rng.uniform(-50, 50, (B, T, D // 2))
+  return (qkv, np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32), k, v, mask,
+          idx.astype(np.int32))
+
+
+UPDATE_CASES = [  # B, T, Q, G, D, L, block_k
+    (1, 1, 9, 3, 64, 160, 64),     # SmolLM2 heads, one decode token
+    (3, 1, 4, 2, 8, 40, 16),       # head dim 8 padded to 16; row 0's index past the end
+    (2, 5, 4, 4, 80, 33, 32),      # MHA, head dim 80 (its halves are not powers of two)
+    (1, 24, 9, 3, 32, 96, 32),     # 216 rows: four row blocks, only the first writes
+]
+
+
+@pytest.mark.parametrize("B,T,Q,G,D,L,bk", UPDATE_CASES)
+def test_update_kernel_and_reference_match_float64(B, T, Q, G, D, L, bk):
+  rng = np.random.default_rng(B * 7 + T * 3 + D)
+  args = _update_inputs(rng, B, T, Q, G, D, L, tree=T > 1, empty_row=B > 1, overflow=B == 3)
+  want = update_f64(*args, Q)
+  got = decode_attention_update(*args, num_heads=Q, num_kv_heads=G, block_k=bk, interpret=True)
+  ref = decode_attention_update_reference(*args, num_heads=Q, num_kv_heads=G)
+  for g, r, w in zip(got, ref, want):
+    np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=5e-6)
+    np.testing.assert_allclose(np.asarray(r), w, rtol=1e-5, atol=5e-6)
+  # Every slot outside the written span keeps its value, bit for bit.
+  k, start = args[3], np.clip(args[6], 0, L - T)
+  for b in range(B):
+    keep = np.ones(L, bool)
+    keep[start[b]:start[b] + T] = False
+    np.testing.assert_array_equal(np.asarray(got[1])[b, keep], k[b, keep])
+  assert supports_update(9, 3, 64) and not supports_update(9, 3, 63)
+
+
+def test_update_in_bf16_and_into_a_bf16_cache():
+  """bf16 qkv and cache: within bf16 rounding of float64; f32 qkv into a bf16 cache: the
+  cache holds the bf16-rounded keys and values."""
+  rng = np.random.default_rng(9)
+  qkv, cos, sin, k, v, mask, idx = _update_inputs(rng, 2, 3, 6, 2, 32, 48, tree=True)
+  want = update_f64(qkv, cos, sin, k, v, mask, idx, 6)
+  bf = [jnp.asarray(a, jnp.bfloat16) for a in (qkv, k, v)]
+  o, k2, v2 = decode_attention_update(bf[0], cos, sin, bf[1], bf[2], mask, idx, num_heads=6,
+                                      num_kv_heads=2, interpret=True)
+  assert o.dtype == k2.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(o, np.float64), want[0], atol=0.08)
+  o, k2, v2 = decode_attention_update(qkv, cos, sin, bf[1], bf[2], mask, idx, num_heads=6,
+                                      num_kv_heads=2, interpret=True)
+  assert o.dtype == jnp.float32 and k2.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(k2, np.float32),
+                                np.asarray(jnp.asarray(want[1], jnp.bfloat16), np.float32))
+  np.testing.assert_allclose(np.asarray(o), want[0], atol=0.05)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shape=st.sampled_from([(2, 1, 6, 3, 16, 48), (1, 7, 4, 1, 32, 40), (2, 3, 8, 2, 16, 64)]),
+       bk=st.sampled_from([16, 32]), bm=st.sampled_from([None, 16]),
+       tree=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
+def test_update_property_matches_float64(shape, bk, bm, tree, seed):
+  rng = np.random.default_rng(seed)
+  B, T, Q, G, D, L = shape
+  args = list(_update_inputs(rng, B, T, Q, G, D, L, tree=tree, empty_row=rng.random() < 0.3,
+                             overflow=rng.random() < 0.2))
+  if rng.random() < 0.5:
+    args[5] = args[5] & (rng.random(args[5].shape) < 0.7)
+  want = update_f64(*args, Q)
+  got = decode_attention_update(*args, num_heads=Q, num_kv_heads=G, block_k=bk, block_m=bm,
+                                interpret=True)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=5e-6)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(qkv=(1, 2, 100)), "do not make 4 query heads"),
+    (dict(k=(1, 16, 2, 15), v=(1, 16, 2, 15), qkv=(1, 2, 120)), "even head dim"),
+    (dict(v=(1, 16, 2, 8)), "k .* and v"),
+    (dict(qkv=(1, 20, 128), mask=(1, 20, 16), cos=(1, 20, 8), sin=(1, 20, 8)), "L >= T"),
+    (dict(cos=(1, 2, 16)), "cos"),
+    (dict(mask=(1, 2, 15)), "mask"),
+    (dict(cache_index=(2,)), "cache_index"),
+    (dict(block_k=24), "block_k=24"),
+])
+def test_update_errors(change, match):
+  shapes = dict(qkv=(1, 2, 128), cos=(1, 2, 8), sin=(1, 2, 8), k=(1, 16, 2, 16),
+                v=(1, 16, 2, 16), mask=(1, 2, 16), cache_index=(1,))
+  blocks = {n: change.pop(n) for n in ("block_k",) if n in change}
+  shapes.update(change)
+  args = [np.zeros(shapes[n], np.float32) for n in ("qkv", "cos", "sin", "k", "v")]
+  args += [np.ones(shapes["mask"], bool), np.zeros(shapes["cache_index"], np.int32)]
+  with pytest.raises(ConfigError, match=match):
+    decode_attention_update(*args, num_heads=4, num_kv_heads=2, interpret=True, **blocks)
