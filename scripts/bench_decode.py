@@ -213,11 +213,16 @@ def _time_in_graph(dec, state, config, steps, repeats=2):
   return times, state
 
 
-def _kernel_counts(dec, state, config) -> dict:
-  """Top-level kernels of the compiled step (fusions, library calls, copies)."""
+def _kernel_counts(dec, state, config, dump: str | None = None) -> dict:
+  """Top-level kernels of the compiled step (fusions, library calls, copies); ``dump``: a
+  file to write the compiled HLO to."""
   import re
   compiled = dec._plain.lower(dec.param_leaves, state, config=config).compile()
   text = compiled.as_text()
+  if dump:
+    os.makedirs(os.path.dirname(dump) or ".", exist_ok=True)
+    with open(dump, "w") as f:
+      f.write(text)
   bodies = re.split(r"\n(?=\S)", text)  # one chunk per computation
   kinds = {"fusion": 0, "custom-call": 0, "copy": 0, "scatter": 0, "dot": 0, "other": 0}
   for body in bodies:
@@ -295,13 +300,16 @@ def _engine_tokens_per_s(engine, cfg, batch, prompt_len, new_tokens, mode, seed=
 
 
 def _time_plain(dec, cfg, args, batch, dtype, in_graph: bool, kernels: bool,
-                dispatched: bool = True) -> dict:
-  """Plain step of ``dec`` at one batch size: dispatched, in-graph, kernel counts."""
+                dispatched: bool = True, tag: str = "") -> dict:
+  """Plain step of ``dec`` at one batch size: dispatched, in-graph, kernel counts (and with
+  ``--dump-hlo DIR`` the compiled step in ``DIR/plain-{tag}-b{batch}.hlo.txt``)."""
   from medusa_jax.decoding.state import StepConfig
   from medusa_jax.decoding.strategies import Greedy
   config = StepConfig(tree=None, strategy=Greedy(), eos_ids=())
   state = _start_state(dec, cfg, batch, args.cache_len, args.prompt_len, config, dtype, 0)
-  row = {"kernels": _kernel_counts(dec, state, config)} if kernels else {}
+  dump = getattr(args, "dump_hlo", None)
+  dump = dump and os.path.join(dump, f"plain-{tag or 'main'}-b{batch}.hlo.txt")
+  row = {"kernels": _kernel_counts(dec, state, config, dump)} if kernels else {}
   if dispatched:
     row["step_ms"], state = _time_steps(dec, state, config, args.steps)
     for k in getattr(args, "steps_per_call", None) or ():
@@ -354,7 +362,8 @@ def bench_jax(args) -> dict:
     # Floor: weights once and the KV entries in use once, at the copy bandwidth.
     floor_ms = 1e3 * (weight_bytes + batch * args.prompt_len * kv_row_bytes) / bw
     row["plain_floor_ms"] = floor_ms
-    plain = _time_plain(dec, cfg, args, batch, dtype, args.in_graph, kernels=i == 0)
+    plain = _time_plain(dec, cfg, args, batch, dtype, args.in_graph, kernels=i == 0,
+                        tag=args.attention)
     row.update(plain_step_ms=plain["step_ms"], plain_kernels=plain.get("kernels", {}),
                plain_nodes=1)
     row.update({f"plain_{key}": v for key, v in plain.items() if key.startswith("k")
@@ -379,7 +388,8 @@ def bench_jax(args) -> dict:
         if other == args.attention:
           continue
         odec = Decoder(llama.with_attention_scores(other), medusa.model)
-        o = _time_plain(odec, cfg, args, batch, dtype, True, kernels=True, dispatched=False)
+        o = _time_plain(odec, cfg, args, batch, dtype, True, kernels=True, dispatched=False,
+                        tag=other)
         row[f"{other}_plain_step_in_graph_ms"] = min(o["in_graph_ms"])
         row[f"{other}_plain_step_in_graph_repeats_ms"] = o["in_graph_ms"]
         row[f"{other}_plain_kernels"] = o["kernels"]
@@ -826,6 +836,8 @@ def main(argv=None) -> int:
                  " (measured by default), tree-budget = the row budget")
   p.add_argument("--e2e-min-cache-len", type=int, default=512,
                  help="smallest cache bucket of the end-to-end engine (fewer compilations)")
+  p.add_argument("--dump-hlo", metavar="DIR",
+                 help="write each plain step's compiled HLO whose kernels are counted to DIR")
   p.add_argument("--no-hf", dest="hf", action="store_false")
   p.add_argument("--no-flags", dest="flags", action="store_false")
   p.add_argument("--no-engine", dest="engine", action="store_false")
