@@ -229,7 +229,9 @@ def _kernel_counts(dec, state, config, dump: str | None = None) -> dict:
     head = body.split("\n", 1)[0]
     if "fused_computation" in head or "fusion" in head.split("(")[0] or "region" in head:
       continue  # bodies of fusions and reductions are not kernels of their own
-    for m in re.finditer(r"= \S+ ([a-z\-]+)\(", body):
+    # An instruction's result type may be a tuple "(bf16[..], ..)" (a kernel with aliased
+    # outputs): "= TYPE op(" with TYPE one token or one parenthesised list.
+    for m in re.finditer(r"= (?:\([^()]*\)|\S+) ([a-z\-]+)\(", body):
       op = m.group(1)
       if op in kinds:
         kinds[op] += 1
@@ -718,20 +720,21 @@ def _attention_sweep(args) -> list:
 def _flag_variants(args) -> list:
   """Re-runs the plain/tree step at batch 1 under other XLA flags (new processes)."""
   variants = {
-      # (--xla_gpu_graph_min_graph_size=1 alone: measured before, docs/perf_decode.md.)
-      # The K-step loop is a while loop whose condition the host reads back
-      # every iteration; with WHILE/CONDITIONAL command buffers the loop runs
-      # as one CUDA graph with device-side conditionals.
-      "while_command_buffers": "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL",
-      "while_command_buffers_min_1": ("--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
-                                      " --xla_gpu_graph_min_graph_size=1"),
+      # (--xla_gpu_graph_min_graph_size=1 alone and WHILE/CONDITIONAL command buffers:
+      # measured before, docs/perf_decode.md and docs/perf.md.)
+      # At batch 1 XLA rewrites every vector-matrix dot into a multiply and a reduce
+      # (two kernels, the f32 product in memory between them); without the rewrite
+      # the dots stay GEMM (or GEMV) kernels.
+      "no_dot_strength_reduction": "--xla_gpu_enable_dot_strength_reduction=false",
   }
   results = []
   for name, flags in variants.items():
     env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
     cmd = [sys.executable, __file__, "--only-plain", "--no-hf", "--no-flags", "--no-engine",
            "--batches", "1", "--steps", str(args.steps), "--cache-len", str(args.cache_len),
-           "--dtype", args.dtype, "--json-line"]
+           "--dtype", args.dtype, "--attention", args.attention, "--json-line"]
+    if args.compare_methods:
+      cmd += ["--compare-attention", "1", "--compare-methods", *args.compare_methods]
     if args.tiny:
       cmd.append("--tiny")
     try:

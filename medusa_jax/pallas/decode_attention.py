@@ -162,8 +162,8 @@ def _kernel(kv_len_ref, q_ref, k_ref, v_ref, mask_ref, o_ref, *, T, R, L, D, Dp,
   limit = jnp.clip(kv_len_ref[b], 1, L)
   init = (jnp.zeros((bm, Dp), jnp.float32), jnp.full((bm,), MASK_VALUE, jnp.float32),
           jnp.zeros((bm,), jnp.float32))
-  o_MxD, _, l_M = _cache_tiles(q_MxD, k_ref, v_ref, mask_ref, b, g, t_M, row_ok_M, d_D,
-                               d_ok_D, limit, init, bk=bk, scale=scale)
+  o_MxD, _, l_M = _cache_tiles([(q_MxD, 0, d_D, d_ok_D)], k_ref, v_ref, mask_ref, b, g, t_M,
+                               row_ok_M, d_D, d_ok_D, limit, init, bk=bk, scale=scale)
   out_MxD = o_MxD / jnp.maximum(l_M, 1e-30)[:, None]
   _compat.triton_store(o_ref.at[b, t_M[:, None], h_M[:, None], d_D[None, :]],
                        out_MxD.astype(o_ref.dtype), mask=row_ok_MxD)
@@ -242,7 +242,8 @@ def decode_attention_update(qkv_BxTxN: Array, cos_BxTxD2: Array, sin_BxTxD2: Arr
   mask = mask_BxTxL if mask_BxTxL.dtype == jnp.int8 else (mask_BxTxL != 0).astype(jnp.int8)
   start_B = jnp.clip(cache_index_B.astype(jnp.int32), 0, L - T)
   kernel = functools.partial(_update_kernel, T=T, Tp=_pow2_at_least(T), R=Q // G, Q=Q, G=G,
-                             L=L, D=D, Dp=_pow2_at_least(D), bm=bm, bk=block_k,
+                             L=L, D=D, Dh=_pow2_at_least(D // 2), Dp=_pow2_at_least(D), bm=bm,
+                             bk=block_k,
                              scale=1.0 / math.sqrt(D))
   itemsize = jnp.dtype(k_BxLxGxD.dtype).itemsize
   cost = _compat.cost_estimate(
@@ -264,70 +265,74 @@ def decode_attention_update(qkv_BxTxN: Array, cos_BxTxD2: Array, sin_BxTxD2: Arr
 
 
 def _update_kernel(start_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, mask_ref, o_ref,
-                   k_out_ref, v_out_ref, *, T, Tp, R, Q, G, L, D, Dp, bm, bk, scale):
+                   k_out_ref, v_out_ref, *, T, Tp, R, Q, G, L, D, Dh, Dp, bm, bk, scale):
   """One (row b, kv head g, row block i) program of :func:`decode_attention_update`.
 
-  RoPE in the rotate-half layout as one product per lane: with ``perm(d) = (d + D/2) % D``,
-  ``x'[d] = x[d] * cos[d % D/2] + x[perm(d)] * sign(d) * sin[d % D/2]``, sign -1 on the
-  first half; so every dot stays over the whole head dim. ``k_ref``/``v_ref`` and
+  Queries and keys are kept as their two RoPE halves (columns ``[0, D/2)`` and
+  ``[D/2, D)``, each padded to Dh lanes): rotate-half is then elementwise on contiguous
+  loads, and a score is the sum of the halves' dots. ``k_ref``/``v_ref`` and
   ``k_out_ref``/``v_out_ref`` are the same buffers.
   """
   b, g, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   t_M, h_M, row_ok_M, d_D, d_ok_D = _program_rows(g, i, T=T, R=R, D=D, Dp=Dp, bm=bm)
   half = D // 2
-  perm_D = jnp.where(d_D < half, d_D + half, d_D - half)
-  freq_D = jnp.where(d_D < half, d_D, d_D - half)
-  sign_D = jnp.where(d_D < half, -1.0, 1.0).astype(jnp.float32)
+  c_H = jax.lax.iota(jnp.int32, Dh)
+  c_ok_H = c_H < half
   dtype = qkv_ref.dtype
   precision = _precision(dtype)
 
   def rotated(tok_X, col_X, ok_X):
-    """rope(x) [X, Dp] for the D columns from ``col_X`` of tokens ``tok_X``, qkv's dtype."""
-    ok_XxD = ok_X[:, None] & d_ok_D[None, :]
-    x = _compat.triton_load(qkv_ref.at[b, tok_X[:, None], col_X[:, None] + d_D[None, :]],
-                            mask=ok_XxD, other=0).astype(jnp.float32)
-    x_perm = _compat.triton_load(qkv_ref.at[b, tok_X[:, None], col_X[:, None] + perm_D[None, :]],
-                                 mask=ok_XxD, other=0).astype(jnp.float32)
-    cos = _compat.triton_load(cos_ref.at[b, tok_X[:, None], freq_D[None, :]], mask=ok_XxD,
-                              other=0)
-    sin = _compat.triton_load(sin_ref.at[b, tok_X[:, None], freq_D[None, :]], mask=ok_XxD,
-                              other=0)
-    return (x * cos + x_perm * (sign_D[None, :] * sin)).astype(dtype)
+    """rope(x) as (low, high) halves [X, Dh], qkv's dtype, for the D columns from
+    ``col_X`` of tokens ``tok_X``: low' = low cos - high sin, high' = high cos + low sin."""
+    ok_XxH = ok_X[:, None] & c_ok_H[None, :]
+    at = lambda off: qkv_ref.at[b, tok_X[:, None], col_X[:, None] + off + c_H[None, :]]  # noqa: E731
+    lo = _compat.triton_load(at(0), mask=ok_XxH, other=0).astype(jnp.float32)
+    hi = _compat.triton_load(at(half), mask=ok_XxH, other=0).astype(jnp.float32)
+    cos = _compat.triton_load(cos_ref.at[b, tok_X[:, None], c_H[None, :]], mask=ok_XxH, other=0)
+    sin = _compat.triton_load(sin_ref.at[b, tok_X[:, None], c_H[None, :]], mask=ok_XxH, other=0)
+    return (lo * cos - hi * sin).astype(dtype), (hi * cos + lo * sin).astype(dtype)
 
-  q_MxD = rotated(t_M, h_M * D, row_ok_M)
+  q_lo, q_hi = rotated(t_M, h_M * D, row_ok_M)
   start = start_ref[b]
 
   # The T new tokens, from qkv: keys rotated, both rounded through the cache's dtype as the
   # cache holds them; a padded token (j >= T) points past the cache's end.
   j_N = jax.lax.iota(jnp.int32, Tp)
   new_N = j_N < T
-  new_NxD = new_N[:, None] & d_ok_D[None, :]
-  k_NxD = rotated(j_N, jnp.full((Tp,), (Q + g) * D, jnp.int32), new_N).astype(k_out_ref.dtype)
+  k_lo, k_hi = rotated(j_N, jnp.full((Tp,), (Q + g) * D, jnp.int32), new_N)
+  k_lo, k_hi = k_lo.astype(k_out_ref.dtype), k_hi.astype(k_out_ref.dtype)
   v_NxD = _compat.triton_load(qkv_ref.at[b, j_N[:, None], (Q + G + g) * D + d_D[None, :]],
-                              mask=new_NxD, other=0).astype(v_out_ref.dtype)
+                              mask=new_N[:, None] & d_ok_D[None, :], other=0
+                              ).astype(v_out_ref.dtype)
   slot_N = jnp.where(new_N, start + j_N, L)
-  write_NxD = new_NxD & (i == 0)
-  _compat.triton_store(k_out_ref.at[b, slot_N[:, None], g, d_D[None, :]], k_NxD, mask=write_NxD)
-  _compat.triton_store(v_out_ref.at[b, slot_N[:, None], g, d_D[None, :]], v_NxD, mask=write_NxD)
-
-  k_NxD, v_NxD = k_NxD.astype(dtype), v_NxD.astype(dtype)
-  scores_MxN = jax.lax.dot_general(q_MxD, k_NxD, (((1,), (1,)), ((), ())),
-                                   preferred_element_type=jnp.float32,
-                                   precision=precision) * scale
   seen_MxN = _compat.triton_load(mask_ref.at[b, t_M[:, None], slot_N[None, :]],
                                  mask=row_ok_M[:, None] & new_N[None, :], other=0)
-  scores_MxN = jnp.where(seen_MxN != 0, scores_MxN, MASK_VALUE)
+  # Row block 0 writes the new entries (every block computes them; only one stores).
+  first = i == 0
+  write_NxH = new_N[:, None] & c_ok_H[None, :] & first
+  _compat.triton_store(k_out_ref.at[b, slot_N[:, None], g, c_H[None, :]], k_lo, mask=write_NxH)
+  _compat.triton_store(k_out_ref.at[b, slot_N[:, None], g, half + c_H[None, :]], k_hi,
+                       mask=write_NxH)
+  _compat.triton_store(v_out_ref.at[b, slot_N[:, None], g, d_D[None, :]], v_NxD,
+                       mask=new_N[:, None] & d_ok_D[None, :] & first)
+
+  dims = (((1,), (1,)), ((), ()))
+  scores_MxN = (jax.lax.dot_general(q_lo, k_lo.astype(dtype), dims,
+                                    preferred_element_type=jnp.float32, precision=precision)
+                + jax.lax.dot_general(q_hi, k_hi.astype(dtype), dims,
+                                      preferred_element_type=jnp.float32, precision=precision))
+  scores_MxN = jnp.where(seen_MxN != 0, scores_MxN * scale, MASK_VALUE)
   init = (jnp.zeros((bm, Dp), jnp.float32), jnp.full((bm,), MASK_VALUE, jnp.float32),
           jnp.zeros((bm,), jnp.float32))
-  carry = _online(init, scores_MxN, new_N, v_NxD, precision)
+  carry = _online(init, scores_MxN, new_N, v_NxD.astype(dtype), precision)
   # Then the committed slots [0, start), from the cache (which this call writes only at and
   # after start).
-  o_MxD, _, l_M = _cache_tiles(q_MxD, k_ref, v_ref, mask_ref, b, g, t_M, row_ok_M, d_D,
-                               d_ok_D, start, carry, bk=bk, scale=scale)
+  o_MxD, _, l_M = _cache_tiles([(q_lo, 0, c_H, c_ok_H), (q_hi, half, c_H, c_ok_H)], k_ref,
+                               v_ref, mask_ref, b, g, t_M, row_ok_M, d_D, d_ok_D, start, carry,
+                               bk=bk, scale=scale)
   out_MxD = o_MxD / jnp.maximum(l_M, 1e-30)[:, None]
   _compat.triton_store(o_ref.at[b, t_M[:, None], h_M[:, None], d_D[None, :]],
                        out_MxD.astype(o_ref.dtype), mask=row_ok_M[:, None] & d_ok_D[None, :])
-
 
 def _program_rows(g, i, *, T, R, D, Dp, bm):
   """A program's rows and head-dim lanes: token t [bm], query head h [bm], row valid [bm],
@@ -363,28 +368,34 @@ def _online(carry, scores_MxK, read_K, v_KxD, precision):
           l_M * correction_M + jnp.sum(p_MxK, axis=1))
 
 
-def _cache_tiles(q_MxD, k_ref, v_ref, mask_ref, b, g, t_M, row_ok_M, d_D, d_ok_D, limit, init,
-                 *, bk, scale):
+def _cache_tiles(q_parts, k_ref, v_ref, mask_ref, b, g, t_M, row_ok_M, d_D, d_ok_D, limit,
+                 init, *, bk, scale):
   """Streams cache slots ``[0, limit)`` of row b, kv head g in tiles of ``bk`` into the
-  online softmax ``init`` (o [bm, Dp], max [bm], sum [bm], f32)."""
-  precision = _precision(q_MxD.dtype)
+  online softmax ``init`` (o [bm, Dp], max [bm], sum [bm], f32).
+
+  ``q_parts``: (q [bm, W], first column, lanes [W], lanes valid [W]) pieces of the query
+  along the head dim; a score is the sum of their dots with the same columns of the key.
+  """
+  dtype = q_parts[0][0].dtype
+  precision = _precision(dtype)
 
   def tile(j, carry):
     # Plain iotas along the head dim and the slots (no select on them), so that Triton
     # sees contiguous addresses and vectorises the loads.
     slot_K = j * bk + jax.lax.iota(jnp.int32, bk)
     read_K = slot_K < limit
-    read_KxD = read_K[:, None] & d_ok_D[None, :]
-    k_KxD = _compat.triton_load(k_ref.at[b, slot_K[:, None], g, d_D[None, :]],
-                                mask=read_KxD, other=0).astype(q_MxD.dtype)
-    scores_MxK = jax.lax.dot_general(q_MxD, k_KxD, (((1,), (1,)), ((), ())),
-                                     preferred_element_type=jnp.float32,
-                                     precision=precision) * scale
+    scores_MxK = None
+    for q_MxW, col, c_W, c_ok_W in q_parts:
+      k_KxW = _compat.triton_load(k_ref.at[b, slot_K[:, None], g, col + c_W[None, :]],
+                                  mask=read_K[:, None] & c_ok_W[None, :], other=0).astype(dtype)
+      part = jax.lax.dot_general(q_MxW, k_KxW, (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32, precision=precision)
+      scores_MxK = part if scores_MxK is None else scores_MxK + part
     seen_MxK = _compat.triton_load(mask_ref.at[b, t_M[:, None], slot_K[None, :]],
                                    mask=row_ok_M[:, None] & read_K[None, :], other=0)
-    scores_MxK = jnp.where(seen_MxK != 0, scores_MxK, MASK_VALUE)
+    scores_MxK = jnp.where(seen_MxK != 0, scores_MxK * scale, MASK_VALUE)
     v_KxD = _compat.triton_load(v_ref.at[b, slot_K[:, None], g, d_D[None, :]],
-                                mask=read_KxD, other=0).astype(q_MxD.dtype)
+                                mask=read_K[:, None] & d_ok_D[None, :], other=0).astype(dtype)
     return _online(carry, scores_MxK, read_K, v_KxD, precision)
 
   return jax.lax.fori_loop(0, pl.cdiv(limit, bk), tile, init)
