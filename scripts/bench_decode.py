@@ -40,7 +40,7 @@ import sys
 import time
 
 
-ATTENTION_METHODS = ("grouped", "flat", "pallas", "pallas_split")
+ATTENTION_METHODS = ("grouped", "flat", "pallas", "pallas_fused")
 """The AttentionScores values a step can be timed with (AUTO resolves to one of them)."""
 
 

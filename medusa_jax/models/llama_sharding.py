@@ -110,6 +110,6 @@ def partitionable(llama, mesh: Mesh | None):
   Pallas call (it would gather the sharded KV cache onto every device in every layer).
   The parameter arrays, and their placement, are shared."""
   if (mesh is not None and mesh.devices.size > 1
-      and llama.attention_scores in (AttentionScores.PALLAS, AttentionScores.PALLAS_SPLIT)):
+      and llama.attention_scores in (AttentionScores.PALLAS, AttentionScores.PALLAS_FUSED)):
     return llama.with_attention_scores(AttentionScores.FLAT)
   return llama

@@ -375,7 +375,7 @@ def test_pallas_attention_through_the_engine_gives_the_same_tokens():
   prompts = [list(rng.integers(3, cfg.vocab_size, n)) for n in (4, 70)]
   runs = []
   for m in (model, model.with_attention_scores("pallas"),
-            model.with_attention_scores("pallas_split")):
+            model.with_attention_scores("pallas_fused")):
     eng = Engine(m, None, heads, max_cache_len=96, max_tree_rows=8, steps_per_call=2)
     runs.append([eng.generate(prompts, 5, speculate=mode) for mode in ("none", "tree")])
   for want, *got in zip(*runs):
@@ -383,12 +383,12 @@ def test_pallas_attention_through_the_engine_gives_the_same_tokens():
 
 
 @pytest.mark.parametrize("fused,method", [(False, "flat"), (True, "flat"), (True, "pallas"),
-                                          (True, "pallas_split"), (False, "pallas")])
+                                          (True, "pallas_fused"), (False, "pallas_fused")])
 def test_flat_and_pallas_attention_match_grouped(fused, method):
   """FLAT scores and the Pallas kernels (interpreted; decode and tree calls) give the grouped
   attention: a prefill, a tree step with a fully masked padding row, and per-row cache
-  offsets (so per-row kv lengths). Fused PALLAS runs RoPE and the cache write in its kernel;
-  unfused projections fall back to the attention-only kernel."""
+  offsets (so per-row kv lengths). PALLAS_FUSED runs RoPE and the cache write in its kernel;
+  with unfused projections it falls back to PALLAS's attention-only kernel."""
   model = _model(seed=26)
   model = model.fuse_projections() if fused else model
   flat = model.with_attention_scores(method)
@@ -419,7 +419,7 @@ def test_flat_and_pallas_attention_match_grouped(fused, method):
   rows = slice(None) if method == "flat" else slice(0, 2)
   # The kernel's RoPE rounds differently from XLA's fusion (its products may contract into
   # an FMA), by an ulp or so of the keys.
-  tol = 1e-5 if (method, fused) == ("pallas", True) else 2e-6
+  tol = 1e-5 if (method, fused) == ("pallas_fused", True) else 2e-6
   for a, b in zip(*outs):
     np.testing.assert_allclose(b[rows], a[rows], rtol=tol, atol=tol)
 
