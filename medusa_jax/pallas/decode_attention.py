@@ -78,6 +78,25 @@ def default_blocks(batch: int, rows: int) -> tuple[int, int]:
   return 64, 4
 
 
+def _launch(batch, rows, block_m, block_k, num_warps, interpret, what):
+  """(block_m, block_k, num_warps, interpret) with the defaults filled in and checked."""
+  bm = default_block_m(rows) if block_m is None else block_m
+  auto_k, auto_warps = default_blocks(batch, rows)
+  block_k = auto_k if block_k is None else block_k
+  num_warps = auto_warps if num_warps is None else num_warps
+  for name, size in (("block_m", bm), ("block_k", block_k)):
+    if size < 16 or size & (size - 1):
+      raise ConfigError(f"{what}: {name}={size}; expected a power of two >= 16")
+  if interpret is None:
+    interpret = _compat.default_interpret("gpu")
+  return bm, block_k, num_warps, interpret
+
+
+def _int8_mask(mask):
+  """The mask as int8 0/1 (nonzero is visible: a narrowing cast would wrap 256 to 0)."""
+  return mask if mask.dtype == jnp.int8 else (mask != 0).astype(jnp.int8)
+
+
 @functools.partial(jax.jit, static_argnames=("block_m", "block_k", "num_warps", "num_stages",
                                              "interpret"))
 def decode_attention(q_BxTxQxD: Array, k_BxLxGxD: Array, v_BxLxGxD: Array, mask_BxTxL: Array,
@@ -117,16 +136,9 @@ def decode_attention(q_BxTxQxD: Array, k_BxLxGxD: Array, v_BxLxGxD: Array, mask_
   if not supports(Q, G):
     raise ConfigError(f"decode_attention: {Q} query heads over {G} kv heads: needs Q % G == 0")
   rows = (Q // G) * T
-  bm = default_block_m(rows) if block_m is None else block_m
-  auto_k, auto_warps = default_blocks(B, rows)
-  block_k = auto_k if block_k is None else block_k
-  num_warps = auto_warps if num_warps is None else num_warps
-  for name, size in (("block_m", bm), ("block_k", block_k)):
-    if size < 16 or size & (size - 1):
-      raise ConfigError(f"decode_attention: {name}={size}; expected a power of two >= 16")
-  if interpret is None:
-    interpret = _compat.default_interpret("gpu")
-  mask = mask_BxTxL if mask_BxTxL.dtype == jnp.int8 else (mask_BxTxL != 0).astype(jnp.int8)
+  bm, block_k, num_warps, interpret = _launch(B, rows, block_m, block_k, num_warps, interpret,
+                                              "decode_attention")
+  mask = _int8_mask(mask_BxTxL)
   kernel = functools.partial(_kernel, T=T, R=Q // G, L=L, D=D, Dp=_pow2_at_least(D), bm=bm,
                              bk=block_k,
                              scale=1.0 / math.sqrt(D))
@@ -231,16 +243,9 @@ def decode_attention_update(qkv_BxTxN: Array, cos_BxTxD2: Array, sin_BxTxD2: Arr
     raise ConfigError(f"decode_attention_update: mask {mask_BxTxL.shape} must be {(B, T, L)} "
                       f"and cache_index {cache_index_B.shape} must be {(B,)}")
   rows = (Q // G) * T
-  bm = default_block_m(rows) if block_m is None else block_m
-  auto_k, auto_warps = default_blocks(B, rows)
-  block_k = auto_k if block_k is None else block_k
-  num_warps = auto_warps if num_warps is None else num_warps
-  for name, size in (("block_m", bm), ("block_k", block_k)):
-    if size < 16 or size & (size - 1):
-      raise ConfigError(f"decode_attention_update: {name}={size}; expected a power of two >= 16")
-  if interpret is None:
-    interpret = _compat.default_interpret("gpu")
-  mask = mask_BxTxL if mask_BxTxL.dtype == jnp.int8 else (mask_BxTxL != 0).astype(jnp.int8)
+  bm, block_k, num_warps, interpret = _launch(B, rows, block_m, block_k, num_warps, interpret,
+                                              "decode_attention_update")
+  mask = _int8_mask(mask_BxTxL)
   start_B = jnp.clip(cache_index_B.astype(jnp.int32), 0, L - T)
   kernel = functools.partial(_update_kernel, T=T, Tp=_pow2_at_least(T), R=Q // G, Q=Q, G=G,
                              L=L, D=D, Dh=_pow2_at_least(D // 2), Dp=_pow2_at_least(D), bm=bm,
