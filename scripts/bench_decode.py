@@ -473,6 +473,44 @@ def _unfused_copy(fused_llama, cfg, dtype):
   return m
 
 
+def _prompt_sets(prompts: list, batch: int, bs1_prompts: int) -> list:
+  """The prompt sets run at batch size ``batch``, each set at once: the first ``batch``
+  prompts, or at B = 1 the first ``bs1_prompts`` one at a time."""
+  if batch == 1:
+    return [[p] for p in prompts[:bs1_prompts]]
+  return [prompts[:batch]]
+
+
+def _bench_hf():
+  """scripts/bench_hf.py, the module beside this one (on the path when this runs as a script)."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  if here not in sys.path:
+    sys.path.insert(0, here)
+  import bench_hf
+  return bench_hf
+
+
+def _hf_real(args, prompts: list, eos_ids: tuple, steps_per_call: int, plain: dict) -> list:
+  """transformers generate on the medusa_jax rows' checkpoint and prompts (``--hf-real``).
+
+  Args:
+    prompts: the questions' turn-1 token ids, in order.
+    eos_ids: the engine's EOS ids (the rows stop where the engine's stop).
+    steps_per_call: the engine's K: the decode steps its tokens/s leaves out.
+    plain: batch size -> the bf16 plain rows' tokens, for ``matches_reference``.
+  """
+  bs1 = args.hf_real_prompts if args.hf_real_prompts is not None else args.e2e_bs1_questions
+  sets = {b: _prompt_sets(prompts, b, bs1) for b in args.hf_real_batches}
+  # The plain tokens are the reference only where both ran the same prompts.
+  reference = {b: plain[b] for b in sets if b in plain
+               and len(plain[b]) == sum(len(s) for s in sets[b])}
+  return _bench_hf().bench_hf_real(
+      args.real_model, sets, args.new_tokens, dtype="bf16", modes=args.hf_real_modes,
+      eos_token_ids=eos_ids, skip_decode_steps=steps_per_call,
+      time_budget_s=args.hf_real_time_budget, reference=reference,
+      log=lambda line: print(line, flush=True))
+
+
 def bench_real(args) -> dict:
   """The real model and trained heads through ``Engine.generate`` on MT-bench first turns.
 
@@ -480,6 +518,10 @@ def bench_real(args) -> dict:
   ``--e2e-bs1-questions`` one at a time), greedy, ``--new-tokens`` each; plain,
   chain and tree with the engine's own adaptive policy. Each generate runs
   twice with the same shapes and the second is timed (no compilation in it).
+  With ``--hf-real``, transformers ``generate`` follows on the same checkpoint,
+  prompts and card (:func:`_hf_real`, ``scripts/bench_hf.py``: eager, and a
+  static cache + ``torch.compile``), after every medusa_jax row, so a torch
+  failure loses none of them; the table sets medusa_jax against its best.
   """
   import jax
   import jax.numpy as jnp
@@ -523,11 +565,10 @@ def bench_real(args) -> dict:
       if budget and engine.config.tree_policy == "measured":
         engine.use_policy("measured")
 
+  plain_bf16 = {}  # batch -> the plain rows' tokens (the transformers rows' reference)
+
   def one_config(engine, dtype_name, batch):
-    if batch == 1:
-      sets = [[p] for p in prompts[:args.e2e_bs1_questions]]
-    else:
-      sets = [prompts[:batch]]
+    sets = _prompt_sets(prompts, batch, args.e2e_bs1_questions)
     entry = dict(dtype=dtype_name, batch=batch, prompts=sum(len(s) for s in sets))
     plain_tokens = None
     for mode in args.e2e_modes:
@@ -549,6 +590,8 @@ def bench_real(args) -> dict:
         m["policy"] = engine.measured[rows].table(static=True)
       if mode == "none":
         plain_tokens = toks
+        if dtype_name == "bf16":
+          plain_bf16[batch] = toks
       else:
         same = sum(a == b for a, b in zip(toks, plain_tokens))
         m["matches_plain"] = f"{same}/{len(toks)}"
@@ -566,16 +609,27 @@ def bench_real(args) -> dict:
       continue
     out["runs"].append(one_config(engine, "bf16", batch))
     _save(args, out, "bench_e2e.json")
+  eos_ids, steps_per_call = tuple(engine.eos_ids), engine.config.steps_per_call
   del engine
   if args.e2e_f32 and time.time() - t0 < args.time_budget:
     out["runs"].append(one_config(engine_for(jnp.float32), "f32", 1))
   elif args.e2e_f32:
     out.setdefault("skipped", []).append("f32 B=1")
+  if args.hf_real:
+    _save(args, out, "bench_e2e.json")
+    t_hf = time.time()
+    try:
+      out["hf_real"] = _hf_real(args, prompts, eos_ids, steps_per_call, plain_bf16)
+    except Exception as e:  # a missing or broken torch must not lose the JAX rows
+      out["hf_real_error"] = f"{type(e).__name__}: {e}"
+    out["hf_real_s"] = time.time() - t_hf
   out["total_s"] = time.time() - t0
   return out
 
 
 def _e2e_table(res: dict) -> str:
+  hf_rows = res.get("hf_real", [])
+  hf_best = _bench_hf().best_by_batch(hf_rows) if hf_rows else {}
   lines = [f"{res['device']} ({res['backend']}), JAX {res['jax']}, heads {res['heads']}, "
            f"{res['new_tokens']} new tokens, MT-bench turn 1, greedy, decode-only tokens/s",
            f"{'dtype':>5} {'B':>3} {'plain':>7} {'chain':>7} {'x':>5} {'tok/st':>6} {'T':>3} "
@@ -595,7 +649,41 @@ def _e2e_table(res: dict) -> str:
       b = r["tree-budget"]
       lines.append(f"      row-budget tree: {b['tokens_per_s']:.0f} tok/s ({b['speedup']:.2f}x,"
                    f" {b['tokens_per_step']:.2f} tok/step, T={b['tree_nodes']})")
+    if r["dtype"] == "bf16" and r["batch"] in hf_best:
+      h = hf_best.pop(r["batch"])
+      plain_x, tree_x = (m["tokens_per_s"] / h["tokens_per_s"] for m in (r["none"], t))
+      lines.append(f"      transformers {h['mode']} {h['tokens_per_s']:.0f} tok/s"
+                   f"{_hf_others(hf_rows, h)}: plain {plain_x:.2f}x, tree {tree_x:.2f}x of it"
+                   f" (its tokens = plain's: {h.get('matches_reference', '-')})")
+  lines += _hf_lines(res, hf_rows, hf_best)
   return "\n".join(lines)
+
+
+def _hf_others(hf_rows: list, best: dict) -> str:
+  """The other modes' tokens/s at the best row's batch size, e.g. " (eager 41)"."""
+  others = [f"{r['mode']} {r['tokens_per_s']:.0f}" for r in hf_rows
+            if r["batch"] == best["batch"] and r is not best and "tokens_per_s" in r]
+  return f" ({', '.join(others)})" if others else ""
+
+
+def _hf_lines(res: dict, hf_rows: list, unmatched: dict) -> list:
+  """Table lines of the transformers rows with no medusa_jax bf16 row, errors and skips."""
+  lines = []
+  if hf_rows:
+    r = hf_rows[0]
+    lines.append(f"transformers {r.get('transformers', '?')}, torch {r.get('torch', '?')}:"
+                 " best generate per batch, decode-only tokens/s as above (same prompts and EOS)")
+  for b, h in sorted(unmatched.items()):
+    lines.append(f"transformers B={b}: {h['mode']} {h['tokens_per_s']:.0f} tok/s"
+                 f"{_hf_others(hf_rows, h)}")
+  for r in hf_rows:
+    if "error" in r:
+      lines.append(f"transformers {r['mode']} B={r['batch']}: error {r['error'][:200]}")
+    elif "skipped" in r:
+      lines.append(f"transformers {r['mode']} B={r['batch']}: skipped ({r['skipped']})")
+  if "hf_real_error" in res:
+    lines.append(f"transformers: error {res['hf_real_error'][:200]}")
+  return lines
 
 
 def _save(args, res, name="bench_decode.json") -> None:
@@ -839,6 +927,17 @@ def main(argv=None) -> int:
                  " (measured by default), tree-budget = the row budget")
   p.add_argument("--e2e-min-cache-len", type=int, default=512,
                  help="smallest cache bucket of the end-to-end engine (fewer compilations)")
+  p.add_argument("--hf-real", action="store_true",
+                 help="end-to-end mode: then run transformers generate on the same model and"
+                 " prompts (scripts/bench_hf.py)")
+  p.add_argument("--hf-real-batches", type=int, nargs="+", default=[1, 16])
+  p.add_argument("--hf-real-modes", nargs="+", default=list(_bench_hf().HF_MODES),
+                 choices=_bench_hf().HF_MODES)
+  p.add_argument("--hf-real-prompts", type=int, default=None,
+                 help="prompts run one at a time at batch 1 (default: --e2e-bs1-questions,"
+                 " the medusa_jax rows' own)")
+  p.add_argument("--hf-real-time-budget", type=float, default=300,
+                 help="seconds after which no new transformers (mode, batch) is started")
   p.add_argument("--dump-hlo", metavar="DIR",
                  help="write each plain step's compiled HLO whose kernels are counted to DIR")
   p.add_argument("--no-hf", dest="hf", action="store_false")
