@@ -55,7 +55,7 @@ def _smollm2_config(tiny: bool):
                      eos_token_ids=(), pad_token_id=2)
 
 
-def _build(cfg, dtype, num_heads, seed=0, fused=True, attention="grouped"):
+def _build(cfg, dtype, num_heads, seed=0, fused=True, attention="grouped", row_kernels=False):
   import jax
   from flax import nnx
 
@@ -63,7 +63,7 @@ def _build(cfg, dtype, num_heads, seed=0, fused=True, attention="grouped"):
   from medusa_jax.models.llama import Llama
   from medusa_jax.adapters.weights import MedusaWeights
   llama = Llama(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=dtype,
-                fused_projections=fused, attention_scores=attention)
+                fused_projections=fused, attention_scores=attention, row_kernels=row_kernels)
   mc = MedusaConfig(base_model_name_or_path="smollm2-shape", medusa_num_heads=num_heads,
                     medusa_num_layers=1, version=2.0)
   medusa = MedusaWeights.init(mc, cfg.hidden_size, seed=seed + 1, dtype=dtype)
@@ -339,7 +339,8 @@ def bench_jax(args) -> dict:
 
   dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
   cfg = _smollm2_config(args.tiny)
-  llama, medusa = _build(cfg, dtype, args.heads, fused=args.fused, attention=args.attention)
+  llama, medusa = _build(cfg, dtype, args.heads, fused=args.fused, attention=args.attention,
+                         row_kernels=args.row_kernels)
   # One cache bucket for the step timings and the engine, so they share compilations.
   engine = Engine(llama, None, medusa, max_cache_len=args.cache_len, cache_dtype=dtype,
                   min_cache_len=args.cache_len, max_tree_rows=args.max_tree_rows)
@@ -352,6 +353,7 @@ def bench_jax(args) -> dict:
              prompt_len=args.prompt_len, params=int(n_params), copy_bw_tb_s=bw / 1e12,
              copy_bw_host_timed_tb_s=host_bw / 1e12,
              fused_projections=args.fused, attention=args.attention, steps=args.steps,
+             row_kernels=args.row_kernels,
              xla_flags=os.environ.get("XLA_FLAGS", ""), rows=[])
   kv_row_bytes = (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
                   * jnp.dtype(dtype).itemsize)
@@ -542,7 +544,7 @@ def bench_real(args) -> dict:
   def engine_for(dtype):
     base = Engine.load(args.real_model, heads, dtype=dtype, max_cache_len=args.cache_len,
                        min_cache_len=args.e2e_min_cache_len, fuse_projections=args.fused)
-    llama = base.llama.with_attention_scores(args.attention)
+    llama = base.llama.with_attention_scores(args.attention).with_row_kernels(args.row_kernels)
     if llama is base.llama:
       return base
     return Engine(llama, base.tokenizer, base.medusa, max_cache_len=args.cache_len,
@@ -806,21 +808,26 @@ def _attention_sweep(args) -> list:
 
 
 def _flag_variants(args) -> list:
-  """Re-runs the plain/tree step at batch 1 under other XLA flags (new processes)."""
+  """Re-runs the plain/tree step at batch 1 under other XLA flags or bench options (new
+  processes; ``arg:`` variants add options, the others XLA flags)."""
   variants = {
       # (--xla_gpu_graph_min_graph_size=1 alone and WHILE/CONDITIONAL command buffers:
       # measured before, docs/perf_decode.md and docs/perf.md.)
       # At batch 1 XLA rewrites every vector-matrix dot into a multiply and a reduce
-      # (two kernels, the f32 product in memory between them); without the rewrite
-      # the dots stay GEMM (or GEMV) kernels.
-      "no_dot_strength_reduction": "--xla_gpu_enable_dot_strength_reduction=false",
+      # (two kernels, the f32 product in memory between them), and the norms, the SwiGLU
+      # and the residual adds are kernels of their own: one Pallas kernel per projection
+      # with its neighbours instead (Llama(row_kernels=True)).
+      "row_kernels": "arg:--row-kernels",
   }
   results = []
   for name, flags in variants.items():
-    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
+    extra = flags[4:].split() if flags.startswith("arg:") else []
+    env = dict(os.environ) if extra else dict(
+        os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
     cmd = [sys.executable, __file__, "--only-plain", "--no-hf", "--no-flags", "--no-engine",
            "--batches", "1", "--steps", str(args.steps), "--cache-len", str(args.cache_len),
-           "--dtype", args.dtype, "--attention", args.attention, "--json-line"]
+           "--dtype", args.dtype, "--attention", args.attention, "--json-line",
+           "--tree-batches", *map(str, args.variant_tree_batches), *extra]
     if args.compare_methods:
       cmd += ["--compare-attention", "1", "--compare-methods", *args.compare_methods]
     if args.tiny:
@@ -876,7 +883,8 @@ def _table(res: dict) -> str:
     else:
       lines.append(f"flags {v['variant']} ({v['flags']}): plain B=1 {v['plain_step_ms']:.3f} ms"
                    f" dispatched, {v.get('plain_k16_step_ms', nan):.3f} ms at K=16,"
-                   f" {v.get('plain_step_in_graph_ms', nan):.3f} ms in-graph;"
+                   f" {v.get('plain_step_in_graph_ms', nan):.3f} ms in-graph,"
+                   f" {sum(v.get('plain_kernels', {}).values()) or '-'} kernels;"
                    f" tree {v.get('tree_step_ms', nan):.3f} ms (T={v.get('tree_nodes', 0)})")
   return "\n".join(lines)
 
@@ -904,6 +912,9 @@ def main(argv=None) -> int:
                  help="also time the unfused layout at the first batch size")
   p.add_argument("--attention", choices=ATTENTION_METHODS, default="grouped",
                  help="how the base model computes attention (AttentionScores)")
+  p.add_argument("--row-kernels", action="store_true",
+                 help="batch-1 plain steps run the Pallas row-projection kernels"
+                 " (Llama(row_kernels=True))")
   p.add_argument("--compare-attention", type=int, nargs="*", default=None,
                  help="batch sizes that also time the other --attention methods, in-graph"
                  " (plain step, and the tree step where --tree-batches has the batch)")
@@ -949,6 +960,8 @@ def main(argv=None) -> int:
   p.add_argument("--flags-before", type=float, default=330,
                  help="run the XLA-flag variants only if this many seconds have not passed")
   p.add_argument("--flag-timeout", type=float, default=100)
+  p.add_argument("--variant-tree-batches", type=int, nargs="*", default=[1],
+                 help="batch sizes whose tree step the flag variants time")
   p.add_argument("--json-line", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--out", default=os.environ.get("OUT"))
   args = p.parse_args(argv)

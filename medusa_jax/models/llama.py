@@ -54,6 +54,7 @@ from flax import nnx
 from medusa_jax.errors import ConfigError, RequestError
 from medusa_jax.models.llama_config import LlamaConfig, RopeScaling, rope_inv_freq
 from medusa_jax.pallas import decode_attention as decode_attention_kernel
+from medusa_jax.pallas.row_projection import row_projection
 
 __all__ = ["AttentionScores", "KVCache", "Llama", "apply_rope", "causal_mask", "rope",
            "rope_tables", "window_mask"]
@@ -334,11 +335,8 @@ class Attention(nnx.Module):
     B, T, _ = x_BxTxH.shape
     Q, G, D = self.num_heads, self.num_kv_heads, self.head_dim
     if self.fused:
-      qkv_BxTxN = self.qkv_proj(x_BxTxH)
-      q, k, v = (qkv_BxTxN[..., :Q * D], qkv_BxTxN[..., Q * D:(Q + G) * D],
-                 qkv_BxTxN[..., (Q + G) * D:])
-    else:
-      q, k, v = self.q_proj(x_BxTxH), self.k_proj(x_BxTxH), self.v_proj(x_BxTxH)
+      return self.split_qkv(self.qkv_proj(x_BxTxH))
+    q, k, v = self.q_proj(x_BxTxH), self.k_proj(x_BxTxH), self.v_proj(x_BxTxH)
     return q.reshape(B, T, Q, D), k.reshape(B, T, G, D), v.reshape(B, T, G, D)
 
   def __call__(self, x_BxTxH: Array, rope_cs: tuple[Array, Array], k_BxLxGxD: Array,
@@ -368,7 +366,29 @@ class Attention(nnx.Module):
           mask_Bx1x1xTxL.reshape(B, T, L), cache_index_B, num_heads=Q, num_kv_heads=G)
       out_BxTxH = self.o_proj(o_BxTxQxD.astype(self.dtype).reshape(B, T, Q * D))
       return out_BxTxH, k_BxLxGxD, v_BxLxGxD
-    q_BxTxQxD, k_BxTxGxD, v_BxTxGxD = self._qkv(x_BxTxH)
+    o_BxTxQxD, k_BxLxGxD, v_BxLxGxD = self.attend(
+        *self._qkv(x_BxTxH), rope_cs, k_BxLxGxD, v_BxLxGxD, cache_index_B, mask_Bx1x1xTxL)
+    out_BxTxH = self.o_proj(o_BxTxQxD.astype(self.dtype).reshape(B, T, Q * D))
+    return out_BxTxH, k_BxLxGxD, v_BxLxGxD
+
+  def split_qkv(self, qkv_BxTxN: Array) -> tuple[Array, Array, Array]:
+    """The fused projection's output [B, T, (Q + 2G) * D] as queries, keys and values."""
+    B, T, _ = qkv_BxTxN.shape
+    Q, G, D = self.num_heads, self.num_kv_heads, self.head_dim
+    return (qkv_BxTxN[..., :Q * D].reshape(B, T, Q, D),
+            qkv_BxTxN[..., Q * D:(Q + G) * D].reshape(B, T, G, D),
+            qkv_BxTxN[..., (Q + G) * D:].reshape(B, T, G, D))
+
+  def attend(self, q_BxTxQxD: Array, k_BxTxGxD: Array, v_BxTxGxD: Array,
+             rope_cs: tuple[Array, Array], k_BxLxGxD: Array, v_BxLxGxD: Array,
+             cache_index_B: Array, mask_Bx1x1xTxL: Array) -> tuple[Array, Array, Array]:
+    """RoPE, the cache write and attention of projected tokens (before ``o_proj``).
+
+    Returns:
+      o [B, T, Q, D] and the updated k, v caches [B, L, G, D].
+    """
+    B, T = q_BxTxQxD.shape[:2]
+    L = k_BxLxGxD.shape[1]
     # Rotated apart: a joint [q; k] array would be one more buffer to write and read.
     q_BxTxQxD = apply_rope(q_BxTxQxD, *rope_cs)
     k_BxTxGxD = apply_rope(k_BxTxGxD, *rope_cs)
@@ -385,8 +405,7 @@ class Attention(nnx.Module):
       o_BxTxQxD = self._flat(q_BxTxQxD, k_BxLxGxD, v_BxLxGxD, mask_Bx1x1xTxL)
     else:
       o_BxTxQxD = self._grouped(q_BxTxQxD, k_BxLxGxD, v_BxLxGxD, mask_Bx1x1xTxL)
-    out_BxTxH = self.o_proj(o_BxTxQxD.astype(self.dtype).reshape(B, T, Q * D))
-    return out_BxTxH, k_BxLxGxD, v_BxLxGxD
+    return o_BxTxQxD, k_BxLxGxD, v_BxLxGxD
 
   def _grouped(self, q_BxTxQxD, k_BxLxGxD, v_BxLxGxD, mask_Bx1x1xTxL):
     """Attention output [B, T, Q, D] f32, batched over (row, kv head)."""
@@ -459,9 +478,12 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32, fused: bool = False,
-               scores: AttentionScores = AttentionScores.GROUPED, window: int | None = None):
+               scores: AttentionScores = AttentionScores.GROUPED, window: int | None = None,
+               row_kernels: bool = False):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.window = window
+    self.row_kernels = bool(row_kernels) and bool(fused)
+    """One token (batch 1, T = 1) runs through :func:`row_projection` kernels (fused only)."""
     """Sliding window W of this layer (None: full attention); picks the call's mask."""
     self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
     self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads,
@@ -474,11 +496,34 @@ class Block(nnx.Module):
                    **kw)
 
   def __call__(self, x_BxTxH, rope_cs, k, v, cache_index_B, mask_Bx1x1xTxL):
+    if self.row_kernels and x_BxTxH.shape[:2] == (1, 1):
+      return self._one_row(x_BxTxH, rope_cs, k, v, cache_index_B, mask_Bx1x1xTxL)
     a_BxTxH, k, v = self.self_attn(self.input_layernorm(x_BxTxH), rope_cs, k, v,
                                    cache_index_B, mask_Bx1x1xTxL)
     x_BxTxH = x_BxTxH + a_BxTxH
     x_BxTxH = x_BxTxH + self.mlp(self.post_attention_layernorm(x_BxTxH))
     return x_BxTxH, k, v
+
+  def _one_row(self, x_1x1xH, rope_cs, k, v, cache_index_B, mask_Bx1x1xTxL):
+    """:meth:`__call__` for one token: four :func:`row_projection` kernels, each with the
+    norm before it or the SwiGLU before and the residual after."""
+    attn, mlp = self.self_attn, self.mlp
+    dtype = x_1x1xH.dtype
+    bias = lambda lin: None if lin.bias is None else lin.bias[...]  # noqa: E731
+    x_H = x_1x1xH.reshape(-1)
+    qkv_N = row_projection(x_H, attn.qkv_proj.kernel[...],
+                           norm_K=self.input_layernorm.weight[...],
+                           eps=self.input_layernorm.eps, bias_N=bias(attn.qkv_proj))
+    o_1x1xQxD, k, v = attn.attend(*attn.split_qkv(qkv_N.reshape(1, 1, -1)), rope_cs, k, v,
+                                  cache_index_B, mask_Bx1x1xTxL)
+    x_H = row_projection(o_1x1xQxD.astype(dtype).reshape(-1), attn.o_proj.kernel[...],
+                         bias_N=bias(attn.o_proj), residual_N=x_H)
+    gu_N = row_projection(x_H, mlp.gate_up_proj.kernel[...],
+                          norm_K=self.post_attention_layernorm.weight[...],
+                          eps=self.post_attention_layernorm.eps, bias_N=bias(mlp.gate_up_proj))
+    x_H = row_projection(gu_N, mlp.down_proj.kernel[...], gated=True,
+                         bias_N=bias(mlp.down_proj), residual_N=x_H)
+    return x_H.reshape(x_1x1xH.shape), k, v
 
 
 # --------------------------------------------------------------------------- model
@@ -500,7 +545,8 @@ class Llama(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32, fused_projections: bool = False,
-               attention_scores: AttentionScores | str = AttentionScores.AUTO):
+               attention_scores: AttentionScores | str = AttentionScores.AUTO,
+               row_kernels: bool = False):
     """Args:
       cfg: the architecture.
       rngs: initialisation keys.
@@ -511,6 +557,11 @@ class Llama(nnx.Module):
         :meth:`fuse_projections`).
       attention_scores: how attention scores are computed (:class:`AttentionScores`;
         AUTO is resolved here, by the default backend).
+      row_kernels: a call of one token (batch 1, T = 1) runs each layer's four
+        projections as :func:`~medusa_jax.pallas.row_projection.row_projection`
+        kernels, the norms, the SwiGLU and the residual adds fused into them (fused
+        layout only; else ignored). Off by default: on the H200 the step runs 323
+        kernels instead of 502 in the same time (docs/perf.md).
 
     Raises:
       ConfigError: an unknown ``attention_scores``.
@@ -519,12 +570,13 @@ class Llama(nnx.Module):
     self.dtype = dtype
     self.fused_projections = bool(fused_projections)
     self.attention_scores = AttentionScores.parse(attention_scores).resolve()
+    self.row_kernels = bool(row_kernels)
     init = nnx.initializers.normal(0.02)
     self.embed_tokens = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
                                        param_dtype))
     self.layers = nnx.List([Block(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                                   fused=fused_projections, scores=self.attention_scores,
-                                  window=cfg.layer_window(i))
+                                  window=cfg.layer_window(i), row_kernels=self.row_kernels)
                             for i in range(cfg.num_hidden_layers)])
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, dtype=dtype,
                         param_dtype=param_dtype)
@@ -553,7 +605,8 @@ class Llama(nnx.Module):
     param_dtype = self.embed_tokens.get_value().dtype
     fused = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=self.dtype,
                                          param_dtype=param_dtype, fused_projections=True,
-                                         attention_scores=self.attention_scores))
+                                         attention_scores=self.attention_scores,
+                                         row_kernels=self.row_kernels))
     cat = lambda *ps: jnp.concatenate([p.get_value() for p in ps], axis=-1)  # noqa: E731
 
     def fill(dst: Linear, *srcs: Linear) -> None:
@@ -583,11 +636,21 @@ class Llama(nnx.Module):
     scores = AttentionScores.parse(scores).resolve()
     if scores is self.attention_scores:
       return self
-    param_dtype = self.embed_tokens.get_value().dtype
-    new = nnx.eval_shape(lambda: Llama(self.cfg, rngs=nnx.Rngs(0), dtype=self.dtype,
-                                       param_dtype=param_dtype,
-                                       fused_projections=self.fused_projections,
-                                       attention_scores=scores))
+    return self._rebuilt(attention_scores=scores)
+
+  def with_row_kernels(self, row_kernels: bool) -> Llama:
+    """The same model (parameters shared) with ``row_kernels`` set (see ``__init__``)."""
+    if bool(row_kernels) == self.row_kernels:
+      return self
+    return self._rebuilt(row_kernels=bool(row_kernels))
+
+  def _rebuilt(self, **changes) -> Llama:
+    """A new module of the same parameters (shared, not copied) with other static options."""
+    kw = dict(dtype=self.dtype, param_dtype=self.embed_tokens.get_value().dtype,
+              fused_projections=self.fused_projections,
+              attention_scores=self.attention_scores, row_kernels=self.row_kernels)
+    kw.update(changes)
+    new = nnx.eval_shape(lambda: Llama(self.cfg, rngs=nnx.Rngs(0), **kw))
     nnx.update(new, nnx.state(self))
     return new
 

@@ -714,3 +714,71 @@ def test_random_hf_llama_loads_and_matches_transformers(tmp_path, rope):
   h, _ = _fwd(model, jnp.asarray(tokens, jnp.int32), pos, KVCache.init(model.cfg, B, L), idx,
               causal_mask(idx, T, L))
   np.testing.assert_allclose(np.asarray(model.lm_head(h)), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(qkv_bias=True, o_bias=True, mlp_bias=True, tie_word_embeddings=True),
+    dict(sliding_window=4),
+])
+def test_row_kernels_compute_the_layers_of_one_token(overrides):
+  """With ``row_kernels`` a one-token call (batch 1) runs the fused row-projection kernels
+  (interpreted): the hidden state and the cache of XLA's layers, f32, after a prefill and
+  two decode steps (the window, where set, already sliding); calls of several tokens or rows
+  are untouched; the parameters are shared and the option survives fusing."""
+  model = _model(seed=41, **overrides)
+  rows = model.with_row_kernels(True)
+  assert rows.row_kernels and not rows.layers[0].row_kernels  # unfused: no kernel to run
+  rows = rows.fuse_projections()
+  fused = model.fuse_projections()
+  assert rows.layers[0].row_kernels and fused.with_row_kernels(False) is fused
+  shared = fused.with_row_kernels(True)
+  assert shared.layers[1].row_kernels and (shared.layers[0].mlp.down_proj.kernel.get_value()
+                                           is fused.layers[0].mlp.down_proj.kernel.get_value())
+  cfg = model.cfg
+  rng = np.random.default_rng(42)
+  P, L = 6, 16
+  prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, P)), jnp.int32)
+  idx0 = jnp.zeros((1,), jnp.int32)
+  outs = []
+  for m in (fused, rows):
+    h, cache = _fwd(m, prompt, jnp.arange(P, dtype=jnp.int32)[None], KVCache.init(cfg, 1, L),
+                    idx0, causal_mask(idx0, P, L))
+    hs = [h]
+    for i, t in enumerate((5, 11)):
+      idx = jnp.asarray([P + i], jnp.int32)
+      h, cache = _fwd(m, jnp.asarray([[t]], jnp.int32), idx[:, None], cache, idx,
+                      causal_mask(idx, 1, L))
+      hs.append(h)
+    outs.append((hs, cache))
+  (want_h, want_c), (got_h, got_c) = outs
+  np.testing.assert_array_equal(np.asarray(got_h[0]), np.asarray(want_h[0]))  # prefill: XLA
+  for a, b in zip(want_h[1:] + jax.tree.leaves(want_c), got_h[1:] + jax.tree.leaves(got_c)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+
+
+def test_row_kernels_in_bfloat16_are_close_and_give_the_engine_s_tokens():
+  """bf16: one token's hidden state near XLA's; f32 through the engine at batch 1 (plain and
+  tree decoding): the same tokens and steps as XLA's layers."""
+  from medusa_jax.decoding.engine import Engine
+  from medusa_jax.heads.modules import MedusaModel
+  model = _model(seed=43, eos_token_ids=()).fuse_projections()
+  cfg = model.cfg
+  bf = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
+                                    param_dtype=jnp.bfloat16, fused_projections=True))
+  nnx.update(bf, jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(model)))
+  idx = jnp.asarray([3], jnp.int32)
+  hs = [np.asarray(_fwd(m, jnp.asarray([[7]], jnp.int32), idx[:, None],
+                        KVCache.init(cfg, 1, 8, jnp.bfloat16), idx,
+                        causal_mask(idx, 1, 8))[0].astype(jnp.float32))
+        for m in (bf, bf.with_row_kernels(True))]
+  assert np.linalg.norm(hs[1] - hs[0]) <= 2e-2 * np.linalg.norm(hs[0])
+  mcfg = MedusaConfig(base_model_name_or_path="test", medusa_num_heads=2, medusa_num_layers=1,
+                      version=2.0)
+  heads = MedusaModel(mcfg, cfg.hidden_size, rngs=nnx.Rngs(2))
+  prompt = [list(np.random.default_rng(44).integers(3, cfg.vocab_size, 5))]
+  runs = [[Engine(m, None, heads, max_cache_len=32, max_tree_rows=4, steps_per_call=2)
+           .generate(prompt, 6, speculate=mode) for mode in ("none", "tree")]
+          for m in (model, model.with_row_kernels(True))]
+  for want, got in zip(*runs):
+    assert got.tokens == want.tokens and got.steps == want.steps

@@ -101,6 +101,10 @@ def test_the_pallas_attention_kernel_is_not_run_on_a_mesh():
   assert flat.attention_scores is AttentionScores.FLAT
   assert flat.layers[0].mlp.down_proj.kernel.get_value() is (
       pallas.layers[0].mlp.down_proj.kernel.get_value())
+  rows = pallas.with_row_kernels(True)  # the row-projection kernels: off on the mesh too
+  assert partitionable(rows, _mesh(1, 1)) is rows
+  assert not partitionable(rows, mesh).row_kernels
+  assert partitionable(rows, mesh).attention_scores is AttentionScores.FLAT
   sharded = shard_llama(pallas, mesh)
   eng = Engine(sharded, None, heads.shard(mesh), mesh=mesh, max_cache_len=32)
   assert eng.llama.attention_scores is AttentionScores.FLAT
