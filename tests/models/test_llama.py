@@ -758,10 +758,9 @@ def test_row_kernels_compute_the_layers_of_one_token(overrides):
 
 
 def test_row_kernels_in_bfloat16_are_close_and_give_the_engine_s_tokens():
-  """bf16: one token's hidden state near XLA's; f32 through the engine at batch 1 (plain and
-  tree decoding): the same tokens and steps as XLA's layers."""
+  """bf16: one token's hidden state near XLA's; f32 through the engine at batch 1, plain
+  decoding (a tree step has T > 1 rows and runs XLA's layers): XLA's tokens."""
   from medusa_jax.decoding.engine import Engine
-  from medusa_jax.heads.modules import MedusaModel
   model = _model(seed=43, eos_token_ids=()).fuse_projections()
   cfg = model.cfg
   bf = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
@@ -773,12 +772,7 @@ def test_row_kernels_in_bfloat16_are_close_and_give_the_engine_s_tokens():
                         causal_mask(idx, 1, 8))[0].astype(jnp.float32))
         for m in (bf, bf.with_row_kernels(True))]
   assert np.linalg.norm(hs[1] - hs[0]) <= 2e-2 * np.linalg.norm(hs[0])
-  mcfg = MedusaConfig(base_model_name_or_path="test", medusa_num_heads=2, medusa_num_layers=1,
-                      version=2.0)
-  heads = MedusaModel(mcfg, cfg.hidden_size, rngs=nnx.Rngs(2))
   prompt = [list(np.random.default_rng(44).integers(3, cfg.vocab_size, 5))]
-  runs = [[Engine(m, None, heads, max_cache_len=32, max_tree_rows=4, steps_per_call=2)
-           .generate(prompt, 6, speculate=mode) for mode in ("none", "tree")]
-          for m in (model, model.with_row_kernels(True))]
-  for want, got in zip(*runs):
-    assert got.tokens == want.tokens and got.steps == want.steps
+  want, got = (Engine(m, max_cache_len=32, steps_per_call=2).generate(prompt, 6)
+               for m in (model, model.with_row_kernels(True)))
+  assert got.tokens == want.tokens and len(got.tokens[0]) == 6
