@@ -482,9 +482,9 @@ class Block(nnx.Module):
                row_kernels: bool = False):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.window = window
+    """Sliding window W of this layer (None: full attention); picks the call's mask."""
     self.row_kernels = bool(row_kernels) and bool(fused)
     """One token (batch 1, T = 1) runs through :func:`row_projection` kernels (fused only)."""
-    """Sliding window W of this layer (None: full attention); picks the call's mask."""
     self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
     self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads,
                                cfg.num_key_value_heads, cfg.head_dim,

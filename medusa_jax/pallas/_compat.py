@@ -9,6 +9,7 @@ version-dependent that the kernels touch goes through this module.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
@@ -27,6 +28,12 @@ def triton_load(ref_view, *, mask=None, other=None):
 def triton_store(ref_view, value, *, mask=None):
   """Masked store into a ref view (``ref.at[...]``)."""
   pltriton.store(ref_view, value, mask=mask)
+
+
+def triton_dot_precision(dtype):
+  """Precision of a dot inside a Triton kernel: f32 operands multiply in f32 (Triton's
+  IEEE dot), bf16 in the tensor cores."""
+  return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
 def tpu_prefetch_grid_spec(*, num_scalar_prefetch, grid, in_specs, out_specs, scratch_shapes):

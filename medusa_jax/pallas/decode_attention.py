@@ -285,7 +285,7 @@ def _update_kernel(start_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, mask_ref,
   c_H = jax.lax.iota(jnp.int32, Dh)
   c_ok_H = c_H < half
   dtype = qkv_ref.dtype
-  precision = _precision(dtype)
+  precision = _compat.triton_dot_precision(dtype)
 
   def rotated(tok_X, col_X, ok_X):
     """rope(x) as (low, high) halves [X, Dh], qkv's dtype, for the D columns from
@@ -356,10 +356,6 @@ def _program_rows(g, i, *, T, R, D, Dp, bm):
   return t_M, h_M, row_ok_M, d_D, d_D < D
 
 
-def _precision(dtype):
-  """f32 operands multiply in f32 (Triton's IEEE dot); bf16 in the tensor cores."""
-  return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
-
 
 def _online(carry, scores_MxK, read_K, v_KxD, precision):
   """One online-softmax step: fold a tile's scores and values into (o, running max, sum);
@@ -383,7 +379,7 @@ def _cache_tiles(q_parts, k_ref, v_ref, mask_ref, b, g, t_M, row_ok_M, d_D, d_ok
   along the head dim; a score is the sum of their dots with the same columns of the key.
   """
   dtype = q_parts[0][0].dtype
-  precision = _precision(dtype)
+  precision = _compat.triton_dot_precision(dtype)
 
   def tile(j, carry):
     # Plain iotas along the head dim and the slots (no select on them), so that Triton

@@ -54,8 +54,8 @@ MMA_ROWS = 16
 """Rows of the tensor-core dot that carries the one row (Triton's smallest M)."""
 
 
-def _check(x_K: Array, w_KxN: Array, norm_K, bias_N, residual_N, gated: bool, block_k: int,
-           block_n: int) -> tuple[int, int]:
+def _check(x_K: Array, w_KxN: Array, norm_K, bias_N, residual_N, gated: bool
+           ) -> tuple[int, int]:
   """(K, N), or a ConfigError naming the argument whose shape does not fit."""
   if w_KxN.ndim != 2:
     raise ConfigError(f"row_projection: w must be [K, N], got shape {w_KxN.shape}")
@@ -68,9 +68,6 @@ def _check(x_K: Array, w_KxN: Array, norm_K, bias_N, residual_N, gated: bool, bl
       raise ConfigError(f"row_projection: {name} must be [{n}], got {a.shape}")
   if norm_K is not None and gated:
     raise ConfigError("row_projection: norm and gated are exclusive (one prologue)")
-  for name, b in (("block_k", block_k), ("block_n", block_n)):
-    if b < 16 or b & (b - 1):
-      raise ConfigError(f"row_projection: {name}={b} must be a power of two >= 16")
   return K, N
 
 
@@ -103,7 +100,10 @@ def row_projection(x_K: Array, w_KxN: Array, *, norm_K: Array | None = None,
   Raises:
     ConfigError: shapes or block sizes the kernel does not take.
   """
-  K, N = _check(x_K, w_KxN, norm_K, bias_N, residual_N, gated, block_k, block_n)
+  K, N = _check(x_K, w_KxN, norm_K, bias_N, residual_N, gated)
+  for name, b in (("block_k", block_k), ("block_n", block_n)):
+    if b < 16 or b & (b - 1):
+      raise ConfigError(f"row_projection: {name}={b} must be a power of two >= 16")
   if interpret is None:
     interpret = _compat.default_interpret("gpu")
   extras = [a for a in (norm_K, bias_N, residual_N) if a is not None]
@@ -128,10 +128,6 @@ def _round(x, dtype):
   """The cast to the compute dtype where the model's layers cast, kept in f32."""
   return x.astype(dtype).astype(jnp.float32)
 
-
-def _precision(dtype):
-  """f32 operands multiply in f32 (Triton's IEEE dot); bf16 in the tensor cores."""
-  return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
 def _kernel(x_ref, w_ref, *refs, K, N, bk, bn, eps, norm, gated, bias, residual, dtype, mma):
@@ -176,7 +172,7 @@ def _kernel(x_ref, w_ref, *refs, K, N, bk, bn, eps, norm, gated, bias, residual,
       # K reduction, with its operand loads; the wasted rows cost no bandwidth.
       a_MxK = jnp.where(jax.lax.iota(jnp.int32, MMA_ROWS)[:, None] == 0, a_K[None, :], 0.0)
       return acc + jnp.dot(a_MxK.astype(dtype), w_KxN, preferred_element_type=jnp.float32,
-                           precision=_precision(dtype))
+                           precision=_compat.triton_dot_precision(dtype))
     return acc + a_K[:, None] * w_KxN.astype(jnp.float32)
 
   init = jnp.zeros((MMA_ROWS, bn) if mma else (bk, bn), jnp.float32)
@@ -193,7 +189,7 @@ def row_projection_reference(x_K: Array, w_KxN: Array, *, norm_K: Array | None =
                              eps: float = 1e-6, gated: bool = False, bias_N: Array | None = None,
                              residual_N: Array | None = None) -> Array:
   """:func:`row_projection` in plain jnp (the same casts; XLA's own reduction order)."""
-  K, N = _check(x_K, w_KxN, norm_K, bias_N, residual_N, gated, 16, 16)
+  K, _ = _check(x_K, w_KxN, norm_K, bias_N, residual_N, gated)
   dtype = x_K.dtype
   a = x_K.astype(jnp.float32)
   if norm_K is not None:
