@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from medusa_jax.pallas import compact_cache as compact_kernel
+
 Array = jax.Array
 
 
@@ -91,17 +93,24 @@ def compact_layer(kv: Array, lengths: Array, path_nodes: Array) -> Array:
   return kv.at[rows_Bx1, dst_BxP].set(moved, mode="drop")
 
 
-def compact_cache(cache, lengths: Array, path_nodes: Array):
-  """Applies :func:`compact_layer` to every layer's K and V.
+def compact_cache(cache, lengths: Array, path_nodes: Array, *, kernel: bool = False):
+  """:func:`compact_layer` for every layer's K and V.
 
   Args:
     cache: a ``KVCache`` (fields ``k``, ``v``: tuples of [B, L, G, D]).
     lengths: [B] int32 committed length before the step.
     path_nodes: [B, D+1] int32.
+    kernel: move every array's entries with the two Pallas kernels of
+      :func:`medusa_jax.pallas.compact_cache.compact_cache` (Triton: one GPU)
+      instead of a gather and a scatter per array.
 
   Returns:
     The compacted ``KVCache``.
   """
+  if kernel:
+    moved = compact_kernel.compact_cache(cache.k + cache.v, lengths, path_nodes)
+    n = len(cache.k)
+    return cache.replace(k=tuple(moved[:n]), v=tuple(moved[n:]))
   k = tuple(compact_layer(x, lengths, path_nodes) for x in cache.k)
   v = tuple(compact_layer(x, lengths, path_nodes) for x in cache.v)
   return cache.replace(k=k, v=v)

@@ -289,7 +289,7 @@ def speculative_step(graphs: Graphs, params: Params, state: DecodeState, *,
                                                            row_slot=state.adapter_slot)
   verdict = finish_walk(tree, tokens_BxT, walk, logits_best_BxV, config.strategy, key, rows)
   path_BxP = verdict.path_nodes.astype(jnp.int32)
-  cache = cache_ops.compact_cache(cache, state.lengths, path_BxP)
+  cache = cache_ops.compact_cache(cache, state.lengths, path_BxP, kernel=llama.compact_kernel)
   next_root_B = verdict.next_root.astype(jnp.int32)
   active_B = ~state.done
   accept_B = verdict.accept_len.astype(jnp.int32)

@@ -546,7 +546,7 @@ class Llama(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32, fused_projections: bool = False,
                attention_scores: AttentionScores | str = AttentionScores.AUTO,
-               row_kernels: bool = False):
+               row_kernels: bool = False, compact_kernel: bool | None = None):
     """Args:
       cfg: the architecture.
       rngs: initialisation keys.
@@ -562,6 +562,11 @@ class Llama(nnx.Module):
         kernels, the norms, the SwiGLU and the residual adds fused into them (fused
         layout only; else ignored). Off by default: on the H200 the step runs 323
         kernels instead of 502 in the same time (docs/perf.md).
+      compact_kernel: a speculative step moves the accepted path's K/V into place with
+        :func:`~medusa_jax.pallas.compact_cache.compact_cache` (two Pallas kernels for
+        every layer) instead of a gather and a scatter per layer and K or V (see
+        ``decoding.cache_ops.compact_cache``). Off by default (None or False): not yet
+        timed on a GPU.
 
     Raises:
       ConfigError: an unknown ``attention_scores``.
@@ -571,6 +576,7 @@ class Llama(nnx.Module):
     self.fused_projections = bool(fused_projections)
     self.attention_scores = AttentionScores.parse(attention_scores).resolve()
     self.row_kernels = bool(row_kernels)
+    self.compact_kernel = bool(compact_kernel)  # not measured on a GPU yet: off by default
     init = nnx.initializers.normal(0.02)
     self.embed_tokens = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
                                        param_dtype))
@@ -606,7 +612,8 @@ class Llama(nnx.Module):
     fused = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=self.dtype,
                                          param_dtype=param_dtype, fused_projections=True,
                                          attention_scores=self.attention_scores,
-                                         row_kernels=self.row_kernels))
+                                         row_kernels=self.row_kernels,
+                                         compact_kernel=self.compact_kernel))
     cat = lambda *ps: jnp.concatenate([p.get_value() for p in ps], axis=-1)  # noqa: E731
 
     def fill(dst: Linear, *srcs: Linear) -> None:
@@ -644,11 +651,18 @@ class Llama(nnx.Module):
       return self
     return self._rebuilt(row_kernels=bool(row_kernels))
 
+  def with_compact_kernel(self, compact_kernel: bool) -> Llama:
+    """The same model (parameters shared) with ``compact_kernel`` set (see ``__init__``)."""
+    if bool(compact_kernel) == self.compact_kernel:
+      return self
+    return self._rebuilt(compact_kernel=bool(compact_kernel))
+
   def _rebuilt(self, **changes) -> Llama:
     """A new module of the same parameters (shared, not copied) with other static options."""
     kw = dict(dtype=self.dtype, param_dtype=self.embed_tokens.get_value().dtype,
               fused_projections=self.fused_projections,
-              attention_scores=self.attention_scores, row_kernels=self.row_kernels)
+              attention_scores=self.attention_scores, row_kernels=self.row_kernels,
+              compact_kernel=self.compact_kernel)
     kw.update(changes)
     new = nnx.eval_shape(lambda: Llama(self.cfg, rngs=nnx.Rngs(0), **kw))
     nnx.update(new, nnx.state(self))

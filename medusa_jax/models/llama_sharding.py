@@ -106,11 +106,12 @@ def load_llama_sharded(model_dir: str | os.PathLike, mesh: Mesh, *, dtype=jnp.fl
 
 def partitionable(llama, mesh: Mesh | None):
   """``llama``, or on a mesh of several devices the same model without its Pallas kernels:
-  attention with XLA's FLAT scores, projections without row kernels. XLA does not
-  partition a Pallas call (it would gather the sharded KV cache, or weights, onto every
-  device in every layer). The parameter arrays, and their placement, are shared."""
+  attention with XLA's FLAT scores, projections without row kernels, the cache compacted
+  by XLA's gathers and scatters. XLA does not partition a Pallas call (it would gather
+  the sharded KV cache, or weights, onto every device in every layer). The parameter
+  arrays, and their placement, are shared."""
   if mesh is None or mesh.devices.size == 1:
     return llama
   if llama.attention_scores in (AttentionScores.PALLAS, AttentionScores.PALLAS_FUSED):
     llama = llama.with_attention_scores(AttentionScores.FLAT)
-  return llama.with_row_kernels(False)
+  return llama.with_row_kernels(False).with_compact_kernel(False)
