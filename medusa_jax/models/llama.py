@@ -546,7 +546,7 @@ class Llama(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32, fused_projections: bool = False,
                attention_scores: AttentionScores | str = AttentionScores.AUTO,
-               row_kernels: bool = False, compact_kernel: bool | None = None):
+               row_kernels: bool = False, compact_kernel: bool = False):
     """Args:
       cfg: the architecture.
       rngs: initialisation keys.
@@ -565,8 +565,7 @@ class Llama(nnx.Module):
       compact_kernel: a speculative step moves the accepted path's K/V into place with
         :func:`~medusa_jax.pallas.compact_cache.compact_cache` (two Pallas kernels for
         every layer) instead of a gather and a scatter per layer and K or V (see
-        ``decoding.cache_ops.compact_cache``). Off by default (None or False): not yet
-        timed on a GPU.
+        ``decoding.cache_ops.compact_cache``). Off by default: not yet timed on a GPU.
 
     Raises:
       ConfigError: an unknown ``attention_scores``.
@@ -576,7 +575,7 @@ class Llama(nnx.Module):
     self.fused_projections = bool(fused_projections)
     self.attention_scores = AttentionScores.parse(attention_scores).resolve()
     self.row_kernels = bool(row_kernels)
-    self.compact_kernel = bool(compact_kernel)  # not measured on a GPU yet: off by default
+    self.compact_kernel = bool(compact_kernel)
     init = nnx.initializers.normal(0.02)
     self.embed_tokens = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
                                        param_dtype))

@@ -38,14 +38,11 @@ from jax.experimental import pallas as pl
 
 from medusa_jax.errors import ConfigError
 from medusa_jax.pallas import _compat
+from medusa_jax.pallas.decode_attention import _pow2_at_least
 
 __all__ = ["compact_cache"]
 
 Array = jax.Array
-
-
-def _pow2_at_least(n: int) -> int:
-  return 1 << max(0, int(n) - 1).bit_length()
 
 
 def _check(arrays: tuple[Array, ...], lengths_B: Array, path_BxP: Array) -> tuple[int, ...]:
@@ -93,8 +90,8 @@ def compact_cache(arrays: tuple[Array, ...], lengths_B: Array, path_BxP: Array, 
     interpret = _compat.default_interpret("gpu")
   lengths_B = lengths_B.astype(jnp.int32)
   path_BxP = path_BxP.astype(jnp.int32)
-  sizes = dict(A=A, L=L, G=G, D=D, P=P, Pp=_pow2_at_least(P), Gp=_pow2_at_least(G),
-               Dp=_pow2_at_least(D))
+  sizes = dict(A=A, L=L, G=G, D=D, P=P, Pp=_pow2_at_least(P, 1), Gp=_pow2_at_least(G, 1),
+               Dp=_pow2_at_least(D, 1))
   itemsize = jnp.dtype(arrays[0].dtype).itemsize
   moved = A * B * P * G * D
   params = _compat.triton_compiler_params(num_warps, 1)
