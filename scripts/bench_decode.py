@@ -55,7 +55,8 @@ def _smollm2_config(tiny: bool):
                      eos_token_ids=(), pad_token_id=2)
 
 
-def _build(cfg, dtype, num_heads, seed=0, fused=True, attention="grouped", row_kernels=False):
+def _build(cfg, dtype, num_heads, seed=0, fused=True, attention="grouped", row_kernels=False,
+           compact_kernel=False):
   import jax
   from flax import nnx
 
@@ -63,7 +64,8 @@ def _build(cfg, dtype, num_heads, seed=0, fused=True, attention="grouped", row_k
   from medusa_jax.models.llama import Llama
   from medusa_jax.adapters.weights import MedusaWeights
   llama = Llama(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=dtype,
-                fused_projections=fused, attention_scores=attention, row_kernels=row_kernels)
+                fused_projections=fused, attention_scores=attention, row_kernels=row_kernels,
+                compact_kernel=compact_kernel)
   mc = MedusaConfig(base_model_name_or_path="smollm2-shape", medusa_num_heads=num_heads,
                     medusa_num_layers=1, version=2.0)
   medusa = MedusaWeights.init(mc, cfg.hidden_size, seed=seed + 1, dtype=dtype)
@@ -214,10 +216,11 @@ def _time_in_graph(dec, state, config, steps, repeats=2):
 
 
 def _kernel_counts(dec, state, config, dump: str | None = None) -> dict:
-  """Top-level kernels of the compiled step (fusions, library calls, copies); ``dump``: a
-  file to write the compiled HLO to."""
+  """Top-level kernels of the compiled step, plain or speculative (fusions, library calls,
+  copies); ``dump``: a file to write the compiled HLO to."""
   import re
-  compiled = dec._plain.lower(dec.param_leaves, state, config=config).compile()
+  step = dec._plain if config.tree is None else dec._spec
+  compiled = step.lower(dec.param_leaves, state, config=config).compile()
   text = compiled.as_text()
   if dump:
     os.makedirs(os.path.dirname(dump) or ".", exist_ok=True)
@@ -236,6 +239,38 @@ def _kernel_counts(dec, state, config, dump: str | None = None) -> dict:
       if op in kinds:
         kinds[op] += 1
   return kinds
+
+
+def _check_compact_kernel(cfg, args, dtype) -> dict:
+  """The compaction kernels against XLA's gather + scatter on this device, at every batch
+  size benchmarked, on a tree-shaped path: whether every array comes out bit for bit."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from medusa_jax.decoding import cache_ops
+  from medusa_jax.models.llama import KVCache
+  n = cfg.num_hidden_layers
+  result = {}
+  for batch in args.batches:
+    shape = (batch, args.cache_len, cfg.num_key_value_heads, cfg.head_dim)
+    keys = jax.random.split(jax.random.PRNGKey(batch), 2 * n)
+    fill = jax.jit(lambda k: jax.random.normal(k, shape, jnp.float32).astype(dtype))
+    rng = np.random.default_rng(batch)
+    lengths = jnp.asarray(rng.integers(0, args.cache_len - 8, size=batch), jnp.int32)
+    path = jnp.asarray(np.sort(rng.integers(0, 64, size=(batch, args.heads + 1)), axis=1),
+                       jnp.int32)
+    outs = []
+    for kernel in (False, True):
+      cache = KVCache(k=tuple(fill(keys[i]) for i in range(n)),
+                      v=tuple(fill(keys[n + i]) for i in range(n)))
+      fn = jax.jit(lambda c, kernel=kernel: cache_ops.compact_cache(c, lengths, path,
+                                                                    kernel=kernel),
+                   donate_argnums=0)
+      outs.append(jax.device_get(fn(cache)))
+    result[str(batch)] = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+                             zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])))
+  return result
 
 
 def _time_forward(dec, cfg, batch, num_nodes, cache_len, dtype, steps, repeats=2):
@@ -340,7 +375,7 @@ def bench_jax(args) -> dict:
   dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
   cfg = _smollm2_config(args.tiny)
   llama, medusa = _build(cfg, dtype, args.heads, fused=args.fused, attention=args.attention,
-                         row_kernels=args.row_kernels)
+                         row_kernels=args.row_kernels, compact_kernel=args.compact_kernel)
   # One cache bucket for the step timings and the engine, so they share compilations.
   engine = Engine(llama, None, medusa, max_cache_len=args.cache_len, cache_dtype=dtype,
                   min_cache_len=args.cache_len, max_tree_rows=args.max_tree_rows)
@@ -353,8 +388,11 @@ def bench_jax(args) -> dict:
              prompt_len=args.prompt_len, params=int(n_params), copy_bw_tb_s=bw / 1e12,
              copy_bw_host_timed_tb_s=host_bw / 1e12,
              fused_projections=args.fused, attention=args.attention, steps=args.steps,
-             row_kernels=args.row_kernels,
+             row_kernels=args.row_kernels, compact_kernel=args.compact_kernel,
              xla_flags=os.environ.get("XLA_FLAGS", ""), rows=[])
+  if args.compact_kernel:
+    out["compact_kernel_check"] = _check_compact_kernel(cfg, args, dtype)
+    print(json.dumps(dict(compact_kernel_check=out["compact_kernel_check"])), flush=True)
   kv_row_bytes = (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
                   * jnp.dtype(dtype).itemsize)
   t_start = time.time()
@@ -423,6 +461,8 @@ def bench_jax(args) -> dict:
             dec, state, config, args.steps, k, stop_when_done=stop)
         row[f"{name}_k{k}_loop_copies"] = _loop_copies(dec, state, config, k)
       row[f"{name}_nodes"] = tree.num_nodes
+      if i == 0:
+        row[f"{name}_kernels"] = _kernel_counts(dec, state, config)
       row[f"{name}_break_even_tokens_per_step"] = ms / row["plain_step_ms"]
       if args.in_graph:
         times, _ = _time_in_graph(dec, state, config, args.steps)
@@ -544,7 +584,8 @@ def bench_real(args) -> dict:
   def engine_for(dtype):
     base = Engine.load(args.real_model, heads, dtype=dtype, max_cache_len=args.cache_len,
                        min_cache_len=args.e2e_min_cache_len, fuse_projections=args.fused)
-    llama = base.llama.with_attention_scores(args.attention).with_row_kernels(args.row_kernels)
+    llama = (base.llama.with_attention_scores(args.attention).with_row_kernels(args.row_kernels)
+             .with_compact_kernel(args.compact_kernel))
     if llama is base.llama:
       return base
     return Engine(llama, base.tokenizer, base.medusa, max_cache_len=args.cache_len,
@@ -818,6 +859,9 @@ def _flag_variants(args) -> list:
       # and the residual adds are kernels of their own: one Pallas kernel per projection
       # with its neighbours instead (Llama(row_kernels=True)).
       "row_kernels": "arg:--row-kernels",
+      # The tree step's KV compaction (a gather and a scatter per cache array, 60 for
+      # SmolLM2) in two Pallas kernels (Llama(compact_kernel=True)).
+      "compact_kernel": "arg:--compact-kernel",
   }
   results = []
   for name, flags in variants.items():
@@ -866,6 +910,8 @@ def _table(res: dict) -> str:
         f"{r.get('tree_step_ms', nan) / r['plain_step_ms']:>10.2f} "
         f"{r.get('tree_in_graph_over_plain', nan):>8.2f} {r.get('verify_cost_ratio', nan):>10.2f} "
         f"{eng_p:>10.0f} {eng_t:>9.0f} {hf.get(b, {}).get('tokens_per_s', nan):>9.0f}")
+    if "tree_kernels" in r:
+      lines.append(f"    tree step: {sum(r['tree_kernels'].values())} kernels ({r['tree_kernels']})")
     if "unfused_plain_step_ms" in r:
       lines.append(f"    unfused (checkpoint layout): {r['unfused_plain_step_ms']:.3f} ms dispatched,"
                    f" {r.get('unfused_plain_step_in_graph_ms', nan):.3f} ms in-graph,"
@@ -915,6 +961,9 @@ def main(argv=None) -> int:
   p.add_argument("--row-kernels", action="store_true",
                  help="batch-1 plain steps run the Pallas row-projection kernels"
                  " (Llama(row_kernels=True))")
+  p.add_argument("--compact-kernel", action="store_true",
+                 help="the speculative step's KV compaction in two Pallas kernels"
+                 " (Llama(compact_kernel=True))")
   p.add_argument("--compare-attention", type=int, nargs="*", default=None,
                  help="batch sizes that also time the other --attention methods, in-graph"
                  " (plain step, and the tree step where --tree-batches has the batch)")
