@@ -56,7 +56,7 @@ def _smollm2_config(tiny: bool):
 
 
 def _build(cfg, dtype, num_heads, seed=0, fused=True, attention="grouped", row_kernels=False,
-           compact_kernel=False):
+           compact_kernel=None):
   import jax
   from flax import nnx
 
@@ -388,9 +388,9 @@ def bench_jax(args) -> dict:
              prompt_len=args.prompt_len, params=int(n_params), copy_bw_tb_s=bw / 1e12,
              copy_bw_host_timed_tb_s=host_bw / 1e12,
              fused_projections=args.fused, attention=args.attention, steps=args.steps,
-             row_kernels=args.row_kernels, compact_kernel=args.compact_kernel,
+             row_kernels=args.row_kernels, compact_kernel=llama.compact_kernel,
              xla_flags=os.environ.get("XLA_FLAGS", ""), rows=[])
-  if args.compact_kernel:
+  if llama.compact_kernel:
     out["compact_kernel_check"] = _check_compact_kernel(cfg, args, dtype)
     print(json.dumps(dict(compact_kernel_check=out["compact_kernel_check"])), flush=True)
   kv_row_bytes = (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
@@ -584,8 +584,9 @@ def bench_real(args) -> dict:
   def engine_for(dtype):
     base = Engine.load(args.real_model, heads, dtype=dtype, max_cache_len=args.cache_len,
                        min_cache_len=args.e2e_min_cache_len, fuse_projections=args.fused)
-    llama = (base.llama.with_attention_scores(args.attention).with_row_kernels(args.row_kernels)
-             .with_compact_kernel(args.compact_kernel))
+    llama = base.llama.with_attention_scores(args.attention).with_row_kernels(args.row_kernels)
+    if args.compact_kernel is not None:
+      llama = llama.with_compact_kernel(args.compact_kernel)
     if llama is base.llama:
       return base
     return Engine(llama, base.tokenizer, base.medusa, max_cache_len=args.cache_len,
@@ -859,9 +860,9 @@ def _flag_variants(args) -> list:
       # and the residual adds are kernels of their own: one Pallas kernel per projection
       # with its neighbours instead (Llama(row_kernels=True)).
       "row_kernels": "arg:--row-kernels",
-      # The tree step's KV compaction (a gather and a scatter per cache array, 60 for
-      # SmolLM2) in two Pallas kernels (Llama(compact_kernel=True)).
-      "compact_kernel": "arg:--compact-kernel",
+      # The tree step's KV compaction as XLA's gather and scatter per cache array (60
+      # for SmolLM2) instead of the two Pallas kernels of the GPU's default.
+      "xla_compaction": "arg:--no-compact-kernel",
   }
   results = []
   for name, flags in variants.items():
@@ -961,9 +962,10 @@ def main(argv=None) -> int:
   p.add_argument("--row-kernels", action="store_true",
                  help="batch-1 plain steps run the Pallas row-projection kernels"
                  " (Llama(row_kernels=True))")
-  p.add_argument("--compact-kernel", action="store_true",
-                 help="the speculative step's KV compaction in two Pallas kernels"
-                 " (Llama(compact_kernel=True))")
+  p.add_argument("--compact-kernel", action=argparse.BooleanOptionalAction, default=None,
+                 help="the speculative step's KV compaction in two Pallas kernels, or"
+                 " (--no-compact-kernel) XLA's gather and scatter; default: Llama's"
+                 " (the kernels on a CUDA GPU)"),
   p.add_argument("--compare-attention", type=int, nargs="*", default=None,
                  help="batch sizes that also time the other --attention methods, in-graph"
                  " (plain step, and the tree step where --tree-batches has the batch)")

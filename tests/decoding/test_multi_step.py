@@ -160,3 +160,18 @@ def test_a_measured_policy_picks_the_engines_tree_or_plain_decoding(tiny):
   assert one.tokens == want[:1] and two.tokens == want
   eng.use_policy(None)
   assert eng.generate(prompts, 9, speculate="tree").tree_nodes > 1
+
+
+def test_tree_decoding_through_the_compaction_kernels_gives_the_same_tokens(tiny):
+  """Llama(compact_kernel=True) (interpreted off a GPU) decodes exactly as XLA's compaction."""
+  cfg, llama, heads, _ = tiny
+  assert llama.compact_kernel is (jax.default_backend() == "gpu")  # None: the GPU's default
+  rng = np.random.default_rng()
+  prompts = [list(map(int, rng.integers(0, cfg.vocab_size, int(n)))) for n in (2, 6)]
+  budgets = [int(b) for b in rng.integers(8, 20, 2)]
+  outs = [Engine(llama.with_compact_kernel(k), None, heads, max_cache_len=64, steps_per_call=4)
+          .generate(prompts, budgets, speculate="tree") for k in (False, True)]
+  assert outs[0].tree_nodes > 1 and outs[1].tree_nodes == outs[0].tree_nodes
+  assert outs[1].tokens == outs[0].tokens
+  assert outs[0].tokens == Engine(llama, None, heads, max_cache_len=64).generate(
+      prompts, budgets).tokens  # greedy: the tree's tokens are plain decoding's
