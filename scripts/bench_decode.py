@@ -215,6 +215,115 @@ def _time_in_graph(dec, state, config, steps, repeats=2):
   return times, state
 
 
+STAGES = ("forward", "lm_head", "walk", "heads", "verdict", "compact")
+"""The speculative step's stages in its order (the two-pass path of ``step.speculative_step``):
+the tree forward; the LM head over the internal nodes; the walk; the accepted node's logits and
+drafts; the verdict; the cache compaction."""
+
+
+def _stage_prefix(dec, config):
+  """``prefix(params, state, upto) -> (cache, scalar)``: the speculative step's stages up
+  to ``upto`` (one of ``STAGES``), the library's own pieces in the step's order (its
+  two-pass path), and the sum of what they computed. Up to "compact", the cache is the
+  one the step leaves (tests/scripts/test_bench_decode.py)."""
+  import jax
+  import jax.numpy as jnp
+
+  from medusa_jax.decoding import cache_ops, verify
+  from medusa_jax.decoding import step as step_mod
+  tree = config.tree
+  internal = verify.internal_nodes(tree)
+
+  def total(*xs):
+    return sum(jnp.sum(x.astype(jnp.float32)) for x in xs)
+
+  def prefix(params, state, upto):
+    llama = step_mod._merge(dec.graphs.llama, params.llama)
+    heads = step_mod._merge(dec.graphs.heads, params.heads)
+    tokens = state.tokens if config.tree_index is None else state.tokens[:, config.tree_index]
+    depth = jnp.asarray(tree.node_depth, jnp.int32)
+    mask = cache_ops.tree_attention_mask(state.lengths, jnp.asarray(tree.attn_mask, bool),
+                                         state.cache.length)
+    hidden, cache = llama(tokens, state.lengths[:, None] + depth[None], state.cache,
+                          state.lengths, mask)
+    acc = total(hidden)
+    if upto == "forward":
+      return cache, acc
+    lm_head = step_mod._lm_head(llama, params)
+    logits = lm_head(hidden[:, internal])
+    acc += total(logits)
+    if upto == "lm_head":
+      return cache, acc
+    key = jax.random.split(state.rng)[1]  # the step's key
+    walk = verify.walk_tree(tree, tokens, logits, config.strategy, key, state.rows)
+    best = walk.best_node.astype(jnp.int32)
+    acc += total(best)
+    if upto == "walk":
+      return cache, acc
+    x = jnp.take_along_axis(hidden, best[:, None, None], axis=1)[:, 0]
+    logits_best, draft = heads.logits_and_drafts(x, lm_head, config.state_tree.depth,
+                                                 row_slot=state.adapter_slot)
+    acc += total(logits_best, draft)
+    if upto == "heads":
+      return cache, acc
+    verdict = verify.finish_walk(tree, tokens, walk, logits_best, config.strategy, key,
+                                 state.rows)
+    path = verdict.path_nodes.astype(jnp.int32)
+    acc += total(path, verdict.emitted)
+    if upto == "verdict":
+      return cache, acc
+    cache = cache_ops.compact_cache(cache, state.lengths, path, kernel=llama.compact_kernel)
+    return cache, acc
+
+  return prefix
+
+
+def _time_stages(dec, state, config, steps, repeats=2) -> dict:
+  """In-graph ms per step of each cumulative prefix of the speculative step (``STAGES``,
+  :func:`_stage_prefix`), and of the whole step ("step").
+
+  Each prefix runs ``steps`` times in one fori_loop, the cache carried and what the prefix
+  computed summed into a carried scalar (so nothing is dead code); a stage's cost is its
+  prefix's time minus the one before it, and the whole step's time minus the last prefix's
+  is the rest (the next tree's tokens, EOS bookkeeping). Trees on the one-pass path
+  (``B * T * (1 + D) <= verify.SHARED_HEAD_MAX_ROWS``) are not split: returns {}.
+  """
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+
+  from medusa_jax.decoding import verify
+  batch = state.lengths.shape[0]
+  if batch * config.tree.num_nodes * (1 + config.state_tree.depth) <= verify.SHARED_HEAD_MAX_ROWS:
+    return {}
+  prefix = _stage_prefix(dec, config)
+
+  @functools.partial(jax.jit, donate_argnums=1, static_argnames="upto")
+  def many(params, state, upto):
+    def body(i, carry):
+      cache, acc = carry
+      cache, a = prefix(params, state.replace(cache=cache), upto)
+      return cache, acc + a
+    cache, acc = jax.lax.fori_loop(0, steps, body, (state.cache, jnp.zeros((), jnp.float32)))
+    return state.replace(cache=cache), acc
+
+  out = {}
+  for upto in STAGES:
+    state, _ = many(dec.params, state, upto)  # compile + warm
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(repeats):
+      t = time.perf_counter()
+      state, acc = many(dec.params, state, upto)
+      jax.block_until_ready((state, acc))
+      times.append(1e3 * (time.perf_counter() - t) / steps)
+    out[upto] = min(times)
+  whole, _ = _time_in_graph(dec, state, config, steps, repeats)
+  out["step"] = min(whole)
+  return out
+
+
 def _kernel_counts(dec, state, config, dump: str | None = None) -> dict:
   """Top-level kernels of the compiled step, plain or speculative (fusions, library calls,
   copies); ``dump``: a file to write the compiled HLO to."""
@@ -465,9 +574,11 @@ def bench_jax(args) -> dict:
         row[f"{name}_kernels"] = _kernel_counts(dec, state, config)
       row[f"{name}_break_even_tokens_per_step"] = ms / row["plain_step_ms"]
       if args.in_graph:
-        times, _ = _time_in_graph(dec, state, config, args.steps)
+        times, state = _time_in_graph(dec, state, config, args.steps)
         row[f"{name}_step_in_graph_ms"] = min(times)
         row[f"{name}_in_graph_over_plain"] = min(times) / row["plain_step_in_graph_ms"]
+        if name == "tree" and batch in (args.stages or ()):
+          row["tree_stages_in_graph_ms"] = _time_stages(dec, state, config, args.steps)
       del state
     if i == 0 and "tree" in modes and args.in_graph:
       # Forward-only verify cost: T tree nodes vs one token, same batch, in-graph.
@@ -911,6 +1022,12 @@ def _table(res: dict) -> str:
         f"{r.get('tree_step_ms', nan) / r['plain_step_ms']:>10.2f} "
         f"{r.get('tree_in_graph_over_plain', nan):>8.2f} {r.get('verify_cost_ratio', nan):>10.2f} "
         f"{eng_p:>10.0f} {eng_t:>9.0f} {hf.get(b, {}).get('tokens_per_s', nan):>9.0f}")
+    if r.get("tree_stages_in_graph_ms"):
+      st, prev, parts = r["tree_stages_in_graph_ms"], 0.0, []
+      for k in (*STAGES, "step"):
+        parts.append(f"{k} {st[k] - prev:+.3f}")
+        prev = st[k]
+      lines.append(f"    tree step in-graph by stage (ms): {', '.join(parts)} = {st['step']:.3f}")
     if "tree_kernels" in r:
       lines.append(f"    tree step: {sum(r['tree_kernels'].values())} kernels ({r['tree_kernels']})")
     if "unfused_plain_step_ms" in r:
@@ -976,6 +1093,9 @@ def main(argv=None) -> int:
                  " against XLA's flat and grouped attention")
   p.add_argument("--tree-batches", type=int, nargs="*", default=None,
                  help="batch sizes that time the tree step (default: all)")
+  p.add_argument("--stages", type=int, nargs="*", default=None,
+                 help="batch sizes whose tree step is also timed in-graph stage by stage"
+                 " (cumulative prefixes: forward, LM head, walk, heads, verdict, compaction)")
   p.add_argument("--real-model", help="a Hugging Face Llama dir: end-to-end mode (see above)")
   p.add_argument("--questions", help="pre-tokenised MT-bench questions (eval_mtbench.py"
                  " --write-questions)")
