@@ -13,6 +13,8 @@ in the same process. For each batch size it reports:
 * the break-even tokens per step of each speculative mode (its step time over
   the plain step time): speculation wins when the heads beat it;
 * the forward-only cost of verifying T tree nodes against a one-token forward;
+* with ``--stages B ...``, the tree step in-graph stage by stage at those batch sizes
+  (:func:`_time_stages`: forward, LM head, walk, heads, verdict, compaction, the rest);
 * end-to-end tokens/s through ``Engine.generate`` (host loop, one device_get
   per step) -- with random heads drafts are almost never accepted, so these
   numbers show the overhead of speculating, not its gain;
