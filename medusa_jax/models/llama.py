@@ -571,9 +571,9 @@ class Llama(nnx.Module):
         :func:`~medusa_jax.pallas.compact_cache.compact_cache` (two Pallas kernels for
         every layer) instead of a gather and a scatter per layer and K or V (see
         ``decoding.cache_ops.compact_cache``). None (the default): on where the
-        kernel compiles (a CUDA GPU), where on the H200 it takes 178 kernels and
-        5-7 % of its in-graph time off a tree step (docs/perf.md); off elsewhere, where it would only
-        be interpreted. Meshes turn it off (``llama_sharding``).
+        kernels compile (a CUDA GPU; on the H200 they take 178 kernels and 5-7 % of
+        its in-graph time off a tree step, docs/perf.md), off elsewhere, where they
+        would only be interpreted. Meshes turn it off (``llama_sharding``).
 
     Raises:
       ConfigError: an unknown ``attention_scores``.
@@ -659,8 +659,11 @@ class Llama(nnx.Module):
       return self
     return self._rebuilt(row_kernels=bool(row_kernels))
 
-  def with_compact_kernel(self, compact_kernel: bool) -> Llama:
-    """The same model (parameters shared) with ``compact_kernel`` set (see ``__init__``)."""
+  def with_compact_kernel(self, compact_kernel: bool | None) -> Llama:
+    """The same model (parameters shared) with ``compact_kernel`` set (see ``__init__``;
+    None: the backend's default)."""
+    if compact_kernel is None:
+      compact_kernel = _compact_kernel_default()
     if bool(compact_kernel) == self.compact_kernel:
       return self
     return self._rebuilt(compact_kernel=bool(compact_kernel))

@@ -166,6 +166,8 @@ def test_tree_decoding_through_the_compaction_kernels_gives_the_same_tokens(tiny
   """Llama(compact_kernel=True) (interpreted off a GPU) decodes exactly as XLA's compaction."""
   cfg, llama, heads, _ = tiny
   assert llama.compact_kernel is (jax.default_backend() == "gpu")  # None: the GPU's default
+  assert llama.with_compact_kernel(True).with_compact_kernel(None).compact_kernel \
+      is llama.compact_kernel
   rng = np.random.default_rng()
   prompts = [list(map(int, rng.integers(0, cfg.vocab_size, int(n)))) for n in (2, 6)]
   budgets = [int(b) for b in rng.integers(8, 20, 2)]
