@@ -14,7 +14,8 @@ in the same process. For each batch size it reports:
   the plain step time): speculation wins when the heads beat it;
 * the forward-only cost of verifying T tree nodes against a one-token forward;
 * with ``--stages B ...``, the tree step in-graph stage by stage at those batch sizes
-  (:func:`_time_stages`: forward, LM head, walk, heads, verdict, compaction, the rest);
+  (:func:`_time_stages`: forward, LM head, walk, heads, verdict, compaction, the rest), and
+  the forward-only timing with the cache filled to the prompt, empty and random;
 * end-to-end tokens/s through ``Engine.generate`` (host loop, one device_get
   per step) -- with random heads drafts are almost never accepted, so these
   numbers show the overhead of speculating, not its gain;
@@ -384,11 +385,13 @@ def _check_compact_kernel(cfg, args, dtype) -> dict:
   return result
 
 
-def _time_forward(dec, cfg, batch, num_nodes, cache_len, dtype, steps, repeats=2):
+def _time_forward(dec, cfg, batch, num_nodes, cache_len, dtype, steps, repeats=2, fill=None,
+                  cache=None):
   """ms of one base forward of ``num_nodes`` tokens per row + LM head, in-graph.
 
-  A fori_loop of ``steps`` forwards (tree mask, cache half full); the cache
-  is carried through the loop so that its writes are not dead code.
+  A fori_loop of ``steps`` forwards (tree mask, ``fill`` slots of the cache in use:
+  default half of it); the cache is carried through the loop so that its writes are
+  not dead code. ``cache``: the cache to start from (DONATED; default an empty one).
   """
   import functools
 
@@ -421,8 +424,9 @@ def _time_forward(dec, cfg, batch, num_nodes, cache_len, dtype, steps, repeats=2
 
   rng = np.random.default_rng(1)
   tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, size=(batch, len(depth))), jnp.int32)
-  lengths = jnp.full((batch,), cache_len // 2, jnp.int32)
-  cache = dec.init_cache(batch, cache_len, dtype)
+  lengths = jnp.full((batch,), cache_len // 2 if fill is None else fill, jnp.int32)
+  if cache is None:
+    cache = dec.init_cache(batch, cache_len, dtype)
   args = (tokens, lengths, jnp.asarray(tree_mask), jnp.asarray(depth))
   cache, acc = many(dec.params, cache, *args)
   jax.block_until_ready(acc)
@@ -581,6 +585,14 @@ def bench_jax(args) -> dict:
         row[f"{name}_in_graph_over_plain"] = min(times) / row["plain_step_in_graph_ms"]
         if name == "tree" and batch in (args.stages or ()):
           row["tree_stages_in_graph_ms"] = _time_stages(dec, state, config, args.steps)
+          # The forward-only timing (verify_cost_ratio's) moved towards the step's setting:
+          # the cache filled to the prompt, then also random rather than empty.
+          at_prompt = dict(fill=args.prompt_len)
+          for key, cache in (("empty", None), ("random", _start_state(
+              dec, cfg, batch, args.cache_len, args.prompt_len, config, dtype, 1).cache)):
+            fwd, _ = _time_forward(dec, cfg, batch, tree.num_nodes, args.cache_len, dtype,
+                                   args.steps, cache=cache, **at_prompt)
+            row[f"forward_tree_at_prompt_{key}_cache_ms"] = min(fwd)
       del state
     if i == 0 and "tree" in modes and args.in_graph:
       # Forward-only verify cost: T tree nodes vs one token, same batch, in-graph.
@@ -1030,6 +1042,10 @@ def _table(res: dict) -> str:
         parts.append(f"{k} {st[k] - prev:+.3f}")
         prev = st[k]
       lines.append(f"    tree step in-graph by stage (ms): {', '.join(parts)} = {st['step']:.3f}")
+      if "forward_tree_at_prompt_empty_cache_ms" in r:
+        lines.append(f"    tree forward + LM head alone, cache filled to the prompt: empty"
+                     f" {r['forward_tree_at_prompt_empty_cache_ms']:.3f} ms, random"
+                     f" {r['forward_tree_at_prompt_random_cache_ms']:.3f} ms")
     if "tree_kernels" in r:
       lines.append(f"    tree step: {sum(r['tree_kernels'].values())} kernels ({r['tree_kernels']})")
     if "unfused_plain_step_ms" in r:
