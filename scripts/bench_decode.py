@@ -207,12 +207,19 @@ def _time_in_graph(dec, state, config, steps, repeats=2):
     state = jax.lax.fori_loop(0, steps, lambda i, s: body(params, s, config=config)[0], state)
     return state.replace(lengths=start)
 
-  state = many(dec.params, state)  # compile + warm
+  return _loop_ms(lambda s: many(dec.params, s), state, steps, repeats)
+
+
+def _loop_ms(many, state, steps, repeats):
+  """([ms per step] per repeat, state): ``many(state) -> state``, one jitted loop of
+  ``steps`` steps that donates its state, called once to compile and warm, then timed."""
+  import jax
+  state = many(state)
   jax.block_until_ready(state)
   times = []
   for _ in range(repeats):
     t = time.perf_counter()
-    state = many(dec.params, state)
+    state = many(state)
     jax.block_until_ready(state)
     times.append(1e3 * (time.perf_counter() - t) / steps)
   return times, state
@@ -308,19 +315,14 @@ def _time_stages(dec, state, config, steps, repeats=2) -> dict:
       cache, acc = carry
       cache, a = prefix(params, state.replace(cache=cache), upto)
       return cache, acc + a
+    # The scalar is an output of the same program: it is computed whenever the cache is.
     cache, acc = jax.lax.fori_loop(0, steps, body, (state.cache, jnp.zeros((), jnp.float32)))
     return state.replace(cache=cache), acc
 
   out = {}
   for upto in STAGES:
-    state, _ = many(dec.params, state, upto)  # compile + warm
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(repeats):
-      t = time.perf_counter()
-      state, acc = many(dec.params, state, upto)
-      jax.block_until_ready((state, acc))
-      times.append(1e3 * (time.perf_counter() - t) / steps)
+    times, state = _loop_ms(lambda s, upto=upto: many(dec.params, s, upto)[0], state, steps,
+                            repeats)
     out[upto] = min(times)
   whole, _ = _time_in_graph(dec, state, config, steps, repeats)
   out["step"] = min(whole)
@@ -587,11 +589,10 @@ def bench_jax(args) -> dict:
           row["tree_stages_in_graph_ms"] = _time_stages(dec, state, config, args.steps)
           # The forward-only timing (verify_cost_ratio's) moved towards the step's setting:
           # the cache filled to the prompt, then also random rather than empty.
-          at_prompt = dict(fill=args.prompt_len)
           for key, cache in (("empty", None), ("random", _start_state(
               dec, cfg, batch, args.cache_len, args.prompt_len, config, dtype, 1).cache)):
             fwd, _ = _time_forward(dec, cfg, batch, tree.num_nodes, args.cache_len, dtype,
-                                   args.steps, cache=cache, **at_prompt)
+                                   args.steps, fill=args.prompt_len, cache=cache)
             row[f"forward_tree_at_prompt_{key}_cache_ms"] = min(fwd)
       del state
     if i == 0 and "tree" in modes and args.in_graph:

@@ -5,23 +5,13 @@ Kept cheap (one mesh pair, one batch, tree mode only); speed is never asserted.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _script():
-  spec = importlib.util.spec_from_file_location(
-      "bench_mesh", os.path.join(ROOT, "scripts", "bench_mesh.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from script_modules import load_script
 
 
 def test_bench_mesh_quick_runs_engine_and_serving_core(tmp_path):
-  rows = _script().main(["--quick", "--layers", "1", "--new-tokens", "4", "--meshes", "1x2,9x9",
+  rows = load_script("bench_mesh").main(["--quick", "--layers", "1", "--new-tokens", "4", "--meshes", "1x2,9x9",
                          "--modes", "tree", "--serving", "--out", str(tmp_path)])
   assert [(r["kind"], r["data"], r["model"]) for r in rows] == [("engine", 1, 2),
                                                                 ("serving", 1, 2)]
@@ -37,5 +27,5 @@ def test_scaling_efficiency_is_per_device_throughput_against_one_device():
   rows = [dict(kind="engine", mode="tree", batch=8, devices=d, tokens_per_s=t)
           for d, t in ((1, 100.0), (2, 150.0), (4, 100.0))]
   rows.append(dict(kind="engine", mode="tree", batch=32, devices=2, tokens_per_s=50.0))
-  _script().add_efficiency(rows)
+  load_script("bench_mesh").add_efficiency(rows)
   assert [r["efficiency"] for r in rows] == [1.0, 0.75, 0.25, None]

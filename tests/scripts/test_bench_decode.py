@@ -3,9 +3,6 @@ pieces, so the last one leaves the cache the step leaves, and every prefix is ti
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,18 +13,9 @@ from medusa_jax.decoding.decoder import Decoder
 from medusa_jax.decoding.state import StepConfig
 from medusa_jax.decoding.strategies import Greedy
 from medusa_jax.decoding.tree import MC_SIM_7B_63, _closed_prefix, build_tree
+from script_modules import load_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _script(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-bench_decode = _script("bench_decode")
+bench_decode = load_script("bench_decode")
 
 
 @pytest.mark.parametrize("compact_kernel", [False, True])

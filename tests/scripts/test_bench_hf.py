@@ -4,9 +4,7 @@ left-padded in a batch, stopped and counted as the engine stops and counts them.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,19 +13,10 @@ import pytest
 from medusa_jax.decoding.engine import Engine
 from medusa_jax.errors import ConfigError
 from medusa_jax.models.llama_weights import load_llama
+from script_modules import load_script
 from tiny_model import make_tiny_llama_dir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _script(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-bench_hf = _script("bench_hf")
+bench_hf = load_script("bench_hf")
 
 
 @pytest.mark.parametrize("skip,expected", [
@@ -99,7 +88,7 @@ def test_a_failing_mode_and_the_time_budget_keep_the_other_rows(tmp_path):
 
 
 def test_e2e_table_sets_medusa_jax_against_the_best_transformers_mode():
-  bench_decode = _script("bench_decode")
+  bench_decode = load_script("bench_decode")
   nan = math.nan
   run = dict(dtype="bf16", batch=16, none=dict(tokens_per_s=1000.0),
              tree=dict(tokens_per_s=2500.0, speedup=2.5, tokens_per_step=2.6, tree_nodes=16,
