@@ -187,11 +187,12 @@ def _loop_copies(dec, state, config, k, min_bytes=1 << 20) -> dict:
   return dict(count=len(found), shapes=sorted(set(found))[:8])
 
 
-def _time_in_graph(dec, state, config, steps, repeats=2):
+def _time_in_graph(dec, state, config, steps, repeats=2, traced: dict | None = None):
   """([ms per step] per repeat, state): ``steps`` steps inside one jitted fori_loop.
 
   No per-call dispatch: device time only. Every step stays in range of the
-  cache because the loop rewinds ``lengths`` to where it started.
+  cache because the loop rewinds ``lengths`` to where it started. ``traced``: see
+  :func:`_loop_ms`.
   """
   import functools
 
@@ -207,12 +208,14 @@ def _time_in_graph(dec, state, config, steps, repeats=2):
     state = jax.lax.fori_loop(0, steps, lambda i, s: body(params, s, config=config)[0], state)
     return state.replace(lengths=start)
 
-  return _loop_ms(lambda s: many(dec.params, s), state, steps, repeats)
+  return _loop_ms(lambda s: many(dec.params, s), state, steps, repeats, traced)
 
 
-def _loop_ms(many, state, steps, repeats):
+def _loop_ms(many, state, steps, repeats, traced: dict | None = None):
   """([ms per step] per repeat, state): ``many(state) -> state``, one jitted loop of
-  ``steps`` steps that donates its state, called once to compile and warm, then timed."""
+  ``steps`` steps that donates its state, called once to compile and warm, then timed.
+  ``traced``: a dict that gets the kernel-by-kernel summary of one more call, traced
+  (``kernel_trace.trace``), after the timed ones."""
   import jax
   state = many(state)
   jax.block_until_ready(state)
@@ -222,6 +225,14 @@ def _loop_ms(many, state, steps, repeats):
     state = many(state)
     jax.block_until_ready(state)
     times.append(1e3 * (time.perf_counter() - t) / steps)
+  if traced is not None:
+    box = [state]
+
+    def run():
+      box[0] = many(box[0])
+      jax.block_until_ready(box[0])
+    traced.update(_sibling("kernel_trace").trace(run, per=steps))
+    state = box[0]
   return times, state
 
 
@@ -388,12 +399,13 @@ def _check_compact_kernel(cfg, args, dtype) -> dict:
 
 
 def _time_forward(dec, cfg, batch, num_nodes, cache_len, dtype, steps, repeats=2, fill=None,
-                  cache=None):
+                  cache=None, traced: dict | None = None):
   """ms of one base forward of ``num_nodes`` tokens per row + LM head, in-graph.
 
   A fori_loop of ``steps`` forwards (tree mask, ``fill`` slots of the cache in use:
   default half of it); the cache is carried through the loop so that its writes are
   not dead code. ``cache``: the cache to start from (DONATED; default an empty one).
+  ``traced``: see :func:`_loop_ms`.
   """
   import functools
 
@@ -430,14 +442,7 @@ def _time_forward(dec, cfg, batch, num_nodes, cache_len, dtype, steps, repeats=2
   if cache is None:
     cache = dec.init_cache(batch, cache_len, dtype)
   args = (tokens, lengths, jnp.asarray(tree_mask), jnp.asarray(depth))
-  cache, acc = many(dec.params, cache, *args)
-  jax.block_until_ready(acc)
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    cache, acc = many(dec.params, cache, *args)
-    jax.block_until_ready(acc)
-    times.append(1e3 * (time.perf_counter() - t) / steps)
+  times, _ = _loop_ms(lambda c: many(dec.params, c, *args)[0], cache, steps, repeats, traced)
   return times, len(depth)
 
 
@@ -475,7 +480,10 @@ def _time_plain(dec, cfg, args, batch, dtype, in_graph: bool, kernels: bool,
       row[f"k{k}_{'stop' if stop else 'fixed'}_step_ms"], state = _time_multi(
           dec, state, config, args.steps, k, stop_when_done=stop)
   if in_graph:
-    row["in_graph_ms"], state = _time_in_graph(dec, state, config, args.steps)
+    traced = {} if batch in (getattr(args, "kernel_trace", None) or ()) else None
+    row["in_graph_ms"], state = _time_in_graph(dec, state, config, args.steps, traced=traced)
+    if traced is not None:
+      row["kernel_trace"] = traced
   return row
 
 
@@ -525,6 +533,8 @@ def bench_jax(args) -> dict:
                         tag=args.attention)
     row.update(plain_step_ms=plain["step_ms"], plain_kernels=plain.get("kernels", {}),
                plain_nodes=1)
+    traces = row["kernel_trace"] = {"plain_step": plain["kernel_trace"]} if (
+        "kernel_trace" in plain) else {}
     row.update({f"plain_{key}": v for key, v in plain.items() if key.startswith("k")
                 and key.endswith("_step_ms")})
     if "in_graph_ms" in plain:
@@ -582,7 +592,10 @@ def bench_jax(args) -> dict:
         row[f"{name}_kernels"] = _kernel_counts(dec, state, config)
       row[f"{name}_break_even_tokens_per_step"] = ms / row["plain_step_ms"]
       if args.in_graph:
-        times, state = _time_in_graph(dec, state, config, args.steps)
+        traced = {} if name == "tree" and traces else None
+        times, state = _time_in_graph(dec, state, config, args.steps, traced=traced)
+        if traced is not None:
+          traces["tree_step"] = traced
         row[f"{name}_step_in_graph_ms"] = min(times)
         row[f"{name}_in_graph_over_plain"] = min(times) / row["plain_step_in_graph_ms"]
         if name == "tree" and batch in (args.stages or ()):
@@ -591,9 +604,17 @@ def bench_jax(args) -> dict:
           # the cache filled to the prompt, then also random rather than empty.
           for key, cache in (("empty", None), ("random", _start_state(
               dec, cfg, batch, args.cache_len, args.prompt_len, config, dtype, 1).cache)):
+            traced = {} if key == "random" and traces else None
             fwd, _ = _time_forward(dec, cfg, batch, tree.num_nodes, args.cache_len, dtype,
-                                   args.steps, fill=args.prompt_len, cache=cache)
+                                   args.steps, fill=args.prompt_len, cache=cache, traced=traced)
             row[f"forward_tree_at_prompt_{key}_cache_ms"] = min(fwd)
+            if traced is not None:
+              traces["forward_tree"] = traced
+          if traces:
+            traced = {}
+            fwd, _ = _time_forward(dec, cfg, batch, 1, args.cache_len, dtype, args.steps,
+                                   fill=args.prompt_len, traced=traced)
+            row["forward_1_at_prompt_ms"], traces["forward_1"] = min(fwd), traced
       del state
     if i == 0 and "tree" in modes and args.in_graph:
       # Forward-only verify cost: T tree nodes vs one token, same batch, in-graph.
@@ -606,6 +627,8 @@ def bench_jax(args) -> dict:
       for name, mode in (("plain", "none"), ("chain", "chain"), ("tree", "tree")):
         row[f"engine_{name}"] = _engine_tokens_per_s(engine, cfg, batch, args.prompt_len,
                                                      args.new_tokens, mode)
+    if not row["kernel_trace"]:
+      del row["kernel_trace"]
     out["rows"].append(row)
     out["trace_counts"] = dict(dec.trace_counts)
     print(json.dumps(row), flush=True)
@@ -649,13 +672,17 @@ def _prompt_sets(prompts: list, batch: int, bs1_prompts: int) -> list:
   return [prompts[:batch]]
 
 
-def _bench_hf():
-  """scripts/bench_hf.py, the module beside this one (on the path when this runs as a script)."""
+def _sibling(name: str):
+  """scripts/<name>.py, a module beside this one (on the path when this runs as a script)."""
+  import importlib
   here = os.path.dirname(os.path.abspath(__file__))
   if here not in sys.path:
     sys.path.insert(0, here)
-  import bench_hf
-  return bench_hf
+  return importlib.import_module(name)
+
+
+def _bench_hf():
+  return _sibling("bench_hf")
 
 
 def _hf_real(args, prompts: list, eos_ids: tuple, steps_per_call: int, plain: dict) -> list:
@@ -904,13 +931,14 @@ def bench_hf(args) -> list:
 
 
 def _attention_sweep(args) -> list:
-  """One layer's attention alone, in-graph: the Pallas kernel's block sizes against XLA's
-  FLAT and GROUPED attention, SmolLM2's heads, at (batch, new tokens) decode and tree sizes.
+  """One layer's attention alone, in-graph: the Pallas kernel's block sizes and cache splits
+  against XLA's FLAT and GROUPED attention, SmolLM2's heads, at (batch, new tokens) decode
+  and tree sizes, each at every fill of ``--sweep-fills`` (committed slots).
 
   Each call's output is the next call's query (a dependency chain of ``steps``
-  calls in one fori_loop), so nothing is hoisted; the cache holds ``prompt_len``
-  committed slots (``kv_len``) of ``cache_len``. Also checks the kernel against
-  the XLA attention on the same inputs (max abs difference).
+  calls in one fori_loop), so nothing is hoisted; the fill (``kv_len``) and the mask
+  are arguments, so one compilation serves every fill. Also checks the kernel
+  against the XLA attention on the same inputs (max abs difference, at the first fill).
   """
   import functools
 
@@ -919,7 +947,7 @@ def _attention_sweep(args) -> list:
   import numpy as np
 
   from medusa_jax.models.llama import AttentionScores, causal_mask
-  from medusa_jax.pallas.decode_attention import decode_attention
+  from medusa_jax.pallas.decode_attention import decode_attention, default_blocks
 
   dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
   cfg = _smollm2_config(args.tiny)
@@ -927,50 +955,67 @@ def _attention_sweep(args) -> list:
   flat_attn = llama.layers[0].self_attn
   grouped_attn = llama.with_attention_scores(AttentionScores.GROUPED).layers[0].self_attn
   Q, G, D, L = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, args.cache_len
+  fills = args.sweep_fills or [args.prompt_len]
   results = []
-  for B, T in ((1, 1), (16, 1), (64, 1), (1, 64), (16, 4)):
+  for B, T in ((1, 1), (1, 16), (1, 64), (16, 1), (16, 4), (64, 1)):
     key = jax.random.split(jax.random.PRNGKey(B * 100 + T), 3)
     q = jax.random.normal(key[0], (B, T, Q, D), jnp.float32).astype(dtype)
     k = jax.random.normal(key[1], (B, L, G, D), jnp.float32).astype(dtype)
     v = jax.random.normal(key[2], (B, L, G, D), jnp.float32).astype(dtype)
-    idx = jnp.full((B,), args.prompt_len, jnp.int32)
-    mask = causal_mask(idx, T, L)
-    kv_len = idx + T
+    at = {}
+    for fill in fills:
+      idx = jnp.full((B,), min(fill, L - T), jnp.int32)
+      at[fill] = (causal_mask(idx, T, L), idx + T)
 
     def chain(fn):
+      """{fill: us per call} of ``fn(x, mask, kv_len)``, one compilation."""
       @jax.jit
-      def run(q):
-        return jax.lax.fori_loop(0, args.steps, lambda i, x: fn(x).astype(dtype), q)
-      run(q).block_until_ready()
-      best = float("inf")
-      for _ in range(3):
-        t = time.perf_counter()
-        run(q).block_until_ready()
-        best = min(best, (time.perf_counter() - t) / args.steps)
-      return 1e6 * best
+      def run(q, mask, kv_len):
+        return jax.lax.fori_loop(0, args.steps,
+                                 lambda i, x: fn(x, mask, kv_len).astype(dtype), q)
+      out = {}
+      for fill, (mask, kv_len) in at.items():
+        run(q, mask, kv_len).block_until_ready()
+        best = float("inf")
+        for _ in range(3):
+          t = time.perf_counter()
+          run(q, mask, kv_len).block_until_ready()
+          best = min(best, (time.perf_counter() - t) / args.steps)
+        out[fill] = 1e6 * best
+      return out
 
-    xla = {name: functools.partial(attn._flat if name == "flat" else attn._grouped,
-                                   k_BxLxGxD=k, v_BxLxGxD=v,
-                                   mask_Bx1x1xTxL=mask[:, None, None])
-           for name, attn in (("flat", flat_attn), ("grouped", grouped_attn))}
-    row = dict(batch=B, tokens=T, kv_len=int(kv_len[0]), cache_len=L)
-    for name, fn in xla.items():
-      row[f"{name}_us"] = chain(lambda x, fn=fn: fn(x))
-    ref = np.asarray(xla["flat"](q), np.float32)
-    for bk in (32, 64, 128, 256):
-      for warps in (2, 4, 8):
-        fn = functools.partial(decode_attention, k_BxLxGxD=k, v_BxLxGxD=v, mask_BxTxL=mask,
-                               kv_len_B=kv_len, block_k=bk, num_warps=warps)
-        try:
-          got = np.asarray(fn(q), np.float32)
-          row[f"pallas_k{bk}_w{warps}_us"] = chain(fn)
-          row[f"pallas_k{bk}_w{warps}_max_abs_err"] = float(np.abs(got - ref).max())
-        except Exception as e:  # a block shape Triton rejects must not lose the others
-          row[f"pallas_k{bk}_w{warps}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    def xla(attn, x, mask, kv_len):
+      return attn(x, k_BxLxGxD=k, v_BxLxGxD=v, mask_Bx1x1xTxL=mask[:, None, None])
+
+    row = dict(batch=B, tokens=T, fills=fills, cache_len=L)
+    for name, attn in (("flat", flat_attn._flat), ("grouped", grouped_attn._grouped)):
+      row[f"{name}_us"] = chain(functools.partial(xla, attn))
+    mask0, len0 = at[fills[0]]
+    ref = np.asarray(xla(flat_attn._flat, q, mask0, len0), np.float32)
+    for bk in (64, 128, 256):
+      for warps in (4, 8):
+        for splits in (1, 2, 4, 8):
+          tag = f"pallas_k{bk}_w{warps}_s{splits}"
+
+          def fn(x, mask, kv_len, bk=bk, warps=warps, splits=splits):
+            return decode_attention(x, k, v, mask, kv_len, block_k=bk, num_warps=warps,
+                                    splits=splits)
+          try:
+            got = np.asarray(fn(q, mask0, len0), np.float32)
+            row[f"{tag}_us"] = chain(fn)
+            row[f"{tag}_max_abs_err"] = float(np.abs(got - ref).max())
+          except Exception as e:  # a block shape Triton rejects must not lose the others
+            row[f"{tag}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     results.append(row)
-    best = min((v, k) for k, v in row.items() if k.startswith("pallas") and k.endswith("_us"))
-    print(f"attention B={B:>2} T={T:>2}: flat {row['flat_us']:.1f} us, grouped "
-          f"{row['grouped_us']:.1f} us, pallas best {best[0]:.1f} us ({best[1]})", flush=True)
+    for fill in fills:
+      timed = [(v[fill], k[:-3]) for k, v in row.items()
+               if k.startswith("pallas") and k.endswith("_us")]
+      best = min(timed)
+      dk, dw = default_blocks(B, (Q // G) * T)
+      now = row.get(f"pallas_k{dk}_w{dw}_s1_us", {}).get(fill)
+      print(f"attention B={B:>2} T={T:>2} fill {fill:>4}: flat {row['flat_us'][fill]:.1f} us,"
+            f" grouped {row['grouped_us'][fill]:.1f} us, pallas default {now or float('nan'):.1f}"
+            f" us, best {best[0]:.1f} us ({best[1]})", flush=True)
     print(json.dumps(dict(attention_sweep=row)), flush=True)
   return results
 
@@ -1047,6 +1092,13 @@ def _table(res: dict) -> str:
         lines.append(f"    tree forward + LM head alone, cache filled to the prompt: empty"
                      f" {r['forward_tree_at_prompt_empty_cache_ms']:.3f} ms, random"
                      f" {r['forward_tree_at_prompt_random_cache_ms']:.3f} ms")
+    for what, t in r.get("kernel_trace", {}).items():
+      if "error" in t:
+        lines.append(f"    trace {what}: {t['error']}")
+        continue
+      names = ", ".join(f"{k} {n:g}x {us:.1f}" for k, (n, us) in list(t["names"].items())[:10])
+      lines.append(f"    trace {what}: {t['kernels']:g} kernels, busy {t['busy_us']:.1f} us,"
+                   f" span {t['span_us']:.1f} us per step; us by kernel: {names}")
     if "tree_kernels" in r:
       lines.append(f"    tree step: {sum(r['tree_kernels'].values())} kernels ({r['tree_kernels']})")
     if "unfused_plain_step_ms" in r:
@@ -1107,11 +1159,18 @@ def main(argv=None) -> int:
                  " (plain step, and the tree step where --tree-batches has the batch)")
   p.add_argument("--compare-methods", nargs="*", choices=ATTENTION_METHODS, default=None,
                  help="the methods --compare-attention times (default: all others)")
+  p.add_argument("--sweep-fills", type=int, nargs="*", default=None, metavar="SLOTS",
+                 help="committed cache slots at which --attention-sweep times each variant"
+                      " (default: --prompt-len)")
   p.add_argument("--attention-sweep", action="store_true",
                  help="first time one layer's attention alone: the Pallas kernel's block sizes"
                  " against XLA's flat and grouped attention")
   p.add_argument("--tree-batches", type=int, nargs="*", default=None,
                  help="batch sizes that time the tree step (default: all)")
+  p.add_argument("--kernel-trace", type=int, nargs="*", default=None, metavar="B",
+                 help="at these batch sizes, also trace the in-graph loops (plain step, tree"
+                      " step and, with --stages, the forward-only loops) and sum their device"
+                      " time kernel by kernel (scripts/kernel_trace.py)")
   p.add_argument("--stages", type=int, nargs="*", default=None,
                  help="batch sizes whose tree step is also timed in-graph stage by stage"
                  " (cumulative prefixes: forward, LM head, walk, heads, verdict, compaction)")

@@ -43,7 +43,7 @@ from medusa_jax.pallas import _compat
 
 __all__ = ["MASK_VALUE", "decode_attention", "decode_attention_reference",
            "decode_attention_update", "decode_attention_update_reference", "default_block_m",
-           "default_blocks", "supports", "supports_update"]
+           "default_blocks", "default_splits", "supports", "supports_update"]
 
 Array = jax.Array
 
@@ -97,12 +97,19 @@ def _int8_mask(mask):
   return mask if mask.dtype == jnp.int8 else (mask != 0).astype(jnp.int8)
 
 
+def default_splits(batch: int, kv_heads: int, row_blocks: int, cache_len: int,
+                   block_k: int) -> int:
+  """Cache splits (:func:`decode_attention`'s ``splits``): 1, the kernel alone, for now."""
+  del batch, kv_heads, row_blocks, cache_len, block_k
+  return 1
+
+
 @functools.partial(jax.jit, static_argnames=("block_m", "block_k", "num_warps", "num_stages",
-                                             "interpret"))
+                                             "splits", "interpret"))
 def decode_attention(q_BxTxQxD: Array, k_BxLxGxD: Array, v_BxLxGxD: Array, mask_BxTxL: Array,
                      kv_len_B: Array, *, block_m: int | None = None,
                      block_k: int | None = None, num_warps: int | None = None,
-                     num_stages: int = 2,
+                     num_stages: int = 2, splits: int | None = None,
                      interpret: bool | None = None) -> Array:
   """Attention of T new tokens per row over a KV cache, in one Pallas kernel.
 
@@ -117,6 +124,12 @@ def decode_attention(q_BxTxQxD: Array, k_BxLxGxD: Array, v_BxLxGxD: Array, mask_
     block_k: cache slots per tile, a power of two >= 16 (None: by :func:`default_blocks`).
     num_warps: Triton warps per program (None: by :func:`default_blocks`).
     num_stages: Triton software-pipelining depth.
+    splits: S, programs per (row, kv head, row block) that share its cache slots
+      (flash-decoding): split s streams the s-th of S runs of whole tiles of
+      ``[0, kv_len)`` into its own online softmax (o, max, sum), and a jnp combine
+      ``o = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s``, ``M = max_s m_s``, merges
+      them. More programs walk a long cache side by side, for one more fusion per call.
+      None: :func:`default_splits`.
     interpret: run in the Pallas interpreter (None: unless the backend is a GPU).
 
   Returns:
@@ -138,47 +151,80 @@ def decode_attention(q_BxTxQxD: Array, k_BxLxGxD: Array, v_BxLxGxD: Array, mask_
   rows = (Q // G) * T
   bm, block_k, num_warps, interpret = _launch(B, rows, block_m, block_k, num_warps, interpret,
                                               "decode_attention")
+  row_blocks = pl.cdiv(rows, bm)
+  if splits is None:
+    splits = default_splits(B, G, row_blocks, L, block_k)
+  if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
+    raise ConfigError(f"decode_attention: splits={splits!r}; expected a positive integer")
   mask = _int8_mask(mask_BxTxL)
   kernel = functools.partial(_kernel, T=T, R=Q // G, L=L, D=D, Dp=_pow2_at_least(D), bm=bm,
-                             bk=block_k,
-                             scale=1.0 / math.sqrt(D))
+                             bk=block_k, splits=splits, scale=1.0 / math.sqrt(D))
   itemsize = jnp.dtype(q_BxTxQxD.dtype).itemsize
   cost = _compat.cost_estimate(
       flops=4 * B * T * Q * L * D,
       bytes_accessed=itemsize * (2 * B * L * G * D + 2 * B * T * Q * D) + B * T * L,
       transcendentals=B * T * Q * L)
-  return pl.pallas_call(
+  if splits == 1:
+    out_shape = jax.ShapeDtypeStruct((B, T, Q, D), q_BxTxQxD.dtype)
+  else:  # each split's unnormalised o, running max and sum, merged below
+    out_shape = (jax.ShapeDtypeStruct((B, splits, T, Q, D), jnp.float32),
+                 jax.ShapeDtypeStruct((B, splits, T, Q), jnp.float32),
+                 jax.ShapeDtypeStruct((B, splits, T, Q), jnp.float32))
+  out = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((B, T, Q, D), q_BxTxQxD.dtype),
-      grid=(B, G, pl.cdiv(rows, bm)),
+      out_shape=out_shape,
+      grid=(B, G, row_blocks, splits),
       interpret=interpret,
       name="decode_attention",
       compiler_params=_compat.triton_compiler_params(num_warps, num_stages),
       cost_estimate=cost,
   )(kv_len_B.astype(jnp.int32), q_BxTxQxD, k_BxLxGxD, v_BxLxGxD, mask)
+  if splits == 1:
+    return out
+  o_BxSxTxQxD, m_BxSxTxQ, l_BxSxTxQ = out
+  w_BxSxTxQ = jnp.exp(m_BxSxTxQ - m_BxSxTxQ.max(axis=1, keepdims=True))
+  o_BxTxQxD = jnp.sum(w_BxSxTxQ[..., None] * o_BxSxTxQxD, axis=1)
+  l_BxTxQ = jnp.sum(w_BxSxTxQ * l_BxSxTxQ, axis=1)
+  return (o_BxTxQxD / jnp.maximum(l_BxTxQ, 1e-30)[..., None]).astype(q_BxTxQxD.dtype)
 
 
-def _kernel(kv_len_ref, q_ref, k_ref, v_ref, mask_ref, o_ref, *, T, R, L, D, Dp, bm, bk, scale):
-  """One (row b, kv head g, row block i) program; see the module docstring.
+def _kernel(kv_len_ref, q_ref, k_ref, v_ref, mask_ref, *out_refs, T, R, L, D, Dp, bm, bk,
+            splits, scale):
+  """One (row b, kv head g, row block i, split s) program; see the module docstring.
 
   Rows as in :func:`_program_rows`. Accesses use index arrays (``start + iota``), which the
   Triton lowering turns into pointer arithmetic and the interpreter supports.
   The head dim is padded to Dp (a power of two, as Triton's tiles need) with
-  zeros, which change no dot product.
+  zeros, which change no dot product. With ``splits`` > 1 the program streams
+  its split's run of tiles and stores (o, max, sum) unnormalised; a split
+  past the row's slots stores (0, MASK_VALUE, 0), which the combine weighs 0
+  (or, in a fully masked row, exactly as the splits that read slots).
   """
-  b, g, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  b, g, i, s = (pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3))
   t_M, h_M, row_ok_M, d_D, d_ok_D = _program_rows(g, i, T=T, R=R, D=D, Dp=Dp, bm=bm)
   row_ok_MxD = row_ok_M[:, None] & d_ok_D[None, :]
   q_MxD = _compat.triton_load(q_ref.at[b, t_M[:, None], h_M[:, None], d_D[None, :]],
                               mask=row_ok_MxD, other=0)
   limit = jnp.clip(kv_len_ref[b], 1, L)
+  # Whole tiles per split, so that no tile straddles two splits.
+  tiles = pl.cdiv(pl.cdiv(limit, bk), splits)
+  first, stop = s * tiles, jnp.minimum(limit, (s + 1) * tiles * bk)
   init = (jnp.zeros((bm, Dp), jnp.float32), jnp.full((bm,), MASK_VALUE, jnp.float32),
           jnp.zeros((bm,), jnp.float32))
-  o_MxD, _, l_M = _cache_tiles([(q_MxD, 0, d_D, d_ok_D)], k_ref, v_ref, mask_ref, b, g, t_M,
-                               row_ok_M, d_D, d_ok_D, limit, init, bk=bk, scale=scale)
-  out_MxD = o_MxD / jnp.maximum(l_M, 1e-30)[:, None]
-  _compat.triton_store(o_ref.at[b, t_M[:, None], h_M[:, None], d_D[None, :]],
-                       out_MxD.astype(o_ref.dtype), mask=row_ok_MxD)
+  o_MxD, m_M, l_M = _cache_tiles([(q_MxD, 0, d_D, d_ok_D)], k_ref, v_ref, mask_ref, b, g,
+                                 t_M, row_ok_M, d_D, d_ok_D, stop, init, bk=bk, scale=scale,
+                                 first=first)
+  if splits == 1:
+    (o_ref,) = out_refs
+    out_MxD = o_MxD / jnp.maximum(l_M, 1e-30)[:, None]
+    _compat.triton_store(o_ref.at[b, t_M[:, None], h_M[:, None], d_D[None, :]],
+                         out_MxD.astype(o_ref.dtype), mask=row_ok_MxD)
+    return
+  o_ref, m_ref, l_ref = out_refs
+  _compat.triton_store(o_ref.at[b, s, t_M[:, None], h_M[:, None], d_D[None, :]], o_MxD,
+                       mask=row_ok_MxD)
+  _compat.triton_store(m_ref.at[b, s, t_M, h_M], m_M, mask=row_ok_M)
+  _compat.triton_store(l_ref.at[b, s, t_M, h_M], l_M, mask=row_ok_M)
 
 
 def supports_update(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
@@ -371,9 +417,9 @@ def _online(carry, scores_MxK, read_K, v_KxD, precision):
 
 
 def _cache_tiles(q_parts, k_ref, v_ref, mask_ref, b, g, t_M, row_ok_M, d_D, d_ok_D, limit,
-                 init, *, bk, scale):
-  """Streams cache slots ``[0, limit)`` of row b, kv head g in tiles of ``bk`` into the
-  online softmax ``init`` (o [bm, Dp], max [bm], sum [bm], f32).
+                 init, *, bk, scale, first=0):
+  """Streams cache slots ``[first * bk, limit)`` of row b, kv head g in tiles of ``bk`` into
+  the online softmax ``init`` (o [bm, Dp], max [bm], sum [bm], f32).
 
   ``q_parts``: (q [bm, W], first column, lanes [W], lanes valid [W]) pieces of the query
   along the head dim; a score is the sum of their dots with the same columns of the key.
@@ -400,7 +446,7 @@ def _cache_tiles(q_parts, k_ref, v_ref, mask_ref, b, g, t_M, row_ok_M, d_D, d_ok
                                 mask=read_K[:, None] & d_ok_D[None, :], other=0).astype(dtype)
     return _online(carry, scores_MxK, read_K, v_KxD, precision)
 
-  return jax.lax.fori_loop(0, pl.cdiv(limit, bk), tile, init)
+  return jax.lax.fori_loop(first, jnp.maximum(first, pl.cdiv(limit, bk)), tile, init)
 
 
 def decode_attention_reference(q_BxTxQxD: Array, k_BxLxGxD: Array, v_BxLxGxD: Array,

@@ -73,22 +73,25 @@ CASES = [  # B, T, Q, G, D, L, block_k
 ]
 
 
+@pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("B,T,Q,G,D,L,bk", CASES)
-def test_kernel_and_reference_match_float64(B, T, Q, G, D, L, bk):
+def test_kernel_and_reference_match_float64(B, T, Q, G, D, L, bk, splits):
   rng = np.random.default_rng(B * 1000 + T * 10 + D)
   q, k, v, mask, kv_len = _inputs(rng, B, T, Q, G, D, L, tree=T > 1, empty_row=B > 1)
   want = reference_f64(q, k, v, mask, kv_len)
   got = np.asarray(decode_attention(q, k, v, mask, jnp.asarray(kv_len), block_k=bk,
-                                    interpret=True))
+                                    splits=splits, interpret=True))
   ref = np.asarray(decode_attention_reference(q, k, v, mask, jnp.asarray(kv_len)))
   assert got.shape == (B, T, Q, D) and np.isfinite(got).all()
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
   np.testing.assert_allclose(ref, want, rtol=1e-5, atol=2e-6)
 
 
-def test_slots_at_or_past_kv_len_are_never_read():
+@pytest.mark.parametrize("splits", [1, 4])
+def test_slots_at_or_past_kv_len_are_never_read(splits):
   """NaN in every slot past kv_len (and in the masked ones' values of other rows) changes
-  nothing: the kernel neither reads nor weighs them."""
+  nothing: the kernel neither reads nor weighs them (with 4 splits, row 0's 5 slots leave
+  three splits with no slot at all)."""
   rng = np.random.default_rng(3)
   B, T, Q, G, D, L = 2, 3, 4, 2, 16, 70
   q, k, v, mask, kv_len = _inputs(rng, B, T, Q, G, D, L)
@@ -98,7 +101,7 @@ def test_slots_at_or_past_kv_len_are_never_read():
     v[b, kv_len[b]:] = np.nan
     mask[b] = np.arange(L)[None, :] < kv_len[b]
   got = np.asarray(decode_attention(q, k, v, mask, jnp.asarray(kv_len), block_k=16,
-                                    interpret=True))
+                                    splits=splits, interpret=True))
   np.testing.assert_allclose(got, reference_f64(q, k, v, mask, kv_len), rtol=1e-5, atol=2e-6)
 
 
@@ -126,15 +129,15 @@ def test_cache_in_another_dtype_is_read_as_the_queries():
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(shape=st.sampled_from([(2, 1, 6, 3, 16, 48), (1, 7, 4, 1, 32, 40), (2, 3, 8, 2, 16, 64)]),
        bk=st.sampled_from([16, 32]), bm=st.sampled_from([None, 16]),
-       tree=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
-def test_property_matches_float64(shape, bk, bm, tree, seed):
+       splits=st.sampled_from([1, 2, 5]), tree=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
+def test_property_matches_float64(shape, bk, bm, splits, tree, seed):
   rng = np.random.default_rng(seed)
   B, T, Q, G, D, L = shape
   q, k, v, mask, kv_len = _inputs(rng, B, T, Q, G, D, L, tree=tree, empty_row=rng.random() < 0.3)
   if rng.random() < 0.5:  # random extra holes in the mask
     mask &= rng.random(mask.shape) < 0.7
   got = np.asarray(decode_attention(q, k, v, mask.astype(np.int8), jnp.asarray(kv_len),
-                                    block_k=bk, block_m=bm, interpret=True))
+                                    block_k=bk, block_m=bm, splits=splits, interpret=True))
   np.testing.assert_allclose(got, reference_f64(q, k, v, mask, kv_len), rtol=1e-5, atol=3e-6)
 
 
@@ -154,11 +157,13 @@ def test_default_block_m():
     (dict(q=(1, 2, 5, 16), k=(1, 16, 2, 16), v=(1, 16, 2, 16)), "5 query heads over 2"),
     (dict(block_k=24), "block_k=24"),
     (dict(block_m=8), "block_m=8"),
+    (dict(splits=0), "splits=0"),
+    (dict(splits=True), "splits=True"),
 ])
 def test_errors(change, match):
   shapes = dict(q=(1, 2, 4, 16), k=(1, 16, 2, 16), v=(1, 16, 2, 16), mask=(1, 2, 16),
                 kv_len=(1,))
-  blocks = {n: change.pop(n) for n in ("block_k", "block_m") if n in change}
+  blocks = {n: change.pop(n) for n in ("block_k", "block_m", "splits") if n in change}
   shapes.update(change)
   args = [np.zeros(shapes[n], np.float32) for n in ("q", "k", "v")]
   args += [np.ones(shapes["mask"], bool), np.ones(shapes["kv_len"], np.int32)]
