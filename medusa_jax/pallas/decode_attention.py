@@ -16,11 +16,14 @@ softmax's reductions and a second matmul, several kernels per layer; here it
 is one, which also reads only the ``kv_len[b]`` slots a row has written (XLA
 reads all L of the static cache).
 
-The grid is ``(B, G, row blocks)``; a program takes ``block_m`` of the R * T
+The grid is ``(B, G, row blocks, splits)``; a program takes ``block_m`` of the R * T
 (query head, token) rows of one kv head, so the R query heads of a group share
 each K/V tile they load. It streams the cache in tiles of ``block_k`` slots
 with an online softmax (f32 statistics, running max and sum), and normalises
-once at the end. A fully masked row gives a finite average, never NaN (as the
+once at the end. With S > 1 splits (flash-decoding, the GPU default where the
+grid is small: :func:`default_splits`), S programs share a row block's slots
+and a jnp combine merges their softmax states: at batch 1 one program per
+(kv head, row block) would walk a long cache alone. A fully masked row gives a finite average, never NaN (as the
 model's XLA attention).
 
 The Triton backend is used because the same kernel compiles on the H100/H200
@@ -67,10 +70,13 @@ def default_block_m(rows: int) -> int:
   return min(64, _pow2_at_least(rows))
 
 
-def default_blocks(batch: int, rows: int) -> tuple[int, int]:
+def default_blocks(batch: int, rows: int, splits: int = 1) -> tuple[int, int]:
   """(block_k, num_warps) from one layer's attention timed alone on an H200 (SmolLM2 heads,
-  cache 1024, 129 slots read; docs/perf.md): 128-slot tiles where a program holds 64 rows (a
-  tree) or the batch is large, 64-slot tiles otherwise; 8 warps for 64-row programs."""
+  cache 1024; docs/perf.md). One split (129 slots read): 128-slot tiles where a program
+  holds 64 rows (a tree) or the batch is large, 64-slot tiles otherwise; 8 warps for 64-row
+  programs. Several splits (128-1,000 slots read): 4 warps, 64-slot tiles, 128 from batch 64."""
+  if splits > 1:
+    return (128, 4) if batch >= 64 else (64, 4)
   if rows >= 64:
     return 128, 8
   if batch >= 64:
@@ -78,10 +84,10 @@ def default_blocks(batch: int, rows: int) -> tuple[int, int]:
   return 64, 4
 
 
-def _launch(batch, rows, block_m, block_k, num_warps, interpret, what):
+def _launch(batch, rows, block_m, block_k, num_warps, interpret, what, splits=1):
   """(block_m, block_k, num_warps, interpret) with the defaults filled in and checked."""
   bm = default_block_m(rows) if block_m is None else block_m
-  auto_k, auto_warps = default_blocks(batch, rows)
+  auto_k, auto_warps = default_blocks(batch, rows, splits)
   block_k = auto_k if block_k is None else block_k
   num_warps = auto_warps if num_warps is None else num_warps
   for name, size in (("block_m", bm), ("block_k", block_k)):
@@ -97,11 +103,25 @@ def _int8_mask(mask):
   return mask if mask.dtype == jnp.int8 else (mask != 0).astype(jnp.int8)
 
 
-def default_splits(batch: int, kv_heads: int, row_blocks: int, cache_len: int,
-                   block_k: int) -> int:
-  """Cache splits (:func:`decode_attention`'s ``splits``): 1, the kernel alone, for now."""
-  del batch, kv_heads, row_blocks, cache_len, block_k
-  return 1
+def default_splits(programs: int, cache_len: int) -> int:
+  """Cache splits (:func:`decode_attention`'s ``splits``) for ``programs`` = B * G * row
+  blocks over a cache of ``cache_len`` slots: 8 up to 64 programs, 4 up to 256, 2 up to
+  1,024, else 1; never more than the cache's 64-slot tiles.
+
+  One layer's attention alone on an H200 (SmolLM2 heads, cache 1024, 128-1,000 slots read,
+  docs/perf.md): one program per (row, kv head, row block) walks its slots alone, 11-50 us
+  per call growing with the slots at batch 1-16 (3-48 programs); 8 splits, their combine
+  included, 10-17 us at every fill; at batch 64 (192 programs), 4 splits 15-29 us against
+  23-36."""
+  if programs <= 64:
+    s = 8
+  elif programs <= 256:
+    s = 4
+  elif programs <= 1024:
+    s = 2
+  else:
+    s = 1
+  return max(1, min(s, -(-cache_len // 64)))
 
 
 @functools.partial(jax.jit, static_argnames=("block_m", "block_k", "num_warps", "num_stages",
@@ -129,7 +149,7 @@ def decode_attention(q_BxTxQxD: Array, k_BxLxGxD: Array, v_BxLxGxD: Array, mask_
       ``[0, kv_len)`` into its own online softmax (o, max, sum), and a jnp combine
       ``o = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s``, ``M = max_s m_s``, merges
       them. More programs walk a long cache side by side, for one more fusion per call.
-      None: :func:`default_splits`.
+      None: :func:`default_splits` on a GPU, 1 in the interpreter.
     interpret: run in the Pallas interpreter (None: unless the backend is a GPU).
 
   Returns:
@@ -149,13 +169,16 @@ def decode_attention(q_BxTxQxD: Array, k_BxLxGxD: Array, v_BxLxGxD: Array, mask_
   if not supports(Q, G):
     raise ConfigError(f"decode_attention: {Q} query heads over {G} kv heads: needs Q % G == 0")
   rows = (Q // G) * T
-  bm, block_k, num_warps, interpret = _launch(B, rows, block_m, block_k, num_warps, interpret,
-                                              "decode_attention")
-  row_blocks = pl.cdiv(rows, bm)
-  if splits is None:
-    splits = default_splits(B, G, row_blocks, L, block_k)
+  if interpret is None:
+    interpret = _compat.default_interpret("gpu")
+  if splits is None:  # the interpreter runs programs one by one: nothing to gain there
+    bm0 = default_block_m(rows) if block_m is None else block_m
+    splits = 1 if interpret else default_splits(B * G * pl.cdiv(rows, bm0), L)
   if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
     raise ConfigError(f"decode_attention: splits={splits!r}; expected a positive integer")
+  bm, block_k, num_warps, interpret = _launch(B, rows, block_m, block_k, num_warps, interpret,
+                                              "decode_attention", splits)
+  row_blocks = pl.cdiv(rows, bm)
   mask = _int8_mask(mask_BxTxL)
   kernel = functools.partial(_kernel, T=T, R=Q // G, L=L, D=D, Dp=_pow2_at_least(D), bm=bm,
                              bk=block_k, splits=splits, scale=1.0 / math.sqrt(D))

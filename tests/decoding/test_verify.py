@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st_h
 
 from medusa_jax.decoding import strategies as st
 from medusa_jax.decoding import tree as tr
@@ -289,6 +291,23 @@ def test_tree_candidates_vs_numpy(jit):
   for b in range(3):
     for u, path in enumerate(t.choices, start=1):
       assert got[b, u] == order[b, len(path) - 1, path[-1]]
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st_h.tuples(st_h.integers(1, 3), st_h.integers(1, 4), st_h.integers(1, 300)),
+       k=st_h.integers(1, 12), chunk=st_h.sampled_from([0, 4, 16, 64]),
+       levels=st_h.sampled_from([3, 50, 0]), seed=st_h.integers(0, 2 ** 31 - 1))
+def test_top_k_indices_is_lax_top_k_ties_included(shape, k, chunk, levels, seed):
+  """Both passes (chunks of 4-64, a last chunk padded) against a stable NumPy sort: values
+  from a few levels (many ties) or continuous, with -inf entries."""
+  rng = np.random.default_rng(seed)
+  k = min(k, shape[-1])
+  x = (rng.integers(0, levels, shape) if levels else rng.standard_normal(shape)).astype(np.float32)
+  x[rng.random(shape) < 0.1] = -np.inf
+  got = np.asarray(vf.top_k_indices(jnp.asarray(x), k, chunk=chunk))
+  want = np.argsort(-x.astype(np.float64), axis=-1, kind="stable")[..., :k]
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(got, np.asarray(jax.lax.top_k(jnp.asarray(x), k)[1]))
 
 
 def test_tree_candidates_chain_is_argmax_and_errors():

@@ -18,8 +18,8 @@ from medusa_jax.errors import ConfigError
 from medusa_jax.pallas.decode_attention import (decode_attention, decode_attention_reference,
                                                 decode_attention_update,
                                                 decode_attention_update_reference,
-                                                default_block_m, default_blocks, supports,
-                                                supports_update)
+                                                default_block_m, default_blocks,
+                                                default_splits, supports, supports_update)
 
 
 def reference_f64(q, k, v, mask, kv_len):
@@ -148,6 +148,14 @@ def test_default_block_m():
   # (block_k, num_warps): 128-slot tiles for 64-row programs (trees) and large batches
   assert default_blocks(1, 3) == (64, 4) and default_blocks(16, 12) == (64, 4)
   assert default_blocks(1, 192) == (128, 8) and default_blocks(64, 3) == (128, 4)
+  # with splits: 4 warps, 64-slot tiles below batch 64
+  assert default_blocks(1, 192, 8) == (64, 4) and default_blocks(64, 3, 4) == (128, 4)
+
+
+def test_default_splits_by_programs_and_cache_tiles():
+  assert [default_splits(p, 1024) for p in (3, 9, 64, 65, 192, 256, 257, 1024, 1025)] == [
+      8, 8, 8, 4, 4, 4, 2, 2, 1]
+  assert default_splits(3, 64) == 1 and default_splits(3, 130) == 3 and default_splits(3, 1) == 1
 
 
 @pytest.mark.parametrize("change,match", [
