@@ -481,6 +481,8 @@ def _time_plain(dec, cfg, args, batch, dtype, in_graph: bool, kernels: bool,
           dec, state, config, args.steps, k, stop_when_done=stop)
   if in_graph:
     traced = {} if batch in (getattr(args, "kernel_trace", None) or ()) else None
+    # The dispatched timings above have advanced the rows: the in-graph loop starts here.
+    row["in_graph_fill"] = int(state.lengths[0])
     row["in_graph_ms"], state = _time_in_graph(dec, state, config, args.steps, traced=traced)
     if traced is not None:
       row["kernel_trace"] = traced
@@ -533,6 +535,8 @@ def bench_jax(args) -> dict:
                         tag=args.attention)
     row.update(plain_step_ms=plain["step_ms"], plain_kernels=plain.get("kernels", {}),
                plain_nodes=1)
+    if "in_graph_fill" in plain:
+      row["plain_in_graph_fill"] = plain["in_graph_fill"]
     traces = row["kernel_trace"] = {"plain_step": plain["kernel_trace"]} if (
         "kernel_trace" in plain) else {}
     row.update({f"plain_{key}": v for key, v in plain.items() if key.startswith("k")
@@ -593,6 +597,7 @@ def bench_jax(args) -> dict:
       row[f"{name}_break_even_tokens_per_step"] = ms / row["plain_step_ms"]
       if args.in_graph:
         traced = {} if name == "tree" and traces else None
+        row[f"{name}_in_graph_fill"] = int(state.lengths[0])  # where the stages run too
         times, state = _time_in_graph(dec, state, config, args.steps, traced=traced)
         if traced is not None:
           traces["tree_step"] = traced
