@@ -293,7 +293,7 @@ def test_tree_candidates_vs_numpy(jit):
       assert got[b, u] == order[b, len(path) - 1, path[-1]]
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(shape=st_h.tuples(st_h.integers(1, 3), st_h.integers(1, 4), st_h.integers(1, 300)),
        k=st_h.integers(1, 12), chunk=st_h.sampled_from([0, 4, 16, 64]),
        levels=st_h.sampled_from([3, 50, 0]), seed=st_h.integers(0, 2 ** 31 - 1))

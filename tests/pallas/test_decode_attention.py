@@ -64,17 +64,18 @@ def _inputs(rng, B, T, Q, G, D, L, *, dtype=np.float32, tree=False, empty_row=Fa
   return q, k, v, mask, kv_len
 
 
-CASES = [  # B, T, Q, G, D, L, block_k
-    (1, 1, 9, 3, 64, 160, 64),     # SmolLM2 heads, one decode token, a partial last tile
-    (3, 1, 4, 2, 8, 40, 16),       # head dim padded 8 -> 16
-    (2, 5, 4, 4, 80, 33, 32),      # MHA, head dim 80 (padded to 128), L not a tile multiple
-    (2, 21, 6, 2, 16, 72, 16),     # a 21-node tree: 63 rows per kv head in one block
-    (1, 24, 9, 3, 32, 96, 32),     # 72 rows: two row blocks of 64
+CASES = [  # B, T, Q, G, D, L, block_k, splits
+    (1, 1, 9, 3, 64, 160, 64, 1),     # SmolLM2 heads, one decode token, a partial last tile
+    (1, 1, 9, 3, 64, 160, 32, 3),     # the same in 3 splits of 2 tiles (the last one partial)
+    (3, 1, 4, 2, 8, 40, 16, 1),       # head dim padded 8 -> 16
+    (2, 5, 4, 4, 80, 33, 32, 3),      # MHA, head dim 80 (padded to 128), L not a tile
+                                      # multiple; 3 splits of at most 1 tile, some empty
+    (2, 21, 6, 2, 16, 72, 16, 2),     # a 21-node tree: 63 rows per kv head in one block
+    (1, 24, 9, 3, 32, 96, 32, 1),     # 72 rows: two row blocks of 64
 ]
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("B,T,Q,G,D,L,bk", CASES)
+@pytest.mark.parametrize("B,T,Q,G,D,L,bk,splits", CASES)
 def test_kernel_and_reference_match_float64(B, T, Q, G, D, L, bk, splits):
   rng = np.random.default_rng(B * 1000 + T * 10 + D)
   q, k, v, mask, kv_len = _inputs(rng, B, T, Q, G, D, L, tree=T > 1, empty_row=B > 1)
