@@ -952,7 +952,8 @@ def _attention_sweep(args) -> list:
   import numpy as np
 
   from medusa_jax.models.llama import AttentionScores, causal_mask
-  from medusa_jax.pallas.decode_attention import decode_attention, default_blocks
+  from medusa_jax.pallas.decode_attention import (decode_attention, default_block_m,
+                                                  default_blocks, default_splits)
 
   dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
   cfg = _smollm2_config(args.tiny)
@@ -1012,15 +1013,20 @@ def _attention_sweep(args) -> list:
           except Exception as e:  # a block shape Triton rejects must not lose the others
             row[f"{tag}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     results.append(row)
+    # The library's choices for this shape: one split, and the GPU default (default_splits).
+    rows = (Q // G) * T
+    splits = default_splits(B * G * -(-rows // default_block_m(rows)), L)
+    one = "pallas_k{}_w{}_s1_us".format(*default_blocks(B, rows))
+    default = "pallas_k{}_w{}_s{}_us".format(*default_blocks(B, rows, splits), splits)
     for fill in fills:
       timed = [(v[fill], k[:-3]) for k, v in row.items()
                if k.startswith("pallas") and k.endswith("_us")]
       best = min(timed)
-      dk, dw = default_blocks(B, (Q // G) * T)
-      now = row.get(f"pallas_k{dk}_w{dw}_s1_us", {}).get(fill)
       print(f"attention B={B:>2} T={T:>2} fill {fill:>4}: flat {row['flat_us'][fill]:.1f} us,"
-            f" grouped {row['grouped_us'][fill]:.1f} us, pallas default {now or float('nan'):.1f}"
-            f" us, best {best[0]:.1f} us ({best[1]})", flush=True)
+            f" grouped {row['grouped_us'][fill]:.1f} us, pallas one split"
+            f" {row.get(one, {}).get(fill, float('nan')):.1f} us, default"
+            f" {row.get(default, {}).get(fill, float('nan')):.1f} us, best {best[0]:.1f} us"
+            f" ({best[1]})", flush=True)
     print(json.dumps(dict(attention_sweep=row)), flush=True)
   return results
 

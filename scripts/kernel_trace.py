@@ -67,11 +67,9 @@ def summarize(events, per: int = 1, top: int = 30) -> dict:
   lines: set[str] = set()
   spans = []
   for line, op, name, start, dur in events:
-    ops[op][0] += 1
-    ops[op][1] += dur / 1e3
-    short = _NAME_SUFFIX.sub("", name)
-    names[short][0] += 1
-    names[short][1] += dur / 1e3
+    for table, key in ((ops, op), (names, _NAME_SUFFIX.sub("", name))):
+      table[key][0] += 1
+      table[key][1] += dur / 1e3
     lines.add(line)
     spans.append((start, start + dur))
   busy, end = 0.0, float("-inf")

@@ -23,8 +23,8 @@ with an online softmax (f32 statistics, running max and sum), and normalises
 once at the end. With S > 1 splits (flash-decoding, the GPU default where the
 grid is small: :func:`default_splits`), S programs share a row block's slots
 and a jnp combine merges their softmax states: at batch 1 one program per
-(kv head, row block) would walk a long cache alone. A fully masked row gives a finite average, never NaN (as the
-model's XLA attention).
+(kv head, row block) would walk a long cache alone. A fully masked row gives a
+finite average, never NaN (as the model's XLA attention).
 
 The Triton backend is used because the same kernel compiles on the H100/H200
 (JAX 0.11, where it is deprecated but works) and runs under ``interpret=True``
@@ -171,14 +171,14 @@ def decode_attention(q_BxTxQxD: Array, k_BxLxGxD: Array, v_BxLxGxD: Array, mask_
   rows = (Q // G) * T
   if interpret is None:
     interpret = _compat.default_interpret("gpu")
+  bm = default_block_m(rows) if block_m is None else block_m
+  row_blocks = pl.cdiv(rows, bm)
   if splits is None:  # the interpreter runs programs one by one: nothing to gain there
-    bm0 = default_block_m(rows) if block_m is None else block_m
-    splits = 1 if interpret else default_splits(B * G * pl.cdiv(rows, bm0), L)
+    splits = 1 if interpret else default_splits(B * G * row_blocks, L)
   if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
     raise ConfigError(f"decode_attention: splits={splits!r}; expected a positive integer")
-  bm, block_k, num_warps, interpret = _launch(B, rows, block_m, block_k, num_warps, interpret,
+  bm, block_k, num_warps, interpret = _launch(B, rows, bm, block_k, num_warps, interpret,
                                               "decode_attention", splits)
-  row_blocks = pl.cdiv(rows, bm)
   mask = _int8_mask(mask_BxTxL)
   kernel = functools.partial(_kernel, T=T, R=Q // G, L=L, D=D, Dp=_pow2_at_least(D), bm=bm,
                              bk=block_k, splits=splits, scale=1.0 / math.sqrt(D))

@@ -11,8 +11,9 @@ from script_modules import load_script
 
 
 def test_bench_mesh_quick_runs_engine_and_serving_core(tmp_path):
-  rows = load_script("bench_mesh").main(["--quick", "--layers", "1", "--new-tokens", "4", "--meshes", "1x2,9x9",
-                         "--modes", "tree", "--serving", "--out", str(tmp_path)])
+  rows = load_script("bench_mesh").main(["--quick", "--layers", "1", "--new-tokens", "4",
+                                         "--meshes", "1x2,9x9", "--modes", "tree", "--serving",
+                                         "--out", str(tmp_path)])
   assert [(r["kind"], r["data"], r["model"]) for r in rows] == [("engine", 1, 2),
                                                                 ("serving", 1, 2)]
   for r in rows:
