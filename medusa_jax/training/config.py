@@ -53,6 +53,14 @@ class PromptTurns(Option):
   ALL = "all"
 
 
+DATA_FIELDS = frozenset({
+    "base_model_name_or_path", "num_heads", "num_prompts", "prompt_turns", "val_fraction",
+    "max_prompt_tokens", "max_new_tokens", "gen_batch_size", "hidden_batch_size",
+    "length_bucket", "seq_bucket", "teacher_topk"})
+"""Fields that shape the self-distilled data and token rows. Variants trained on one
+run's rows (``pipeline.run_variants``) may change every other field, not these."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class TrainConfig:
   """A Medusa head-training run.
@@ -176,6 +184,14 @@ class TrainConfig:
     """Reads a JSON config file."""
     path = os.fspath(path)
     return cls.load(read_json_object(path, what="training config file"), source=path)
+
+  def with_overrides(self, overrides: Mapping[str, Any], *, source: str | None = None
+                     ) -> "TrainConfig":
+    """This config with some fields replaced, validated like a file (unknown keys raise)."""
+    where = f" in {source}" if source else ""
+    if not isinstance(overrides, Mapping):
+      raise ConfigError(f"training config overrides{where}: expected a mapping")
+    return TrainConfig.load({**self.to_dict(), **overrides}, source=source)
 
   def to_dict(self) -> dict[str, Any]:
     d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -197,7 +197,9 @@ class Sources:
   chat_template: str | None = None
 
 
-def _model_dir(src: Sources, workdir: str) -> str:
+def base_model_dir(src: Sources, workdir: str) -> str:
+  """The base model's HF directory: ``src.model_dir``, the GGUF converted into
+  ``workdir/model`` (once), or the fetched SmolLM2."""
   if src.model_dir:
     return src.model_dir
   if src.gguf:
@@ -208,10 +210,29 @@ def _model_dir(src: Sources, workdir: str) -> str:
   return assets.fetch().model_dir
 
 
-def run(cfg: TrainConfig, workdir: str, out_dir: str, src: Sources = Sources(), *,
-        progress: bool = True, cache_rows: bool = True,
-        generate_budget_s: float | None = None) -> dict[str, Any]:
-  """Runs (or resumes) every stage and exports the heads; returns the recipe.
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Distilled:
+  """The data stages' output: what every fit on one run's rows shares.
+
+  Attributes:
+    llama: the base model.
+    prompts: the prompts read (``cfg.num_prompts`` of them at most).
+    examples: prompt + greedy answer of each prompt generated.
+    train, val: token rows of the train and validation examples.
+    timings: seconds of each stage (``load_s``, ``generate_s``, ``hidden_s``).
+  """
+  llama: Any
+  prompts: list
+  examples: list
+  train: TokenRows
+  val: TokenRows
+  timings: dict
+
+
+def prepare(cfg: TrainConfig, workdir: str, src: Sources = Sources(), *,
+            cache_rows: bool = True, generate_budget_s: float | None = None) -> Distilled:
+  """Runs (or reads from ``workdir``) every stage before the fit: the base model,
+  the prompts, the self-distilled answers and their token rows.
 
   ``cache_rows=False`` keeps freshly computed token rows in memory only
   (they are the largest cache: about 2 KB per row with the teacher top-K).
@@ -219,24 +240,16 @@ def run(cfg: TrainConfig, workdir: str, out_dir: str, src: Sources = Sources(), 
   after that many seconds, and the prompts done (a seeded random sample of
   whole batches) are the data; the recipe counts them.
   """
-
   os.makedirs(workdir, exist_ok=True)
   timings: dict[str, float] = {}
   t0 = time.perf_counter()
-  model_dir = _model_dir(src, workdir)
-  llama = load_llama(model_dir)
+  base_dir = base_model_dir(src, workdir)
+  llama = load_llama(base_dir)
   timings["load_s"] = time.perf_counter() - t0
 
   prompts_path = src.prompts or os.path.join(workdir, "prompts.jsonl")
   if not os.path.exists(prompts_path):
-    sharegpt, mtbench = src.sharegpt_json, src.mtbench_jsonl
-    if sharegpt is None or mtbench is None:
-      paths = assets.fetch()
-      sharegpt, mtbench = sharegpt or paths.sharegpt_json, mtbench or paths.mtbench_jsonl
-    tokenizer, template = load_tokenizer(model_dir, chat_template=src.chat_template)
-    D.write_jsonl(prompts_path, build_prompts(cfg, sharegpt_json=sharegpt,
-                                              mtbench_jsonl=mtbench, tokenizer=tokenizer,
-                                              template=template))
+    write_prompts(cfg, prompts_path, src, base_dir)
   prompts = D.read_prompts(prompts_path)[: cfg.num_prompts]
 
   examples_path = os.path.join(workdir, "examples.jsonl")
@@ -262,29 +275,69 @@ def run(cfg: TrainConfig, workdir: str, out_dir: str, src: Sources = Sources(), 
     train_rows, val_rows = TokenRows.load(paths["train"]), TokenRows.load(paths["val"])
   timings["hidden_s"] = time.perf_counter() - t
   _log(f"rows: train {train_rows.num_rows}, val {val_rows.num_rows}")
+  return Distilled(llama=llama, prompts=prompts, examples=examples, train=train_rows,
+                   val=val_rows, timings=timings)
 
-  result = fit(cfg, train_rows, val_rows if val_rows.num_rows else None, lm_head_weight(llama),
-               workdir, progress=progress, log=_log)
-  timings["train_s"] = result.seconds
-  timings["total_s"] = time.perf_counter() - t0
+
+def write_prompts(cfg: TrainConfig, path: str, src: Sources, model_dir: str) -> int:
+  """Writes the tokenised prompts of ``cfg`` (ShareGPT in ``model_dir``'s tokenizer and
+  chat template, or ``src.chat_template``) to ``path``; returns their number."""
+  sharegpt, mtbench = src.sharegpt_json, src.mtbench_jsonl
+  if sharegpt is None or mtbench is None:
+    paths = assets.fetch()
+    sharegpt, mtbench = sharegpt or paths.sharegpt_json, mtbench or paths.mtbench_jsonl
+  tokenizer, template = load_tokenizer(model_dir, chat_template=src.chat_template)
+  prompts = build_prompts(cfg, sharegpt_json=sharegpt, mtbench_jsonl=mtbench,
+                          tokenizer=tokenizer, template=template)
+  D.write_jsonl(path, prompts)
+  return len(prompts)
+
+
+def _recipe(cfg: TrainConfig, data: Distilled, result, timings: dict[str, float]
+            ) -> dict[str, Any]:
+  examples = data.examples
   n_train = sum(e.split == "train" for e in examples)
-  recipe = {
+  return {
       "config": cfg.to_dict(),
-      "data": {"prompts": len(prompts), "examples": len(examples), "examples_train": n_train,
-               "examples_val": len(examples) - n_train,
+      "data": {"prompts": len(data.prompts), "examples": len(examples),
+               "examples_train": n_train, "examples_val": len(examples) - n_train,
                "answer_tokens": int(sum(len(e.ids) - e.prompt_len for e in examples)),
                "prompt_tokens": int(sum(e.prompt_len for e in examples)),
                "conversations": len({e.conv_id for e in examples}),
-               "turns": _turn_counts(prompts, {(e.conv_id, e.ids[:e.prompt_len])
-                                               for e in examples}),
-               "rows_train": train_rows.num_rows, "rows_val": val_rows.num_rows},
+               "turns": _turn_counts(data.prompts, {(e.conv_id, e.ids[:e.prompt_len])
+                                                    for e in examples}),
+               "rows_train": data.train.num_rows, "rows_val": data.val.num_rows},
       "device": f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})",
       "jax": jax.__version__,
       "timings_s": {k: round(v, 1) for k, v in timings.items()},
       "resumed_from_step": result.start_step,
       "val_accuracy": result.accuracy.summary() if result.accuracy else None,
+      "val_ce": ([round(float(c), 5) for c in result.val_ce]
+                 if result.val_ce is not None else None),
   }
+
+
+def fit_and_export(cfg: TrainConfig, data: Distilled, workdir: str, out_dir: str, *,
+                   progress: bool = True) -> dict[str, Any]:
+  """Fits heads of ``cfg`` on ``data``'s rows (checkpoints and metrics in
+  ``workdir``), exports them to ``out_dir`` when there are validation rows;
+  returns the recipe."""
+  val = data.val if data.val.num_rows else None
+  result = fit(cfg, data.train, val, lm_head_weight(data.llama), workdir,
+               progress=progress, log=_log)
+  timings = {**data.timings, "train_s": result.seconds,
+             "total_s": sum(data.timings.values()) + result.seconds}
+  recipe = _recipe(cfg, data, result, timings)
   if result.accuracy is not None:
     export(cfg, result.model, out_dir, accuracy=result.accuracy, recipe=recipe)
     _log(f"heads written to {out_dir}; val top1 {recipe['val_accuracy']['top1']}")
   return recipe
+
+
+def run(cfg: TrainConfig, workdir: str, out_dir: str, src: Sources = Sources(), *,
+        progress: bool = True, cache_rows: bool = True,
+        generate_budget_s: float | None = None) -> dict[str, Any]:
+  """Runs (or resumes) every stage and exports the heads; returns the recipe
+  (``cache_rows``, ``generate_budget_s``: see :func:`prepare`)."""
+  data = prepare(cfg, workdir, src, cache_rows=cache_rows, generate_budget_s=generate_budget_s)
+  return fit_and_export(cfg, data, workdir, out_dir, progress=progress)

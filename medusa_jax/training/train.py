@@ -39,9 +39,9 @@ from medusa_jax.training.config import HeadKind, LossKind, TrainConfig
 from medusa_jax.training.losses import IGNORE, medusa_kl_loss, medusa_loss, per_head_ce
 from medusa_jax.training.metrics import HeadAccuracy, rank_hits
 
-# V2 heads skip drafting above a row limit at serving time; training feeds
-# thousands of rows, so the guard is lifted for the training copy.
-_NO_GUARD = 2**31 - 1
+NO_GUARD = 2**31 - 1
+"""The speculation guard of heads that train or evaluate: V2 heads skip drafting
+above a row limit at serving time, and these calls feed thousands of rows."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -115,12 +115,14 @@ class FitResult:
     losses: {step: training loss} for the steps this call ran (step = the
       optimiser step count after the update, 1-based).
     accuracy: validation accuracy at the end (None without validation rows).
+    val_ce: [n] float64 mean validation CE per head at the end (None likewise).
     start_step: the step this call resumed from (0 = fresh).
     seconds: wall time of this call's training loop.
   """
   model: MedusaModel
   losses: dict[int, float]
   accuracy: HeadAccuracy | None
+  val_ce: np.ndarray | None
   start_step: int
   seconds: float
 
@@ -137,7 +139,7 @@ def init_heads(cfg: TrainConfig, hidden_size: int, lm_head_VxH: np.ndarray) -> M
   vocab = lm_head_VxH.shape[0]
   model = MedusaModel(medusa_config(cfg), hidden_size, vocab,
                       per_head_lm_head=cfg.head_kind is HeadKind.V1,
-                      rngs=nnx.Rngs(params=cfg.seed), max_batch_size=_NO_GUARD)
+                      rngs=nnx.Rngs(params=cfg.seed), max_batch_size=NO_GUARD)
   if not model.is_v2:
     for head in model.medusa.heads:
       head.out[...] = jnp.asarray(lm_head_VxH.T, jnp.float32)
@@ -377,7 +379,7 @@ def fit(cfg: TrainConfig, train: TokenRows, val: TokenRows | None, lm_head_VxH: 
   perm_cache: dict = {}
   losses: dict[int, float] = {}
   pending: list[tuple[int, Any, Any]] = []
-  accuracy = None
+  accuracy = ce = None
   t0 = time.perf_counter()
   bar = tqdm(total=end, initial=start, disable=not progress, desc=f"train {cfg.name}",
              dynamic_ncols=True)
@@ -417,11 +419,11 @@ def fit(cfg: TrainConfig, train: TokenRows, val: TokenRows | None, lm_head_VxH: 
   flush()
   bar.close()
   if val is not None and accuracy is None:  # resumed at the end: nothing ran
-    accuracy, _ = _evaluate(graphdef, state["params"], val, lm_head, cfg, cfg.batch_rows,
-                            (batch_sh, repl) if batch_sh is not None else None)
+    accuracy, ce = _evaluate(graphdef, state["params"], val, lm_head, cfg, cfg.batch_rows,
+                             (batch_sh, repl) if batch_sh is not None else None)
   manager.wait_until_finished()
   manager.close()
   seconds = time.perf_counter() - t0
   model = nnx.merge(graphdef, jax.device_get(state["params"]))
-  return FitResult(model=model, losses=losses, accuracy=accuracy, start_step=start,
+  return FitResult(model=model, losses=losses, accuracy=accuracy, val_ce=ce, start_step=start,
                    seconds=seconds)

@@ -377,3 +377,38 @@ def test_fetch_into_a_file_and_a_full_disk_are_one_line_exit_2(tmp_path, monkeyp
   assert cli.main(["convert", str(tmp_path / "src"), str(tmp_path / "dst")]) == 2
   _assert_one_line_error(capsys.readouterr().err, f"{tmp_path / 'dst'}", "No space left on device")
   assert not (tmp_path / "dst").exists()
+
+
+_TINY_TRAIN = os.path.join(REPO, "configs", "tiny.json")
+
+
+@pytest.mark.parametrize("extra,needles", [
+    (["--compare", "x"], ["--compare: needs --variant"]),
+    (["--variant", "a:steps"], ["variant a: 'steps': expected key=value"]),
+    (["--variant", "a", "--variant", "a"], ["--variant: each NAME once"]),
+    (["--variant", "d:num_heads=3"], ["variant d: num_heads shape the shared rows"]),
+    (["--variant", "u:stpes=3"], ["variant u: unknown keys ['stpes']"]),
+])
+def test_train_variant_errors_are_one_line_before_any_work(extra, needles, tmp_path, capsys):
+  assert cli.main(["train", "--config", _TINY_TRAIN, "--workdir", str(tmp_path / "w")]
+                  + extra) == 2
+  _assert_one_line_error(capsys.readouterr().err, *needles)
+  assert not (tmp_path / "w").exists()
+
+
+def test_train_prompts_only_writes_the_prompts_and_stops(tiny_dirs, tmp_path, capsys):
+  convs = [{"id": f"c{i}", "conversations": [
+      {"from": "human", "value": f"question number {i}?"},
+      {"from": "gpt", "value": f"answer {i}."}]} for i in range(6)]
+  (tmp_path / "sharegpt.json").write_text(json.dumps(convs))
+  (tmp_path / "q.jsonl").write_text(json.dumps({"question_id": 1, "category": "x",
+                                                "turns": ["question number 3?"]}) + "\n")
+  work = tmp_path / "w"
+  assert cli.main(["train", "--config", _TINY_TRAIN, "--prompts-only", "--workdir", str(work),
+                   "--model-dir", tiny_dirs[0], "--sharegpt", str(tmp_path / "sharegpt.json"),
+                   "--mtbench", str(tmp_path / "q.jsonl")]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out == {"prompts": str(work / "prompts.jsonl"), "count": 5}  # MT-bench's one excluded
+  texts = [json.loads(line)["text"] for line in (work / "prompts.jsonl").read_text().splitlines()]
+  assert sorted(texts) == sorted(f"question number {i}?" for i in range(6) if i != 3)
+  assert sorted(p.name for p in work.iterdir()) == ["prompts.jsonl"]
