@@ -17,7 +17,10 @@
 # EVAL_MODES (tree), EVAL_TIMEOUT (120 s per evaluation), TIME_BUDGET (230 s: no baseline
 # evaluation starts later), GENERATE_BUDGET (seconds after which no new generation batch
 # starts: `medusa-jax train --generate-budget`; default none), EXAMPLES=1 also writes examples.jsonl.gz, TRAIN_EXTRA (options
-# appended to `medusa-jax train`, e.g. "--steps 20" for a quick check), EVAL_EXTRA (the same
+# appended to `medusa-jax train`, e.g. "--steps 20" for a quick check, or "--variant base
+# --variant long:steps=5000 --compare DIR": variants on the same rows, each adapter in
+# OUT_DIR/heads/NAME, the comparison in OUT_DIR/heads/sweep.json, their metrics in
+# OUT_DIR/metrics_NAME.jsonl, no MT-bench evaluation), EVAL_EXTRA (the same
 # for `medusa-jax eval`, e.g. "--num-questions 2 --max-new-tokens 8").
 set -uo pipefail
 GGUF=$1; PROMPTS=$2; QUESTIONS=$3; OUT_DIR=$4
@@ -56,7 +59,10 @@ evaluate() {  # evaluate HEADS_DIR OUT_JSON
     --workdir "$WORK" --gguf "$GGUF" --prompts "$PROMPTS" --out "$OUT_DIR/heads" --no-progress \
     --no-row-cache ${GENERATE_BUDGET:+--generate-budget "$GENERATE_BUDGET"} ${TRAIN_EXTRA:-} \
     || echo "training stopped (status $?)"
-  cp "$WORK/metrics.jsonl" "$OUT_DIR/" || true
+  if [ -f "$WORK/metrics.jsonl" ]; then cp "$WORK/metrics.jsonl" "$OUT_DIR/"; fi
+  for m in "$WORK"/variants/*/metrics.jsonl; do  # --variant runs: OUT_DIR/heads/NAME
+    [ -f "$m" ] && cp "$m" "$OUT_DIR/metrics_$(basename "$(dirname "$m")").jsonl"
+  done
   if [ "${EXAMPLES:-0}" = 1 ]; then gzip -c "$WORK/examples.jsonl" > "$OUT_DIR/examples.jsonl.gz"; fi
   echo "training done at ${SECONDS} s (script start = 0)"
   if [ -f "$OUT_DIR/heads/model.safetensors" ]; then evaluate "$OUT_DIR/heads" "$OUT_DIR/eval.json"; fi
