@@ -29,7 +29,7 @@ from medusa_jax.adapters.weights import load_medusa_adapter
 from medusa_jax.decoding.policy import expected_tokens
 from medusa_jax.decoding.tree import build_tree, tree_from_accuracies
 from medusa_jax.errors import ConfigError
-from medusa_jax.training.config import DATA_FIELDS, TrainConfig
+from medusa_jax.training.config import DATA_FIELDS, LossKind, TrainConfig
 from medusa_jax.training.distill import lm_head_weight
 from medusa_jax.training.pipeline import Distilled, Sources, fit_and_export, prepare
 from medusa_jax.training.train import NO_GUARD, evaluate
@@ -74,8 +74,8 @@ def variant_configs(cfg: TrainConfig, variants: Mapping[str, Mapping[str, Any]]
 
   Raises:
     ConfigError: no variants, an override of a data field (:data:`DATA_FIELDS`:
-      the rows are shared), an unknown key, or an invalid value; the message
-      names the variant.
+      the rows are shared), the kl loss on rows without teacher distributions,
+      an unknown key, or an invalid value; the message names the variant.
   """
   if not variants:
     raise ConfigError("variants: expected at least one")
@@ -87,7 +87,12 @@ def variant_configs(cfg: TrainConfig, variants: Mapping[str, Mapping[str, Any]]
     if shared:
       raise ConfigError(f"variant {name}: {', '.join(shared)} shape the shared rows; a variant"
                         f" may not change {sorted(DATA_FIELDS)}")
-    out[name] = cfg.with_overrides(overrides, source=f"variant {name}")
+    vcfg = cfg.with_overrides(overrides, source=f"variant {name}")
+    if vcfg.loss is LossKind.KL and cfg.loss is not LossKind.KL:
+      raise ConfigError(f"variant {name}: loss kl needs the teacher top-K in the rows, and"
+                        f" the base config's loss {cfg.loss.value} stores none; make the base"
+                        " config's loss kl (a variant may then train with ce)")
+    out[name] = vcfg
   return out
 
 

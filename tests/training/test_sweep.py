@@ -36,9 +36,9 @@ def test_parse_variant_errors(text, match):
 
 def test_variant_configs_validate_and_name_the_variant():
   cfg = TrainConfig(num_heads=2, steps=10, warmup_steps=1)
-  out = sweep.variant_configs(cfg, {"base": {}, "long": {"steps": 40, "loss": "kl"}})
+  out = sweep.variant_configs(cfg, {"base": {}, "long": {"steps": 40, "weight_decay": 0.1}})
   assert out["base"] == cfg
-  assert out["long"].steps == 40 and out["long"].loss.value == "kl"
+  assert out["long"].steps == 40 and out["long"].weight_decay == 0.1
   assert out["long"].num_heads == 2
   for field in sorted(DATA_FIELDS):
     with pytest.raises(ConfigError, match=f"variant d: {field} shape the shared rows"):
@@ -47,6 +47,10 @@ def test_variant_configs_validate_and_name_the_variant():
     sweep.variant_configs(cfg, {"t": {"stpes": 3}})
   with pytest.raises(ConfigError, match="num_layers=2: head_kind v2 needs exactly 1"):
     sweep.variant_configs(cfg, {"l2": {"num_layers": 2}})
+  with pytest.raises(ConfigError, match="variant k: loss kl needs the teacher top-K"):
+    sweep.variant_configs(cfg, {"k": {"loss": "kl"}})
+  kl = TrainConfig(num_heads=2, steps=10, warmup_steps=1, loss="kl")
+  assert sweep.variant_configs(kl, {"ce": {"loss": "ce"}})["ce"].loss.value == "ce"
   with pytest.raises(ConfigError, match="at least one"):
     sweep.variant_configs(cfg, {})
   with pytest.raises(ConfigError, match="not a valid variant name"):
@@ -119,6 +123,11 @@ def test_run_variants_trains_each_on_the_same_rows_and_compares(tmp_path):
   np.testing.assert_allclose(again["top1"], result["variants"]["base"]["top1"], atol=1e-5)
   np.testing.assert_allclose(again["head_ce"], result["variants"]["base"]["head_ce"],
                              rtol=1e-4)
+  # The single-config path on the same cached rows trains the same heads as the variant.
+  recipe = pipeline.run(cfg, str(work), str(out / "single"), src, progress=False)
+  np.testing.assert_allclose(recipe["val_accuracy"]["top1"], result["variants"]["base"]["top1"],
+                             atol=1e-6)
+  assert recipe["timings_s"]["train_s"] > 0 and recipe["val_ce"] is not None
   cmp = result["compare"][str(other)]
   assert cmp["path"] == str(other) and len(cmp["top1"]) == 2
   # Mismatched adapters are refused by name.
