@@ -117,7 +117,7 @@ def compare_adapter(path: str, cfg: TrainConfig, data: Distilled) -> dict[str, A
 
   Raises:
     ConfigError: no validation rows, or the adapter's heads do not match the
-      rows (count or hidden size).
+      rows or the base model (head count, hidden size, V1 vocabulary).
   """
   if not data.val.num_rows:
     raise ConfigError("compare: the run has no validation rows (val_fraction 0?)")
@@ -128,7 +128,11 @@ def compare_adapter(path: str, cfg: TrainConfig, data: Distilled) -> dict[str, A
   if weights.hidden_size != data.val.hidden.shape[1]:
     raise ConfigError(f"compare {path}: hidden size {weights.hidden_size}; the rows have"
                       f" {data.val.hidden.shape[1]}")
-  acc, ce = evaluate(weights.model, data.val, lm_head_weight(data.llama), cfg)
+  lm_head = lm_head_weight(data.llama)
+  if weights.vocab_size is not None and weights.vocab_size != lm_head.shape[0]:
+    raise ConfigError(f"compare {path}: its heads' vocabulary has {weights.vocab_size} tokens;"
+                      f" the base model's has {lm_head.shape[0]}")
+  acc, ce = evaluate(weights.model, data.val, lm_head, cfg)
   return _entry(acc.summary(), ce, path=os.path.abspath(path))
 
 

@@ -137,6 +137,12 @@ def test_run_variants_trains_each_on_the_same_rows_and_compares(tmp_path):
                                     medusa_num_layers=1, version=2.0),
                        llama_cfg["hidden_size"]).save(wrong)
     sweep.compare_adapter(str(wrong), cfg, data)
+  with pytest.raises(ConfigError, match="vocabulary has 7 tokens; the base model's has"):
+    v1 = tmp_path / "v1"
+    MedusaWeights.init(MedusaConfig(base_model_name_or_path="tiny", medusa_num_heads=2,
+                                    medusa_num_layers=2, version=1.0),
+                       llama_cfg["hidden_size"], 7).save(v1)
+    sweep.compare_adapter(str(v1), cfg, data)
   with pytest.raises(ConfigError, match="not an adapter directory"):
     sweep.run_variants(cfg, {"base": {}}, str(work), str(out), src,
                        compare=[str(tmp_path / "missing")], progress=False)
