@@ -58,7 +58,7 @@ DATA_FIELDS = frozenset({
     "max_prompt_tokens", "max_new_tokens", "gen_batch_size", "hidden_batch_size",
     "length_bucket", "seq_bucket", "teacher_topk"})
 """Fields that shape the self-distilled data and token rows. Variants trained on one
-run's rows (``pipeline.run_variants``) may change every other field, not these."""
+run's rows (``sweep.run_variants``) may change every other field, not these."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -191,7 +191,7 @@ class TrainConfig:
     where = f" in {source}" if source else ""
     if not isinstance(overrides, Mapping):
       raise ConfigError(f"training config overrides{where}: expected a mapping")
-    return TrainConfig.load({**self.to_dict(), **overrides}, source=source)
+    return type(self).load({**self.to_dict(), **overrides}, source=source)
 
   def to_dict(self) -> dict[str, Any]:
     d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -137,7 +137,7 @@ def compare_adapter(path: str, cfg: TrainConfig, data: Distilled) -> dict[str, A
 
 
 def _print_table(result: dict[str, Any], file=sys.stderr) -> None:
-  rows = [(name, v) for name, v in result["variants"].items()]
+  rows = list(result["variants"].items())
   rows += [(f"[{os.path.basename(v['path'].rstrip('/'))}]", v)
            for v in result["compare"].values()]
   sizes = list(TREE_SIZES)
@@ -187,6 +187,7 @@ def run_variants(cfg: TrainConfig, variants: Mapping[str, Mapping[str, Any]], wo
       "timings_s": {k: round(v, 1) for k, v in data.timings.items()},
       "variants": {}, "compare": {}}
   os.makedirs(out_dir, exist_ok=True)
+  sweep_json = os.path.join(out_dir, "sweep.json")
   for name, vcfg in configs.items():
     recipe = fit_and_export(vcfg, data, os.path.join(workdir, "variants", name),
                             os.path.join(out_dir, name), progress=progress)
@@ -194,11 +195,9 @@ def run_variants(cfg: TrainConfig, variants: Mapping[str, Mapping[str, Any]], wo
     if acc is not None:
       result["variants"][name] = _entry(acc, recipe["val_ce"], overrides=dict(variants[name]),
                                         train_s=round(recipe["timings_s"]["train_s"], 1))
-    _atomic.write_json(os.path.join(out_dir, "sweep.json"), result, indent=1,
-                       overwrite=True)
+    _atomic.write_json(sweep_json, result, indent=1, overwrite=True)  # kept as each ends
   for path in compare:
     result["compare"][path] = compare_adapter(path, cfg, data)
-  _atomic.write_json(os.path.join(out_dir, "sweep.json"), result, indent=1,
-                       overwrite=True)
+  _atomic.write_json(sweep_json, result, indent=1, overwrite=True)
   _print_table(result)
   return result

@@ -42,9 +42,9 @@ def _task(seed):
 
 
 def _cfg(**kw):
-  base = dict(name="t", num_heads=N, batch_rows=64, steps=60, warmup_steps=5,
-              learning_rate=3e-2, eval_every=30, log_every=10, checkpoint_every=20, max_rank=5,
-              tree_nodes=7)
+  base = {"name": "t", "num_heads": N, "batch_rows": 64, "steps": 60, "warmup_steps": 5,
+          "learning_rate": 3e-2, "eval_every": 30, "log_every": 10, "checkpoint_every": 20,
+          "max_rank": 5, "tree_nodes": 7}
   base.update(kw)
   return TrainConfig(**base)
 
