@@ -59,7 +59,7 @@ def _smollm2_config(tiny: bool):
 
 
 def _build(cfg, dtype, num_heads, seed=0, fused=True, attention="grouped", row_kernels=False,
-           compact_kernel=None):
+           compact_kernel=None, kernel_layout=None):
   import jax
   from flax import nnx
 
@@ -68,7 +68,7 @@ def _build(cfg, dtype, num_heads, seed=0, fused=True, attention="grouped", row_k
   from medusa_jax.adapters.weights import MedusaWeights
   llama = Llama(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=dtype,
                 fused_projections=fused, attention_scores=attention, row_kernels=row_kernels,
-                compact_kernel=compact_kernel)
+                compact_kernel=compact_kernel).with_kernel_layout(kernel_layout)
   mc = MedusaConfig(base_model_name_or_path="smollm2-shape", medusa_num_heads=num_heads,
                     medusa_num_layers=1, version=2.0)
   medusa = MedusaWeights.init(mc, cfg.hidden_size, seed=seed + 1, dtype=dtype)
@@ -502,7 +502,8 @@ def bench_jax(args) -> dict:
   dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
   cfg = _smollm2_config(args.tiny)
   llama, medusa = _build(cfg, dtype, args.heads, fused=args.fused, attention=args.attention,
-                         row_kernels=args.row_kernels, compact_kernel=args.compact_kernel)
+                         row_kernels=args.row_kernels, compact_kernel=args.compact_kernel,
+                         kernel_layout=args.kernel_layout)
   # One cache bucket for the step timings and the engine, so they share compilations.
   engine = Engine(llama, None, medusa, max_cache_len=args.cache_len, cache_dtype=dtype,
                   min_cache_len=args.cache_len, max_tree_rows=args.max_tree_rows)
@@ -516,7 +517,7 @@ def bench_jax(args) -> dict:
              copy_bw_host_timed_tb_s=host_bw / 1e12,
              fused_projections=args.fused, attention=args.attention, steps=args.steps,
              row_kernels=args.row_kernels, compact_kernel=llama.compact_kernel,
-             xla_flags=os.environ.get("XLA_FLAGS", ""), rows=[])
+             kernel_layout=llama.kernel_layout, xla_flags=os.environ.get("XLA_FLAGS", ""), rows=[])
   if llama.compact_kernel:
     out["compact_kernel_check"] = _check_compact_kernel(cfg, args, dtype)
     print(json.dumps(dict(compact_kernel_check=out["compact_kernel_check"])), flush=True)
@@ -642,10 +643,13 @@ def bench_jax(args) -> dict:
 
 
 def _unfused_copy(fused_llama, cfg, dtype):
-  """An unfused :class:`Llama` holding the same weights as a fused one (split back)."""
+  """An unfused :class:`Llama` holding the same weights as a fused one (split back), in
+  the same kernel layout."""
   from flax import nnx
 
   from medusa_jax.models.llama import Llama
+  layout = fused_llama.kernel_layout
+  fused_llama = fused_llama.with_kernel_layout("in_out")
   Q, G, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
   F = cfg.intermediate_size
   m = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
@@ -666,7 +670,7 @@ def _unfused_copy(fused_llama, cfg, dtype):
     dst.mlp.down_proj.kernel.set_value(src.mlp.down_proj.kernel.get_value())
     for norm in ("input_layernorm", "post_attention_layernorm"):
       getattr(dst, norm).weight.set_value(getattr(src, norm).weight.get_value())
-  return m
+  return m.with_kernel_layout(layout)
 
 
 def _prompt_sets(prompts: list, batch: int, bs1_prompts: int) -> list:
@@ -742,7 +746,9 @@ def bench_real(args) -> dict:
   def engine_for(dtype):
     base = Engine.load(args.real_model, heads, dtype=dtype, max_cache_len=args.cache_len,
                        min_cache_len=args.e2e_min_cache_len, fuse_projections=args.fused)
-    llama = base.llama.with_attention_scores(args.attention).with_row_kernels(args.row_kernels)
+    layout = args.kernel_layout or ("in_out" if args.row_kernels else None)
+    llama = base.llama.with_kernel_layout(layout).with_attention_scores(
+        args.attention).with_row_kernels(args.row_kernels)
     if args.compact_kernel is not None:
       llama = llama.with_compact_kernel(args.compact_kernel)
     if llama is base.llama:
@@ -1045,6 +1051,8 @@ def _flag_variants(args) -> list:
       # The tree step's KV compaction as XLA's gather and scatter per cache array (60
       # for SmolLM2) instead of the two Pallas kernels of the GPU's default.
       "xla_compaction": "arg:--no-compact-kernel",
+      # The projections' kernels [in, out] (the layout before out_in became the GPU's).
+      "in_out_kernels": "arg:--kernel-layout in_out",
   }
   results = []
   for name, flags in variants.items():
@@ -1161,6 +1169,9 @@ def main(argv=None) -> int:
   p.add_argument("--row-kernels", action="store_true",
                  help="batch-1 plain steps run the Pallas row-projection kernels"
                  " (Llama(row_kernels=True))")
+  p.add_argument("--kernel-layout", choices=("in_out", "out_in"), default=None,
+                 help="how the projections hold their kernels (Llama.with_kernel_layout;"
+                 " default: the backend's, out_in on a CUDA GPU)")
   p.add_argument("--compact-kernel", action=argparse.BooleanOptionalAction, default=None,
                  help="the speculative step's KV compaction in two Pallas kernels, or"
                  " (--no-compact-kernel) XLA's gather and scatter; default: Llama's"

@@ -160,6 +160,7 @@ def load_model(base: str | os.PathLike | None = None, medusa: Any = None, *,
     llama = load_llama(base, dtype=dtype)
     if fuse_projections:
       llama = llama.fuse_projections()
+    llama = llama.with_kernel_layout(None)  # the faster layout where it was measured
   else:
     llama = load_llama_sharded(base, mesh, dtype=dtype)
   message = choices = None

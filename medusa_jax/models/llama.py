@@ -126,6 +126,30 @@ class AttentionScores(enum.Enum):
     return AttentionScores.PALLAS if _cuda() else AttentionScores.FLAT
 
 
+KERNEL_LAYOUTS = ("in_out", "out_in")
+"""How a :class:`Linear` holds its kernel: ``in_out`` is ``[in, out]`` (``y = x @ w``, the
+layout checkpoints load into), ``out_in`` is ``[out, in]`` (``y = x @ w^T``: PyTorch's and
+GGUF's). The function is the same; the kernels XLA runs for it are not. At one row XLA
+rewrites a small product into a multiply and a reduce, and ``in_out`` reduces over the
+weight's major dimension: on the H200 the 30 layers' projections of SmolLM2-135M take
+0.662 ms per step at batch 1 that way and 0.416 ms in ``out_in``, while batch 16 and 64 are
+within 4 % either way (``scripts/bench_gemv_layout.py``, docs/perf.md). On a 2-core CPU
+``out_in`` is 7 % faster at one row in f32 but 30 % slower at the 3-8 rows of a small tree,
+so the CPU keeps ``in_out``."""
+
+
+def default_kernel_layout() -> str:
+  """What ``Llama.with_kernel_layout(None)`` picks: ``out_in`` on a CUDA GPU (measured
+  there), ``in_out`` elsewhere."""
+  return "out_in" if jax.default_backend() == "gpu" and _cuda() else "in_out"
+
+
+def _kernel_layout(value: str) -> str:
+  if value not in KERNEL_LAYOUTS:
+    raise ConfigError(f"kernel_layout: expected one of {KERNEL_LAYOUTS}, got {value!r}")
+  return value
+
+
 def _compact_kernel_default() -> bool:
   """Whether ``Llama(compact_kernel=None)`` moves the cache with the Pallas kernels."""
   return jax.default_backend() == "gpu" and _cuda()
@@ -233,6 +257,11 @@ def _dense(x: Array, w: Array) -> Array:
   return jnp.matmul(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
+def _dense_t(x: Array, w: Array) -> Array:
+  """x [..., K] @ w[M, K]^T with f32 accumulation -> [..., M] float32."""
+  return jnp.einsum("...k,mk->...m", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
 def rope_tables(positions_BxT: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
   """cos and sin of the RoPE angles, [B, T, 1, D/2] float32 each (shared by all layers)."""
   f_BxTxD2 = positions_BxT.astype(jnp.float32)[:, :, None] * jnp.asarray(
@@ -283,18 +312,22 @@ class RMSNorm(nnx.Module):
 
 
 class Linear(nnx.Module):
-  """A projection with an ``[in, out]`` kernel, an optional ``[out]`` bias, f32 accumulation."""
+  """A projection with an optional ``[out]`` bias and f32 accumulation; its kernel is
+  ``[in, out]``, or ``[out, in]`` with ``transposed`` (see :data:`KERNEL_LAYOUTS`)."""
 
   def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs,
-               dtype=jnp.float32, param_dtype=jnp.float32, use_bias: bool = False):
+               dtype=jnp.float32, param_dtype=jnp.float32, use_bias: bool = False,
+               transposed: bool = False):
     self.dtype = dtype
+    self.transposed = bool(transposed)
     init = nnx.initializers.normal(0.02)
-    self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
+    shape = (out_features, in_features) if self.transposed else (in_features, out_features)
+    self.kernel = nnx.Param(init(rngs.params(), shape, param_dtype))
     self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
 
   def __call__(self, x: Array) -> Array:
     """x: [..., K] -> [..., M] in the compute dtype (the bias added in f32)."""
-    y = _dense(x.astype(self.dtype), self.kernel[...])
+    y = (_dense_t if self.transposed else _dense)(x.astype(self.dtype), self.kernel[...])
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32).reshape((1,) * (y.ndim - 1) + (-1,))
     return y.astype(self.dtype)
@@ -312,7 +345,7 @@ class Attention(nnx.Module):
                rope_theta: float, rngs: nnx.Rngs, rope_scaling: RopeScaling = RopeScaling(),
                dtype=jnp.float32, param_dtype=jnp.float32, fused: bool = False,
                scores: AttentionScores = AttentionScores.GROUPED, qkv_bias: bool = False,
-               o_bias: bool = False):
+               o_bias: bool = False, transposed: bool = False):
     self.num_heads = num_heads
     self.scores = AttentionScores.parse(scores).resolve()
     if (self.scores in (AttentionScores.PALLAS, AttentionScores.PALLAS_FUSED)
@@ -325,7 +358,7 @@ class Attention(nnx.Module):
     self.inv_freq = tuple(float(f) for f in rope_inv_freq(head_dim, rope_theta, rope_scaling))
     self.dtype = dtype
     self.fused = bool(fused)
-    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, transposed=transposed)
     if self.fused:
       self.qkv_proj = Linear(hidden, (num_heads + 2 * num_kv_heads) * head_dim,
                              use_bias=qkv_bias, **kw)
@@ -457,8 +490,10 @@ class MLP(nnx.Module):
   """``down(silu(gate(x)) * up(x))``; fused, gate and up are one ``gate_up_proj`` [H, 2F]."""
 
   def __init__(self, hidden: int, intermediate: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, fused: bool = False, use_bias: bool = False):
-    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias)
+               param_dtype=jnp.float32, fused: bool = False, use_bias: bool = False,
+               transposed: bool = False):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias,
+              transposed=transposed)
     self.intermediate = intermediate
     self.fused = bool(fused)
     if self.fused:
@@ -484,7 +519,7 @@ class Block(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32, fused: bool = False,
                scores: AttentionScores = AttentionScores.GROUPED, window: int | None = None,
-               row_kernels: bool = False):
+               row_kernels: bool = False, transposed: bool = False):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.window = window
     """Sliding window W of this layer (None: full attention); picks the call's mask."""
@@ -495,10 +530,10 @@ class Block(nnx.Module):
                                cfg.num_key_value_heads, cfg.head_dim,
                                rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
                                fused=fused, scores=scores, qkv_bias=cfg.qkv_bias,
-                               o_bias=cfg.o_bias, **kw)
+                               o_bias=cfg.o_bias, transposed=transposed, **kw)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
     self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, fused=fused, use_bias=cfg.mlp_bias,
-                   **kw)
+                   transposed=transposed, **kw)
 
   def __call__(self, x_BxTxH, rope_cs, k, v, cache_index_B, mask_Bx1x1xTxL):
     if self.row_kernels and x_BxTxH.shape[:2] == (1, 1):
@@ -551,7 +586,8 @@ class Llama(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32, fused_projections: bool = False,
                attention_scores: AttentionScores | str = AttentionScores.AUTO,
-               row_kernels: bool = False, compact_kernel: bool | None = None):
+               row_kernels: bool = False, compact_kernel: bool | None = None,
+               kernel_layout: str = "in_out"):
     """Args:
       cfg: the architecture.
       rngs: initialisation keys.
@@ -574,9 +610,12 @@ class Llama(nnx.Module):
         kernels compile (a CUDA GPU; on the H200 they take 178 kernels and 5-7 % of
         its in-graph time off a tree step, docs/perf.md), off elsewhere, where they
         would only be interpreted. Meshes turn it off (``llama_sharding``).
+      kernel_layout: how the projections hold their kernels (:data:`KERNEL_LAYOUTS`);
+        checkpoints load into ``in_out``, :meth:`with_kernel_layout` converts.
 
     Raises:
-      ConfigError: an unknown ``attention_scores``.
+      ConfigError: an unknown ``attention_scores`` or ``kernel_layout``, or
+        ``row_kernels`` with the ``out_in`` layout (the kernels read ``[in, out]``).
     """
     self.cfg = cfg
     self.dtype = dtype
@@ -585,12 +624,17 @@ class Llama(nnx.Module):
     self.row_kernels = bool(row_kernels)
     self.compact_kernel = _compact_kernel_default() if compact_kernel is None \
         else bool(compact_kernel)
+    self.kernel_layout = _kernel_layout(kernel_layout)
+    if self.row_kernels and self.kernel_layout != "in_out":
+      raise ConfigError("row_kernels: the row_projection kernels read [in, out] kernels; "
+                        f"got kernel_layout={self.kernel_layout!r}")
     init = nnx.initializers.normal(0.02)
     self.embed_tokens = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
                                        param_dtype))
     self.layers = nnx.List([Block(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                                   fused=fused_projections, scores=self.attention_scores,
-                                  window=cfg.layer_window(i), row_kernels=self.row_kernels)
+                                  window=cfg.layer_window(i), row_kernels=self.row_kernels,
+                                  transposed=self.kernel_layout == "out_in")
                             for i in range(cfg.num_hidden_layers)])
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, dtype=dtype,
                         param_dtype=param_dtype)
@@ -615,6 +659,9 @@ class Llama(nnx.Module):
     """
     if self.fused_projections:
       return self
+    if self.kernel_layout != "in_out":
+      return self.with_kernel_layout("in_out").fuse_projections().with_kernel_layout(
+          self.kernel_layout)
     cfg = self.cfg
     param_dtype = self.embed_tokens.get_value().dtype
     fused = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=self.dtype,
@@ -668,12 +715,43 @@ class Llama(nnx.Module):
       return self
     return self._rebuilt(compact_kernel=bool(compact_kernel))
 
+  def with_kernel_layout(self, layout: str | None) -> Llama:
+    """The same function with the projections' kernels in ``layout`` (:data:`KERNEL_LAYOUTS`;
+    None: :func:`default_kernel_layout`, or ``in_out`` with ``row_kernels``).
+
+    The kernels are transposed once here (their memory doubles until ``self`` is dropped);
+    every other parameter is shared. A model already in ``layout`` is returned as is.
+
+    Raises:
+      ConfigError: an unknown layout, or ``out_in`` with ``row_kernels``.
+    """
+    if layout is None:
+      layout = "in_out" if self.row_kernels else default_kernel_layout()
+    if _kernel_layout(layout) == self.kernel_layout:
+      return self
+    new = self._rebuilt(kernel_layout=layout)
+    for src, dst in zip(self._linears(), new._linears()):
+      dst.kernel.set_value(jnp.swapaxes(src.kernel.get_value(), 0, 1))
+    return new
+
+  def _linears(self) -> list[Linear]:
+    """Every projection of every layer, in a fixed order."""
+    out = []
+    for layer in self.layers:
+      a, m = layer.self_attn, layer.mlp
+      out += [a.qkv_proj] if a.fused else [a.q_proj, a.k_proj, a.v_proj]
+      out += [a.o_proj]
+      out += [m.gate_up_proj] if m.fused else [m.gate_proj, m.up_proj]
+      out += [m.down_proj]
+    return out
+
   def _rebuilt(self, **changes) -> Llama:
-    """A new module of the same parameters (shared, not copied) with other static options."""
+    """A new module of the same parameters (shared, not copied) with other static options
+    (a new ``kernel_layout`` gets the old kernels: the caller transposes them)."""
     kw = dict(dtype=self.dtype, param_dtype=self.embed_tokens.get_value().dtype,
               fused_projections=self.fused_projections,
               attention_scores=self.attention_scores, row_kernels=self.row_kernels,
-              compact_kernel=self.compact_kernel)
+              compact_kernel=self.compact_kernel, kernel_layout=self.kernel_layout)
     kw.update(changes)
     new = nnx.eval_shape(lambda: Llama(self.cfg, rngs=nnx.Rngs(0), **kw))
     nnx.update(new, nnx.state(self))

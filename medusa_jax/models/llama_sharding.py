@@ -72,7 +72,10 @@ def shard_cache(cache: Any, cfg: LlamaConfig, mesh: Mesh) -> Any:
 
 
 def shard_llama(llama: nnx.Module, mesh: Mesh) -> nnx.Module:
-  """The base ``Llama`` with its parameters placed by :func:`llama_rules`."""
+  """The base ``Llama`` with its parameters placed by :func:`llama_rules` (which are
+  written for ``[in, out]`` kernels: another layout is converted first)."""
+  if getattr(llama, "kernel_layout", "in_out") != "in_out":
+    llama = llama.with_kernel_layout("in_out")
   graphdef, state = nnx.split(llama)
   return nnx.merge(graphdef, shard_state(state, llama_rules(llama.cfg, mesh), mesh))
 

@@ -24,19 +24,22 @@ from medusa_jax.models.llama_weights import load_llama
 
 
 def _params_np(model: Llama) -> dict:
-  """The model's parameters as float64 NumPy, in HF names and [out, in] layout."""
+  """The model's parameters as float64 NumPy, in HF names and [out, in] layout (either
+  kernel layout)."""
   cfg = model.cfg
   p = {"embed": np.asarray(model.embed_tokens[...], np.float64),
        "norm": np.asarray(model.norm.weight[...], np.float64), "layers": []}
+
+  def out_in(lin):
+    k = np.asarray(lin.kernel[...], np.float64)
+    return k if lin.transposed else k.T
   for layer in model.layers:
     a, m = layer.self_attn, layer.mlp
     p["layers"].append({
         "ln1": np.asarray(layer.input_layernorm.weight[...], np.float64),
         "ln2": np.asarray(layer.post_attention_layernorm.weight[...], np.float64),
-        **{n: np.asarray(getattr(a, n).kernel[...], np.float64).T
-           for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
-        **{n: np.asarray(getattr(m, n).kernel[...], np.float64).T
-           for n in ("gate_proj", "up_proj", "down_proj")},
+        **{n: out_in(getattr(a, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+        **{n: out_in(getattr(m, n)) for n in ("gate_proj", "up_proj", "down_proj")},
     })
   p["lm_head"] = (p["embed"] if cfg.tie_word_embeddings
                   else np.asarray(model.lm_head_kernel[...], np.float64).T)
@@ -111,10 +114,12 @@ def _fwd(model, tokens, positions, cache, cache_index, mask):
 # ----------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("tied,use_jit,steps", [(False, True, 4), (True, True, 4),
-                                                 (False, False, 0)])
-def test_prefill_then_decode_matches_reference(tied, use_jit, steps):
-  model = _model(seed=1, tie_word_embeddings=tied)
+@pytest.mark.parametrize("tied,use_jit,steps,layout", [
+    (False, True, 4, "in_out"), (True, True, 4, "in_out"), (False, False, 0, "in_out"),
+    (True, True, 4, "out_in")])
+def test_prefill_then_decode_matches_reference(tied, use_jit, steps, layout):
+  model = _model(seed=1, tie_word_embeddings=tied).with_kernel_layout(layout)
+  assert model.kernel_layout == layout
   cfg = model.cfg
   rng = np.random.default_rng(2)
   B, P, L = 3, 7, 16
@@ -435,6 +440,99 @@ def test_attention_scores_auto_resolves_by_backend(monkeypatch):
   for cuda, want in ((True, AttentionScores.PALLAS), (False, AttentionScores.FLAT)):
     monkeypatch.setattr(llama_mod, "_cuda", lambda cuda=cuda: cuda)
     assert AttentionScores.AUTO.resolve() is want
+
+
+@pytest.mark.parametrize("tied,dtype", [(False, jnp.float32), (True, jnp.bfloat16)])
+def test_out_in_kernel_layout_computes_the_same_function(tied, dtype):
+  """``with_kernel_layout('out_in')`` transposes every projection's kernel (and nothing else),
+  round-trips exactly, survives fuse_projections, and computes the same prefill and T-token
+  step as ``in_out``, fused and unfused."""
+  m32 = _model(seed=41, tie_word_embeddings=tied)
+  model = nnx.eval_shape(lambda: Llama(m32.cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
+  nnx.update(model, jax.tree.map(lambda x: x.astype(dtype), nnx.state(m32)))
+  cfg = model.cfg
+  nk = model.with_kernel_layout("out_in")
+  assert nk.kernel_layout == "out_in" and model.kernel_layout == "in_out"
+  assert nk.with_kernel_layout("out_in") is nk and model.with_kernel_layout("in_out") is model
+  for src, dst in zip(model._linears(), nk._linears()):
+    assert dst.transposed and not src.transposed
+    np.testing.assert_array_equal(np.asarray(dst.kernel[...].astype(jnp.float32)),
+                                  np.asarray(src.kernel[...].astype(jnp.float32)).T)
+  assert len(model._linears()) == 7 * cfg.num_hidden_layers
+  assert nk.embed_tokens.get_value() is model.embed_tokens.get_value()  # shared
+  assert nk.layers[1].input_layernorm.weight.get_value() is (
+      model.layers[1].input_layernorm.weight.get_value())
+  back = nk.with_kernel_layout("in_out")
+  for a, b in zip(jax.tree.leaves(nnx.state(back)), jax.tree.leaves(nnx.state(model))):
+    np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)),
+                                  np.asarray(b.astype(jnp.float32)))
+  fused_nk = nk.fuse_projections()
+  assert fused_nk.kernel_layout == "out_in" and fused_nk.fused_projections
+  assert fused_nk.layers[0].self_attn.qkv_proj.kernel[...].shape == (
+      (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim, cfg.hidden_size)
+
+  rng = np.random.default_rng(42)
+  B, P, T, L = 2, 5, 4, 16
+  prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, P)), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+  tok = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
+  idx0, idx = jnp.zeros((B,), jnp.int32), jnp.asarray([P, P - 2], jnp.int32)
+  outs = []
+  for m in (model, nk, model.fuse_projections(), fused_nk):
+    h, cache = _fwd(m, prompt, pos, KVCache.init(cfg, B, L, dtype), idx0, causal_mask(idx0, P, L))
+    h2, cache = _fwd(m, tok, idx[:, None] + jnp.arange(T, dtype=jnp.int32)[None], cache, idx,
+                     causal_mask(idx, T, L))
+    outs.append([np.asarray(x.astype(jnp.float32)) for x in (h, h2, *cache.k, *cache.v)])
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  for other in outs[1:]:
+    for a, b in zip(outs[0], other):
+      assert np.isfinite(b).all()
+      assert np.linalg.norm(a - b) / np.linalg.norm(a) <= tol
+
+
+def test_kernel_layout_default_and_errors(monkeypatch):
+  from medusa_jax.models import llama as llama_mod
+  cfg = LlamaConfig.tiny()
+  model = _model(seed=43).fuse_projections()
+  want = "out_in" if jax.default_backend() == "gpu" and llama_mod._cuda() else "in_out"
+  assert llama_mod.default_kernel_layout() == want
+  assert model.with_kernel_layout(None).kernel_layout == want
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  for cuda, want in ((True, "out_in"), (False, "in_out")):
+    monkeypatch.setattr(llama_mod, "_cuda", lambda cuda=cuda: cuda)
+    assert llama_mod.default_kernel_layout() == want
+  monkeypatch.setattr(llama_mod, "_cuda", lambda: True)
+  rows = model.with_row_kernels(True)
+  assert rows.with_kernel_layout(None) is rows  # the row kernels read [in, out]
+  with pytest.raises(ConfigError, match="kernel_layout"):
+    model.with_kernel_layout("nk")
+  with pytest.raises(ConfigError, match="kernel_layout"):
+    Llama(cfg, rngs=nnx.Rngs(0), kernel_layout="transposed")
+  with pytest.raises(ConfigError, match="row_kernels.*out_in"):
+    Llama(cfg, rngs=nnx.Rngs(0), fused_projections=True, row_kernels=True,
+          kernel_layout="out_in")
+  with pytest.raises(ConfigError, match="row_kernels.*out_in"):
+    model.with_kernel_layout("out_in").with_row_kernels(True)
+  with pytest.raises(ConfigError, match="row_kernels.*out_in"):
+    rows.with_kernel_layout("out_in")
+
+
+def test_out_in_kernels_through_the_engine_give_the_same_tokens():
+  """Plain and tree decoding (f32, greedy) with out_in kernels: the tokens and steps of in_out."""
+  from medusa_jax.decoding.engine import Engine
+  from medusa_jax.heads.modules import MedusaModel
+  model = _model(seed=44, eos_token_ids=()).fuse_projections()
+  mcfg = MedusaConfig(base_model_name_or_path="test", medusa_num_heads=2, medusa_num_layers=1,
+                      version=2.0)
+  heads = MedusaModel(mcfg, model.cfg.hidden_size, rngs=nnx.Rngs(3))
+  rng = np.random.default_rng(45)
+  prompts = [list(rng.integers(3, model.cfg.vocab_size, n)) for n in (4, 9)]
+  runs = []
+  for m in (model, model.with_kernel_layout("out_in")):
+    eng = Engine(m, None, heads, max_cache_len=48, max_tree_rows=8, steps_per_call=2)
+    runs.append([eng.generate(prompts, 6, speculate=mode) for mode in ("none", "tree")])
+  for want, got in zip(*runs):
+    assert got.tokens == want.tokens and got.steps == want.steps
 
 
 def test_attention_scores_errors():

@@ -568,6 +568,12 @@ def test_llama_rules_and_errors():
   assert sharded.layers[1].mlp.down_proj.kernel[...].sharding.spec == P("model", None)
   assert sharded.embed_tokens[...].sharding.spec == P("model", None)
   assert sharded.lm_head_kernel[...].sharding.spec == P(None, "model")
+  # The rules are written for [in, out] kernels: an out_in model is converted first.
+  back = shard_llama(llama.with_kernel_layout("out_in"), mesh)
+  assert back.kernel_layout == "in_out"
+  assert back.layers[1].mlp.down_proj.kernel[...].sharding.spec == P("model", None)
+  np.testing.assert_array_equal(np.asarray(back.layers[1].mlp.down_proj.kernel[...]),
+                                np.asarray(llama.layers[1].mlp.down_proj.kernel[...]))
   with pytest.raises(ShardingError, match="num_attention_heads=4 is not divisible by mesh axis "
                                           "'model' of size 8"):
     llama_rules(_tiny_cfg(num_attention_heads=4, num_key_value_heads=2, head_dim=8), mesh)

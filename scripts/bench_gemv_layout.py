@@ -1,0 +1,211 @@
+"""How a decode step's projections run on XLA: the weight layout, at batch 1, 16 and 64.
+
+A plain decode step at batch 1 is 30 layers of vector-matrix products. XLA:GPU
+strength-reduces a small dot (``(M + N) * K`` under ten million) into a
+multiply and a reduce; with the weight held ``[K, N]`` (``[in, out]``) that
+reduce runs over the weight's major dimension. This script times the 30
+layers' projections of the SmolLM2-135M shape (H 576, q/k/v 960, F 1536), the
+norms, SwiGLU and residuals included, attention left out, for each layout:
+
+* ``kn``: ``w [K, N]``, ``x @ w`` (the model's ``Linear`` today);
+* ``nk``: ``w [N, K]``, ``einsum('bk,nk->bn')`` (contraction over both minor dimensions:
+  PyTorch's and GGUF's layout);
+* ``nk_sum``: ``w [N, K]``, the product and the sum written out in f32;
+* ``row``: ``w [K, N]`` through the Pallas ``row_projection`` kernels (batch 1, GPU only).
+
+Each variant runs S steps in one jitted ``fori_loop`` (one dispatch); the table
+gives ms per step, the kernels of one step compiled alone, and the floor: the
+weights' bytes over a copy bandwidth timed on the device in the same run.
+Every variant's output is checked against a float64 NumPy reference.
+
+Usage: ``PYTHONPATH=. python3 scripts/bench_gemv_layout.py --out $OUT``
+(CPU check: ``--layers 2 --steps 2 --batches 1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+H, QKV, F = 576, 960, 1536
+EPS = 1e-5
+
+
+def _copy_bandwidth() -> float:
+  """Bytes/s read + written by 20 dependent 1 GiB copies in one jitted loop."""
+  x = jnp.ones((256 * 1024 * 1024,), jnp.float32)
+  loop = jax.jit(lambda a: jax.lax.fori_loop(0, 20, lambda i, b: b * 1.0001, a))
+  loop(x).block_until_ready()
+  best = float("inf")
+  for _ in range(3):
+    t = time.perf_counter()
+    loop(x).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * 20 * x.nbytes / best
+
+
+def _weights(layers: int, seed: int, dtype) -> list[dict[str, np.ndarray]]:
+  """Per layer ``[in, out]`` float32 weights (the reference's) and norm gains."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(layers):
+    w = lambda k, n: (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)  # noqa: E731
+    out.append(dict(qkv=w(H, QKV), o=w(H, H), gu=w(H, 2 * F), d=w(F, H),
+                    g1=(1 + 0.1 * rng.standard_normal(H)).astype(np.float32),
+                    g2=(1 + 0.1 * rng.standard_normal(H)).astype(np.float32)))
+  return out
+
+
+def _reference(x: np.ndarray, layers: list[dict[str, np.ndarray]]) -> np.ndarray:
+  """float64 NumPy: the layers' projections, norms, SwiGLU and residuals."""
+  x = x.astype(np.float64)
+  rms = lambda v, g: v / np.sqrt(np.mean(v * v, -1, keepdims=True) + EPS) * g  # noqa: E731
+  for p in layers:
+    qkv = rms(x, p["g1"]) @ p["qkv"]
+    x = x + qkv[:, :H] @ p["o"]
+    gu = rms(x, p["g2"]) @ p["gu"]
+    g, u = gu[:, :F], gu[:, F:]
+    x = x + (g / (1 + np.exp(-g)) * u) @ p["d"]
+  return x
+
+
+def _dense(layout: str):
+  """x [B, K] (dtype) and w (its layout) -> [B, N] float32."""
+  if layout == "kn":
+    return lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32)
+  if layout == "nk":
+    return lambda x, w: jnp.einsum("bk,nk->bn", x, w, preferred_element_type=jnp.float32)
+  if layout == "nk_sum":
+    return lambda x, w: jnp.sum(x.astype(jnp.float32)[:, None, :] * w.astype(jnp.float32), -1)
+  raise ValueError(layout)
+
+
+def _step(layout: str, dtype):
+  """One step: all layers, x [B, H] -> [B, H] (dtype)."""
+  if layout == "row":
+    from medusa_jax.pallas.row_projection import row_projection
+
+    def layer(x, p):
+      x_H = x.reshape(-1)
+      qkv = row_projection(x_H, p["qkv"], norm_K=p["g1"], eps=EPS)
+      x_H = row_projection(qkv[:H], p["o"], residual_N=x_H)
+      gu = row_projection(x_H, p["gu"], norm_K=p["g2"], eps=EPS)
+      return row_projection(gu, p["d"], gated=True, residual_N=x_H).reshape(x.shape)
+  else:
+    dense = _dense(layout)
+
+    def rms(v, g):
+      v32 = v.astype(jnp.float32)
+      y = v32 * jax.lax.rsqrt(jnp.mean(v32 * v32, -1, keepdims=True) + EPS)
+      return y.astype(dtype) * g.astype(dtype)
+
+    def layer(x, p):
+      qkv = dense(rms(x, p["g1"]), p["qkv"]).astype(dtype)
+      x = x + dense(qkv[:, :H], p["o"]).astype(dtype)
+      gu = dense(rms(x, p["g2"]), p["gu"]).astype(dtype)
+      m = (jax.nn.silu(gu[:, :F]) * gu[:, F:]).astype(dtype)
+      return x + dense(m, p["d"]).astype(dtype)
+
+  def step(x, params):
+    for p in params:
+      x = layer(x, p)
+    return x
+  return step
+
+
+def _device_params(ref: list[dict], layout: str, dtype) -> list[dict]:
+  out = []
+  for p in ref:
+    q = {}
+    for k, v in p.items():
+      if v.ndim == 2 and layout in ("nk", "nk_sum"):
+        v = v.T
+      q[k] = jnp.asarray(np.ascontiguousarray(v), dtype)
+    out.append(q)
+  return out
+
+
+def _kernels(compiled_text: str) -> int:
+  """Fusions, library calls and copies outside fusion bodies (the loop's kernels)."""
+  n = 0
+  for body in re.split(r"\n(?=\S)", compiled_text):
+    head = body.split("\n", 1)[0]
+    if "fused_computation" in head or "fusion" in head.split("(")[0] or "region" in head:
+      continue
+    n += len(re.findall(r"= (?:\([^()]*\)|\S+) (?:fusion|custom-call|copy)\(", body))
+  return n
+
+
+def run(args) -> dict:
+  dtype = jnp.dtype(args.dtype)
+  ref = _weights(args.layers, args.seed, dtype)
+  weight_bytes = sum(v.size for p in ref for v in p.values()) * dtype.itemsize
+  bw = _copy_bandwidth()
+  gpu = jax.devices()[0].platform == "gpu"
+  layouts = [v for v in args.variants if v != "row" or gpu]
+  rows = []
+  for B in args.batches:
+    x0 = np.random.default_rng(args.seed + B).standard_normal((B, H)).astype(np.float32)
+    want = _reference(x0, ref)
+    for layout in layouts:
+      if layout == "row" and B != 1:
+        continue
+      params = _device_params(ref, layout, dtype)
+      step = _step(layout, dtype)
+      loop = jax.jit(lambda x, p, step=step: jax.lax.fori_loop(
+          0, args.steps, lambda i, v: step(v, p), x))
+      one = jax.jit(step)
+      x = jnp.asarray(x0, dtype)
+      got = np.asarray(one(x, params), np.float64)
+      err = float(np.max(np.abs(got - want)) / (np.max(np.abs(want)) + 1e-30))
+      # Kernels of one step compiled alone: inside the loop a GPU runs the body as one
+      # command buffer, which hides them.
+      kernels = _kernels(one.lower(x, params).compile().as_text())
+      loop(x, params).block_until_ready()
+      best = float("inf")
+      for _ in range(args.repeats):
+        t = time.perf_counter()
+        loop(x, params).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+      ms = best / args.steps * 1e3
+      floor_ms = weight_bytes / bw * 1e3
+      rows.append(dict(batch=B, layout=layout, ms_per_step=ms, kernels=kernels,
+                       floor_ms=floor_ms, x_floor=ms / floor_ms, max_rel_err=err))
+      print(f"B {B:3d} {layout:7s} {ms:8.3f} ms/step  {kernels:5d} kernels  "
+            f"{ms / floor_ms:6.1f}x floor  rel err {err:.2e}", flush=True)
+  return dict(what=__doc__.splitlines()[0], device=str(jax.devices()[0].device_kind),
+              jax=jax.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              dtype=dtype.name, layers=args.layers, steps=args.steps,
+              copy_bandwidth_Bps=bw, weight_bytes=weight_bytes, rows=rows)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--out", default=None)
+  p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+  p.add_argument("--variants", nargs="+", default=["kn", "nk", "nk_sum", "row"])
+  p.add_argument("--layers", type=int, default=30)
+  p.add_argument("--steps", type=int, default=50)
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args(argv)
+  res = run(args)
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_gemv_layout.json"), "w") as f:
+      json.dump(res, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
