@@ -70,6 +70,7 @@ PY
     cat "$ASSETS/gguf.part00" .assets/train2/gguf.part01 > "$GGUF" || exit 1
     echo "$GGUF_SHA256  $GGUF" | sha256sum -c - || exit 1
     MODEL=$ASSETS/smollm2-135m-instruct
+    rm -rf "$MODEL"  # a second e2e call on the same warm machine converts again
     python3 - "$GGUF" "$MODEL" <<'PY' 2>&1 | tee -a "$OUT/$STAGE.log" || exit 1
 import sys, time
 from medusa_jax.models.chat import ChatTemplate

@@ -185,7 +185,8 @@ class Engine:
         acceptance=acceptance, batch_sizes=tuple(batch_sizes),
         cache_len=min(cache_len, self.config.max_cache_len),
         model_key=f"{self.model_name}-{source or 'heads'}", dtype=self.cache_dtype,
-        steps_per_call=steps_per_call or self.config.steps_per_call, log=log)
+        steps_per_call=steps_per_call or self.config.steps_per_call,
+        model_options=getattr(self.llama, "static_options", dict)(), log=log)
 
   @property
   def max_cache_len(self) -> int:

@@ -69,6 +69,7 @@ from typing import Any
 
 import numpy as np
 
+from medusa_jax import __version__ as MEDUSA_JAX_VERSION
 from medusa_jax import _atomic
 from medusa_jax.decoding import tree as tree_lib
 from medusa_jax.decoding.tree import Choices, TreeBuffers
@@ -712,6 +713,7 @@ def load_or_measure(decoder, *, choices, num_heads: int, acceptance=None,
                     cache_dir: str | os.PathLike | None = None, device_kind: str | None = None,
                     model_key: str, repeats: int = 5, topk: int = tree_lib.DEFAULT_TOPK,
                     dtype=None, steps_per_call: int = 1, margin: float = DEFAULT_MARGIN,
+                    model_options: Mapping[str, Any] | None = None,
                     log=None) -> SpeculationPolicy:
   """The policy from the cached time table of this device, model and heads, else measured.
 
@@ -732,6 +734,9 @@ def load_or_measure(decoder, *, choices, num_heads: int, acceptance=None,
     dtype: cache dtype of the timed steps (default float32).
     steps_per_call: K steps per timed device loop (see :func:`measure_step_times`).
     margin: see :attr:`SpeculationPolicy.margin` (a choice, not part of the cache).
+    model_options: how the model runs its step (``Llama.static_options``: attention,
+      kernel layout, ...), part of the key with medusa_jax's version: either changes the
+      kernels a step runs, so a table timed under other ones is not reused.
     log: called with one line when measuring or replacing a bad file.
 
   Returns:
@@ -755,7 +760,9 @@ def load_or_measure(decoder, *, choices, num_heads: int, acceptance=None,
   key = {"device_kind": device_kind, "model": model_key, "num_heads": num_heads,
          "candidates": [tree_key(t) for t in trees], "cache_len": cache_len,
          "batch_sizes": list(sizes), "jax": jax.__version__,
-         "dtype": np.dtype(dtype or np.float32).name, "steps_per_call": int(steps_per_call)}
+         "dtype": np.dtype(dtype or np.float32).name, "steps_per_call": int(steps_per_call),
+         "medusa_jax": MEDUSA_JAX_VERSION,
+         "model_options": {str(k): v for k, v in sorted((model_options or {}).items())}}
   directory = Path(cache_dir) if cache_dir is not None else default_home() / "policy"
   acceptance = DEFAULT_ACCEPTANCE if acceptance is None else acceptance
   # Candidates that cannot win under this acceptance are left untimed, so the

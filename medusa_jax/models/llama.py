@@ -734,6 +734,13 @@ class Llama(nnx.Module):
       dst.kernel.set_value(jnp.swapaxes(src.kernel.get_value(), 0, 1))
     return new
 
+  def static_options(self) -> dict[str, Any]:
+    """The options that change which kernels a step runs (not the function it computes):
+    what a cached step timing belongs to (``decoding.policy.load_or_measure``)."""
+    return {"fused_projections": self.fused_projections,
+            "attention_scores": self.attention_scores.value, "row_kernels": self.row_kernels,
+            "compact_kernel": self.compact_kernel, "kernel_layout": self.kernel_layout}
+
   def _linears(self) -> list[Linear]:
     """Every projection of every layer, in a fixed order."""
     out = []

@@ -187,6 +187,10 @@ def test_tiny_timing_cache_round_trip_and_corrupt_file(tiny, tmp_path, monkeypat
   path.write_text(json.dumps(obj))
   _measure(tiny, tmp_path, monkeypatch, calls)
   assert len(calls) == 3
+  # Another medusa_jax version's table (its kernels may differ) is not reused.
+  monkeypatch.setattr(P, "MEDUSA_JAX_VERSION", "0.0.0-other")
+  _measure(tiny, tmp_path, monkeypatch, calls)
+  assert len(calls) == 4 and len(list(tmp_path.iterdir())) == 2
 
 
 # ---- pruning: candidates that cannot win are not timed
@@ -244,6 +248,12 @@ def test_engine_measures_its_tree_policy_once_per_batch_bucket(tiny, tmp_path, m
                  tree_policy="measured")
   assert again.generate(prompts[:1], 7, speculate="tree").tokens == want[:1]
   assert calls == [(1,)] and len(list((tmp_path / "policy").iterdir())) == 1
+  # The same model running other kernels (here: its other projection layout) is timed anew.
+  layout = "out_in" if llama.kernel_layout == "in_out" else "in_out"
+  other = Engine(llama.with_kernel_layout(layout), None, heads, max_cache_len=128,
+                 tree_choices=choices, tree_policy="measured")
+  assert other.generate(prompts[:1], 7, speculate="tree").tokens == want[:1]
+  assert calls == [(1,), (1,)] and len(list((tmp_path / "policy").iterdir())) == 2
   budget = Engine(llama, None, heads, max_cache_len=128, tree_choices=choices,
                   tree_policy="budget")
   assert budget.context.tree_policy is None
