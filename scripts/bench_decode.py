@@ -78,37 +78,9 @@ def _build(cfg, dtype, num_heads, seed=0, fused=True, attention="grouped", row_k
 
 
 def _copy_bandwidth():
-  """(device-timed, host-timed) copy bandwidth in bytes/s (read + write).
-
-  Device-timed: 20 dependent copies of a 1 GiB array inside one jitted loop
-  (the loop keeps XLA from fusing them), timed end to end, so one dispatch and
-  one sync are spread over 20 copies. Host-timed: one jitted 256 MiB copy per
-  call, median of 10; it includes the dispatch and the sync and so reads low
-  (kept to show the difference).
-  """
-  import jax
-  import jax.numpy as jnp
-  n = 256 * 1024 * 1024 // 4
-  x = jax.random.normal(jax.random.PRNGKey(0), (4 * n,), jnp.float32)
-  loop = jax.jit(lambda a: jax.lax.fori_loop(0, 20, lambda i, b: b * 1.0001, a))
-  loop(x).block_until_ready()
-  device = []
-  for _ in range(3):
-    t = time.perf_counter()
-    loop(x).block_until_ready()
-    device.append(time.perf_counter() - t)
-  device_bw = 2 * 20 * x.nbytes / min(device)
-  y = x[:n]
-  f = jax.jit(lambda a: a * 1.0001)
-  f(y).block_until_ready()
-  times = []
-  for _ in range(10):
-    t = time.perf_counter()
-    f(y).block_until_ready()
-    times.append(time.perf_counter() - t)
-  times.sort()
-  del x, y
-  return device_bw, 2 * 4 * n / times[len(times) // 2]
+  """(device-timed, host-timed) copy bandwidth in bytes/s (read + written; scripts/bandwidth.py)."""
+  bandwidth = _sibling("bandwidth")
+  return bandwidth.device_copy_bandwidth(), bandwidth.host_copy_bandwidth()
 
 
 def _start_state(dec, cfg, batch, cache_len, prompt_len, config, dtype, seed):

@@ -36,21 +36,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bandwidth import device_copy_bandwidth  # noqa: E402  (scripts/bandwidth.py)
+
 H, QKV, F = 576, 960, 1536
 EPS = 1e-5
-
-
-def _copy_bandwidth() -> float:
-  """Bytes/s read + written by 20 dependent 1 GiB copies in one jitted loop."""
-  x = jnp.ones((256 * 1024 * 1024,), jnp.float32)
-  loop = jax.jit(lambda a: jax.lax.fori_loop(0, 20, lambda i, b: b * 1.0001, a))
-  loop(x).block_until_ready()
-  best = float("inf")
-  for _ in range(3):
-    t = time.perf_counter()
-    loop(x).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * 20 * x.nbytes / best
 
 
 def _weights(layers: int, seed: int, dtype) -> list[dict[str, np.ndarray]]:
@@ -149,7 +139,7 @@ def run(args) -> dict:
   dtype = jnp.dtype(args.dtype)
   ref = _weights(args.layers, args.seed, dtype)
   weight_bytes = sum(v.size for p in ref for v in p.values()) * dtype.itemsize
-  bw = _copy_bandwidth()
+  bw = device_copy_bandwidth()
   gpu = jax.devices()[0].platform == "gpu"
   layouts = [v for v in args.variants if v != "row" or gpu]
   rows = []
