@@ -34,7 +34,9 @@ So the RoPE tables are computed once per call and shared by every layer, and
 (``qkv_proj``, ``gate_up_proj``). Checkpoints load in the unfused layout (the
 Hugging Face names, which the sharded loader also splits by columns); fusing
 is a separate step for a single-device model. :class:`AttentionScores` picks
-how the scores against the cache are laid out as a matmul.
+how the scores against the cache are laid out as a matmul, and
+:meth:`Llama.with_kernel_layout` holds the projections ``[out, in]`` where XLA
+runs a one-row product faster that way (a CUDA GPU: :data:`KERNEL_LAYOUTS`).
 
 Checkpoints load through :mod:`medusa_jax.models.llama_weights` (``load_llama``,
 also reachable from here).
