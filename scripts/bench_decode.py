@@ -782,6 +782,7 @@ def bench_real(args) -> dict:
     return entry
 
   engine = engine_for(jnp.bfloat16)
+  out["kernel_layout"] = engine.llama.kernel_layout
   out["load_s"] = time.time() - t0
   for batch in args.batches:
     if time.time() - t0 > args.time_budget:
@@ -1035,6 +1036,8 @@ def _flag_variants(args) -> list:
            "--batches", "1", "--steps", str(args.steps), "--cache-len", str(args.cache_len),
            "--dtype", args.dtype, "--attention", args.attention, "--json-line",
            "--tree-batches", *map(str, args.variant_tree_batches), *extra]
+    if args.kernel_layout and not {"--kernel-layout", "--row-kernels"} & set(extra):
+      cmd += ["--kernel-layout", args.kernel_layout]  # the parent row's (row kernels: in_out)
     if args.compare_methods:
       cmd += ["--compare-attention", "1", "--compare-methods", *args.compare_methods]
     if args.tiny:

@@ -7,7 +7,7 @@ reduce runs over the weight's major dimension. This script times the 30
 layers' projections of the SmolLM2-135M shape (H 576, q/k/v 960, F 1536), the
 norms, SwiGLU and residuals included, attention left out, for each layout:
 
-* ``kn``: ``w [K, N]``, ``x @ w`` (the model's ``Linear`` today);
+* ``kn``: ``w [K, N]``, ``x @ w`` (the model's ``Linear`` in the ``in_out`` layout);
 * ``nk``: ``w [N, K]``, ``einsum('bk,nk->bn')`` (contraction over both minor dimensions:
   PyTorch's and GGUF's layout);
 * ``nk_sum``: ``w [N, K]``, the product and the sum written out in f32;

@@ -186,7 +186,8 @@ class Engine:
         cache_len=min(cache_len, self.config.max_cache_len),
         model_key=f"{self.model_name}-{source or 'heads'}", dtype=self.cache_dtype,
         steps_per_call=steps_per_call or self.config.steps_per_call,
-        model_options=getattr(self.llama, "static_options", dict)(), log=log)
+        model_options=dict(getattr(self.llama, "static_options", dict)(),
+                           lm_head_copy=self.decoder.params.lm_head_t is not None), log=log)
 
   @property
   def max_cache_len(self) -> int:

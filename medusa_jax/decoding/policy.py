@@ -704,6 +704,20 @@ def observe_rows(pool: Sequence[float], spread: Sequence[float], *,
 # ----------------------------------------------------------------------------- cache
 
 
+def _json_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+  """``options`` as the JSON cache file reads it back (keys sorted, tuples as lists), so that
+  a cached key compares equal to a fresh one.
+
+  Raises:
+    PolicyError: a value JSON cannot hold.
+  """
+  try:
+    return json.loads(json.dumps({str(k): v for k, v in (options or {}).items()},
+                                 sort_keys=True))
+  except (TypeError, ValueError) as e:
+    raise PolicyError(f"model_options: {e}") from None
+
+
 def _slug(text: str) -> str:
   return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "device"
 
@@ -762,7 +776,7 @@ def load_or_measure(decoder, *, choices, num_heads: int, acceptance=None,
          "batch_sizes": list(sizes), "jax": jax.__version__,
          "dtype": np.dtype(dtype or np.float32).name, "steps_per_call": int(steps_per_call),
          "medusa_jax": MEDUSA_JAX_VERSION,
-         "model_options": {str(k): v for k, v in sorted((model_options or {}).items())}}
+         "model_options": _json_options(model_options)}
   directory = Path(cache_dir) if cache_dir is not None else default_home() / "policy"
   acceptance = DEFAULT_ACCEPTANCE if acceptance is None else acceptance
   # Candidates that cannot win under this acceptance are left untimed, so the

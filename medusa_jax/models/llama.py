@@ -136,8 +136,8 @@ rewrites a small product into a multiply and a reduce, and ``in_out`` reduces ov
 weight's major dimension: on the H200 the 30 layers' projections of SmolLM2-135M take
 0.662 ms per step at batch 1 that way and 0.416 ms in ``out_in``, while batch 16 and 64 are
 within 4 % either way (``scripts/bench_gemv_layout.py``, docs/perf.md). On a 2-core CPU
-``out_in`` is 7 % faster at one row in f32 but 30 % slower at the 3-8 rows of a small tree,
-so the CPU keeps ``in_out``."""
+``out_in`` is 6-7 % faster at one row in f32 but 29-34 % slower at the 3-8 rows of a small
+tree, so the CPU keeps ``in_out``."""
 
 
 def default_kernel_layout() -> str:

@@ -104,11 +104,12 @@ def param_at(module: nnx.Module, path: ParamPath) -> nnx.Param:
   return obj
 
 
-def abstract_llama(cfg: LlamaConfig, *, dtype=jnp.float32, param_dtype=None) -> Llama:
+def abstract_llama(cfg: LlamaConfig, *, dtype=jnp.float32, param_dtype=None,
+                   kernel_layout: str = "in_out") -> Llama:
   """A :class:`Llama` with shape-only parameters, to be filled with ``set_value``."""
   param_dtype = dtype if param_dtype is None else param_dtype
   return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=dtype,
-                                      param_dtype=param_dtype))
+                                      param_dtype=param_dtype, kernel_layout=kernel_layout))
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -121,7 +122,8 @@ class CheckpointTensor:
     path: the parameter's path in the model (see :func:`hf_param_names`).
     param: the parameter it fills.
     shape: the parameter's shape (``[in, out]`` for a transposed kernel).
-    transpose: the file holds the ``[out, in]`` transpose.
+    transpose: the file holds the parameter's transpose (a projection of an ``in_out``
+      model: the file is ``[out, in]``; an ``out_in`` model reads it as is).
   """
   name: str
   file: str
@@ -183,6 +185,9 @@ def open_checkpoint(model_dir: str | os.PathLike, model: Llama) -> Iterator[list
         if name not in wanted:
           continue
         param_path, transpose = wanted[name]
+        if transpose and param_path[-1] == "kernel" and getattr(
+            model, "kernel_layout", "in_out") == "out_in":
+          transpose = False  # the projection holds the file's [out, in] as it is
         param = param_at(model, param_path)
         shape = tuple(param.get_value().shape)
         got = tuple(handle.get_slice(name).get_shape())
@@ -198,7 +203,8 @@ def open_checkpoint(model_dir: str | os.PathLike, model: Llama) -> Iterator[list
     yield list(found.values())
 
 
-def load_llama(model_dir: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None) -> Llama:
+def load_llama(model_dir: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None,
+               kernel_layout: str = "in_out") -> Llama:
   """Loads a Hugging Face Llama checkpoint (``config.json`` + safetensors).
 
   Sharded checkpoints (``model.safetensors.index.json``) are supported. Torch
@@ -209,9 +215,11 @@ def load_llama(model_dir: str | os.PathLike, *, dtype=jnp.float32, param_dtype=N
     model_dir: directory holding ``config.json`` and the safetensors file(s).
     dtype: compute dtype.
     param_dtype: storage dtype of the parameters (default: ``dtype``).
+    kernel_layout: the projections' layout (``llama.KERNEL_LAYOUTS``; ``out_in`` reads
+      the files' ``[out, in]`` as they are).
 
   Raises:
-    ConfigError: bad or unsupported ``config.json``.
+    ConfigError: bad or unsupported ``config.json``, or an unknown ``kernel_layout``.
     WeightsNotFoundError: no safetensors file.
     MissingTensorError: a tensor the model needs is absent (named).
     TensorShapeError: a tensor has the wrong shape (named, with both shapes).
@@ -222,7 +230,8 @@ def load_llama(model_dir: str | os.PathLike, *, dtype=jnp.float32, param_dtype=N
   param_dtype = dtype if param_dtype is None else param_dtype
   check_float_dtype(dtype, "dtype")
   check_float_dtype(param_dtype, "param_dtype")
-  model = abstract_llama(LlamaConfig.from_hf(model_dir), dtype=dtype, param_dtype=param_dtype)
+  model = abstract_llama(LlamaConfig.from_hf(model_dir), dtype=dtype, param_dtype=param_dtype,
+                         kernel_layout=kernel_layout)
   np_dtype = np.dtype(jnp.dtype(param_dtype))
   with open_checkpoint(model_dir, model) as tensors:
     for t in tensors:

@@ -97,6 +97,24 @@ def test_base_name_warning_and_fresh_heads_for_a_new_base(tiny):
   assert loaded.name == str(root / "model") and loaded.eos_ids == (2,)
 
 
+def test_the_base_takes_the_backend_s_kernel_layout(tiny, monkeypatch):
+  """load_model fuses the projections, then holds them in the backend's layout: [out, in] on
+  a CUDA GPU (faked here), [in, out] elsewhere; the weights are the same either way."""
+  import jax
+
+  from medusa_jax.models import llama as llama_mod
+  root, _ = tiny
+  here = load_model(str(root / "model"), str(root / "adapter")).llama
+  assert here.fused_projections and here.kernel_layout == llama_mod.default_kernel_layout()
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(llama_mod, "_cuda", lambda: True)
+  gpu = load_model(str(root / "model"), str(root / "adapter")).llama
+  assert gpu.kernel_layout == "out_in" and gpu.fused_projections
+  want = here.with_kernel_layout("out_in")
+  for a, b in zip(want._linears(), gpu._linears()):
+    np.testing.assert_array_equal(np.asarray(a.kernel[...]), np.asarray(b.kernel[...]))
+
+
 def test_names():
   assert same_model("HuggingFaceTB/SmolLM2-135M-Instruct", "/x/smollm2-135m-instruct/")
   assert not same_model("lmsys/vicuna-7b-v1.3", "lmsys/vicuna-13b-v1.3")

@@ -152,7 +152,7 @@ def test_acceptance_from_bundled_recipe():
 _REAL_MEASURE = P.measure_step_times
 
 
-def _measure(tiny, tmp_path, monkeypatch, calls):
+def _measure(tiny, tmp_path, monkeypatch, calls, **kw):
   _, _, _, dec = tiny
 
   def counted(*args, **kwargs):
@@ -161,7 +161,7 @@ def _measure(tiny, tmp_path, monkeypatch, calls):
   monkeypatch.setattr(P, "measure_step_times", counted)
   return P.load_or_measure(dec, choices=((0,), (1,), (0, 0)), num_heads=2, acceptance=None,
                            batch_sizes=(1, 2), cache_len=32, cache_dir=tmp_path,
-                           device_kind="cpu-test", model_key="tiny", repeats=1)
+                           device_kind="cpu-test", model_key="tiny", repeats=1, **kw)
 
 
 def test_tiny_timing_cache_round_trip_and_corrupt_file(tiny, tmp_path, monkeypatch):
@@ -187,10 +187,18 @@ def test_tiny_timing_cache_round_trip_and_corrupt_file(tiny, tmp_path, monkeypat
   path.write_text(json.dumps(obj))
   _measure(tiny, tmp_path, monkeypatch, calls)
   assert len(calls) == 3
+  # The model's options are part of the key, as the file reads them back (a tuple is a
+  # list there): the same options find the table again; values JSON cannot hold are refused.
+  opts = dict(layout="out_in", sizes=(1, 2))
+  _measure(tiny, tmp_path, monkeypatch, calls, model_options=opts)
+  _measure(tiny, tmp_path, monkeypatch, calls, model_options=dict(reversed(opts.items())))
+  assert len(calls) == 4
+  with pytest.raises(P.PolicyError, match="model_options"):
+    _measure(tiny, tmp_path, monkeypatch, calls, model_options=dict(x=object()))
   # Another medusa_jax version's table (its kernels may differ) is not reused.
   monkeypatch.setattr(P, "MEDUSA_JAX_VERSION", "0.0.0-other")
   _measure(tiny, tmp_path, monkeypatch, calls)
-  assert len(calls) == 4 and len(list(tmp_path.iterdir())) == 2
+  assert len(calls) == 5 and len(list(tmp_path.iterdir())) == 3
 
 
 # ---- pruning: candidates that cannot win are not timed

@@ -685,6 +685,15 @@ def test_load_llama_round_trip(tmp_path, tied, shards):
   assert l16.embed_tokens[...].dtype == jnp.bfloat16
   l32 = load_llama(tmp_path / "m", dtype=jnp.bfloat16, param_dtype=jnp.float32)
   assert l32.embed_tokens[...].dtype == jnp.float32 and l32.dtype == jnp.bfloat16
+  # Straight into [out, in] projections: the files' layout read as it is (its square q and o
+  # kernels included), the same parameters as converting after the load.
+  nk = load_llama(tmp_path / "m", kernel_layout="out_in")
+  assert nk.kernel_layout == "out_in"
+  for a, b in zip(jax.tree.leaves(nnx.state(loaded.with_kernel_layout("out_in"))),
+                  jax.tree.leaves(nnx.state(nk))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ConfigError, match="kernel_layout"):
+    load_llama(tmp_path / "m", kernel_layout="nk")
 
 
 def test_load_llama_errors(tmp_path):
