@@ -718,8 +718,7 @@ def bench_real(args) -> dict:
   def engine_for(dtype):
     base = Engine.load(args.real_model, heads, dtype=dtype, max_cache_len=args.cache_len,
                        min_cache_len=args.e2e_min_cache_len, fuse_projections=args.fused)
-    layout = args.kernel_layout or ("in_out" if args.row_kernels else None)
-    llama = base.llama.with_kernel_layout(layout).with_attention_scores(
+    llama = base.llama.with_kernel_layout(args.kernel_layout).with_attention_scores(
         args.attention).with_row_kernels(args.row_kernels)
     if args.compact_kernel is not None:
       llama = llama.with_compact_kernel(args.compact_kernel)
@@ -1036,8 +1035,8 @@ def _flag_variants(args) -> list:
            "--batches", "1", "--steps", str(args.steps), "--cache-len", str(args.cache_len),
            "--dtype", args.dtype, "--attention", args.attention, "--json-line",
            "--tree-batches", *map(str, args.variant_tree_batches), *extra]
-    if args.kernel_layout and not {"--kernel-layout", "--row-kernels"} & set(extra):
-      cmd += ["--kernel-layout", args.kernel_layout]  # the parent row's (row kernels: in_out)
+    if args.kernel_layout and "--kernel-layout" not in extra:
+      cmd += ["--kernel-layout", args.kernel_layout]  # the parent row's
     if args.compare_methods:
       cmd += ["--compare-attention", "1", "--compare-methods", *args.compare_methods]
     if args.tiny:

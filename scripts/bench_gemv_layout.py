@@ -11,7 +11,9 @@ norms, SwiGLU and residuals included, attention left out, for each layout:
 * ``nk``: ``w [N, K]``, ``einsum('bk,nk->bn')`` (contraction over both minor dimensions:
   PyTorch's and GGUF's layout);
 * ``nk_sum``: ``w [N, K]``, the product and the sum written out in f32;
-* ``row``: ``w [K, N]`` through the Pallas ``row_projection`` kernels (batch 1, GPU only).
+* ``row``: ``w [K, N]`` through the Pallas ``row_projection`` kernels, each with the norm
+  before it or the SwiGLU before and the residual after (batch 1, GPU only);
+* ``row_nk``: the same kernels over ``w [N, K]`` (``transposed``: contiguous tiles along K).
 
 Each variant runs S steps in one jitted ``fori_loop`` (one dispatch); the table
 gives ms per step, the kernels of one step compiled alone, and the floor: the
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import re
@@ -81,15 +84,16 @@ def _dense(layout: str):
 
 def _step(layout: str, dtype):
   """One step: all layers, x [B, H] -> [B, H] (dtype)."""
-  if layout == "row":
+  if layout in ("row", "row_nk"):
     from medusa_jax.pallas.row_projection import row_projection
+    rp = functools.partial(row_projection, transposed=layout == "row_nk")
 
     def layer(x, p):
       x_H = x.reshape(-1)
-      qkv = row_projection(x_H, p["qkv"], norm_K=p["g1"], eps=EPS)
-      x_H = row_projection(qkv[:H], p["o"], residual_N=x_H)
-      gu = row_projection(x_H, p["gu"], norm_K=p["g2"], eps=EPS)
-      return row_projection(gu, p["d"], gated=True, residual_N=x_H).reshape(x.shape)
+      qkv = rp(x_H, p["qkv"], norm_K=p["g1"], eps=EPS)
+      x_H = rp(qkv[:H], p["o"], residual_N=x_H)
+      gu = rp(x_H, p["gu"], norm_K=p["g2"], eps=EPS)
+      return rp(gu, p["d"], gated=True, residual_N=x_H).reshape(x.shape)
   else:
     dense = _dense(layout)
 
@@ -117,7 +121,7 @@ def _device_params(ref: list[dict], layout: str, dtype) -> list[dict]:
   for p in ref:
     q = {}
     for k, v in p.items():
-      if v.ndim == 2 and layout in ("nk", "nk_sum"):
+      if v.ndim == 2 and layout in ("nk", "nk_sum", "row_nk"):
         v = v.T
       q[k] = jnp.asarray(np.ascontiguousarray(v), dtype)
     out.append(q)
@@ -141,13 +145,13 @@ def run(args) -> dict:
   weight_bytes = sum(v.size for p in ref for v in p.values()) * dtype.itemsize
   bw = device_copy_bandwidth()
   gpu = jax.devices()[0].platform == "gpu"
-  layouts = [v for v in args.variants if v != "row" or gpu]
+  layouts = [v for v in args.variants if not v.startswith("row") or gpu or args.interpret_rows]
   rows = []
   for B in args.batches:
     x0 = np.random.default_rng(args.seed + B).standard_normal((B, H)).astype(np.float32)
     want = _reference(x0, ref)
     for layout in layouts:
-      if layout == "row" and B != 1:
+      if layout.startswith("row") and B != 1:
         continue
       params = _device_params(ref, layout, dtype)
       step = _step(layout, dtype)
@@ -182,7 +186,10 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", default=None)
   p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
-  p.add_argument("--variants", nargs="+", default=["kn", "nk", "nk_sum", "row"])
+  p.add_argument("--variants", nargs="+", default=["kn", "nk", "nk_sum", "row", "row_nk"],
+                 choices=["kn", "nk", "nk_sum", "row", "row_nk"])
+  p.add_argument("--interpret-rows", action="store_true",
+                 help="run the row variants off a GPU too (interpreted: a correctness check)")
   p.add_argument("--layers", type=int, default=30)
   p.add_argument("--steps", type=int, default=50)
   p.add_argument("--repeats", type=int, default=5)

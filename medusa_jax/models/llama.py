@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import enum
 import math
+from typing import Any
 
 import flax
 import jax
@@ -553,17 +554,18 @@ class Block(nnx.Module):
     dtype = x_1x1xH.dtype
     bias = lambda lin: None if lin.bias is None else lin.bias[...]  # noqa: E731
     x_H = x_1x1xH.reshape(-1)
-    qkv_N = row_projection(x_H, attn.qkv_proj.kernel[...],
+    t = attn.o_proj.transposed  # every projection of the layer shares the layout
+    qkv_N = row_projection(x_H, attn.qkv_proj.kernel[...], transposed=t,
                            norm_K=self.input_layernorm.weight[...],
                            eps=self.input_layernorm.eps, bias_N=bias(attn.qkv_proj))
     o_1x1xQxD, k, v = attn.attend(*attn.split_qkv(qkv_N.reshape(1, 1, -1)), rope_cs, k, v,
                                   cache_index_B, mask_Bx1x1xTxL)
     x_H = row_projection(o_1x1xQxD.astype(dtype).reshape(-1), attn.o_proj.kernel[...],
-                         bias_N=bias(attn.o_proj), residual_N=x_H)
-    gu_N = row_projection(x_H, mlp.gate_up_proj.kernel[...],
+                         transposed=t, bias_N=bias(attn.o_proj), residual_N=x_H)
+    gu_N = row_projection(x_H, mlp.gate_up_proj.kernel[...], transposed=t,
                           norm_K=self.post_attention_layernorm.weight[...],
                           eps=self.post_attention_layernorm.eps, bias_N=bias(mlp.gate_up_proj))
-    x_H = row_projection(gu_N, mlp.down_proj.kernel[...], gated=True,
+    x_H = row_projection(gu_N, mlp.down_proj.kernel[...], gated=True, transposed=t,
                          bias_N=bias(mlp.down_proj), residual_N=x_H)
     return x_H.reshape(x_1x1xH.shape), k, v
 
@@ -616,8 +618,7 @@ class Llama(nnx.Module):
         checkpoints load into ``in_out``, :meth:`with_kernel_layout` converts.
 
     Raises:
-      ConfigError: an unknown ``attention_scores`` or ``kernel_layout``, or
-        ``row_kernels`` with the ``out_in`` layout (the kernels read ``[in, out]``).
+      ConfigError: an unknown ``attention_scores`` or ``kernel_layout``.
     """
     self.cfg = cfg
     self.dtype = dtype
@@ -627,9 +628,6 @@ class Llama(nnx.Module):
     self.compact_kernel = _compact_kernel_default() if compact_kernel is None \
         else bool(compact_kernel)
     self.kernel_layout = _kernel_layout(kernel_layout)
-    if self.row_kernels and self.kernel_layout != "in_out":
-      raise ConfigError("row_kernels: the row_projection kernels read [in, out] kernels; "
-                        f"got kernel_layout={self.kernel_layout!r}")
     init = nnx.initializers.normal(0.02)
     self.embed_tokens = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
                                        param_dtype))
@@ -719,16 +717,16 @@ class Llama(nnx.Module):
 
   def with_kernel_layout(self, layout: str | None) -> Llama:
     """The same function with the projections' kernels in ``layout`` (:data:`KERNEL_LAYOUTS`;
-    None: :func:`default_kernel_layout`, or ``in_out`` with ``row_kernels``).
+    None: :func:`default_kernel_layout`).
 
     The kernels are transposed once here (their memory doubles until ``self`` is dropped);
     every other parameter is shared. A model already in ``layout`` is returned as is.
 
     Raises:
-      ConfigError: an unknown layout, or ``out_in`` with ``row_kernels``.
+      ConfigError: an unknown layout.
     """
     if layout is None:
-      layout = "in_out" if self.row_kernels else default_kernel_layout()
+      layout = default_kernel_layout()
     if _kernel_layout(layout) == self.kernel_layout:
       return self
     new = self._rebuilt(kernel_layout=layout)

@@ -20,8 +20,9 @@ the kernel computes what :class:`~medusa_jax.models.llama.Block` computes, up
 to the order of the f32 sums.
 
 The grid is ``(cdiv(N, block_n),)``: a program owns ``block_n`` output
-columns and streams ``w`` in ``[block_k, block_n]`` tiles, accumulating the
-products in an f32 tile reduced once at the end (or, with ``mma``, in a
+columns and streams ``w`` in ``[block_k, block_n]`` tiles (``[block_n, block_k]``,
+contiguous along K, for a ``transposed`` ``[N, K]`` kernel: ``Llama``'s ``out_in``),
+accumulating the products in an f32 tile reduced once at the end (or, with ``mma``, in a
 tensor-core dot whose first row is ``x``). A ``norm`` program first
 reads the whole row (K elements, a few KB) for its statistics; every program
 does, which costs less than a second kernel.
@@ -54,12 +55,13 @@ MMA_ROWS = 16
 """Rows of the tensor-core dot that carries the one row (Triton's smallest M)."""
 
 
-def _check(x_K: Array, w_KxN: Array, norm_K, bias_N, residual_N, gated: bool
-           ) -> tuple[int, int]:
+def _check(x_K: Array, w_KxN: Array, norm_K, bias_N, residual_N, gated: bool,
+           transposed: bool = False) -> tuple[int, int]:
   """(K, N), or a ConfigError naming the argument whose shape does not fit."""
   if w_KxN.ndim != 2:
-    raise ConfigError(f"row_projection: w must be [K, N], got shape {w_KxN.shape}")
-  K, N = w_KxN.shape
+    raise ConfigError(f"row_projection: w must be {'[N, K]' if transposed else '[K, N]'},"
+                      f" got shape {w_KxN.shape}")
+  N, K = w_KxN.shape if transposed else w_KxN.shape[::-1]
   if x_K.shape != ((2 * K,) if gated else (K,)):
     what = "[2K] (gate then up)" if gated else "[K]"
     raise ConfigError(f"row_projection: x must be {what} for w {w_KxN.shape}, got {x_K.shape}")
@@ -72,17 +74,18 @@ def _check(x_K: Array, w_KxN: Array, norm_K, bias_N, residual_N, gated: bool
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "gated", "block_k", "block_n", "num_warps",
-                                             "num_stages", "mma", "interpret"))
+                                             "num_stages", "mma", "transposed", "interpret"))
 def row_projection(x_K: Array, w_KxN: Array, *, norm_K: Array | None = None,
                    eps: float = 1e-6, gated: bool = False, bias_N: Array | None = None,
                    residual_N: Array | None = None, block_k: int = DEFAULT_BLOCK_K,
                    block_n: int = DEFAULT_BLOCK_N, num_warps: int = 4, num_stages: int = 2,
-                   mma: bool = False, interpret: bool | None = None) -> Array:
+                   mma: bool = False, transposed: bool = False,
+                   interpret: bool | None = None) -> Array:
   """One row through a projection with its prologue and epilogue (module docstring).
 
   Args:
     x_K: the row, [K] ([2K]: gate then up, when ``gated``), in the compute dtype.
-    w_KxN: the kernel ``[K, N]`` (read as ``x``'s dtype).
+    w_KxN: the kernel ``[K, N]`` (``[N, K]`` with ``transposed``), read as ``x``'s dtype.
     norm_K: RMSNorm weight [K]: normalise ``x`` first (with ``eps``).
     eps: the RMSNorm epsilon.
     gated: ``x`` is ``[gate, up]``; project ``silu(gate) * up``.
@@ -92,6 +95,8 @@ def row_projection(x_K: Array, w_KxN: Array, *, norm_K: Array | None = None,
     num_warps, num_stages: Triton launch parameters.
     mma: reduce over K with a tensor-core dot (the row padded to :data:`MMA_ROWS`), else
       with an elementwise product and a sum.
+    transposed: ``w`` is ``[N, K]`` (``Llama``'s ``out_in`` layout): a program's tile is
+      ``block_n`` rows of ``block_k`` contiguous weights.
     interpret: run in the Pallas interpreter (None: unless the backend is a GPU).
 
   Returns:
@@ -100,7 +105,7 @@ def row_projection(x_K: Array, w_KxN: Array, *, norm_K: Array | None = None,
   Raises:
     ConfigError: shapes or block sizes the kernel does not take.
   """
-  K, N = _check(x_K, w_KxN, norm_K, bias_N, residual_N, gated)
+  K, N = _check(x_K, w_KxN, norm_K, bias_N, residual_N, gated, transposed)
   for name, b in (("block_k", block_k), ("block_n", block_n)):
     if b < 16 or b & (b - 1):
       raise ConfigError(f"row_projection: {name}={b} must be a power of two >= 16")
@@ -109,7 +114,8 @@ def row_projection(x_K: Array, w_KxN: Array, *, norm_K: Array | None = None,
   extras = [a for a in (norm_K, bias_N, residual_N) if a is not None]
   kernel = functools.partial(_kernel, K=K, N=N, bk=block_k, bn=block_n, eps=float(eps),
                              norm=norm_K is not None, gated=gated, bias=bias_N is not None,
-                             residual=residual_N is not None, dtype=x_K.dtype, mma=mma)
+                             residual=residual_N is not None, dtype=x_K.dtype, mma=mma,
+                             transposed=transposed)
   itemsize = jnp.dtype(x_K.dtype).itemsize
   cost = _compat.cost_estimate(flops=2 * K * N, bytes_accessed=itemsize * (K * N + 3 * K + 3 * N),
                                transcendentals=K if gated else 0)
@@ -130,7 +136,8 @@ def _round(x, dtype):
 
 
 
-def _kernel(x_ref, w_ref, *refs, K, N, bk, bn, eps, norm, gated, bias, residual, dtype, mma):
+def _kernel(x_ref, w_ref, *refs, K, N, bk, bn, eps, norm, gated, bias, residual, dtype, mma,
+            transposed):
   """One block of ``bn`` output columns; see the module docstring. Accesses use index
   arrays (``start + iota``), which the Triton lowering turns into pointer arithmetic and
   the interpreter supports; tiles past K or N are masked."""
@@ -165,6 +172,15 @@ def _kernel(x_ref, w_ref, *refs, K, N, bk, bn, eps, norm, gated, bias, residual,
     elif gated:
       up_K = load(x_ref, K + k_K, k_ok_K)
       a_K = _round(_round(jax.nn.silu(a_K), dtype) * up_K, dtype)
+    if transposed:
+      w_NxK = _compat.triton_load(w_ref.at[col_N[:, None], k_K[None, :]],
+                                  mask=col_ok_N[:, None] & k_ok_K[None, :], other=0).astype(dtype)
+      if mma:
+        a_MxK = jnp.where(jax.lax.iota(jnp.int32, MMA_ROWS)[:, None] == 0, a_K[None, :], 0.0)
+        return acc + jax.lax.dot_general(
+            a_MxK.astype(dtype), w_NxK, (((1,), (1,)), ((), ())),
+            preferred_element_type=jnp.float32, precision=_compat.triton_dot_precision(dtype))
+      return acc + w_NxK.astype(jnp.float32) * a_K[None, :]
     w_KxN = _compat.triton_load(w_ref.at[k_K[:, None], col_N[None, :]],
                                 mask=k_ok_K[:, None] & col_ok_N[None, :], other=0).astype(dtype)
     if mma:
@@ -175,8 +191,12 @@ def _kernel(x_ref, w_ref, *refs, K, N, bk, bn, eps, norm, gated, bias, residual,
                            precision=_compat.triton_dot_precision(dtype))
     return acc + a_K[:, None] * w_KxN.astype(jnp.float32)
 
-  init = jnp.zeros((MMA_ROWS, bn) if mma else (bk, bn), jnp.float32)
-  y_N = jnp.sum(jax.lax.fori_loop(0, steps, tile, init), axis=0)
+  if mma:
+    init, axis = jnp.zeros((MMA_ROWS, bn), jnp.float32), 0
+  else:  # the products of every K tile, summed over K once at the end
+    init, axis = jnp.zeros((bn, bk) if transposed else (bk, bn), jnp.float32), (
+        1 if transposed else 0)
+  y_N = jnp.sum(jax.lax.fori_loop(0, steps, tile, init), axis=axis)
   if bias:
     y_N = y_N + load(b_ref, col_N, col_ok_N)
   y_N = _round(y_N, dtype)
@@ -187,9 +207,11 @@ def _kernel(x_ref, w_ref, *refs, K, N, bk, bn, eps, norm, gated, bias, residual,
 
 def row_projection_reference(x_K: Array, w_KxN: Array, *, norm_K: Array | None = None,
                              eps: float = 1e-6, gated: bool = False, bias_N: Array | None = None,
-                             residual_N: Array | None = None) -> Array:
+                             residual_N: Array | None = None, transposed: bool = False) -> Array:
   """:func:`row_projection` in plain jnp (the same casts; XLA's own reduction order)."""
-  K, _ = _check(x_K, w_KxN, norm_K, bias_N, residual_N, gated)
+  K, _ = _check(x_K, w_KxN, norm_K, bias_N, residual_N, gated, transposed)
+  if transposed:
+    w_KxN = w_KxN.T
   dtype = x_K.dtype
   a = x_K.astype(jnp.float32)
   if norm_K is not None:

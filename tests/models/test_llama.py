@@ -502,19 +502,12 @@ def test_kernel_layout_default_and_errors(monkeypatch):
     monkeypatch.setattr(llama_mod, "_cuda", lambda cuda=cuda: cuda)
     assert llama_mod.default_kernel_layout() == want
   monkeypatch.setattr(llama_mod, "_cuda", lambda: True)
-  rows = model.with_row_kernels(True)
-  assert rows.with_kernel_layout(None) is rows  # the row kernels read [in, out]
+  rows = model.with_row_kernels(True).with_kernel_layout(None)
+  assert rows.kernel_layout == "out_in" and rows.layers[0].row_kernels
   with pytest.raises(ConfigError, match="kernel_layout"):
     model.with_kernel_layout("nk")
   with pytest.raises(ConfigError, match="kernel_layout"):
     Llama(cfg, rngs=nnx.Rngs(0), kernel_layout="transposed")
-  with pytest.raises(ConfigError, match="row_kernels.*out_in"):
-    Llama(cfg, rngs=nnx.Rngs(0), fused_projections=True, row_kernels=True,
-          kernel_layout="out_in")
-  with pytest.raises(ConfigError, match="row_kernels.*out_in"):
-    model.with_kernel_layout("out_in").with_row_kernels(True)
-  with pytest.raises(ConfigError, match="row_kernels.*out_in"):
-    rows.with_kernel_layout("out_in")
 
 
 def test_out_in_kernels_through_the_engine_give_the_same_tokens():
@@ -824,17 +817,19 @@ def test_random_hf_llama_loads_and_matches_transformers(tmp_path, rope):
   np.testing.assert_allclose(np.asarray(model.lm_head(h)), ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(),
-    dict(qkv_bias=True, o_bias=True, mlp_bias=True, tie_word_embeddings=True),
-    dict(sliding_window=4),
+@pytest.mark.parametrize("overrides,layout", [
+    (dict(), "in_out"),
+    (dict(), "out_in"),
+    (dict(qkv_bias=True, o_bias=True, mlp_bias=True, tie_word_embeddings=True), "out_in"),
+    (dict(sliding_window=4), "in_out"),
 ])
-def test_row_kernels_compute_the_layers_of_one_token(overrides):
+def test_row_kernels_compute_the_layers_of_one_token(overrides, layout):
   """With ``row_kernels`` a one-token call (batch 1) runs the fused row-projection kernels
   (interpreted): the hidden state and the cache of XLA's layers, f32, after a prefill and
-  two decode steps (the window, where set, already sliding); calls of several tokens or rows
-  are untouched; the parameters are shared and the option survives fusing."""
-  model = _model(seed=41, **overrides)
+  two decode steps (the window, where set, already sliding), in either kernel layout; calls
+  of several tokens or rows are untouched; the parameters are shared and the option survives
+  fusing."""
+  model = _model(seed=41, **overrides).with_kernel_layout(layout)
   rows = model.with_row_kernels(True)
   assert rows.row_kernels and not rows.layers[0].row_kernels  # unfused: no kernel to run
   rows = rows.fuse_projections()

@@ -54,30 +54,41 @@ CASES = [  # K, N, prologue / epilogue, block_k, block_n
 ]
 
 
+def _held(w_KxN, transposed):
+  """The kernel as the call takes it: [K, N], or [N, K] (contiguous) when transposed."""
+  return jnp.asarray(np.ascontiguousarray(w_KxN.T) if transposed else w_KxN)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("mma", [False, True])
 @pytest.mark.parametrize("K,N,opts,bk,bn", CASES)
-def test_kernel_and_reference_match_float64(K, N, opts, bk, bn, mma):
+def test_kernel_and_reference_match_float64(K, N, opts, bk, bn, mma, transposed):
   rng = np.random.default_rng(K * 7 + N)
   x, w, kw = _inputs(rng, K, N, **opts)
   want = f64(x, w, **kw)
   jkw = {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
-  got = np.asarray(row_projection(jnp.asarray(x), jnp.asarray(w), block_k=bk, block_n=bn,
-                                  mma=mma, **jkw), np.float64)
-  ref = np.asarray(row_projection_reference(jnp.asarray(x), jnp.asarray(w), **jkw), np.float64)
+  w_held = _held(w, transposed)
+  got = np.asarray(row_projection(jnp.asarray(x), w_held, block_k=bk, block_n=bn,
+                                  mma=mma, transposed=transposed, **jkw), np.float64)
+  ref = np.asarray(row_projection_reference(jnp.asarray(x), w_held, transposed=transposed,
+                                            **jkw), np.float64)
   assert got.shape == (N,)
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
   np.testing.assert_allclose(ref, want, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("opts", [dict(norm=True), dict(gated=True, residual=True)])
-def test_bfloat16_is_close_to_float64_and_to_the_reference(opts):
+@pytest.mark.parametrize("opts,transposed", [(dict(norm=True), False),
+                                             (dict(gated=True, residual=True), False),
+                                             (dict(norm=True, bias=True), True)])
+def test_bfloat16_is_close_to_float64_and_to_the_reference(opts, transposed):
   rng = np.random.default_rng(3)
   x, w, kw = _inputs(rng, 320, 144, **opts)
   bf = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
   jkw = {k: (bf(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
-  got = row_projection(bf(x), bf(w), **jkw)
+  w_held = bf(np.ascontiguousarray(w.T) if transposed else w)
+  got = row_projection(bf(x), w_held, transposed=transposed, **jkw)
   assert got.dtype == jnp.bfloat16
-  ref = row_projection_reference(bf(x), bf(w), **jkw)
+  ref = row_projection_reference(bf(x), w_held, transposed=transposed, **jkw)
   want = f64(np.asarray(bf(x), np.float64), np.asarray(bf(w), np.float64),
              **{k: (np.asarray(v, np.float64) if hasattr(v, "dtype") else v)
                 for k, v in jkw.items()})
@@ -91,14 +102,15 @@ def test_bfloat16_is_close_to_float64_and_to_the_reference(opts):
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(K=st.integers(1, 80), N=st.integers(1, 80), prologue=st.sampled_from(["", "norm", "gated"]),
        bias=st.booleans(), residual=st.booleans(), bk=st.sampled_from([16, 32]),
-       bn=st.sampled_from([16, 64]), mma=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_property_matches_float64(K, N, prologue, bias, residual, bk, bn, mma, seed):
+       bn=st.sampled_from([16, 64]), mma=st.booleans(), transposed=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_property_matches_float64(K, N, prologue, bias, residual, bk, bn, mma, transposed, seed):
   rng = np.random.default_rng(seed)
   x, w, kw = _inputs(rng, K, N, norm=prologue == "norm", gated=prologue == "gated",
                      bias=bias, residual=residual)
   jkw = {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
-  got = np.asarray(row_projection(jnp.asarray(x), jnp.asarray(w), block_k=bk, block_n=bn,
-                                  mma=mma, **jkw), np.float64)
+  got = np.asarray(row_projection(jnp.asarray(x), _held(w, transposed), block_k=bk, block_n=bn,
+                                  mma=mma, transposed=transposed, **jkw), np.float64)
   np.testing.assert_allclose(got, f64(x, w, **kw), rtol=3e-5, atol=3e-5)
 
 
@@ -112,6 +124,8 @@ def test_property_matches_float64(K, N, prologue, bias, residual, bk, bn, mma, s
     (dict(x=np.zeros(16), gated=True, norm_K=np.zeros(8)), "exclusive"),
     (dict(block_k=24), "block_k=24"),
     (dict(block_n=8), "block_n=8"),
+    (dict(w=np.zeros((8,)), transposed=True), r"w must be \[N, K\]"),
+    (dict(w=np.zeros((8, 4)), transposed=True), r"x must be \[K\] for w \(8, 4\)"),
 ])
 def test_errors(change, match):
   args = dict(x=np.zeros(8), w=np.zeros((8, 4)))
