@@ -315,7 +315,6 @@ def _time_stages(dec, state, config, steps, repeats=2) -> dict:
 def _kernel_counts(dec, state, config, dump: str | None = None) -> dict:
   """Top-level kernels of the compiled step, plain or speculative (fusions, library calls,
   copies); ``dump``: a file to write the compiled HLO to."""
-  import re
   step = dec._plain if config.tree is None else dec._spec
   compiled = step.lower(dec.param_leaves, state, config=config).compile()
   text = compiled.as_text()
@@ -323,6 +322,13 @@ def _kernel_counts(dec, state, config, dump: str | None = None) -> dict:
     os.makedirs(os.path.dirname(dump) or ".", exist_ok=True)
     with open(dump, "w") as f:
       f.write(text)
+  return hlo_kernels(text)
+
+
+def hlo_kernels(text: str) -> dict:
+  """Top-level kernels of a compiled HLO module's text by kind (fusions, library calls,
+  copies, scatters, dots): instructions outside the bodies of fusions and reductions."""
+  import re
   bodies = re.split(r"\n(?=\S)", text)  # one chunk per computation
   kinds = {"fusion": 0, "custom-call": 0, "copy": 0, "scatter": 0, "dot": 0, "other": 0}
   for body in bodies:

@@ -31,7 +31,6 @@ import datetime
 import functools
 import json
 import os
-import re
 import sys
 import time
 
@@ -41,6 +40,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bandwidth import device_copy_bandwidth  # noqa: E402  (scripts/bandwidth.py)
+from bench_decode import hlo_kernels  # noqa: E402
 
 H, QKV, F = 576, 960, 1536
 EPS = 1e-5
@@ -128,17 +128,6 @@ def _device_params(ref: list[dict], layout: str, dtype) -> list[dict]:
   return out
 
 
-def _kernels(compiled_text: str) -> int:
-  """Fusions, library calls and copies outside fusion bodies (the loop's kernels)."""
-  n = 0
-  for body in re.split(r"\n(?=\S)", compiled_text):
-    head = body.split("\n", 1)[0]
-    if "fused_computation" in head or "fusion" in head.split("(")[0] or "region" in head:
-      continue
-    n += len(re.findall(r"= (?:\([^()]*\)|\S+) (?:fusion|custom-call|copy)\(", body))
-  return n
-
-
 def run(args) -> dict:
   dtype = jnp.dtype(args.dtype)
   ref = _weights(args.layers, args.seed, dtype)
@@ -163,7 +152,8 @@ def run(args) -> dict:
       err = float(np.max(np.abs(got - want)) / (np.max(np.abs(want)) + 1e-30))
       # Kernels of one step compiled alone: inside the loop a GPU runs the body as one
       # command buffer, which hides them.
-      kernels = _kernels(one.lower(x, params).compile().as_text())
+      kinds = hlo_kernels(one.lower(x, params).compile().as_text())
+      kernels = kinds["fusion"] + kinds["custom-call"] + kinds["copy"]
       loop(x, params).block_until_ready()
       best = float("inf")
       for _ in range(args.repeats):

@@ -144,7 +144,7 @@ tree, so the CPU keeps ``in_out``."""
 def default_kernel_layout() -> str:
   """What ``Llama.with_kernel_layout(None)`` picks: ``out_in`` on a CUDA GPU (measured
   there), ``in_out`` elsewhere."""
-  return "out_in" if jax.default_backend() == "gpu" and _cuda() else "in_out"
+  return "out_in" if _cuda_gpu() else "in_out"
 
 
 def _kernel_layout(value: str) -> str:
@@ -155,6 +155,11 @@ def _kernel_layout(value: str) -> str:
 
 def _compact_kernel_default() -> bool:
   """Whether ``Llama(compact_kernel=None)`` moves the cache with the Pallas kernels."""
+  return _cuda_gpu()
+
+
+def _cuda_gpu() -> bool:
+  """Whether the default backend is a CUDA GPU (what the GPU defaults were measured on)."""
   return jax.default_backend() == "gpu" and _cuda()
 
 
@@ -659,22 +664,20 @@ class Llama(nnx.Module):
     """
     if self.fused_projections:
       return self
-    if self.kernel_layout != "in_out":
-      return self.with_kernel_layout("in_out").fuse_projections().with_kernel_layout(
-          self.kernel_layout)
     cfg = self.cfg
     param_dtype = self.embed_tokens.get_value().dtype
     fused = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=self.dtype,
                                          param_dtype=param_dtype, fused_projections=True,
                                          attention_scores=self.attention_scores,
                                          row_kernels=self.row_kernels,
-                                         compact_kernel=self.compact_kernel))
-    cat = lambda *ps: jnp.concatenate([p.get_value() for p in ps], axis=-1)  # noqa: E731
+                                         compact_kernel=self.compact_kernel,
+                                         kernel_layout=self.kernel_layout))
+    out_axis = 0 if self.kernel_layout == "out_in" else -1  # the kernels' output dimension
 
     def fill(dst: Linear, *srcs: Linear) -> None:
-      dst.kernel.set_value(cat(*(s.kernel for s in srcs)))
+      dst.kernel.set_value(jnp.concatenate([s.kernel.get_value() for s in srcs], out_axis))
       if dst.bias is not None:
-        dst.bias.set_value(cat(*(s.bias for s in srcs)))
+        dst.bias.set_value(jnp.concatenate([s.bias.get_value() for s in srcs], -1))
     fused.embed_tokens.set_value(self.embed_tokens.get_value())
     fused.norm.weight.set_value(self.norm.weight.get_value())
     if self.lm_head_kernel is not None:

@@ -74,11 +74,14 @@ _PROJECTIONS = (("self_attn", "q_proj", "qkv_bias"), ("self_attn", "k_proj", "qk
 _BIAS_NAME = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.bias")
 
 
-def hf_param_names(cfg: LlamaConfig) -> dict[str, tuple[ParamPath, bool]]:
+def hf_param_names(cfg: LlamaConfig, kernel_layout: str = "in_out"
+                   ) -> dict[str, tuple[ParamPath, bool]]:
   """Hugging Face tensor name -> (path of the ``nnx.Param`` in :class:`Llama`, transposed?).
 
-  A transposed tensor is a torch ``[out, in]`` weight of an ``[in, out]`` kernel.
+  A transposed tensor is a torch ``[out, in]`` weight of an ``[in, out]`` kernel: the LM
+  head's, and the projections' in the ``in_out`` layout (``out_in`` holds them as stored).
   """
+  projection_t = kernel_layout == "in_out"
   names: dict[str, tuple[ParamPath, bool]] = {
       "model.embed_tokens.weight": (("embed_tokens",), False),
       "model.norm.weight": (("norm", "weight"), False),
@@ -88,7 +91,7 @@ def hf_param_names(cfg: LlamaConfig) -> dict[str, tuple[ParamPath, bool]]:
   for i in range(cfg.num_hidden_layers):
     p = f"model.layers.{i}."
     for mod, proj, bias in _PROJECTIONS:
-      names[f"{p}{mod}.{proj}.weight"] = (("layers", i, mod, proj, "kernel"), True)
+      names[f"{p}{mod}.{proj}.weight"] = (("layers", i, mod, proj, "kernel"), projection_t)
       if getattr(cfg, bias):
         names[f"{p}{mod}.{proj}.bias"] = (("layers", i, mod, proj, "bias"), False)
     for norm in ("input_layernorm", "post_attention_layernorm"):
@@ -163,7 +166,7 @@ def open_checkpoint(model_dir: str | os.PathLike, model: Llama) -> Iterator[list
   from safetensors import safe_open
 
   model_dir = os.fspath(model_dir)
-  wanted = hf_param_names(model.cfg)
+  wanted = hf_param_names(model.cfg, getattr(model, "kernel_layout", "in_out"))
   found: dict[str, CheckpointTensor] = {}
   with contextlib.ExitStack() as stack:
     for path in weight_files(model_dir):
@@ -185,9 +188,6 @@ def open_checkpoint(model_dir: str | os.PathLike, model: Llama) -> Iterator[list
         if name not in wanted:
           continue
         param_path, transpose = wanted[name]
-        if transpose and param_path[-1] == "kernel" and getattr(
-            model, "kernel_layout", "in_out") == "out_in":
-          transpose = False  # the projection holds the file's [out, in] as it is
         param = param_at(model, param_path)
         shape = tuple(param.get_value().shape)
         got = tuple(handle.get_slice(name).get_shape())

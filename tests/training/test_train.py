@@ -9,17 +9,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from medusa_jax.adapters.weights import load_medusa_adapter
 from medusa_jax.decoding.tree import build_tree
 from medusa_jax.errors import ConfigError
 from medusa_jax.models.llama import KVCache, Llama, LlamaConfig, causal_mask
 from medusa_jax.training.config import TrainConfig
 from medusa_jax.training.data import Prompt
-from medusa_jax.training.distill import (greedy_generate, hidden_rows, lm_head_weight,
-                                         make_examples)
+from medusa_jax.training.distill import greedy_generate, hidden_rows, lm_head_weight, make_examples
 from medusa_jax.training.losses import IGNORE, medusa_targets
 from medusa_jax.training.pipeline import export
 from medusa_jax.training.train import TokenRows, batch_indices, evaluate, fit, head_logits
-from medusa_jax.adapters.weights import load_medusa_adapter
 
 V, H, N = 48, 32, 3
 
