@@ -58,7 +58,7 @@ def _smollm2_config(tiny: bool):
                      eos_token_ids=(), pad_token_id=2)
 
 
-def _build(cfg, dtype, num_heads, seed=0, fused=True, attention="grouped", row_kernels=False,
+def _build(cfg, dtype, num_heads, seed=0, fused=True, attention="grouped", row_kernels=None,
            compact_kernel=None, kernel_layout=None):
   import jax
   from flax import nnx
@@ -494,7 +494,7 @@ def bench_jax(args) -> dict:
              prompt_len=args.prompt_len, params=int(n_params), copy_bw_tb_s=bw / 1e12,
              copy_bw_host_timed_tb_s=host_bw / 1e12,
              fused_projections=args.fused, attention=args.attention, steps=args.steps,
-             row_kernels=args.row_kernels, compact_kernel=llama.compact_kernel,
+             row_kernels=llama.row_kernels, compact_kernel=llama.compact_kernel,
              kernel_layout=llama.kernel_layout, xla_flags=os.environ.get("XLA_FLAGS", ""), rows=[])
   if llama.compact_kernel:
     out["compact_kernel_check"] = _check_compact_kernel(cfg, args, dtype)
@@ -1021,11 +1021,10 @@ def _flag_variants(args) -> list:
   variants = {
       # (--xla_gpu_graph_min_graph_size=1 alone and WHILE/CONDITIONAL command buffers:
       # measured before, docs/perf_decode.md and docs/perf.md.)
-      # At batch 1 XLA rewrites every vector-matrix dot into a multiply and a reduce
-      # (two kernels, the f32 product in memory between them), and the norms, the SwiGLU
-      # and the residual adds are kernels of their own: one Pallas kernel per projection
-      # with its neighbours instead (Llama(row_kernels=True)).
-      "row_kernels": "arg:--row-kernels",
+      # XLA's layers for the batch-1 step (a reduce per projection, the norms, RoPE, the
+      # cache writes, the splits' combine, the SwiGLU and the residuals as kernels of
+      # their own) instead of the GPU default's five kernels per layer.
+      "xla_rows": "arg:--no-row-kernels",
       # The tree step's KV compaction as XLA's gather and scatter per cache array (60
       # for SmolLM2) instead of the two Pallas kernels of the GPU's default.
       "xla_compaction": "arg:--no-compact-kernel",
@@ -1146,9 +1145,9 @@ def main(argv=None) -> int:
                  help="also time the unfused layout at the first batch size")
   p.add_argument("--attention", choices=ATTENTION_METHODS, default="grouped",
                  help="how the base model computes attention (AttentionScores)")
-  p.add_argument("--row-kernels", action="store_true",
+  p.add_argument("--row-kernels", action=argparse.BooleanOptionalAction, default=None,
                  help="batch-1 plain steps run the Pallas row-projection kernels"
-                 " (Llama(row_kernels=True))")
+                 " (Llama(row_kernels=...); default: the backend's, on for a CUDA GPU)")
   p.add_argument("--kernel-layout", choices=("in_out", "out_in"), default=None,
                  help="how the projections hold their kernels (Llama.with_kernel_layout;"
                  " default: the backend's, out_in on a CUDA GPU)")

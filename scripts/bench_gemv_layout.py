@@ -82,11 +82,12 @@ def _dense(layout: str):
   raise ValueError(layout)
 
 
-def _step(layout: str, dtype):
-  """One step: all layers, x [B, H] -> [B, H] (dtype)."""
+def _step(layout: str, dtype, blocks: dict | None = None):
+  """One step: all layers, x [B, H] -> [B, H] (dtype); ``blocks``: the row kernels'
+  launch parameters (block_k, block_n, num_warps, num_stages; default: the kernel's)."""
   if layout in ("row", "row_nk"):
     from medusa_jax.pallas.row_projection import row_projection
-    rp = functools.partial(row_projection, transposed=layout == "row_nk")
+    rp = functools.partial(row_projection, transposed=layout == "row_nk", **(blocks or {}))
 
     def layer(x, p):
       x_H = x.reshape(-1)
@@ -128,6 +129,24 @@ def _device_params(ref: list[dict], layout: str, dtype) -> list[dict]:
   return out
 
 
+_BLOCK_KEYS = ("block_k", "block_n", "num_warps", "num_stages")
+
+
+def _parse_blocks(specs: list[str]) -> list[dict]:
+  """``"BK,BN,WARPS[,STAGES]"`` strings as ``row_projection`` keyword dicts."""
+  out = []
+  for spec in specs:
+    vals = [int(v) for v in spec.split(",")]
+    if not 3 <= len(vals) <= 4:
+      raise SystemExit(f"--row-nk-blocks {spec!r}: expected BK,BN,WARPS[,STAGES]")
+    out.append(dict(zip(_BLOCK_KEYS, vals)))
+  return out
+
+
+def _blocks_name(blocks: dict) -> str:
+  return "/".join(str(blocks[k]) for k in _BLOCK_KEYS if k in blocks)
+
+
 def run(args) -> dict:
   dtype = jnp.dtype(args.dtype)
   ref = _weights(args.layers, args.seed, dtype)
@@ -139,11 +158,14 @@ def run(args) -> dict:
   for B in args.batches:
     x0 = np.random.default_rng(args.seed + B).standard_normal((B, H)).astype(np.float32)
     want = _reference(x0, ref)
-    for layout in layouts:
+    runs = [(layout, None) for layout in layouts]
+    runs += [("row_nk", b) for b in _parse_blocks(args.row_nk_blocks)
+             if gpu or args.interpret_rows]
+    for layout, blocks in runs:
       if layout.startswith("row") and B != 1:
         continue
       params = _device_params(ref, layout, dtype)
-      step = _step(layout, dtype)
+      step = _step(layout, dtype, blocks)
       loop = jax.jit(lambda x, p, step=step: jax.lax.fori_loop(
           0, args.steps, lambda i, v: step(v, p), x))
       one = jax.jit(step)
@@ -162,9 +184,10 @@ def run(args) -> dict:
         best = min(best, time.perf_counter() - t)
       ms = best / args.steps * 1e3
       floor_ms = weight_bytes / bw * 1e3
-      rows.append(dict(batch=B, layout=layout, ms_per_step=ms, kernels=kernels,
+      rows.append(dict(batch=B, layout=layout, blocks=blocks, ms_per_step=ms, kernels=kernels,
                        floor_ms=floor_ms, x_floor=ms / floor_ms, max_rel_err=err))
-      print(f"B {B:3d} {layout:7s} {ms:8.3f} ms/step  {kernels:5d} kernels  "
+      name = layout if blocks is None else f"{layout} {_blocks_name(blocks)}"
+      print(f"B {B:3d} {name:20s} {ms:8.3f} ms/step  {kernels:5d} kernels  "
             f"{ms / floor_ms:6.1f}x floor  rel err {err:.2e}", flush=True)
   return dict(what=__doc__.splitlines()[0], device=str(jax.devices()[0].device_kind),
               jax=jax.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -180,6 +203,8 @@ def main(argv=None) -> int:
                  choices=["kn", "nk", "nk_sum", "row", "row_nk"])
   p.add_argument("--interpret-rows", action="store_true",
                  help="run the row variants off a GPU too (interpreted: a correctness check)")
+  p.add_argument("--row-nk-blocks", nargs="*", default=[], metavar="BK,BN,WARPS[,STAGES]",
+                 help="also time row_nk with these launch parameters (a sweep)")
   p.add_argument("--layers", type=int, default=30)
   p.add_argument("--steps", type=int, default=50)
   p.add_argument("--repeats", type=int, default=5)

@@ -57,7 +57,7 @@ from flax import nnx
 from medusa_jax.errors import ConfigError, RequestError
 from medusa_jax.models.llama_config import LlamaConfig, RopeScaling, rope_inv_freq
 from medusa_jax.pallas import decode_attention as decode_attention_kernel
-from medusa_jax.pallas.row_projection import row_projection
+from medusa_jax.pallas.row_projection import row_projection, row_qkv_projection
 
 __all__ = ["AttentionScores", "KVCache", "Llama", "apply_rope", "causal_mask", "rope",
            "rope_tables", "window_mask"]
@@ -531,8 +531,10 @@ class Block(nnx.Module):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.window = window
     """Sliding window W of this layer (None: full attention); picks the call's mask."""
+    # LlamaConfig already keeps the shapes the kernels take (grouped heads, an even head dim).
     self.row_kernels = bool(row_kernels) and bool(fused)
-    """One token (batch 1, T = 1) runs through :func:`row_projection` kernels (fused only)."""
+    """One token (batch 1, T = 1) runs through the row kernels (:meth:`_one_row`; fused
+    projections only)."""
     self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
     self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads,
                                cfg.num_key_value_heads, cfg.head_dim,
@@ -544,7 +546,7 @@ class Block(nnx.Module):
                    transposed=transposed, **kw)
 
   def __call__(self, x_BxTxH, rope_cs, k, v, cache_index_B, mask_Bx1x1xTxL):
-    if self.row_kernels and x_BxTxH.shape[:2] == (1, 1):
+    if self.row_kernels and x_BxTxH.shape[:2] == (1, 1) and k.dtype == x_BxTxH.dtype:
       return self._one_row(x_BxTxH, rope_cs, k, v, cache_index_B, mask_Bx1x1xTxL)
     a_BxTxH, k, v = self.self_attn(self.input_layernorm(x_BxTxH), rope_cs, k, v,
                                    cache_index_B, mask_Bx1x1xTxL)
@@ -553,20 +555,29 @@ class Block(nnx.Module):
     return x_BxTxH, k, v
 
   def _one_row(self, x_1x1xH, rope_cs, k, v, cache_index_B, mask_Bx1x1xTxL):
-    """:meth:`__call__` for one token: four :func:`row_projection` kernels, each with the
-    norm before it or the SwiGLU before and the residual after."""
+    """:meth:`__call__` for one token in five kernels: the q/k/v projection with its norm,
+    RoPE and the cache write (:func:`row_qkv_projection`); the attention's cache splits
+    (:func:`~medusa_jax.pallas.decode_attention.decode_attention_parts`); the o projection
+    with their combine and the residual; gate/up with its norm; down with the SwiGLU and
+    the residual (:func:`row_projection`)."""
     attn, mlp = self.self_attn, self.mlp
+    Q, G, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    L = k.shape[1]
     dtype = x_1x1xH.dtype
     bias = lambda lin: None if lin.bias is None else lin.bias[...]  # noqa: E731
     x_H = x_1x1xH.reshape(-1)
     t = attn.o_proj.transposed  # every projection of the layer shares the layout
-    qkv_N = row_projection(x_H, attn.qkv_proj.kernel[...], transposed=t,
-                           norm_K=self.input_layernorm.weight[...],
-                           eps=self.input_layernorm.eps, bias_N=bias(attn.qkv_proj))
-    o_1x1xQxD, k, v = attn.attend(*attn.split_qkv(qkv_N.reshape(1, 1, -1)), rope_cs, k, v,
-                                  cache_index_B, mask_Bx1x1xTxL)
-    x_H = row_projection(o_1x1xQxD.astype(dtype).reshape(-1), attn.o_proj.kernel[...],
-                         transposed=t, bias_N=bias(attn.o_proj), residual_N=x_H)
+    cos, sin = rope_cs
+    q_QD, k, v = row_qkv_projection(
+        x_H, attn.qkv_proj.kernel[...], k, v, cache_index_B, cos.reshape(-1), sin.reshape(-1),
+        num_heads=Q, num_kv_heads=G, norm_H=self.input_layernorm.weight[...],
+        eps=self.input_layernorm.eps, bias_N=bias(attn.qkv_proj), transposed=t)
+    o_1xSx1xQxD, m_1xSx1xQ, l_1xSx1xQ = decode_attention_kernel.decode_attention_parts(
+        q_QD.reshape(1, 1, Q, D), k, v, mask_Bx1x1xTxL.reshape(1, 1, L), cache_index_B + 1)
+    S = o_1xSx1xQxD.shape[1]
+    x_H = row_projection(o_1xSx1xQxD.reshape(S, Q * D), attn.o_proj.kernel[...],
+                         attention_stats=(m_1xSx1xQ.reshape(S, Q), l_1xSx1xQ.reshape(S, Q)),
+                         dtype=dtype, transposed=t, bias_N=bias(attn.o_proj), residual_N=x_H)
     gu_N = row_projection(x_H, mlp.gate_up_proj.kernel[...], transposed=t,
                           norm_K=self.post_attention_layernorm.weight[...],
                           eps=self.post_attention_layernorm.eps, bias_N=bias(mlp.gate_up_proj))
@@ -595,7 +606,7 @@ class Llama(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32, fused_projections: bool = False,
                attention_scores: AttentionScores | str = AttentionScores.AUTO,
-               row_kernels: bool = False, compact_kernel: bool | None = None,
+               row_kernels: bool | None = None, compact_kernel: bool | None = None,
                kernel_layout: str = "in_out"):
     """Args:
       cfg: the architecture.
@@ -607,11 +618,14 @@ class Llama(nnx.Module):
         :meth:`fuse_projections`).
       attention_scores: how attention scores are computed (:class:`AttentionScores`;
         AUTO is resolved here, by the default backend).
-      row_kernels: a call of one token (batch 1, T = 1) runs each layer's four
-        projections as :func:`~medusa_jax.pallas.row_projection.row_projection`
-        kernels, the norms, the SwiGLU and the residual adds fused into them (fused
-        layout only; else ignored). Off by default: on the H200 the step runs 323
-        kernels instead of 502 in the same time (docs/perf.md).
+      row_kernels: a call of one token (batch 1, T = 1) runs each layer in five Pallas
+        kernels (:meth:`Block._one_row`): the projections as
+        :mod:`~medusa_jax.pallas.row_projection` kernels with the norms, RoPE, the cache
+        write, the attention splits' combine, the SwiGLU and the residual adds fused into
+        them, beside the attention kernel (fused layout only; else ignored). None (the
+        default): on where the kernels compile (a CUDA GPU: on the H200 the batch-1 step
+        runs 168 kernels in 0.567 ms instead of 472 in 0.789, docs/perf.md), off elsewhere,
+        where they would only be interpreted. Meshes turn it off (``llama_sharding``).
       compact_kernel: a speculative step moves the accepted path's K/V into place with
         :func:`~medusa_jax.pallas.compact_cache.compact_cache` (two Pallas kernels for
         every layer) instead of a gather and a scatter per layer and K or V (see
@@ -629,7 +643,7 @@ class Llama(nnx.Module):
     self.dtype = dtype
     self.fused_projections = bool(fused_projections)
     self.attention_scores = AttentionScores.parse(attention_scores).resolve()
-    self.row_kernels = bool(row_kernels)
+    self.row_kernels = _cuda_gpu() if row_kernels is None else bool(row_kernels)
     self.compact_kernel = _compact_kernel_default() if compact_kernel is None \
         else bool(compact_kernel)
     self.kernel_layout = _kernel_layout(kernel_layout)
@@ -703,8 +717,11 @@ class Llama(nnx.Module):
       return self
     return self._rebuilt(attention_scores=scores)
 
-  def with_row_kernels(self, row_kernels: bool) -> Llama:
-    """The same model (parameters shared) with ``row_kernels`` set (see ``__init__``)."""
+  def with_row_kernels(self, row_kernels: bool | None) -> Llama:
+    """The same model (parameters shared) with ``row_kernels`` set (see ``__init__``;
+    None: the backend's default)."""
+    if row_kernels is None:
+      row_kernels = _cuda_gpu()
     if bool(row_kernels) == self.row_kernels:
       return self
     return self._rebuilt(row_kernels=bool(row_kernels))

@@ -44,7 +44,8 @@ from jax.experimental import pallas as pl
 from medusa_jax.errors import ConfigError
 from medusa_jax.pallas import _compat
 
-__all__ = ["MASK_VALUE", "decode_attention", "decode_attention_reference",
+__all__ = ["MASK_VALUE", "combine_parts", "decode_attention", "decode_attention_parts",
+           "decode_attention_reference",
            "decode_attention_update", "decode_attention_update_reference", "default_block_m",
            "default_blocks", "default_splits", "supports", "supports_update"]
 
@@ -146,10 +147,10 @@ def decode_attention(q_BxTxQxD: Array, k_BxLxGxD: Array, v_BxLxGxD: Array, mask_
     num_stages: Triton software-pipelining depth.
     splits: S, programs per (row, kv head, row block) that share its cache slots
       (flash-decoding): split s streams the s-th of S runs of whole tiles of
-      ``[0, kv_len)`` into its own online softmax (o, max, sum), and a jnp combine
-      ``o = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s``, ``M = max_s m_s``, merges
-      them. More programs walk a long cache side by side, for one more fusion per call.
-      None: :func:`default_splits` on a GPU, 1 in the interpreter.
+      ``[0, kv_len)`` into its own online softmax (o, max, sum), and
+      :func:`combine_parts` merges them. More programs walk a long cache side by side,
+      for one more fusion per call. None: :func:`default_splits` on a GPU, 1 in the
+      interpreter.
     interpret: run in the Pallas interpreter (None: unless the backend is a GPU).
 
   Returns:
@@ -158,6 +159,48 @@ def decode_attention(q_BxTxQxD: Array, k_BxLxGxD: Array, v_BxLxGxD: Array, mask_
   Raises:
     ConfigError: shapes or block sizes the kernel does not take.
   """
+  out = _attention(q_BxTxQxD, k_BxLxGxD, v_BxLxGxD, mask_BxTxL, kv_len_B, block_m=block_m,
+                   block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+                   splits=splits, interpret=interpret, parts=False)
+  if not isinstance(out, tuple):
+    return out
+  return combine_parts(*out, dtype=q_BxTxQxD.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block_m", "block_k", "num_warps", "num_stages",
+                                             "splits", "interpret"))
+def decode_attention_parts(q_BxTxQxD: Array, k_BxLxGxD: Array, v_BxLxGxD: Array,
+                           mask_BxTxL: Array, kv_len_B: Array, *, block_m: int | None = None,
+                           block_k: int | None = None, num_warps: int | None = None,
+                           num_stages: int = 2, splits: int | None = None,
+                           interpret: bool | None = None) -> tuple[Array, Array, Array]:
+  """:func:`decode_attention` before the combine of its cache splits, for a consumer that
+  merges them itself (the o projection's prologue,
+  :func:`~medusa_jax.pallas.row_projection.row_projection`); arguments as there (S may be 1).
+
+  Returns:
+    o [B, S, T, Q, D] (unnormalised), running max m and sum l [B, S, T, Q], all f32:
+    ``combine_parts(o, m, l)`` is :func:`decode_attention`'s result.
+  """
+  return _attention(q_BxTxQxD, k_BxLxGxD, v_BxLxGxD, mask_BxTxL, kv_len_B, block_m=block_m,
+                    block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+                    splits=splits, interpret=interpret, parts=True)
+
+
+def combine_parts(o_BxSxTxQxD: Array, m_BxSxTxQ: Array, l_BxSxTxQ: Array, *,
+                  dtype=jnp.float32) -> Array:
+  """Merges S cache splits' softmax states: ``o = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M)
+  l_s``, ``M = max_s m_s``; [B, T, Q, D] in ``dtype``."""
+  w_BxSxTxQ = jnp.exp(m_BxSxTxQ - m_BxSxTxQ.max(axis=1, keepdims=True))
+  o_BxTxQxD = jnp.sum(w_BxSxTxQ[..., None] * o_BxSxTxQxD, axis=1)
+  l_BxTxQ = jnp.sum(w_BxSxTxQ * l_BxSxTxQ, axis=1)
+  return (o_BxTxQxD / jnp.maximum(l_BxTxQ, 1e-30)[..., None]).astype(dtype)
+
+
+def _attention(q_BxTxQxD, k_BxLxGxD, v_BxLxGxD, mask_BxTxL, kv_len_B, *, block_m, block_k,
+               num_warps, num_stages, splits, interpret, parts):
+  """The kernel's call: the normalised output (one split, not ``parts``) or the splits'
+  (o, m, l)."""
   B, T, Q, D = q_BxTxQxD.shape
   _, L, G, _ = k_BxLxGxD.shape
   if k_BxLxGxD.shape != (B, L, G, D) or v_BxLxGxD.shape != (B, L, G, D):
@@ -180,20 +223,22 @@ def decode_attention(q_BxTxQxD: Array, k_BxLxGxD: Array, v_BxLxGxD: Array, mask_
   bm, block_k, num_warps, interpret = _launch(B, rows, bm, block_k, num_warps, interpret,
                                               "decode_attention", splits)
   mask = _int8_mask(mask_BxTxL)
+  normalise = splits == 1 and not parts
   kernel = functools.partial(_kernel, T=T, R=Q // G, L=L, D=D, Dp=_pow2_at_least(D), bm=bm,
-                             bk=block_k, splits=splits, scale=1.0 / math.sqrt(D))
+                             bk=block_k, splits=splits, normalise=normalise,
+                             scale=1.0 / math.sqrt(D))
   itemsize = jnp.dtype(q_BxTxQxD.dtype).itemsize
   cost = _compat.cost_estimate(
       flops=4 * B * T * Q * L * D,
       bytes_accessed=itemsize * (2 * B * L * G * D + 2 * B * T * Q * D) + B * T * L,
       transcendentals=B * T * Q * L)
-  if splits == 1:
+  if normalise:
     out_shape = jax.ShapeDtypeStruct((B, T, Q, D), q_BxTxQxD.dtype)
-  else:  # each split's unnormalised o, running max and sum, merged below
+  else:  # each split's unnormalised o, running max and sum, merged by combine_parts
     out_shape = (jax.ShapeDtypeStruct((B, splits, T, Q, D), jnp.float32),
                  jax.ShapeDtypeStruct((B, splits, T, Q), jnp.float32),
                  jax.ShapeDtypeStruct((B, splits, T, Q), jnp.float32))
-  out = pl.pallas_call(
+  return pl.pallas_call(
       kernel,
       out_shape=out_shape,
       grid=(B, G, row_blocks, splits),
@@ -202,24 +247,18 @@ def decode_attention(q_BxTxQxD: Array, k_BxLxGxD: Array, v_BxLxGxD: Array, mask_
       compiler_params=_compat.triton_compiler_params(num_warps, num_stages),
       cost_estimate=cost,
   )(kv_len_B.astype(jnp.int32), q_BxTxQxD, k_BxLxGxD, v_BxLxGxD, mask)
-  if splits == 1:
-    return out
-  o_BxSxTxQxD, m_BxSxTxQ, l_BxSxTxQ = out
-  w_BxSxTxQ = jnp.exp(m_BxSxTxQ - m_BxSxTxQ.max(axis=1, keepdims=True))
-  o_BxTxQxD = jnp.sum(w_BxSxTxQ[..., None] * o_BxSxTxQxD, axis=1)
-  l_BxTxQ = jnp.sum(w_BxSxTxQ * l_BxSxTxQ, axis=1)
-  return (o_BxTxQxD / jnp.maximum(l_BxTxQ, 1e-30)[..., None]).astype(q_BxTxQxD.dtype)
 
 
 def _kernel(kv_len_ref, q_ref, k_ref, v_ref, mask_ref, *out_refs, T, R, L, D, Dp, bm, bk,
-            splits, scale):
+            splits, normalise, scale):
   """One (row b, kv head g, row block i, split s) program; see the module docstring.
 
   Rows as in :func:`_program_rows`. Accesses use index arrays (``start + iota``), which the
   Triton lowering turns into pointer arithmetic and the interpreter supports.
   The head dim is padded to Dp (a power of two, as Triton's tiles need) with
-  zeros, which change no dot product. With ``splits`` > 1 the program streams
-  its split's run of tiles and stores (o, max, sum) unnormalised; a split
+  zeros, which change no dot product. Unless ``normalise`` (one split, the output
+  wanted) the program streams its split's run of tiles and stores (o, max, sum)
+  unnormalised; a split
   past the row's slots stores (0, MASK_VALUE, 0), which the combine weighs 0
   (or, in a fully masked row, exactly as the splits that read slots).
   """
@@ -237,7 +276,7 @@ def _kernel(kv_len_ref, q_ref, k_ref, v_ref, mask_ref, *out_refs, T, R, L, D, Dp
   o_MxD, m_M, l_M = _cache_tiles([(q_MxD, 0, d_D, d_ok_D)], k_ref, v_ref, mask_ref, b, g,
                                  t_M, row_ok_M, d_D, d_ok_D, stop, init, bk=bk, scale=scale,
                                  first=first)
-  if splits == 1:
+  if normalise:
     (o_ref,) = out_refs
     out_MxD = o_MxD / jnp.maximum(l_M, 1e-30)[:, None]
     _compat.triton_store(o_ref.at[b, t_M[:, None], h_M[:, None], d_D[None, :]],

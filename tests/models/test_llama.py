@@ -860,6 +860,37 @@ def test_row_kernels_compute_the_layers_of_one_token(overrides, layout):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
 
 
+def test_row_kernels_merge_the_attention_s_cache_splits_in_the_o_projection(monkeypatch):
+  """A GPU runs the one-token attention in cache splits (the interpreter in one): forced to
+  3 splits of 16-slot tiles over 40-odd slots, the layers still give XLA's hidden state and
+  cache (the o projection's prologue merges the splits)."""
+  from medusa_jax.pallas import decode_attention as attention_module
+  parts, calls = attention_module.decode_attention_parts, []
+
+  def three_splits(*args, **kw):
+    calls.append(1)
+    return parts(*args, **{**kw, "splits": 3, "block_k": 16})
+
+  monkeypatch.setattr(attention_module, "decode_attention_parts", three_splits)
+  fused = _model(seed=45).with_kernel_layout("out_in").fuse_projections()
+  rows = fused.with_row_kernels(True)
+  fwd = nnx.jit(lambda m, *a: m(*a))  # a fresh trace: the patched kernel call
+  cfg, P, L = fused.cfg, 40, 64
+  rng = np.random.default_rng(46)
+  prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, P)), jnp.int32)
+  idx0 = jnp.zeros((1,), jnp.int32)
+  outs = []
+  for m in (fused, rows):
+    _, cache = fwd(m, prompt, jnp.arange(P, dtype=jnp.int32)[None], KVCache.init(cfg, 1, L),
+                   idx0, causal_mask(idx0, P, L))
+    idx = jnp.asarray([P], jnp.int32)
+    outs.append(fwd(m, jnp.asarray([[9]], jnp.int32), idx[:, None], cache, idx,
+                    causal_mask(idx, 1, L)))
+  assert calls  # the row path ran its attention through the patched call
+  for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+
+
 def test_row_kernels_in_bfloat16_are_close_and_give_the_engine_s_tokens():
   """bf16: one token's hidden state near XLA's; f32 through the engine at batch 1, plain
   decoding (a tree step has T > 1 rows and runs XLA's layers): XLA's tokens."""

@@ -15,7 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from medusa_jax.errors import ConfigError
-from medusa_jax.pallas.decode_attention import (decode_attention, decode_attention_reference,
+from medusa_jax.pallas.decode_attention import (combine_parts, decode_attention,
+                                                decode_attention_parts,
+                                                decode_attention_reference,
                                                 decode_attention_update,
                                                 decode_attention_update_reference,
                                                 default_block_m, default_blocks,
@@ -86,6 +88,39 @@ def test_kernel_and_reference_match_float64(B, T, Q, G, D, L, bk, splits):
   assert got.shape == (B, T, Q, D) and np.isfinite(got).all()
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
   np.testing.assert_allclose(ref, want, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_parts_are_the_splits_softmax_states_and_combine_to_the_output(splits):
+  """decode_attention_parts: per split, o unnormalised, m the running max and l the sum of
+  exp(s - m) over the split's slots (float64 per split); combine_parts of them is
+  decode_attention's output, one split included."""
+  rng = np.random.default_rng(17)
+  B, T, Q, G, D, L, bk = 2, 1, 4, 2, 16, 64, 16
+  q, k, v, mask, kv_len = _inputs(rng, B, T, Q, G, D, L)
+  kv_len = np.asarray([37, 64])
+  mask = np.broadcast_to(np.arange(L)[None, None, :] < kv_len[:, None, None], (B, T, L))
+  o, m, lsum = (np.asarray(a, np.float64) for a in decode_attention_parts(
+      q, k, v, mask, jnp.asarray(kv_len), block_k=bk, splits=splits, interpret=True))
+  assert o.shape == (B, splits, T, Q, D) and m.shape == lsum.shape == (B, splits, T, Q)
+  R = Q // G
+  for b in range(B):
+    tiles = -(-(-(-kv_len[b] // bk)) // splits)
+    for s in range(splits):
+      lo, hi = s * tiles * bk, min(kv_len[b], (s + 1) * tiles * bk)
+      for h in range(Q):
+        sc = k[b, lo:hi, h // R].astype(np.float64) @ q[b, 0, h].astype(np.float64) / np.sqrt(D)
+        if hi <= lo:  # a split past the row's slots weighs nothing
+          assert lsum[b, s, 0, h] == 0 and not o[b, s, 0, h].any()
+          continue
+        np.testing.assert_allclose(m[b, s, 0, h], sc.max(), rtol=1e-5, atol=1e-6)
+        p = np.exp(sc - sc.max())
+        np.testing.assert_allclose(lsum[b, s, 0, h], p.sum(), rtol=1e-5)
+        np.testing.assert_allclose(o[b, s, 0, h], p @ v[b, lo:hi, h // R], rtol=1e-5, atol=1e-5)
+  parts = decode_attention_parts(q, k, v, mask, jnp.asarray(kv_len), block_k=bk, splits=splits,
+                                 interpret=True)
+  np.testing.assert_allclose(np.asarray(combine_parts(*parts)),
+                             reference_f64(q, k, v, mask, kv_len), rtol=1e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("splits", [1, 4])

@@ -1,6 +1,7 @@
-"""The row-projection kernel (Pallas interpret mode on CPU) and its jnp reference against a
-float64 NumPy computation of the same math: every prologue and epilogue, partial tiles,
-both reductions, bf16, a hypothesis property over shapes and blocks, and the errors."""
+"""The row-projection kernels (Pallas interpret mode on CPU) and their jnp references against
+a float64 NumPy computation of the same math: every prologue and epilogue (the attention
+splits' combine included), the q/k/v kernel's RoPE and cache write, partial tiles, both
+reductions, bf16, hypothesis properties over shapes and blocks, and the errors."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from medusa_jax.errors import ConfigError
-from medusa_jax.pallas.row_projection import row_projection, row_projection_reference
+from medusa_jax.pallas.decode_attention import MASK_VALUE
+from medusa_jax.pallas.row_projection import (row_projection, row_projection_reference,
+                                              row_qkv_projection, row_qkv_projection_reference,
+                                              supports_qkv)
 
 
 def f64(x_K, w_KxN, *, norm_K=None, eps=1e-6, gated=False, bias_N=None, residual_N=None):
@@ -123,7 +127,8 @@ def test_property_matches_float64(K, N, prologue, bias, residual, bk, bn, mma, t
     (dict(residual_N=np.zeros((4, 1))), "residual must be"),
     (dict(x=np.zeros(16), gated=True, norm_K=np.zeros(8)), "exclusive"),
     (dict(block_k=24), "block_k=24"),
-    (dict(block_n=8), "block_n=8"),
+    (dict(block_n=8, mma=True), r"block_n=8 must be a power of two >= 16 \(mma\)"),
+    (dict(block_n=12), "block_n=12"),
     (dict(w=np.zeros((8,)), transposed=True), r"w must be \[N, K\]"),
     (dict(w=np.zeros((8, 4)), transposed=True), r"x must be \[K\] for w \(8, 4\)"),
 ])
@@ -135,3 +140,228 @@ def test_errors(change, match):
           for k, v in args.items()}
   with pytest.raises(ConfigError, match=match):
     row_projection(x, w, **args)
+
+
+# ----------------------------------------------------------- the attention's combine prologue
+
+
+def _parts(rng, S, A, D, *, empty=0):
+  """Random split states: o [S, A*D], m, l [S, A]; the first ``empty`` splits read no slot
+  (0, the mask value, 0), as decode_attention_parts stores them."""
+  o = rng.standard_normal((S, A * D)).astype(np.float32) * 3
+  m = rng.standard_normal((S, A)).astype(np.float32) * 4
+  lsum = rng.random((S, A)).astype(np.float32) * 5 + 0.5
+  o[:empty], m[:empty], lsum[:empty] = 0, MASK_VALUE, 0
+  return o, m, lsum
+
+
+def combine_f64(o, m, lsum):
+  """The splits' merge in float64: sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s."""
+  o, m, lsum = (np.asarray(a, np.float64) for a in (o, m, lsum))
+  S, A = m.shape
+  w = np.exp(m - m.max(axis=0, keepdims=True))
+  num = np.einsum("sa,sad->ad", w, o.reshape(S, A, -1))
+  return (num / (w * lsum).sum(axis=0)[:, None]).reshape(-1)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("S,A,D,N,empty,bk,bn", [
+    (8, 9, 64, 576, 3, 1024, 4),   # SmolLM2's o projection, 8 splits, 3 of them empty
+    (3, 2, 8, 24, 0, 16, 16),      # K = 16: one exact tile
+    (1, 3, 5, 7, 0, 16, 2),        # one split (the interpreter's), odd sizes
+])
+def test_attention_stats_prologue_projects_the_combine(S, A, D, N, empty, bk, bn, transposed):
+  rng = np.random.default_rng(S * 100 + D)
+  o, m, lsum = _parts(rng, S, A, D, empty=empty)
+  w = (rng.standard_normal((A * D, N)) / np.sqrt(A * D)).astype(np.float32)
+  residual = rng.standard_normal(N).astype(np.float32)
+  bias = rng.standard_normal(N).astype(np.float32)
+  want = combine_f64(o, m, lsum) @ w.astype(np.float64) + bias + residual
+  args = (jnp.asarray(o), _held(w, transposed))
+  kw = dict(attention_stats=(jnp.asarray(m), jnp.asarray(lsum)), bias_N=jnp.asarray(bias),
+            residual_N=jnp.asarray(residual), transposed=transposed)
+  got = row_projection(*args, block_k=bk, block_n=bn, **kw)
+  ref = row_projection_reference(*args, **kw)
+  assert got.dtype == jnp.float32 and got.shape == (N,)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=3e-5, atol=3e-5)
+  np.testing.assert_allclose(np.asarray(ref, np.float64), want, rtol=3e-5, atol=3e-5)
+
+
+def test_attention_stats_in_bfloat16_round_the_combine_as_the_model():
+  """With a bf16 kernel (and ``dtype``) the combine is rounded to bf16 before the
+  projection, as Block's attention output is: equal to the reference up to the sum order."""
+  rng = np.random.default_rng(5)
+  o, m, lsum = _parts(rng, 4, 3, 16, empty=1)
+  w = jnp.asarray(rng.standard_normal((48, 40)) / 7, jnp.bfloat16)
+  kw = dict(attention_stats=(jnp.asarray(m), jnp.asarray(lsum)), dtype=jnp.bfloat16)
+  got = row_projection(jnp.asarray(o), w, **kw)
+  ref = row_projection_reference(jnp.asarray(o), w, **kw)
+  assert got.dtype == jnp.bfloat16
+  a = np.asarray(combine_f64(o, m, lsum), np.float64)
+  want = np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64) @ np.asarray(w, np.float64)
+  scale = np.abs(want).max()
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=0.01 * scale)
+  np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(ref, np.float64),
+                             atol=0.01 * scale)
+
+
+# ----------------------------------------------------------- q/k/v: norm, RoPE, cache write
+
+
+def qkv_f64(x, w, g, eps, bias, cos, sin, k, v, index, Q, G):
+  """row_qkv_projection's math in float64: q, and the caches with slot
+  ``clip(index, 0, L - 1)`` written."""
+  x = np.asarray(x, np.float64)
+  a = x / np.sqrt(np.mean(x * x) + eps) * np.asarray(g, np.float64)
+  y = a @ np.asarray(w, np.float64) + (0 if bias is None else np.asarray(bias, np.float64))
+  L, D = k.shape[1], k.shape[3]
+  heads = y.reshape(Q + 2 * G, D)
+  lo, hi = heads[:, :D // 2].copy(), heads[:, D // 2:].copy()
+  c, s = np.asarray(cos, np.float64), np.asarray(sin, np.float64)
+  rot = np.concatenate([lo * c - hi * s, hi * c + lo * s], axis=1)
+  heads = np.concatenate([rot[:Q + G], heads[Q + G:]])
+  slot = min(max(int(index), 0), L - 1)
+  k, v = np.array(k, np.float64), np.array(v, np.float64)
+  k[0, slot], v[0, slot] = heads[Q:Q + G], heads[Q + G:]
+  return heads[:Q].reshape(-1), k, v
+
+
+def _qkv_inputs(rng, Q, G, D, H, L, *, bias=False, dtype=np.float32):
+  N = (Q + 2 * G) * D
+  x = rng.standard_normal(H).astype(dtype)
+  w = (rng.standard_normal((H, N)) / np.sqrt(H)).astype(dtype)
+  g = (1 + 0.1 * rng.standard_normal(H)).astype(dtype)
+  angles = rng.random(D // 2) * 50
+  cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+  k = rng.standard_normal((1, L, G, D)).astype(dtype)
+  v = rng.standard_normal((1, L, G, D)).astype(dtype)
+  b = rng.standard_normal(N).astype(dtype) if bias else None
+  return x, w, g, b, cos, sin, k, v
+
+
+def _qkv_call(fn, x, w, g, b, cos, sin, k, v, index, Q, G, transposed, **kw):
+  j = lambda a: None if a is None else jnp.asarray(a)  # noqa: E731
+  return fn(j(x), _held(w, transposed) if w.dtype == np.float32 else
+            jnp.asarray(np.ascontiguousarray(w.T) if transposed else w), j(k), j(v),
+            jnp.asarray([index], jnp.int32), j(cos), j(sin), num_heads=Q, num_kv_heads=G,
+            norm_H=j(g), eps=1e-5, bias_N=j(b), transposed=transposed, **kw)
+
+
+QKV_CASES = [  # Q, G, D, H, L, index, bias, block_k, block_n (pairs)
+    (9, 3, 64, 576, 12, 7, False, 1024, 2),   # SmolLM2's heads and the default blocks
+    (4, 2, 8, 40, 6, 5, True, 16, 16),        # Qwen2-style bias; more pairs than a program
+    (2, 1, 6, 24, 5, 9, False, 16, 1),        # index past the cache: the last slot (clipped)
+    (3, 3, 4, 17, 3, 0, True, 32, 4),         # MHA, head dim 4, odd hidden size
+]
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("mma", [False, True])
+@pytest.mark.parametrize("Q,G,D,H,L,index,bias,bk,bn", QKV_CASES)
+def test_qkv_kernel_and_reference_match_float64(Q, G, D, H, L, index, bias, bk, bn, mma,
+                                                transposed):
+  if mma and bn < 16:
+    bn = 16
+  rng = np.random.default_rng(Q * 100 + D * 10 + H)
+  x, w, g, b, cos, sin, k, v = _qkv_inputs(rng, Q, G, D, H, L, bias=bias)
+  want = qkv_f64(x, w, g, 1e-5, b, cos, sin, k, v, index, Q, G)
+  args = (x, w, g, b, cos, sin, k, v, index, Q, G, transposed)
+  got = _qkv_call(row_qkv_projection, *args, block_k=bk, block_n=bn, mma=mma)
+  ref = _qkv_call(row_qkv_projection_reference, *args)
+  for name, a, r, want_a in zip(("q", "k cache", "v cache"), got, ref, want):
+    assert a.shape == want_a.shape and a.dtype == jnp.float32, name
+    np.testing.assert_allclose(np.asarray(a, np.float64), want_a, rtol=3e-5, atol=3e-5,
+                               err_msg=name)
+    np.testing.assert_allclose(np.asarray(r, np.float64), want_a, rtol=3e-5, atol=3e-5,
+                               err_msg=name)
+
+
+def test_qkv_in_bfloat16_rounds_as_the_model_and_writes_one_slot():
+  """bf16: near float64 (of the bf16 inputs) and the reference; every other cache slot is
+  left bit for bit."""
+  rng = np.random.default_rng(8)
+  Q, G, D, H, L = 9, 3, 64, 576, 9
+  x, w, g, b, cos, sin, k, v = _qkv_inputs(rng, Q, G, D, H, L)
+  bf = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16))  # noqa: E731
+  x, w, g, k, v = bf(x), bf(w), bf(g), bf(k), bf(v)
+  args = (x, w, g, None, cos, sin, k, v, 4, Q, G, True)
+  got = _qkv_call(row_qkv_projection, *args)
+  ref = _qkv_call(row_qkv_projection_reference, *args)
+  f = lambda a: np.asarray(a, np.float64)  # noqa: E731
+  want = qkv_f64(f(x), f(w), f(g), 1e-5, None, cos, sin, f(k), f(v), 4, Q, G)
+  for a, r, want_a in zip(got, ref, want):
+    assert a.dtype == jnp.bfloat16
+    scale = np.abs(want_a).max()
+    np.testing.assert_allclose(f(a), want_a, atol=0.02 * scale)
+    np.testing.assert_allclose(f(a), f(r), atol=0.01 * scale)
+  for cache, before in zip(got[1:], (k, v)):
+    others = np.arange(L) != 4
+    np.testing.assert_array_equal(np.asarray(cache)[0, others], np.asarray(before)[0, others])
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(heads=st.sampled_from([(1, 1), (2, 1), (4, 2), (3, 3)]), D=st.sampled_from([2, 6, 16]),
+       H=st.integers(1, 40), L=st.integers(1, 6), index=st.integers(-2, 8),
+       bias=st.booleans(), bk=st.sampled_from([16, 64]), bn=st.sampled_from([1, 4, 16]),
+       transposed=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_qkv_property_matches_float64(heads, D, H, L, index, bias, bk, bn, transposed, seed):
+  Q, G = heads
+  rng = np.random.default_rng(seed)
+  x, w, g, b, cos, sin, k, v = _qkv_inputs(rng, Q, G, D, H, L, bias=bias)
+  got = _qkv_call(row_qkv_projection, x, w, g, b, cos, sin, k, v, index, Q, G, transposed,
+                  block_k=bk, block_n=bn)
+  for a, want_a in zip(got, qkv_f64(x, w, g, 1e-5, b, cos, sin, k, v, index, Q, G)):
+    np.testing.assert_allclose(np.asarray(a, np.float64), want_a, rtol=5e-5, atol=5e-5)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(o=np.zeros(24)), r"with attention_stats x must be \[S, K\]"),
+    (dict(m=np.zeros((2, 3))), r"attention_stats must be two \[S, A\]"),
+    (dict(m=np.zeros((3, 5)), lsum=np.zeros((3, 5))), "A dividing K = 24"),
+    (dict(norm_K=np.zeros(24)), "exclusive"),
+])
+def test_attention_stats_errors(change, match):
+  args = dict(o=np.zeros((3, 24)), m=np.zeros((3, 4)), lsum=np.zeros((3, 4)))
+  args.update(change)
+  j = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+  extra = {k: j(v) for k, v in args.items() if k not in ("o", "m", "lsum")}
+  with pytest.raises(ConfigError, match=match):
+    row_projection(j(args["o"]), j(np.zeros((24, 8))),
+                   attention_stats=(j(args["m"]), j(args["lsum"])), **extra)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(k=np.zeros((2, 4, 1, 4)), v=np.zeros((2, 4, 1, 4))), r"one row's cache \[1, L, G, D\]"),
+    (dict(v=np.zeros((1, 5, 1, 4))), r"one row's cache"),
+    (dict(w=np.zeros((8, 20))), "do not make 2 query heads over 1 kv heads"),
+    (dict(num_kv_heads=2), "do not make"),
+    (dict(cos=np.zeros(3)), r"cos \(3,\) and sin \(2,\) must be \[2\]"),
+    (dict(index=np.zeros((1, 1), np.int32)), r"cache_index must be \[1\]"),
+    (dict(norm_H=np.zeros(7)), r"row_qkv_projection: norm must be \[8\]"),
+    (dict(bias_N=np.zeros(3)), r"row_qkv_projection: bias must be \[16\]"),
+    (dict(x=np.zeros(9)), r"row_qkv_projection: x must be \[K\]"),
+    (dict(block_n=3), "block_n=3"),
+    (dict(block_k=8), "block_k=8"),
+])
+def test_qkv_errors(change, match):
+  args = dict(x=np.zeros(8), w=np.zeros((8, 16)), k=np.zeros((1, 4, 1, 4)),
+              v=np.zeros((1, 4, 1, 4)), index=np.zeros(1, np.int32), cos=np.zeros(2),
+              sin=np.zeros(2), num_heads=2, num_kv_heads=1, norm_H=np.zeros(8))
+  args.update(change)
+  arr = lambda a: jnp.asarray(a, a.dtype if a.dtype == np.int32 else jnp.float32)  # noqa: E731
+  args = {k: (arr(v) if isinstance(v, np.ndarray) else v) for k, v in args.items()}
+  with pytest.raises(ConfigError, match=match):
+    row_qkv_projection(args.pop("x"), args.pop("w"), args.pop("k"), args.pop("v"),
+                       args.pop("index"), args.pop("cos"), args.pop("sin"), **args)
+
+
+def test_qkv_cache_of_another_dtype_and_an_odd_head_dim_are_refused():
+  f = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
+  with pytest.raises(ConfigError, match="must hold x's dtype float32"):
+    row_qkv_projection(f(8), f(8, 16), f(1, 4, 1, 4).astype(jnp.bfloat16),
+                       f(1, 4, 1, 4).astype(jnp.bfloat16), jnp.zeros(1, jnp.int32), f(2), f(2),
+                       num_heads=2, num_kv_heads=1, norm_H=f(8))
+  assert not supports_qkv(2, 1, 5) and supports_qkv(2, 1, 4) and not supports_qkv(2, 0, 4)
+  with pytest.raises(ConfigError, match="even head dim"):
+    row_qkv_projection(f(8), f(8, 20), f(1, 4, 1, 5), f(1, 4, 1, 5), jnp.zeros(1, jnp.int32),
+                       f(2), f(2), num_heads=2, num_kv_heads=1, norm_H=f(8))
