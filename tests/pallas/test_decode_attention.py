@@ -15,13 +15,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from medusa_jax.errors import ConfigError
-from medusa_jax.pallas.decode_attention import (combine_parts, decode_attention,
-                                                decode_attention_parts,
-                                                decode_attention_reference,
-                                                decode_attention_update,
-                                                decode_attention_update_reference,
-                                                default_block_m, default_blocks,
-                                                default_splits, supports, supports_update)
+from medusa_jax.pallas.decode_attention import (
+  combine_parts,
+  decode_attention,
+  decode_attention_parts,
+  decode_attention_reference,
+  decode_attention_update,
+  decode_attention_update_reference,
+  default_block_m,
+  default_blocks,
+  default_splits,
+  supports,
+  supports_update,
+)
 
 
 def reference_f64(q, k, v, mask, kv_len):

@@ -13,9 +13,13 @@ from hypothesis import strategies as st
 
 from medusa_jax.errors import ConfigError
 from medusa_jax.pallas.decode_attention import MASK_VALUE
-from medusa_jax.pallas.row_projection import (row_projection, row_projection_reference,
-                                              row_qkv_projection, row_qkv_projection_reference,
-                                              supports_qkv)
+from medusa_jax.pallas.row_projection import (
+  row_projection,
+  row_projection_reference,
+  row_qkv_projection,
+  row_qkv_projection_reference,
+  supports_qkv,
+)
 
 
 def f64(x_K, w_KxN, *, norm_K=None, eps=1e-6, gated=False, bias_N=None, residual_N=None):
