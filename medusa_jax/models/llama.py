@@ -174,6 +174,10 @@ def _cuda() -> bool:
 FLAT_MAX_TOKENS = 64
 """Longest call (new tokens per row) that :attr:`AttentionScores.FLAT` applies to."""
 
+ROW_KERNEL_MAX_ROWS = 64
+"""Most tokens in a call (batch times new tokens per row) that ``row_kernels`` runs in the
+row kernels (:meth:`Block._rows`); a longer call (a prefill) runs XLA's layers."""
+
 
 # --------------------------------------------------------------------------- cache
 
@@ -546,44 +550,47 @@ class Block(nnx.Module):
                    transposed=transposed, **kw)
 
   def __call__(self, x_BxTxH, rope_cs, k, v, cache_index_B, mask_Bx1x1xTxL):
-    if self.row_kernels and x_BxTxH.shape[:2] == (1, 1) and k.dtype == x_BxTxH.dtype:
-      return self._one_row(x_BxTxH, rope_cs, k, v, cache_index_B, mask_Bx1x1xTxL)
+    B, T, _ = x_BxTxH.shape
+    if (self.row_kernels and B * T <= ROW_KERNEL_MAX_ROWS and k.dtype == x_BxTxH.dtype
+        and T <= FLAT_MAX_TOKENS):
+      return self._rows(x_BxTxH, rope_cs, k, v, cache_index_B, mask_Bx1x1xTxL)
     a_BxTxH, k, v = self.self_attn(self.input_layernorm(x_BxTxH), rope_cs, k, v,
                                    cache_index_B, mask_Bx1x1xTxL)
     x_BxTxH = x_BxTxH + a_BxTxH
     x_BxTxH = x_BxTxH + self.mlp(self.post_attention_layernorm(x_BxTxH))
     return x_BxTxH, k, v
 
-  def _one_row(self, x_1x1xH, rope_cs, k, v, cache_index_B, mask_Bx1x1xTxL):
-    """:meth:`__call__` for one token in five kernels: the q/k/v projection with its norm,
-    RoPE and the cache write (:func:`row_qkv_projection`); the attention's cache splits
-    (:func:`~medusa_jax.pallas.decode_attention.decode_attention_parts`); the o projection
-    with their combine and the residual; gate/up with its norm; down with the SwiGLU and
-    the residual (:func:`row_projection`)."""
+  def _rows(self, x_BxTxH, rope_cs, k, v, cache_index_B, mask_Bx1x1xTxL):
+    """:meth:`__call__` for a few tokens (M = B * T rows) in five kernels: the q/k/v
+    projection with its norm, RoPE and the cache write (:func:`row_qkv_projection`); the
+    attention's cache splits (:func:`~medusa_jax.pallas.decode_attention.
+    decode_attention_parts`); the o projection with their combine and the residual;
+    gate/up with its norm; down with the SwiGLU and the residual (:func:`row_projection`)."""
     attn, mlp = self.self_attn, self.mlp
     Q, G, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    L = k.shape[1]
-    dtype = x_1x1xH.dtype
+    B, T, H = x_BxTxH.shape
+    L, M = k.shape[1], B * T
+    dtype = x_BxTxH.dtype
     bias = lambda lin: None if lin.bias is None else lin.bias[...]  # noqa: E731
-    x_H = x_1x1xH.reshape(-1)
+    x_MxH = x_BxTxH.reshape(M, H)
     t = attn.o_proj.transposed  # every projection of the layer shares the layout
     cos, sin = rope_cs
-    q_QD, k, v = row_qkv_projection(
-        x_H, attn.qkv_proj.kernel[...], k, v, cache_index_B, cos.reshape(-1), sin.reshape(-1),
-        num_heads=Q, num_kv_heads=G, norm_H=self.input_layernorm.weight[...],
+    q_MxQD, k, v = row_qkv_projection(
+        x_MxH, attn.qkv_proj.kernel[...], k, v, cache_index_B, cos.reshape(M, -1),
+        sin.reshape(M, -1), num_heads=Q, num_kv_heads=G, norm_H=self.input_layernorm.weight[...],
         eps=self.input_layernorm.eps, bias_N=bias(attn.qkv_proj), transposed=t)
-    o_1xSx1xQxD, m_1xSx1xQ, l_1xSx1xQ = decode_attention_kernel.decode_attention_parts(
-        q_QD.reshape(1, 1, Q, D), k, v, mask_Bx1x1xTxL.reshape(1, 1, L), cache_index_B + 1)
-    S = o_1xSx1xQxD.shape[1]
-    x_H = row_projection(o_1xSx1xQxD.reshape(S, Q * D), attn.o_proj.kernel[...],
-                         attention_stats=(m_1xSx1xQ.reshape(S, Q), l_1xSx1xQ.reshape(S, Q)),
-                         dtype=dtype, transposed=t, bias_N=bias(attn.o_proj), residual_N=x_H)
-    gu_N = row_projection(x_H, mlp.gate_up_proj.kernel[...], transposed=t,
-                          norm_K=self.post_attention_layernorm.weight[...],
-                          eps=self.post_attention_layernorm.eps, bias_N=bias(mlp.gate_up_proj))
-    x_H = row_projection(gu_N, mlp.down_proj.kernel[...], gated=True, transposed=t,
-                         bias_N=bias(mlp.down_proj), residual_N=x_H)
-    return x_H.reshape(x_1x1xH.shape), k, v
+    o_BxSxTxQxD, m_BxSxTxQ, l_BxSxTxQ = decode_attention_kernel.decode_attention_parts(
+        q_MxQD.reshape(B, T, Q, D), k, v, mask_Bx1x1xTxL.reshape(B, T, L), cache_index_B + T)
+    S = o_BxSxTxQxD.shape[1]
+    x_MxH = row_projection(o_BxSxTxQxD.reshape(B, S, T, Q * D), attn.o_proj.kernel[...],
+                           attention_stats=(m_BxSxTxQ, l_BxSxTxQ), dtype=dtype, transposed=t,
+                           bias_N=bias(attn.o_proj), residual_N=x_MxH)
+    gu_MxN = row_projection(x_MxH, mlp.gate_up_proj.kernel[...], transposed=t,
+                            norm_K=self.post_attention_layernorm.weight[...],
+                            eps=self.post_attention_layernorm.eps, bias_N=bias(mlp.gate_up_proj))
+    x_MxH = row_projection(gu_MxN, mlp.down_proj.kernel[...], gated=True, transposed=t,
+                           bias_N=bias(mlp.down_proj), residual_N=x_MxH)
+    return x_MxH.reshape(B, T, H), k, v
 
 
 # --------------------------------------------------------------------------- model
@@ -618,14 +625,15 @@ class Llama(nnx.Module):
         :meth:`fuse_projections`).
       attention_scores: how attention scores are computed (:class:`AttentionScores`;
         AUTO is resolved here, by the default backend).
-      row_kernels: a call of one token (batch 1, T = 1) runs each layer in five Pallas
-        kernels (:meth:`Block._one_row`): the projections as
-        :mod:`~medusa_jax.pallas.row_projection` kernels with the norms, RoPE, the cache
-        write, the attention splits' combine, the SwiGLU and the residual adds fused into
-        them, beside the attention kernel (fused layout only; else ignored). None (the
-        default): on where the kernels compile (a CUDA GPU: on the H200 the batch-1 step
-        runs 168 kernels in 0.567 ms instead of 472 in 0.789, docs/perf.md), off elsewhere,
-        where they would only be interpreted. Meshes turn it off (``llama_sharding``).
+      row_kernels: a call of at most :data:`ROW_KERNEL_MAX_ROWS` tokens (a decode step, a
+        tree's verify step, a short prefill) runs each layer in five Pallas kernels
+        (:meth:`Block._rows`): the projections as :mod:`~medusa_jax.pallas.row_projection`
+        kernels with the norms, RoPE, the cache write, the attention splits' combine, the
+        SwiGLU and the residual adds fused into them, beside the attention kernel (fused
+        layout only; else ignored). None (the default): on where the kernels compile (a
+        CUDA GPU: on the H200 the batch-1 step runs 168 kernels in 0.567 ms instead of 472
+        in 0.789, docs/perf.md), off elsewhere, where they would only be interpreted.
+        Meshes turn it off (``llama_sharding``).
       compact_kernel: a speculative step moves the accepted path's K/V into place with
         :func:`~medusa_jax.pallas.compact_cache.compact_cache` (two Pallas kernels for
         every layer) instead of a gather and a scatter per layer and K or V (see

@@ -17,6 +17,7 @@ from medusa_jax.errors import (ConfigError, CorruptWeightsError, MissingTensorEr
 from medusa_jax.config import MedusaConfig
 from medusa_jax.models.llama import (AttentionScores, KVCache, Llama, LlamaConfig, apply_rope,
                                      causal_mask, rope, rope_tables)
+from medusa_jax.models.llama import ROW_KERNEL_MAX_ROWS
 from medusa_jax.models.llama_weights import load_llama
 
 
@@ -823,12 +824,12 @@ def test_random_hf_llama_loads_and_matches_transformers(tmp_path, rope):
     (dict(qkv_bias=True, o_bias=True, mlp_bias=True, tie_word_embeddings=True), "out_in"),
     (dict(sliding_window=4), "in_out"),
 ])
-def test_row_kernels_compute_the_layers_of_one_token(overrides, layout):
-  """With ``row_kernels`` a one-token call (batch 1) runs the fused row-projection kernels
-  (interpreted): the hidden state and the cache of XLA's layers, f32, after a prefill and
-  two decode steps (the window, where set, already sliding), in either kernel layout; calls
-  of several tokens or rows are untouched; the parameters are shared and the option survives
-  fusing."""
+def test_row_kernels_compute_the_layers_of_a_few_tokens(overrides, layout):
+  """With ``row_kernels`` a call of at most ROW_KERNEL_MAX_ROWS tokens runs the row kernels
+  (interpreted): the hidden state and the cache of XLA's layers, f32, for a prefill of 6
+  tokens, two decode steps and a 4-node tree (the window, where set, already sliding), and
+  for two rows of 3 tokens, in either kernel layout; a longer call runs XLA's layers; the
+  parameters are shared and the option survives fusing."""
   model = _model(seed=41, **overrides).with_kernel_layout(layout)
   rows = model.with_row_kernels(True)
   assert rows.row_kernels and not rows.layers[0].row_kernels  # unfused: no kernel to run
@@ -843,6 +844,9 @@ def test_row_kernels_compute_the_layers_of_one_token(overrides, layout):
   P, L = 6, 16
   prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, P)), jnp.int32)
   idx0 = jnp.zeros((1,), jnp.int32)
+  tree = np.tril(np.ones((4, 4), bool)) & np.asarray([[1, 0, 0, 0], [1, 1, 0, 0],
+                                                       [1, 0, 1, 0], [1, 1, 0, 1]], bool)
+  toks = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 3)), jnp.int32)
   outs = []
   for m in (fused, rows):
     h, cache = _fwd(m, prompt, jnp.arange(P, dtype=jnp.int32)[None], KVCache.init(cfg, 1, L),
@@ -853,11 +857,29 @@ def test_row_kernels_compute_the_layers_of_one_token(overrides, layout):
       h, cache = _fwd(m, jnp.asarray([[t]], jnp.int32), idx[:, None], cache, idx,
                       causal_mask(idx, 1, L))
       hs.append(h)
-    outs.append((hs, cache))
+    # A tree of 4 nodes after the 8 committed slots: depths 1, 2, 2, 3.
+    n = P + 2
+    mask = np.zeros((1, 4, L), bool)
+    mask[0, :, :n] = True
+    mask[0, :, n:n + 4] = tree
+    h, tree_cache = _fwd(m, jnp.asarray([[3, 7, 9, 1]], jnp.int32),
+                         jnp.asarray([[n, n + 1, n + 1, n + 2]], jnp.int32), cache,
+                         jnp.asarray([n], jnp.int32), jnp.asarray(mask))
+    hs.append(h)
+    two = KVCache.init(cfg, 2, L)
+    idx2 = jnp.asarray([0, 4], jnp.int32)
+    h, two = _fwd(m, toks, idx2[:, None] + jnp.arange(3, dtype=jnp.int32)[None], two, idx2,
+                  causal_mask(idx2, 3, L))
+    hs.append(h)
+    outs.append((hs, (cache, tree_cache, two)))
   (want_h, want_c), (got_h, got_c) = outs
-  np.testing.assert_array_equal(np.asarray(got_h[0]), np.asarray(want_h[0]))  # prefill: XLA
-  for a, b in zip(want_h[1:] + jax.tree.leaves(want_c), got_h[1:] + jax.tree.leaves(got_c)):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+  for a, b in zip(want_h + jax.tree.leaves(want_c), got_h + jax.tree.leaves(got_c)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-5)
+  long = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, ROW_KERNEL_MAX_ROWS + 1)), jnp.int32)
+  n = long.shape[1]
+  big = [_fwd(m, long, jnp.arange(n, dtype=jnp.int32)[None], KVCache.init(cfg, 1, n + 1),
+              idx0, causal_mask(idx0, n, n + 1))[0] for m in (fused, rows)]
+  np.testing.assert_array_equal(np.asarray(big[1]), np.asarray(big[0]))  # XLA's layers
 
 
 def test_row_kernels_merge_the_attention_s_cache_splits_in_the_o_projection(monkeypatch):
@@ -893,7 +915,7 @@ def test_row_kernels_merge_the_attention_s_cache_splits_in_the_o_projection(monk
 
 def test_row_kernels_in_bfloat16_are_close_and_give_the_engine_s_tokens():
   """bf16: one token's hidden state near XLA's; f32 through the engine at batch 1, plain
-  decoding (a tree step has T > 1 rows and runs XLA's layers): XLA's tokens."""
+  decoding: XLA's tokens."""
   from medusa_jax.decoding.engine import Engine
   model = _model(seed=43, eos_token_ids=()).fuse_projections()
   cfg = model.cfg

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from medusa_jax.errors import ConfigError
 from medusa_jax.pallas.decode_attention import MASK_VALUE
 from medusa_jax.pallas.row_projection import (
+  default_blocks,
   row_projection,
   row_projection_reference,
   row_qkv_projection,
@@ -134,7 +135,13 @@ def test_property_matches_float64(K, N, prologue, bias, residual, bk, bn, mma, t
     (dict(block_n=8, mma=True), r"block_n=8 must be a power of two >= 16 \(mma\)"),
     (dict(block_n=12), "block_n=12"),
     (dict(w=np.zeros((8,)), transposed=True), r"w must be \[N, K\]"),
-    (dict(w=np.zeros((8, 4)), transposed=True), r"x must be \[K\] for w \(8, 4\)"),
+    (dict(w=np.zeros((8, 4)), transposed=True), r"x must be \[K\] or \[M, K\] for w \(8, 4\)"),
+    (dict(x=np.zeros((0, 8))), "x has no rows"),
+    (dict(x=np.zeros((2, 2, 8))), "x must be"),
+    (dict(x=np.zeros((3, 8)), mma=False), "3 rows need mma"),
+    (dict(x=np.zeros((3, 8)), block_m=8), r"block_m=8 must be a power of two >= 16 \(mma\)"),
+    (dict(block_m=16), "block_m=16 without mma"),
+    (dict(x=np.zeros((3, 8)), residual_N=np.zeros(4)), r"residual must be \[3, 4\]"),
 ])
 def test_errors(change, match):
   args = dict(x=np.zeros(8), w=np.zeros((8, 4)))
@@ -146,39 +153,85 @@ def test_errors(change, match):
     row_projection(x, w, **args)
 
 
+# ----------------------------------------------------------------- several rows
+
+
+def f64_rows(x_MxK, w_KxN, **kw):
+  """:func:`f64` row by row."""
+  res = kw.pop("residual_N", None)
+  out = np.stack([f64(row, w_KxN, **kw) for row in x_MxK])
+  return out if res is None else out + np.asarray(res, np.float64)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("M,K,N,opts,bm,bk,bn", [
+    (16, 576, 960, dict(norm=True), None, None, None),      # a 16-node tree's q/k/v, defaults
+    (3, 40, 24, dict(gated=True, bias=True, residual=True), 16, 16, 16),  # partial row block
+    (70, 33, 20, dict(norm=True, residual=True), 32, 16, 16),  # three row blocks, odd sizes
+    (5, 17, 40, dict(), 16, 32, 32),                          # nothing fused
+])
+def test_rows_match_float64(M, K, N, opts, bm, bk, bn, transposed):
+  """M rows in tensor-core dots (interpreted): every row as the one-row math."""
+  rng = np.random.default_rng(M * 31 + K)
+  x, w, kw = _inputs(rng, K, N, **opts)
+  x = rng.standard_normal((M,) + x.shape).astype(np.float32)
+  if "residual_N" in kw:
+    kw["residual_N"] = rng.standard_normal((M, N)).astype(np.float32)
+  jkw = {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+  got = row_projection(jnp.asarray(x), _held(w, transposed), block_m=bm, block_k=bk,
+                       block_n=bn, transposed=transposed, **jkw)
+  ref = row_projection_reference(jnp.asarray(x), _held(w, transposed), transposed=transposed,
+                                 **jkw)
+  want = f64_rows(x, w, **kw)
+  assert got.shape == (M, N)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=3e-5, atol=3e-5)
+  np.testing.assert_allclose(np.asarray(ref, np.float64), want, rtol=3e-5, atol=3e-5)
+
+
+def test_default_blocks_by_rows():
+  one = default_blocks(1)
+  assert one == dict(block_m=1, block_k=1024, block_n=4, num_warps=8, mma=False)
+  assert default_blocks(2)["block_m"] == 16 and default_blocks(16)["mma"]
+  assert default_blocks(17)["block_m"] == 32 and default_blocks(500)["block_m"] == 64
+
+
 # ----------------------------------------------------------- the attention's combine prologue
 
 
-def _parts(rng, S, A, D, *, empty=0):
-  """Random split states: o [S, A*D], m, l [S, A]; the first ``empty`` splits read no slot
-  (0, the mask value, 0), as decode_attention_parts stores them."""
-  o = rng.standard_normal((S, A * D)).astype(np.float32) * 3
-  m = rng.standard_normal((S, A)).astype(np.float32) * 4
-  lsum = rng.random((S, A)).astype(np.float32) * 5 + 0.5
-  o[:empty], m[:empty], lsum[:empty] = 0, MASK_VALUE, 0
+def _parts(rng, B, S, T, A, D, *, empty=0):
+  """Random split states: o [B, S, T, A*D], m, l [B, S, T, A]; the first ``empty`` splits
+  read no slot (0, the mask value, 0), as decode_attention_parts stores them."""
+  o = rng.standard_normal((B, S, T, A * D)).astype(np.float32) * 3
+  m = rng.standard_normal((B, S, T, A)).astype(np.float32) * 4
+  lsum = rng.random((B, S, T, A)).astype(np.float32) * 5 + 0.5
+  o[:, :empty], m[:, :empty], lsum[:, :empty] = 0, MASK_VALUE, 0
   return o, m, lsum
 
 
 def combine_f64(o, m, lsum):
-  """The splits' merge in float64: sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s."""
+  """The splits' merge in float64, rows (b, t): sum_s e^(m_s - M) o_s / sum_s e^(m_s - M)
+  l_s, [B * T, A * D]."""
   o, m, lsum = (np.asarray(a, np.float64) for a in (o, m, lsum))
-  S, A = m.shape
-  w = np.exp(m - m.max(axis=0, keepdims=True))
-  num = np.einsum("sa,sad->ad", w, o.reshape(S, A, -1))
-  return (num / (w * lsum).sum(axis=0)[:, None]).reshape(-1)
+  B, S, T, A = m.shape
+  w = np.exp(m - m.max(axis=1, keepdims=True))
+  num = np.einsum("bsta,bstad->btad", w, o.reshape(B, S, T, A, -1))
+  return (num / (w * lsum).sum(axis=1)[..., None]).reshape(B * T, -1)
 
 
 @pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("S,A,D,N,empty,bk,bn", [
-    (8, 9, 64, 576, 3, 1024, 4),   # SmolLM2's o projection, 8 splits, 3 of them empty
-    (3, 2, 8, 24, 0, 16, 16),      # K = 16: one exact tile
-    (1, 3, 5, 7, 0, 16, 2),        # one split (the interpreter's), odd sizes
+@pytest.mark.parametrize("B,S,T,A,D,N,empty,bk,bn", [
+    (1, 8, 1, 9, 64, 576, 3, None, None),  # SmolLM2's o projection, 8 splits, 3 empty
+    (1, 3, 1, 2, 8, 24, 0, 16, 16),        # K = 16: one exact tile
+    (1, 1, 1, 3, 5, 7, 0, 16, 2),          # one split (the interpreter's), odd sizes
+    (2, 3, 5, 2, 8, 24, 1, 16, 16),        # rows (b, t): two rows of 5 tokens, in dots
+    (1, 4, 16, 9, 64, 576, 0, None, None),  # a 16-node tree's o projection, defaults
 ])
-def test_attention_stats_prologue_projects_the_combine(S, A, D, N, empty, bk, bn, transposed):
-  rng = np.random.default_rng(S * 100 + D)
-  o, m, lsum = _parts(rng, S, A, D, empty=empty)
+def test_attention_stats_prologue_projects_the_combine(B, S, T, A, D, N, empty, bk, bn,
+                                                       transposed):
+  rng = np.random.default_rng(S * 100 + D + T)
+  o, m, lsum = _parts(rng, B, S, T, A, D, empty=empty)
   w = (rng.standard_normal((A * D, N)) / np.sqrt(A * D)).astype(np.float32)
-  residual = rng.standard_normal(N).astype(np.float32)
+  residual = rng.standard_normal((B * T, N)).astype(np.float32)
   bias = rng.standard_normal(N).astype(np.float32)
   want = combine_f64(o, m, lsum) @ w.astype(np.float64) + bias + residual
   args = (jnp.asarray(o), _held(w, transposed))
@@ -186,7 +239,7 @@ def test_attention_stats_prologue_projects_the_combine(S, A, D, N, empty, bk, bn
             residual_N=jnp.asarray(residual), transposed=transposed)
   got = row_projection(*args, block_k=bk, block_n=bn, **kw)
   ref = row_projection_reference(*args, **kw)
-  assert got.dtype == jnp.float32 and got.shape == (N,)
+  assert got.dtype == jnp.float32 and got.shape == (B * T, N)
   np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=3e-5, atol=3e-5)
   np.testing.assert_allclose(np.asarray(ref, np.float64), want, rtol=3e-5, atol=3e-5)
 
@@ -195,7 +248,7 @@ def test_attention_stats_in_bfloat16_round_the_combine_as_the_model():
   """With a bf16 kernel (and ``dtype``) the combine is rounded to bf16 before the
   projection, as Block's attention output is: equal to the reference up to the sum order."""
   rng = np.random.default_rng(5)
-  o, m, lsum = _parts(rng, 4, 3, 16, empty=1)
+  o, m, lsum = _parts(rng, 1, 4, 1, 3, 16, empty=1)
   w = jnp.asarray(rng.standard_normal((48, 40)) / 7, jnp.bfloat16)
   kw = dict(attention_stats=(jnp.asarray(m), jnp.asarray(lsum)), dtype=jnp.bfloat16)
   got = row_projection(jnp.asarray(o), w, **kw)
@@ -213,64 +266,66 @@ def test_attention_stats_in_bfloat16_round_the_combine_as_the_model():
 
 
 def qkv_f64(x, w, g, eps, bias, cos, sin, k, v, index, Q, G):
-  """row_qkv_projection's math in float64: q, and the caches with slot
-  ``clip(index, 0, L - 1)`` written."""
+  """row_qkv_projection's math in float64: q [M, Q*D], and the caches with batch row b's
+  T tokens written from slot ``clip(index[b], 0, L - T)``."""
   x = np.asarray(x, np.float64)
-  a = x / np.sqrt(np.mean(x * x) + eps) * np.asarray(g, np.float64)
+  a = x / np.sqrt(np.mean(x * x, axis=1, keepdims=True) + eps) * np.asarray(g, np.float64)
   y = a @ np.asarray(w, np.float64) + (0 if bias is None else np.asarray(bias, np.float64))
-  L, D = k.shape[1], k.shape[3]
-  heads = y.reshape(Q + 2 * G, D)
-  lo, hi = heads[:, :D // 2].copy(), heads[:, D // 2:].copy()
-  c, s = np.asarray(cos, np.float64), np.asarray(sin, np.float64)
-  rot = np.concatenate([lo * c - hi * s, hi * c + lo * s], axis=1)
-  heads = np.concatenate([rot[:Q + G], heads[Q + G:]])
-  slot = min(max(int(index), 0), L - 1)
+  B, L, _, D = k.shape
+  M = x.shape[0]
+  T = M // B
+  heads = y.reshape(M, Q + 2 * G, D)
+  lo, hi = heads[..., :D // 2].copy(), heads[..., D // 2:].copy()
+  c, s = (np.asarray(t, np.float64)[:, None, :] for t in (cos, sin))
+  rot = np.concatenate([lo * c - hi * s, hi * c + lo * s], axis=-1)
+  heads = np.concatenate([rot[:, :Q + G], heads[:, Q + G:]], axis=1)
   k, v = np.array(k, np.float64), np.array(v, np.float64)
-  k[0, slot], v[0, slot] = heads[Q:Q + G], heads[Q + G:]
-  return heads[:Q].reshape(-1), k, v
+  for b in range(B):
+    start = min(max(int(index[b]), 0), L - T)
+    k[b, start:start + T] = heads[b * T:(b + 1) * T, Q:Q + G]
+    v[b, start:start + T] = heads[b * T:(b + 1) * T, Q + G:]
+  return heads[:, :Q].reshape(M, -1), k, v
 
 
-def _qkv_inputs(rng, Q, G, D, H, L, *, bias=False, dtype=np.float32):
-  N = (Q + 2 * G) * D
-  x = rng.standard_normal(H).astype(dtype)
+def _qkv_inputs(rng, Q, G, D, H, L, *, B=1, T=1, bias=False, dtype=np.float32):
+  N, M = (Q + 2 * G) * D, B * T
+  x = rng.standard_normal((M, H)).astype(dtype)
   w = (rng.standard_normal((H, N)) / np.sqrt(H)).astype(dtype)
   g = (1 + 0.1 * rng.standard_normal(H)).astype(dtype)
-  angles = rng.random(D // 2) * 50
+  angles = rng.random((M, D // 2)) * 50
   cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-  k = rng.standard_normal((1, L, G, D)).astype(dtype)
-  v = rng.standard_normal((1, L, G, D)).astype(dtype)
+  k = rng.standard_normal((B, L, G, D)).astype(dtype)
+  v = rng.standard_normal((B, L, G, D)).astype(dtype)
   b = rng.standard_normal(N).astype(dtype) if bias else None
   return x, w, g, b, cos, sin, k, v
 
 
 def _qkv_call(fn, x, w, g, b, cos, sin, k, v, index, Q, G, transposed, **kw):
   j = lambda a: None if a is None else jnp.asarray(a)  # noqa: E731
-  return fn(j(x), _held(w, transposed) if w.dtype == np.float32 else
-            jnp.asarray(np.ascontiguousarray(w.T) if transposed else w), j(k), j(v),
-            jnp.asarray([index], jnp.int32), j(cos), j(sin), num_heads=Q, num_kv_heads=G,
+  return fn(j(x), jnp.asarray(np.ascontiguousarray(w.T) if transposed else w), j(k), j(v),
+            jnp.asarray(index, jnp.int32), j(cos), j(sin), num_heads=Q, num_kv_heads=G,
             norm_H=j(g), eps=1e-5, bias_N=j(b), transposed=transposed, **kw)
 
 
-QKV_CASES = [  # Q, G, D, H, L, index, bias, block_k, block_n (pairs)
-    (9, 3, 64, 576, 12, 7, False, 1024, 2),   # SmolLM2's heads and the default blocks
-    (4, 2, 8, 40, 6, 5, True, 16, 16),        # Qwen2-style bias; more pairs than a program
-    (2, 1, 6, 24, 5, 9, False, 16, 1),        # index past the cache: the last slot (clipped)
-    (3, 3, 4, 17, 3, 0, True, 32, 4),         # MHA, head dim 4, odd hidden size
+QKV_CASES = [  # Q, G, D, H, L, B, T, index, bias, block_k, block_n (pairs)
+    (9, 3, 64, 576, 12, 1, 1, [7], False, None, None),  # SmolLM2's heads, default blocks
+    (4, 2, 8, 40, 6, 1, 1, [5], True, 16, 16),     # Qwen2-style bias; more pairs than a program
+    (2, 1, 6, 24, 5, 1, 1, [9], False, 16, 1),     # index past the cache: the last slot
+    (3, 3, 4, 17, 3, 1, 1, [0], True, 32, 4),      # MHA, head dim 4, odd hidden size
+    (9, 3, 64, 576, 40, 1, 16, [20], False, None, None),  # a 16-node tree, default blocks
+    (4, 2, 8, 40, 9, 3, 2, [0, 8, 3], True, 16, 16),  # 3 rows of 2 tokens; row 1 clipped to 7
 ]
 
 
 @pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("mma", [False, True])
-@pytest.mark.parametrize("Q,G,D,H,L,index,bias,bk,bn", QKV_CASES)
-def test_qkv_kernel_and_reference_match_float64(Q, G, D, H, L, index, bias, bk, bn, mma,
+@pytest.mark.parametrize("Q,G,D,H,L,B,T,index,bias,bk,bn", QKV_CASES)
+def test_qkv_kernel_and_reference_match_float64(Q, G, D, H, L, B, T, index, bias, bk, bn,
                                                 transposed):
-  if mma and bn < 16:
-    bn = 16
-  rng = np.random.default_rng(Q * 100 + D * 10 + H)
-  x, w, g, b, cos, sin, k, v = _qkv_inputs(rng, Q, G, D, H, L, bias=bias)
+  rng = np.random.default_rng(Q * 100 + D * 10 + H + T)
+  x, w, g, b, cos, sin, k, v = _qkv_inputs(rng, Q, G, D, H, L, B=B, T=T, bias=bias)
   want = qkv_f64(x, w, g, 1e-5, b, cos, sin, k, v, index, Q, G)
   args = (x, w, g, b, cos, sin, k, v, index, Q, G, transposed)
-  got = _qkv_call(row_qkv_projection, *args, block_k=bk, block_n=bn, mma=mma)
+  got = _qkv_call(row_qkv_projection, *args, block_k=bk, block_n=bn)
   ref = _qkv_call(row_qkv_projection_reference, *args)
   for name, a, r, want_a in zip(("q", "k cache", "v cache"), got, ref, want):
     assert a.shape == want_a.shape and a.dtype == jnp.float32, name
@@ -278,6 +333,15 @@ def test_qkv_kernel_and_reference_match_float64(Q, G, D, H, L, index, bias, bk, 
                                err_msg=name)
     np.testing.assert_allclose(np.asarray(r, np.float64), want_a, rtol=3e-5, atol=3e-5,
                                err_msg=name)
+
+
+def test_qkv_one_row_in_a_dot_matches_float64():
+  rng = np.random.default_rng(12)
+  args = (*_qkv_inputs(rng, 4, 2, 8, 40, 6, bias=True), [3], 4, 2, True)
+  want = qkv_f64(*args[:3], 1e-5, *args[3:-1])
+  got = _qkv_call(row_qkv_projection, *args, mma=True)
+  for a, want_a in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a, np.float64), want_a, rtol=3e-5, atol=3e-5)
 
 
 def test_qkv_in_bfloat16_rounds_as_the_model_and_writes_one_slot():
@@ -288,11 +352,11 @@ def test_qkv_in_bfloat16_rounds_as_the_model_and_writes_one_slot():
   x, w, g, b, cos, sin, k, v = _qkv_inputs(rng, Q, G, D, H, L)
   bf = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16))  # noqa: E731
   x, w, g, k, v = bf(x), bf(w), bf(g), bf(k), bf(v)
-  args = (x, w, g, None, cos, sin, k, v, 4, Q, G, True)
+  args = (x, w, g, None, cos, sin, k, v, [4], Q, G, True)
   got = _qkv_call(row_qkv_projection, *args)
   ref = _qkv_call(row_qkv_projection_reference, *args)
   f = lambda a: np.asarray(a, np.float64)  # noqa: E731
-  want = qkv_f64(f(x), f(w), f(g), 1e-5, None, cos, sin, f(k), f(v), 4, Q, G)
+  want = qkv_f64(f(x), f(w), f(g), 1e-5, None, cos, sin, f(k), f(v), [4], Q, G)
   for a, r, want_a in zip(got, ref, want):
     assert a.dtype == jnp.bfloat16
     scale = np.abs(want_a).max()
@@ -305,27 +369,29 @@ def test_qkv_in_bfloat16_rounds_as_the_model_and_writes_one_slot():
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(heads=st.sampled_from([(1, 1), (2, 1), (4, 2), (3, 3)]), D=st.sampled_from([2, 6, 16]),
-       H=st.integers(1, 40), L=st.integers(1, 6), index=st.integers(-2, 8),
-       bias=st.booleans(), bk=st.sampled_from([16, 64]), bn=st.sampled_from([1, 4, 16]),
+       H=st.integers(1, 40), L=st.integers(3, 6), BT=st.sampled_from([(1, 1), (1, 3), (2, 1)]),
+       index=st.integers(-2, 8), bias=st.booleans(), bk=st.sampled_from([16, 64]),
        transposed=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_qkv_property_matches_float64(heads, D, H, L, index, bias, bk, bn, transposed, seed):
-  Q, G = heads
+def test_qkv_property_matches_float64(heads, D, H, L, BT, index, bias, bk, transposed, seed):
+  (Q, G), (B, T) = heads, BT
   rng = np.random.default_rng(seed)
-  x, w, g, b, cos, sin, k, v = _qkv_inputs(rng, Q, G, D, H, L, bias=bias)
-  got = _qkv_call(row_qkv_projection, x, w, g, b, cos, sin, k, v, index, Q, G, transposed,
-                  block_k=bk, block_n=bn)
-  for a, want_a in zip(got, qkv_f64(x, w, g, 1e-5, b, cos, sin, k, v, index, Q, G)):
+  x, w, g, b, cos, sin, k, v = _qkv_inputs(rng, Q, G, D, H, L, B=B, T=T, bias=bias)
+  idx = [index + i for i in range(B)]
+  got = _qkv_call(row_qkv_projection, x, w, g, b, cos, sin, k, v, idx, Q, G, transposed,
+                  block_k=bk)
+  for a, want_a in zip(got, qkv_f64(x, w, g, 1e-5, b, cos, sin, k, v, idx, Q, G)):
     np.testing.assert_allclose(np.asarray(a, np.float64), want_a, rtol=5e-5, atol=5e-5)
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(o=np.zeros(24)), r"with attention_stats x must be \[S, K\]"),
-    (dict(m=np.zeros((2, 3))), r"attention_stats must be two \[S, A\]"),
-    (dict(m=np.zeros((3, 5)), lsum=np.zeros((3, 5))), "A dividing K = 24"),
+    (dict(o=np.zeros((3, 24))), r"with attention_stats x must be \[B, S, T, K\]"),
+    (dict(m=np.zeros((1, 2, 1, 3))), r"attention_stats must be two \[B, S, T, A\]"),
+    (dict(m=np.zeros((1, 3, 1, 5)), lsum=np.zeros((1, 3, 1, 5))), "A dividing K = 24"),
     (dict(norm_K=np.zeros(24)), "exclusive"),
+    (dict(residual_N=np.zeros(8)), r"residual must be \[1, 8\]"),
 ])
 def test_attention_stats_errors(change, match):
-  args = dict(o=np.zeros((3, 24)), m=np.zeros((3, 4)), lsum=np.zeros((3, 4)))
+  args = dict(o=np.zeros((1, 3, 1, 24)), m=np.zeros((1, 3, 1, 4)), lsum=np.zeros((1, 3, 1, 4)))
   args.update(change)
   j = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
   extra = {k: j(v) for k, v in args.items() if k not in ("o", "m", "lsum")}
@@ -335,22 +401,28 @@ def test_attention_stats_errors(change, match):
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(k=np.zeros((2, 4, 1, 4)), v=np.zeros((2, 4, 1, 4))), r"one row's cache \[1, L, G, D\]"),
-    (dict(v=np.zeros((1, 5, 1, 4))), r"one row's cache"),
+    (dict(x=np.zeros((2, 8, 1))), "row_qkv_projection: x must be"),
+    (dict(v=np.zeros((1, 5, 1, 4))), r"caches \[B, L, G, D\] of one shape"),
+    (dict(k=np.zeros((2, 4, 1, 4)), v=np.zeros((2, 4, 1, 4)), x=np.zeros((3, 8))),
+     r"x must be \[B \* T, H\] rows for a cache of batch 2"),
     (dict(w=np.zeros((8, 20))), "do not make 2 query heads over 1 kv heads"),
     (dict(num_kv_heads=2), "do not make"),
-    (dict(cos=np.zeros(3)), r"cos \(3,\) and sin \(2,\) must be \[2\]"),
+    (dict(cos=np.zeros((1, 3))), r"cos \(1, 3\) and sin \(1, 2\) must be \[1, 2\]"),
     (dict(index=np.zeros((1, 1), np.int32)), r"cache_index must be \[1\]"),
     (dict(norm_H=np.zeros(7)), r"row_qkv_projection: norm must be \[8\]"),
     (dict(bias_N=np.zeros(3)), r"row_qkv_projection: bias must be \[16\]"),
-    (dict(x=np.zeros(9)), r"row_qkv_projection: x must be \[K\]"),
+    (dict(x=np.zeros((1, 9))), r"row_qkv_projection: x must be \[K\] or \[M, K\]"),
+    (dict(x=np.zeros((5, 8)), cos=np.zeros((5, 2)), sin=np.zeros((5, 2))),
+     "5 tokens per row do not fit a cache of 4 slots"),
     (dict(block_n=3), "block_n=3"),
     (dict(block_k=8), "block_k=8"),
+    (dict(x=np.zeros((2, 8)), cos=np.zeros((2, 2)), sin=np.zeros((2, 2)), mma=False),
+     "2 rows need mma"),
 ])
 def test_qkv_errors(change, match):
-  args = dict(x=np.zeros(8), w=np.zeros((8, 16)), k=np.zeros((1, 4, 1, 4)),
-              v=np.zeros((1, 4, 1, 4)), index=np.zeros(1, np.int32), cos=np.zeros(2),
-              sin=np.zeros(2), num_heads=2, num_kv_heads=1, norm_H=np.zeros(8))
+  args = dict(x=np.zeros((1, 8)), w=np.zeros((8, 16)), k=np.zeros((1, 4, 1, 4)),
+              v=np.zeros((1, 4, 1, 4)), index=np.zeros(1, np.int32), cos=np.zeros((1, 2)),
+              sin=np.zeros((1, 2)), num_heads=2, num_kv_heads=1, norm_H=np.zeros(8))
   args.update(change)
   arr = lambda a: jnp.asarray(a, a.dtype if a.dtype == np.int32 else jnp.float32)  # noqa: E731
   args = {k: (arr(v) if isinstance(v, np.ndarray) else v) for k, v in args.items()}
@@ -362,10 +434,11 @@ def test_qkv_errors(change, match):
 def test_qkv_cache_of_another_dtype_and_an_odd_head_dim_are_refused():
   f = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
   with pytest.raises(ConfigError, match="must hold x's dtype float32"):
-    row_qkv_projection(f(8), f(8, 16), f(1, 4, 1, 4).astype(jnp.bfloat16),
-                       f(1, 4, 1, 4).astype(jnp.bfloat16), jnp.zeros(1, jnp.int32), f(2), f(2),
-                       num_heads=2, num_kv_heads=1, norm_H=f(8))
+    row_qkv_projection(f(1, 8), f(8, 16), f(1, 4, 1, 4).astype(jnp.bfloat16),
+                       f(1, 4, 1, 4).astype(jnp.bfloat16), jnp.zeros(1, jnp.int32), f(1, 2),
+                       f(1, 2), num_heads=2, num_kv_heads=1, norm_H=f(8))
   assert not supports_qkv(2, 1, 5) and supports_qkv(2, 1, 4) and not supports_qkv(2, 0, 4)
   with pytest.raises(ConfigError, match="even head dim"):
-    row_qkv_projection(f(8), f(8, 20), f(1, 4, 1, 5), f(1, 4, 1, 5), jnp.zeros(1, jnp.int32),
-                       f(2), f(2), num_heads=2, num_kv_heads=1, norm_H=f(8))
+    row_qkv_projection(f(1, 8), f(8, 20), f(1, 4, 1, 5), f(1, 4, 1, 5),
+                       jnp.zeros(1, jnp.int32), f(1, 2), f(1, 2), num_heads=2, num_kv_heads=1,
+                       norm_H=f(8))
