@@ -59,7 +59,7 @@ def _smollm2_config(tiny: bool):
 
 
 def _build(cfg, dtype, num_heads, seed=0, fused=True, attention="grouped", row_kernels=None,
-           compact_kernel=None, kernel_layout=None):
+           compact_kernel=None, kernel_layout=None, row_kernel_rows=1):
   import jax
   from flax import nnx
 
@@ -68,7 +68,7 @@ def _build(cfg, dtype, num_heads, seed=0, fused=True, attention="grouped", row_k
   from medusa_jax.adapters.weights import MedusaWeights
   llama = Llama(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=dtype,
                 fused_projections=fused, attention_scores=attention, row_kernels=row_kernels,
-                compact_kernel=compact_kernel).with_kernel_layout(kernel_layout)
+                row_kernel_rows=row_kernel_rows, compact_kernel=compact_kernel).with_kernel_layout(kernel_layout)
   mc = MedusaConfig(base_model_name_or_path="smollm2-shape", medusa_num_heads=num_heads,
                     medusa_num_layers=1, version=2.0)
   medusa = MedusaWeights.init(mc, cfg.hidden_size, seed=seed + 1, dtype=dtype)
@@ -481,7 +481,7 @@ def bench_jax(args) -> dict:
   cfg = _smollm2_config(args.tiny)
   llama, medusa = _build(cfg, dtype, args.heads, fused=args.fused, attention=args.attention,
                          row_kernels=args.row_kernels, compact_kernel=args.compact_kernel,
-                         kernel_layout=args.kernel_layout)
+                         kernel_layout=args.kernel_layout, row_kernel_rows=args.row_kernel_rows)
   # One cache bucket for the step timings and the engine, so they share compilations.
   engine = Engine(llama, None, medusa, max_cache_len=args.cache_len, cache_dtype=dtype,
                   min_cache_len=args.cache_len, max_tree_rows=args.max_tree_rows)
@@ -494,7 +494,8 @@ def bench_jax(args) -> dict:
              prompt_len=args.prompt_len, params=int(n_params), copy_bw_tb_s=bw / 1e12,
              copy_bw_host_timed_tb_s=host_bw / 1e12,
              fused_projections=args.fused, attention=args.attention, steps=args.steps,
-             row_kernels=llama.row_kernels, compact_kernel=llama.compact_kernel,
+             row_kernels=llama.row_kernels, row_kernel_rows=llama.row_kernel_rows,
+             compact_kernel=llama.compact_kernel,
              kernel_layout=llama.kernel_layout, xla_flags=os.environ.get("XLA_FLAGS", ""), rows=[])
   if llama.compact_kernel:
     out["compact_kernel_check"] = _check_compact_kernel(cfg, args, dtype)
@@ -725,7 +726,8 @@ def bench_real(args) -> dict:
     base = Engine.load(args.real_model, heads, dtype=dtype, max_cache_len=args.cache_len,
                        min_cache_len=args.e2e_min_cache_len, fuse_projections=args.fused)
     llama = base.llama.with_kernel_layout(args.kernel_layout).with_attention_scores(
-        args.attention).with_row_kernels(args.row_kernels)
+        args.attention).with_row_kernels(args.row_kernels).with_row_kernel_rows(
+            args.row_kernel_rows)
     if args.compact_kernel is not None:
       llama = llama.with_compact_kernel(args.compact_kernel)
     if llama is base.llama:
@@ -1025,6 +1027,9 @@ def _flag_variants(args) -> list:
       # cache writes, the splits' combine, the SwiGLU and the residuals as kernels of
       # their own) instead of the GPU default's five kernels per layer.
       "xla_rows": "arg:--no-row-kernels",
+      # The row kernels for the tree's verify step too (up to 64 tokens in a call, in
+      # tensor-core dots) instead of XLA's layers there.
+      "row_kernel_rows_64": "arg:--row-kernel-rows 64",
       # The tree step's KV compaction as XLA's gather and scatter per cache array (60
       # for SmolLM2) instead of the two Pallas kernels of the GPU's default.
       "xla_compaction": "arg:--no-compact-kernel",
@@ -1148,6 +1153,9 @@ def main(argv=None) -> int:
   p.add_argument("--row-kernels", action=argparse.BooleanOptionalAction, default=None,
                  help="batch-1 plain steps run the Pallas row-projection kernels"
                  " (Llama(row_kernels=...); default: the backend's, on for a CUDA GPU)")
+  p.add_argument("--row-kernel-rows", type=int, default=1,
+                 help="most tokens in a call that the row kernels take (Llama(row_kernel_rows"
+                 "=...): 16 or 64 take the tree's verify step and batched decode steps too)")
   p.add_argument("--kernel-layout", choices=("in_out", "out_in"), default=None,
                  help="how the projections hold their kernels (Llama.with_kernel_layout;"
                  " default: the backend's, out_in on a CUDA GPU)")

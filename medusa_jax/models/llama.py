@@ -153,6 +153,14 @@ def _kernel_layout(value: str) -> str:
   return value
 
 
+def _row_kernel_rows(value: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or not (
+      1 <= value <= ROW_KERNEL_MAX_ROWS):
+    raise ConfigError(f"row_kernel_rows: expected an integer in [1, {ROW_KERNEL_MAX_ROWS}], "
+                      f"got {value!r}")
+  return value
+
+
 def _compact_kernel_default() -> bool:
   """Whether ``Llama(compact_kernel=None)`` moves the cache with the Pallas kernels."""
   return _cuda_gpu()
@@ -175,8 +183,8 @@ FLAT_MAX_TOKENS = 64
 """Longest call (new tokens per row) that :attr:`AttentionScores.FLAT` applies to."""
 
 ROW_KERNEL_MAX_ROWS = 64
-"""Most tokens in a call (batch times new tokens per row) that ``row_kernels`` runs in the
-row kernels (:meth:`Block._rows`); a longer call (a prefill) runs XLA's layers."""
+"""Most tokens in a call (batch times new tokens per row) that the row kernels take
+(:meth:`Block._rows`; ``Llama(row_kernel_rows=...)`` up to this)."""
 
 
 # --------------------------------------------------------------------------- cache
@@ -531,12 +539,15 @@ class Block(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32, fused: bool = False,
                scores: AttentionScores = AttentionScores.GROUPED, window: int | None = None,
-               row_kernels: bool = False, transposed: bool = False):
+               row_kernels: bool = False, row_kernel_rows: int = 1,
+               transposed: bool = False):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.window = window
     """Sliding window W of this layer (None: full attention); picks the call's mask."""
     # LlamaConfig already keeps the shapes the kernels take (grouped heads, an even head dim).
     self.row_kernels = bool(row_kernels) and bool(fused)
+    self.row_kernel_rows = row_kernel_rows
+    """Most tokens in a call (B * T) that run the row kernels."""
     """One token (batch 1, T = 1) runs through the row kernels (:meth:`_one_row`; fused
     projections only)."""
     self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
@@ -551,7 +562,7 @@ class Block(nnx.Module):
 
   def __call__(self, x_BxTxH, rope_cs, k, v, cache_index_B, mask_Bx1x1xTxL):
     B, T, _ = x_BxTxH.shape
-    if (self.row_kernels and B * T <= ROW_KERNEL_MAX_ROWS and k.dtype == x_BxTxH.dtype
+    if (self.row_kernels and B * T <= self.row_kernel_rows and k.dtype == x_BxTxH.dtype
         and T <= FLAT_MAX_TOKENS):
       return self._rows(x_BxTxH, rope_cs, k, v, cache_index_B, mask_Bx1x1xTxL)
     a_BxTxH, k, v = self.self_attn(self.input_layernorm(x_BxTxH), rope_cs, k, v,
@@ -613,7 +624,8 @@ class Llama(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32, fused_projections: bool = False,
                attention_scores: AttentionScores | str = AttentionScores.AUTO,
-               row_kernels: bool | None = None, compact_kernel: bool | None = None,
+               row_kernels: bool | None = None, row_kernel_rows: int = 1,
+               compact_kernel: bool | None = None,
                kernel_layout: str = "in_out"):
     """Args:
       cfg: the architecture.
@@ -625,15 +637,20 @@ class Llama(nnx.Module):
         :meth:`fuse_projections`).
       attention_scores: how attention scores are computed (:class:`AttentionScores`;
         AUTO is resolved here, by the default backend).
-      row_kernels: a call of at most :data:`ROW_KERNEL_MAX_ROWS` tokens (a decode step, a
-        tree's verify step, a short prefill) runs each layer in five Pallas kernels
-        (:meth:`Block._rows`): the projections as :mod:`~medusa_jax.pallas.row_projection`
-        kernels with the norms, RoPE, the cache write, the attention splits' combine, the
-        SwiGLU and the residual adds fused into them, beside the attention kernel (fused
-        layout only; else ignored). None (the default): on where the kernels compile (a
-        CUDA GPU: on the H200 the batch-1 step runs 168 kernels in 0.567 ms instead of 472
-        in 0.789, docs/perf.md), off elsewhere, where they would only be interpreted.
-        Meshes turn it off (``llama_sharding``).
+      row_kernels: a call of at most ``row_kernel_rows`` tokens runs each layer in five
+        Pallas kernels (:meth:`Block._rows`): the projections as
+        :mod:`~medusa_jax.pallas.row_projection` kernels with the norms, RoPE, the cache
+        write, the attention splits' combine, the SwiGLU and the residual adds fused into
+        them, beside the attention kernel (fused layout only; else ignored). None (the
+        default): on where the kernels compile (a CUDA GPU: on the H200 the batch-1 step
+        runs 168 kernels in 0.567 ms instead of 472 in 0.789, docs/perf.md), off
+        elsewhere, where they would only be interpreted. Meshes turn it off
+        (``llama_sharding``).
+      row_kernel_rows: the most tokens in a call (B * T, 1 to :data:`ROW_KERNEL_MAX_ROWS`)
+        that ``row_kernels`` applies to: 1 (the default) is the batch-1 decode step, the
+        one timed on a GPU; more take a tree's verify step, a batch of decode tokens or a
+        short prefill into tensor-core dots of up to 64 rows (tested, not yet timed:
+        ``bench_decode.py --row-kernel-rows``).
       compact_kernel: a speculative step moves the accepted path's K/V into place with
         :func:`~medusa_jax.pallas.compact_cache.compact_cache` (two Pallas kernels for
         every layer) instead of a gather and a scatter per layer and K or V (see
@@ -645,13 +662,15 @@ class Llama(nnx.Module):
         checkpoints load into ``in_out``, :meth:`with_kernel_layout` converts.
 
     Raises:
-      ConfigError: an unknown ``attention_scores`` or ``kernel_layout``.
+      ConfigError: an unknown ``attention_scores`` or ``kernel_layout``, or
+        ``row_kernel_rows`` out of range.
     """
     self.cfg = cfg
     self.dtype = dtype
     self.fused_projections = bool(fused_projections)
     self.attention_scores = AttentionScores.parse(attention_scores).resolve()
     self.row_kernels = _cuda_gpu() if row_kernels is None else bool(row_kernels)
+    self.row_kernel_rows = _row_kernel_rows(row_kernel_rows)
     self.compact_kernel = _compact_kernel_default() if compact_kernel is None \
         else bool(compact_kernel)
     self.kernel_layout = _kernel_layout(kernel_layout)
@@ -661,6 +680,7 @@ class Llama(nnx.Module):
     self.layers = nnx.List([Block(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                                   fused=fused_projections, scores=self.attention_scores,
                                   window=cfg.layer_window(i), row_kernels=self.row_kernels,
+                                  row_kernel_rows=self.row_kernel_rows,
                                   transposed=self.kernel_layout == "out_in")
                             for i in range(cfg.num_hidden_layers)])
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, dtype=dtype,
@@ -692,6 +712,7 @@ class Llama(nnx.Module):
                                          param_dtype=param_dtype, fused_projections=True,
                                          attention_scores=self.attention_scores,
                                          row_kernels=self.row_kernels,
+                                         row_kernel_rows=self.row_kernel_rows,
                                          compact_kernel=self.compact_kernel,
                                          kernel_layout=self.kernel_layout))
     out_axis = 0 if self.kernel_layout == "out_in" else -1  # the kernels' output dimension
@@ -734,6 +755,12 @@ class Llama(nnx.Module):
       return self
     return self._rebuilt(row_kernels=bool(row_kernels))
 
+  def with_row_kernel_rows(self, rows: int) -> Llama:
+    """The same model (parameters shared) with ``row_kernel_rows`` set (see ``__init__``)."""
+    if _row_kernel_rows(rows) == self.row_kernel_rows:
+      return self
+    return self._rebuilt(row_kernel_rows=rows)
+
   def with_compact_kernel(self, compact_kernel: bool | None) -> Llama:
     """The same model (parameters shared) with ``compact_kernel`` set (see ``__init__``;
     None: the backend's default)."""
@@ -767,7 +794,7 @@ class Llama(nnx.Module):
     what a cached step timing belongs to (``decoding.policy.load_or_measure``)."""
     return {"fused_projections": self.fused_projections,
             "attention_scores": self.attention_scores.value, "row_kernels": self.row_kernels,
-            "compact_kernel": self.compact_kernel, "kernel_layout": self.kernel_layout}
+            "row_kernel_rows": self.row_kernel_rows, "compact_kernel": self.compact_kernel, "kernel_layout": self.kernel_layout}
 
   def _linears(self) -> list[Linear]:
     """Every projection of every layer, in a fixed order."""
@@ -786,7 +813,8 @@ class Llama(nnx.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.embed_tokens.get_value().dtype,
               fused_projections=self.fused_projections,
               attention_scores=self.attention_scores, row_kernels=self.row_kernels,
-              compact_kernel=self.compact_kernel, kernel_layout=self.kernel_layout)
+              row_kernel_rows=self.row_kernel_rows, compact_kernel=self.compact_kernel,
+              kernel_layout=self.kernel_layout)
     kw.update(changes)
     new = nnx.eval_shape(lambda: Llama(self.cfg, rngs=nnx.Rngs(0), **kw))
     nnx.update(new, nnx.state(self))

@@ -831,9 +831,11 @@ def test_row_kernels_compute_the_layers_of_a_few_tokens(overrides, layout):
   for two rows of 3 tokens, in either kernel layout; a longer call runs XLA's layers; the
   parameters are shared and the option survives fusing."""
   model = _model(seed=41, **overrides).with_kernel_layout(layout)
-  rows = model.with_row_kernels(True)
+  rows = model.with_row_kernels(True).with_row_kernel_rows(ROW_KERNEL_MAX_ROWS)
   assert rows.row_kernels and not rows.layers[0].row_kernels  # unfused: no kernel to run
   rows = rows.fuse_projections()
+  assert rows.row_kernel_rows == ROW_KERNEL_MAX_ROWS == rows.layers[0].row_kernel_rows
+  assert rows.static_options()["row_kernel_rows"] == ROW_KERNEL_MAX_ROWS
   fused = model.fuse_projections()
   assert rows.layers[0].row_kernels and fused.with_row_kernels(False) is fused
   shared = fused.with_row_kernels(True)
@@ -880,6 +882,18 @@ def test_row_kernels_compute_the_layers_of_a_few_tokens(overrides, layout):
   big = [_fwd(m, long, jnp.arange(n, dtype=jnp.int32)[None], KVCache.init(cfg, 1, n + 1),
               idx0, causal_mask(idx0, n, n + 1))[0] for m in (fused, rows)]
   np.testing.assert_array_equal(np.asarray(big[1]), np.asarray(big[0]))  # XLA's layers
+  # One row (the default): the 6-token prefill runs XLA's layers, bit for bit.
+  one = rows.with_row_kernel_rows(1)
+  assert one.row_kernel_rows == 1 and one.with_row_kernel_rows(1) is one
+  pre = [_fwd(m, prompt, jnp.arange(P, dtype=jnp.int32)[None], KVCache.init(cfg, 1, L), idx0,
+              causal_mask(idx0, P, L))[0] for m in (fused, one)]
+  np.testing.assert_array_equal(np.asarray(pre[1]), np.asarray(pre[0]))
+
+
+@pytest.mark.parametrize("rows", [0, ROW_KERNEL_MAX_ROWS + 1, 2.0, True])
+def test_row_kernel_rows_out_of_range_is_refused(rows):
+  with pytest.raises(ConfigError, match="row_kernel_rows: expected an integer in"):
+    _model(seed=48).with_row_kernel_rows(rows)
 
 
 def test_row_kernels_merge_the_attention_s_cache_splits_in_the_o_projection(monkeypatch):
