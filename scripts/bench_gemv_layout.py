@@ -12,7 +12,8 @@ norms, SwiGLU and residuals included, attention left out, for each layout:
   PyTorch's and GGUF's layout);
 * ``nk_sum``: ``w [N, K]``, the product and the sum written out in f32;
 * ``row``: ``w [K, N]`` through the Pallas ``row_projection`` kernels, each with the norm
-  before it or the SwiGLU before and the residual after (batch 1, GPU only);
+  before it or the SwiGLU before and the residual after (GPU only; one row in elementwise
+  tiles, up to 64 in tensor-core dots);
 * ``row_nk``: the same kernels over ``w [N, K]`` (``transposed``: contiguous tiles along K).
 
 Each variant runs S steps in one jitted ``fori_loop`` (one dispatch); the table
@@ -41,6 +42,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bandwidth import device_copy_bandwidth  # noqa: E402  (scripts/bandwidth.py)
 from bench_decode import hlo_kernels  # noqa: E402
+
+from medusa_jax.pallas.row_projection import MAX_ROWS, MMA_ROWS, row_projection  # noqa: E402
 
 H, QKV, F = 576, 960, 1536
 EPS = 1e-5
@@ -86,15 +89,14 @@ def _step(layout: str, dtype, blocks: dict | None = None):
   """One step: all layers, x [B, H] -> [B, H] (dtype); ``blocks``: the row kernels'
   launch parameters (block_k, block_n, num_warps, num_stages; default: the kernel's)."""
   if layout in ("row", "row_nk"):
-    from medusa_jax.pallas.row_projection import row_projection
     rp = functools.partial(row_projection, transposed=layout == "row_nk", **(blocks or {}))
 
     def layer(x, p):
-      x_H = x.reshape(-1)
-      qkv = rp(x_H, p["qkv"], norm_K=p["g1"], eps=EPS)
-      x_H = rp(qkv[:H], p["o"], residual_N=x_H)
-      gu = rp(x_H, p["gu"], norm_K=p["g2"], eps=EPS)
-      return rp(gu, p["d"], gated=True, residual_N=x_H).reshape(x.shape)
+      rows = x.reshape(-1) if x.shape[0] == 1 else x  # one row: the elementwise kernels
+      qkv = rp(rows, p["qkv"], norm_K=p["g1"], eps=EPS)
+      rows = rp(qkv[..., :H], p["o"], residual_N=rows)
+      gu = rp(rows, p["gu"], norm_K=p["g2"], eps=EPS)
+      return rp(gu, p["d"], gated=True, residual_N=rows).reshape(x.shape)
   else:
     dense = _dense(layout)
 
@@ -129,18 +131,26 @@ def _device_params(ref: list[dict], layout: str, dtype) -> list[dict]:
   return out
 
 
-_BLOCK_KEYS = ("block_k", "block_n", "num_warps", "num_stages")
+_BLOCK_KEYS = ("block_k", "block_n", "num_warps", "num_stages", "block_m")
 
 
 def _parse_blocks(specs: list[str]) -> list[dict]:
-  """``"BK,BN,WARPS[,STAGES]"`` strings as ``row_projection`` keyword dicts."""
+  """``"BK,BN,WARPS[,STAGES[,BM]]"`` strings as ``row_projection`` keyword dicts."""
   out = []
   for spec in specs:
     vals = [int(v) for v in spec.split(",")]
-    if not 3 <= len(vals) <= 4:
-      raise SystemExit(f"--row-nk-blocks {spec!r}: expected BK,BN,WARPS[,STAGES]")
+    if not 3 <= len(vals) <= 5:
+      raise SystemExit(f"--row-nk-blocks {spec!r}: expected BK,BN,WARPS[,STAGES[,BM]]")
     out.append(dict(zip(_BLOCK_KEYS, vals)))
   return out
+
+
+def _fits(blocks: dict, rows: int) -> bool:
+  """Whether a tile suits ``rows`` rows: one row's elementwise tiles (block_m 1) or, for
+  several, tensor-core dots (block_m and block_n >= 16)."""
+  if rows == 1:
+    return blocks.get("block_m", 1) == 1
+  return blocks["block_n"] >= MMA_ROWS and blocks.get("block_m", MMA_ROWS) >= MMA_ROWS
 
 
 def _blocks_name(blocks: dict) -> str:
@@ -162,7 +172,10 @@ def run(args) -> dict:
     runs += [("row_nk", b) for b in _parse_blocks(args.row_nk_blocks)
              if gpu or args.interpret_rows]
     for layout, blocks in runs:
-      if layout.startswith("row") and B != 1:
+      if layout.startswith("row") and B > MAX_ROWS:
+        continue
+      if blocks is not None and not _fits(blocks, B):
+        print(f"B {B:3d} {layout} {_blocks_name(blocks)}: not a tile for {B} rows, skipped")
         continue
       params = _device_params(ref, layout, dtype)
       step = _step(layout, dtype, blocks)

@@ -8,6 +8,9 @@
 #                                     # MT-bench first turns -> $OUT/bench_e2e.json
 #   bash scripts/gpu_final.sh serve   # after e2e, same machine: scripts/bench_serving.py
 #                                     # (Poisson arrivals, plain vs tree) -> $OUT/bench_serving.json
+#   bash scripts/gpu_final.sh rows    # the row kernels beyond one row: their tiles at 16 and
+#                                     # 64 rows, then steps with Llama(row_kernel_rows=64)
+#                                     # against XLA's layers -> $OUT/rows/
 #
 # e2e expects /root/assets/gguf.part00 (copied there by an earlier call), .assets/train2/
 # (gguf.part01, questions.json) and the gguf wheel in .whl/. Each stage ends within its
@@ -16,7 +19,7 @@
 # E2E_EXTRA="--batches 1 --new-tokens 4" for a quick CPU check; E2E_F32= (empty) skips the
 # f32 run at batch 1.
 set -uo pipefail
-STAGE=${1:?usage: gpu_final.sh bench|e2e}
+STAGE=${1:?usage: gpu_final.sh bench|e2e|serve|rows}
 OUT=${OUT:-/tmp/gpu_final_out}
 ASSETS=${ASSETS:-/root/assets}
 BENCH_BUDGET=${BENCH_BUDGET:-110}
@@ -98,5 +101,20 @@ PY
       --compile-cache "$JAX_COMPILATION_CACHE_DIR" --out "$OUT/bench_serving.json" \
       ${SERVE_EXTRA:-} 2>&1 | tee -a "$OUT/$STAGE.log"
     ;;
-  *) echo "unknown stage $STAGE (expected bench, e2e or serve)"; exit 2 ;;
+  rows)
+    # Tensor-core tiles for 16 and 64 rows (BK,BN,WARPS,STAGES,BM), then the plain and tree
+    # steps with the row kernels taking calls of up to 64 tokens, and without.
+    python3 scripts/bench_gemv_layout.py --out "$OUT/rows" --batches 16 64 --variants nk row_nk \
+      --row-nk-blocks ${ROWS_BLOCKS:-64,16,4,2,16 128,16,4,2,16 128,32,4,2,16 256,32,4,2,16 \
+      128,64,4,2,16 128,32,8,2,16 128,32,4,2,64 64,64,4,2,64 128,64,8,2,64} \
+      2>&1 | tee -a "$OUT/$STAGE.log"
+    for ROWS in 64 1; do
+      python3 scripts/bench_decode.py --out "$OUT/rows/r$ROWS" --kernel-layout out_in \
+        --row-kernels --row-kernel-rows $ROWS --batches 1 16 64 --steps 100 \
+        --tree-batches 1 16 --only-plain --no-engine --no-hf --no-flags --attention pallas \
+        --steps-per-call 16 --time-budget "${BENCH_BUDGET}" --kernel-trace 1 ${BENCH_EXTRA:-} \
+        2>&1 | tee -a "$OUT/$STAGE.log"
+    done
+    ;;
+  *) echo "unknown stage $STAGE (expected bench, e2e, serve or rows)"; exit 2 ;;
 esac

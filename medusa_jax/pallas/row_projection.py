@@ -62,7 +62,7 @@ from jax.experimental import pallas as pl
 from medusa_jax.errors import ConfigError
 from medusa_jax.pallas import _compat
 
-__all__ = ["MMA_ROWS", "default_blocks", "row_projection", "row_projection_reference",
+__all__ = ["MAX_ROWS", "MMA_ROWS", "default_blocks", "row_projection", "row_projection_reference",
            "row_qkv_projection", "row_qkv_projection_reference", "supports_qkv"]
 
 Array = jax.Array

@@ -68,8 +68,7 @@ def _held(w_KxN, transposed):
   return jnp.asarray(np.ascontiguousarray(w_KxN.T) if transposed else w_KxN)
 
 
-@pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("mma", [False, True])
+@pytest.mark.parametrize("mma,transposed", [(False, False), (False, True), (True, True)])
 @pytest.mark.parametrize("K,N,opts,bk,bn", CASES)
 def test_kernel_and_reference_match_float64(K, N, opts, bk, bn, mma, transposed):
   rng = np.random.default_rng(K * 7 + N)
@@ -218,13 +217,13 @@ def combine_f64(o, m, lsum):
   return (num / (w * lsum).sum(axis=1)[..., None]).reshape(B * T, -1)
 
 
-@pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("B,S,T,A,D,N,empty,bk,bn", [
-    (1, 8, 1, 9, 64, 576, 3, None, None),  # SmolLM2's o projection, 8 splits, 3 empty
-    (1, 3, 1, 2, 8, 24, 0, 16, 16),        # K = 16: one exact tile
-    (1, 1, 1, 3, 5, 7, 0, 16, 2),          # one split (the interpreter's), odd sizes
-    (2, 3, 5, 2, 8, 24, 1, 16, 16),        # rows (b, t): two rows of 5 tokens, in dots
-    (1, 4, 16, 9, 64, 576, 0, None, None),  # a 16-node tree's o projection, defaults
+@pytest.mark.parametrize("B,S,T,A,D,N,empty,bk,bn,transposed", [
+    (1, 8, 1, 9, 64, 576, 3, None, None, True),  # SmolLM2's o projection, 8 splits, 3 empty
+    (1, 8, 1, 9, 64, 576, 3, None, None, False),
+    (1, 3, 1, 2, 8, 24, 0, 16, 16, False),       # K = 16: one exact tile
+    (1, 1, 1, 3, 5, 7, 0, 16, 2, True),          # one split (the interpreter's), odd sizes
+    (2, 3, 5, 2, 8, 24, 1, 16, 16, False),       # rows (b, t): two rows of 5 tokens, in dots
+    (1, 4, 16, 9, 64, 576, 0, None, None, True),  # a 16-node tree's o projection, defaults
 ])
 def test_attention_stats_prologue_projects_the_combine(B, S, T, A, D, N, empty, bk, bn,
                                                        transposed):
@@ -309,8 +308,8 @@ def _qkv_call(fn, x, w, g, b, cos, sin, k, v, index, Q, G, transposed, **kw):
 
 QKV_CASES = [  # Q, G, D, H, L, B, T, index, bias, block_k, block_n (pairs)
     (9, 3, 64, 576, 12, 1, 1, [7], False, None, None),  # SmolLM2's heads, default blocks
-    (4, 2, 8, 40, 6, 1, 1, [5], True, 16, 16),     # Qwen2-style bias; more pairs than a program
-    (2, 1, 6, 24, 5, 1, 1, [9], False, 16, 1),     # index past the cache: the last slot
+    (4, 2, 8, 40, 6, 1, 1, [9], True, 16, 16),     # Qwen2-style bias; more pairs than a
+                                                   # program; index past the cache: clipped
     (3, 3, 4, 17, 3, 1, 1, [0], True, 32, 4),      # MHA, head dim 4, odd hidden size
     (9, 3, 64, 576, 40, 1, 16, [20], False, None, None),  # a 16-node tree, default blocks
     (4, 2, 8, 40, 9, 3, 2, [0, 8, 3], True, 16, 16),  # 3 rows of 2 tokens; row 1 clipped to 7
@@ -367,7 +366,7 @@ def test_qkv_in_bfloat16_rounds_as_the_model_and_writes_one_slot():
     np.testing.assert_array_equal(np.asarray(cache)[0, others], np.asarray(before)[0, others])
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(heads=st.sampled_from([(1, 1), (2, 1), (4, 2), (3, 3)]), D=st.sampled_from([2, 6, 16]),
        H=st.integers(1, 40), L=st.integers(3, 6), BT=st.sampled_from([(1, 1), (1, 3), (2, 1)]),
        index=st.integers(-2, 8), bias=st.booleans(), bk=st.sampled_from([16, 64]),
