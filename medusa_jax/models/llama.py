@@ -794,7 +794,8 @@ class Llama(nnx.Module):
     what a cached step timing belongs to (``decoding.policy.load_or_measure``)."""
     return {"fused_projections": self.fused_projections,
             "attention_scores": self.attention_scores.value, "row_kernels": self.row_kernels,
-            "row_kernel_rows": self.row_kernel_rows, "compact_kernel": self.compact_kernel, "kernel_layout": self.kernel_layout}
+            "row_kernel_rows": self.row_kernel_rows, "compact_kernel": self.compact_kernel,
+            "kernel_layout": self.kernel_layout}
 
   def _linears(self) -> list[Linear]:
     """Every projection of every layer, in a fixed order."""
