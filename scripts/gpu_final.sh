@@ -105,8 +105,8 @@ PY
     # Tensor-core tiles for 16 and 64 rows (BK,BN,WARPS,STAGES,BM), then the plain and tree
     # steps with the row kernels taking calls of up to 64 tokens, and without.
     python3 scripts/bench_gemv_layout.py --out "$OUT/rows" --batches 16 64 --variants nk row_nk \
-      --row-nk-blocks ${ROWS_BLOCKS:-64,16,4,2,16 128,16,4,2,16 128,32,4,2,16 256,32,4,2,16 \
-      128,64,4,2,16 128,32,8,2,16 128,32,4,2,64 64,64,4,2,64 128,64,8,2,64} \
+      --row-nk-blocks ${ROWS_BLOCKS:-64,16,4,2,16 128,16,4,2,16 256,16,4,2,16 512,16,8,2,16 \
+      128,32,4,2,16 256,32,4,2,16 256,16,8,3,16 128,32,4,2,64 256,16,4,2,64 64,64,4,2,64} \
       2>&1 | tee -a "$OUT/$STAGE.log"
     for ROWS in 64 1; do
       python3 scripts/bench_decode.py --out "$OUT/rows/r$ROWS" --kernel-layout out_in \

@@ -80,11 +80,13 @@ def default_blocks(rows: int) -> dict[str, Any]:
   One row: an elementwise product over a K tile covering the hidden size (one DRAM round
   trip per program), 4 columns per program, 8 warps: the fastest of a sweep of a whole
   batch-1 step's projections on an H200 (SmolLM2 shapes, ``out_in``; docs/perf.md), 14 %
-  under XLA's reduces. Several rows: a tensor-core dot per [block_m, 128] x [128, 32] tile."""
+  under XLA's reduces. Several rows (not yet timed): a tensor-core dot per [block_m, 256] x
+  [256, 16] tile, narrow for many programs (SmolLM2's o and down projections have 576 columns)
+  and deep for few trips over K."""
   if rows <= 1:
     return dict(block_m=1, block_k=1024, block_n=4, num_warps=8, mma=False)
   return dict(block_m=min(MAX_ROWS, max(MMA_ROWS, 1 << (rows - 1).bit_length())),
-              block_k=128, block_n=32, num_warps=4, mma=True)
+              block_k=256, block_n=16, num_warps=4, mma=True)
 
 
 @dataclasses.dataclass(frozen=True)
