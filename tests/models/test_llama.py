@@ -819,7 +819,6 @@ def test_random_hf_llama_loads_and_matches_transformers(tmp_path, rope):
 
 
 @pytest.mark.parametrize("overrides,layout", [
-    (dict(), "in_out"),
     (dict(), "out_in"),
     (dict(qkv_bias=True, o_bias=True, mlp_bias=True, tie_word_embeddings=True), "out_in"),
     (dict(sliding_window=4), "in_out"),

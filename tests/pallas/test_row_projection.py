@@ -59,7 +59,6 @@ CASES = [  # K, N, prologue / epilogue, block_k, block_n
     (576, 576, dict(residual=True), 64, 32),                # o_proj + residual
     (96, 200, dict(gated=True, bias=True, residual=True), 32, 64),  # down: SwiGLU, partial N
     (40, 24, dict(norm=True, bias=True), 16, 16),           # Qwen2-style bias after the norm
-    (17, 33, dict(), 16, 16),                               # nothing fused, odd sizes
 ]
 
 
@@ -68,7 +67,7 @@ def _held(w_KxN, transposed):
   return jnp.asarray(np.ascontiguousarray(w_KxN.T) if transposed else w_KxN)
 
 
-@pytest.mark.parametrize("mma,transposed", [(False, False), (False, True), (True, True)])
+@pytest.mark.parametrize("mma,transposed", [(False, False), (False, True)])
 @pytest.mark.parametrize("K,N,opts,bk,bn", CASES)
 def test_kernel_and_reference_match_float64(K, N, opts, bk, bn, mma, transposed):
   rng = np.random.default_rng(K * 7 + N)
@@ -107,7 +106,7 @@ def test_bfloat16_is_close_to_float64_and_to_the_reference(opts, transposed):
                              atol=0.01 * scale)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(K=st.integers(1, 80), N=st.integers(1, 80), prologue=st.sampled_from(["", "norm", "gated"]),
        bias=st.booleans(), residual=st.booleans(), bk=st.sampled_from([16, 32]),
        bn=st.sampled_from([16, 64]), mma=st.booleans(), transposed=st.booleans(),
@@ -162,12 +161,11 @@ def f64_rows(x_MxK, w_KxN, **kw):
   return out if res is None else out + np.asarray(res, np.float64)
 
 
-@pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("M,K,N,opts,bm,bk,bn", [
-    (16, 576, 960, dict(norm=True), None, None, None),      # a 16-node tree's q/k/v, defaults
-    (3, 40, 24, dict(gated=True, bias=True, residual=True), 16, 16, 16),  # partial row block
-    (70, 33, 20, dict(norm=True, residual=True), 32, 16, 16),  # three row blocks, odd sizes
-    (5, 17, 40, dict(), 16, 32, 32),                          # nothing fused
+@pytest.mark.parametrize("M,K,N,opts,bm,bk,bn,transposed", [
+    (16, 576, 960, dict(norm=True), None, None, None, True),  # a 16-node tree's q/k/v
+    (3, 40, 24, dict(gated=True, bias=True, residual=True), 16, 16, 16, False),  # partial block
+    (70, 33, 20, dict(norm=True, residual=True), 32, 16, 16, True),  # three row blocks, odd
+    (5, 17, 40, dict(), 16, 32, 32, False),                   # nothing fused
 ])
 def test_rows_match_float64(M, K, N, opts, bm, bk, bn, transposed):
   """M rows in tensor-core dots (interpreted): every row as the one-row math."""
@@ -219,9 +217,7 @@ def combine_f64(o, m, lsum):
 
 @pytest.mark.parametrize("B,S,T,A,D,N,empty,bk,bn,transposed", [
     (1, 8, 1, 9, 64, 576, 3, None, None, True),  # SmolLM2's o projection, 8 splits, 3 empty
-    (1, 8, 1, 9, 64, 576, 3, None, None, False),
     (1, 3, 1, 2, 8, 24, 0, 16, 16, False),       # K = 16: one exact tile
-    (1, 1, 1, 3, 5, 7, 0, 16, 2, True),          # one split (the interpreter's), odd sizes
     (2, 3, 5, 2, 8, 24, 1, 16, 16, False),       # rows (b, t): two rows of 5 tokens, in dots
     (1, 4, 16, 9, 64, 576, 0, None, None, True),  # a 16-node tree's o projection, defaults
 ])
@@ -306,18 +302,18 @@ def _qkv_call(fn, x, w, g, b, cos, sin, k, v, index, Q, G, transposed, **kw):
             norm_H=j(g), eps=1e-5, bias_N=j(b), transposed=transposed, **kw)
 
 
-QKV_CASES = [  # Q, G, D, H, L, B, T, index, bias, block_k, block_n (pairs)
-    (9, 3, 64, 576, 12, 1, 1, [7], False, None, None),  # SmolLM2's heads, default blocks
-    (4, 2, 8, 40, 6, 1, 1, [9], True, 16, 16),     # Qwen2-style bias; more pairs than a
-                                                   # program; index past the cache: clipped
-    (3, 3, 4, 17, 3, 1, 1, [0], True, 32, 4),      # MHA, head dim 4, odd hidden size
-    (9, 3, 64, 576, 40, 1, 16, [20], False, None, None),  # a 16-node tree, default blocks
-    (4, 2, 8, 40, 9, 3, 2, [0, 8, 3], True, 16, 16),  # 3 rows of 2 tokens; row 1 clipped to 7
+QKV_CASES = [  # Q, G, D, H, L, B, T, index, bias, block_k, block_n (pairs), transposed
+    (9, 3, 64, 576, 12, 1, 1, [7], False, None, None, True),  # SmolLM2's heads, default blocks
+    (9, 3, 64, 576, 12, 1, 1, [7], False, None, None, False),
+    (4, 2, 8, 40, 6, 1, 1, [9], True, 16, 16, True),  # Qwen2-style bias; more pairs than a
+                                                      # program; index past the cache: clipped
+    (3, 3, 4, 17, 3, 1, 1, [0], True, 32, 4, False),  # MHA, head dim 4, odd hidden size
+    (9, 3, 64, 576, 40, 1, 16, [20], False, None, None, True),  # a 16-node tree, defaults
+    (4, 2, 8, 40, 9, 3, 2, [0, 8, 3], True, 16, 16, False),  # 3 rows of 2 tokens; row 1 -> 7
 ]
 
 
-@pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("Q,G,D,H,L,B,T,index,bias,bk,bn", QKV_CASES)
+@pytest.mark.parametrize("Q,G,D,H,L,B,T,index,bias,bk,bn,transposed", QKV_CASES)
 def test_qkv_kernel_and_reference_match_float64(Q, G, D, H, L, B, T, index, bias, bk, bn,
                                                 transposed):
   rng = np.random.default_rng(Q * 100 + D * 10 + H + T)
