@@ -1,49 +1,52 @@
-"""One row through a layer's projections with their neighbours, in Pallas kernels on the
+"""A few rows through a layer's projections with their neighbours, in Pallas kernels on the
 Triton backend, beside their jnp references.
 
 For one token (batch 1, a plain decode step) every projection of a layer is a
-vector-matrix product. XLA:GPU rewrites each into a reduce (the weight read once, a few
-KB out) and runs the RMSNorm before it, RoPE and the cache write after the q/k/v
-projection, the combine of the attention's cache splits, the SwiGLU and the residual
-adds as kernels of their own. At that size a decode step costs what its kernels cost to
-launch and drain, not the bytes they read, so these kernels take what comes before and
-after a projection along. :func:`row_projection`::
+vector-matrix product; for a tree's few nodes or a small batch, a product of a few rows.
+XLA:GPU runs each as a reduce or a small GEMM and runs the RMSNorm before it, RoPE and the
+cache write after the q/k/v projection, the combine of the attention's cache splits, the
+SwiGLU and the residual adds as kernels of their own. At that size a decode step costs what
+its kernels cost to launch and drain, not the bytes they read, so these kernels take what
+comes before and after a projection along. :func:`row_projection`, per row::
 
   a   = x                                              (plain)
   a   = round(round(x * rsqrt(mean(x^2) + eps)) * g)   (norm: the layer's RMSNorm)
   a   = round(round(silu(x[:K])) * x[K:])              (gated: the MLP's SwiGLU)
   a   = round(sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s),  M = max_s m_s
-                                                       (attention_stats: x = o [S, K], the
-                                                        attention's unnormalised cache
-                                                        splits, m, l [S, A] per head)
+                                                       (attention_stats: x = o [B, S, T, K],
+                                                        the attention's unnormalised cache
+                                                        splits, m, l [B, S, T, A] per head;
+                                                        row b * T + t)
   y   = round(a @ w + bias)                            (f32 accumulation)
   out = round(y + residual)                            (residual)
 
 and :func:`row_qkv_projection`, the attention's fused q/k/v projection (norm prologue)
-with RoPE on q and k and the cache write in its epilogue::
+with RoPE on q and k and the cache write in its epilogue, row ``m = b * T + t``::
 
   qkv = round(norm(x) @ w + bias)      [(Q + 2G) * D]: q heads, k heads, v heads
-  q   = round(rope(qkv[q heads]))      returned, [Q * D]
-  k_cache[0, s], v_cache[0, s] = round(rope(qkv[k heads])), qkv[v heads]   in place,
-                                       s = clip(cache_index, 0, L - 1)
+  q   = round(rope(qkv[q heads]))      returned, [M, Q * D]
+  k_cache[b, s], v_cache[b, s] = round(rope(qkv[k heads])), qkv[v heads]   in place,
+                                       s = clip(cache_index[b], 0, L - T) + t
 
 ``round`` is the cast to the compute dtype, where the model's XLA layers cast: the
 kernels compute what :class:`~medusa_jax.models.llama.Block` computes, up to the order
 of the f32 sums.
 
-The grid is ``(cdiv(N, block_n),)``: a program owns ``block_n`` output columns and
-streams ``w`` in ``[block_k, block_n]`` tiles (``[block_n, block_k]``, contiguous along
-K, for a ``transposed`` ``[N, K]`` kernel: ``Llama``'s ``out_in``), accumulating the
-products in an f32 tile reduced once at the end (or, with ``mma``, in a tensor-core dot
-whose first row is ``x``). In :func:`row_qkv_projection` a program owns ``block_n``
-column pairs ``(c, c + D/2)`` of one head, the two halves that rotate-half mixes, in two
-accumulators. A prologue that needs all of ``x`` (the norm's statistic) reads it in every
-program: a few KB, which costs less than a kernel of its own.
+The grid is ``(cdiv(N, block_n), cdiv(M, block_m))``: a program owns ``block_n`` output
+columns of ``block_m`` rows and streams ``w`` in ``[block_k, block_n]`` tiles
+(``[block_n, block_k]``, contiguous along K, for a ``transposed`` ``[N, K]`` kernel:
+``Llama``'s ``out_in``). One row (``block_m`` 1) accumulates elementwise products in an
+f32 tile reduced once at the end; several rows (or ``mma``) run tensor-core dots of
+``block_m >= 16`` rows, the rows past M masked. In :func:`row_qkv_projection` a program
+owns ``block_n`` column pairs ``(c, c + D/2)`` of one head, the two halves that
+rotate-half mixes, in two accumulators. A prologue that needs all of a row (the norm's
+statistic) reads it in every program: a few KB, which costs less than a kernel of its own.
 
-Blocks: an H200 ran a whole batch-1 step's projections (SmolLM2 shapes, ``out_in``) fastest
-with 1,024-wide K tiles (one trip over K = 576), 4 columns per program and 8 warps
-(``scripts/bench_gemv_layout.py --row-nk-blocks``, docs/perf.md): one DRAM round trip per
-program and many programs beat deep loops.
+Blocks (:func:`default_blocks`): an H200 ran a whole batch-1 step's projections (SmolLM2
+shapes, ``out_in``) fastest with 1,024-wide K tiles (one trip over K = 576), 4 columns per
+program and 8 warps (``scripts/bench_gemv_layout.py --row-nk-blocks``, docs/perf.md): one
+DRAM round trip per program and many programs beat deep loops. The several-row tiles are
+not yet timed.
 
 As the attention kernel, these are written for the Triton backend: they compile on NVIDIA
 GPUs and run under ``interpret=True`` on CPU, where the tests run them.
