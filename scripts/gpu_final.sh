@@ -8,9 +8,10 @@
 #                                     # MT-bench first turns -> $OUT/bench_e2e.json
 #   bash scripts/gpu_final.sh serve   # after e2e, same machine: scripts/bench_serving.py
 #                                     # (Poisson arrivals, plain vs tree) -> $OUT/bench_serving.json
-#   bash scripts/gpu_final.sh rows    # the row kernels beyond one row: their tiles at 16 and
-#                                     # 64 rows, then steps with Llama(row_kernel_rows=64)
-#                                     # against XLA's layers -> $OUT/rows/
+#   bash scripts/gpu_final.sh rows    # the row kernels' tiles: the projections at 16 and 64
+#                                     # rows, each kernel's tile in the batch-1 step and a
+#                                     # 16-node tree step (bench_row_blocks.py), then steps with
+#                                     # Llama(row_kernel_rows=64) and without -> $OUT/rows/
 #
 # e2e expects /root/assets/gguf.part00 (copied there by an earlier call), .assets/train2/
 # (gguf.part01, questions.json) and the gguf wheel in .whl/. Each stage ends within its
@@ -108,6 +109,11 @@ PY
       --row-nk-blocks ${ROWS_BLOCKS:-64,16,4,2,16 128,16,4,2,16 256,16,4,2,16 512,16,8,2,16 \
       128,32,4,2,16 256,32,4,2,16 256,16,8,3,16 128,32,4,2,64 256,16,4,2,64 64,64,4,2,64} \
       2>&1 | tee -a "$OUT/$STAGE.log"
+    # One kernel's tile at a time in the whole step: the batch-1 step, then a 16-node tree.
+    python3 scripts/bench_row_blocks.py --out "$OUT/rows/blocks-b1" --time-budget 150 \
+      2>&1 | tee -a "$OUT/$STAGE.log"
+    python3 scripts/bench_row_blocks.py --out "$OUT/rows/blocks-t16" --nodes 16 \
+      --time-budget 120 2>&1 | tee -a "$OUT/$STAGE.log"
     for ROWS in 64 1; do
       python3 scripts/bench_decode.py --out "$OUT/rows/r$ROWS" --kernel-layout out_in \
         --row-kernels --row-kernel-rows $ROWS --batches 1 16 64 --steps 100 \

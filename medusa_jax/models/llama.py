@@ -59,8 +59,8 @@ from medusa_jax.models.llama_config import LlamaConfig, RopeScaling, rope_inv_fr
 from medusa_jax.pallas import decode_attention as decode_attention_kernel
 from medusa_jax.pallas.row_projection import row_projection, row_qkv_projection
 
-__all__ = ["AttentionScores", "KVCache", "Llama", "apply_rope", "causal_mask", "rope",
-           "rope_tables", "window_mask"]
+__all__ = ["AttentionScores", "KVCache", "Llama", "ROW_KERNEL_KINDS", "ROW_KERNEL_MAX_ROWS",
+           "apply_rope", "causal_mask", "rope", "rope_tables", "window_mask"]
 
 Array = jax.Array
 
@@ -151,6 +151,35 @@ def _kernel_layout(value: str) -> str:
   if value not in KERNEL_LAYOUTS:
     raise ConfigError(f"kernel_layout: expected one of {KERNEL_LAYOUTS}, got {value!r}")
   return value
+
+
+ROW_KERNEL_KINDS = ("qkv", "o", "gate_up", "down")
+"""The row kernels of a layer, as ``row_kernel_blocks`` names them."""
+_BLOCK_ARGS = ("block_m", "block_k", "block_n", "num_warps", "num_stages", "mma")
+
+
+def _row_kernel_blocks(value) -> tuple:
+  """``{kind: {arg: value}}`` as a sorted, hashable tuple (the module's static data)."""
+  if value is None:
+    return ()
+  items = value.items() if isinstance(value, dict) else value
+  out = []
+  for kind, args in items:
+    if kind not in ROW_KERNEL_KINDS:
+      raise ConfigError(f"row_kernel_blocks: unknown kernel {kind!r}; expected one of "
+                        f"{ROW_KERNEL_KINDS}")
+    args = dict(args)
+    for name, v in args.items():
+      if name not in _BLOCK_ARGS:
+        raise ConfigError(f"row_kernel_blocks[{kind!r}]: unknown argument {name!r}; expected "
+                          f"some of {_BLOCK_ARGS}")
+      if name == "mma" and not isinstance(v, bool):
+        raise ConfigError(f"row_kernel_blocks[{kind!r}]['mma']: expected a bool, got {v!r}")
+      if name != "mma" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        raise ConfigError(f"row_kernel_blocks[{kind!r}][{name!r}]: expected a positive "
+                          f"integer, got {v!r}")
+    out.append((kind, tuple(sorted(args.items()))))
+  return tuple(sorted(out))
 
 
 def _row_kernel_rows(value: int) -> int:
@@ -540,13 +569,15 @@ class Block(nnx.Module):
                param_dtype=jnp.float32, fused: bool = False,
                scores: AttentionScores = AttentionScores.GROUPED, window: int | None = None,
                row_kernels: bool = False, row_kernel_rows: int = 1,
-               transposed: bool = False):
+               row_kernel_blocks: tuple = (), transposed: bool = False):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.window = window
     """Sliding window W of this layer (None: full attention); picks the call's mask."""
     # LlamaConfig already keeps the shapes the kernels take (grouped heads, an even head dim).
     self.row_kernels = bool(row_kernels) and bool(fused)
     self.row_kernel_rows = row_kernel_rows
+    self.row_kernel_blocks = row_kernel_blocks
+    """Launch parameters per row kernel (``Llama``'s, normalised)."""
     """Most tokens in a call (B * T) that run the row kernels."""
     """One token (batch 1, T = 1) runs through the row kernels (:meth:`_one_row`; fused
     projections only)."""
@@ -586,21 +617,25 @@ class Block(nnx.Module):
     x_MxH = x_BxTxH.reshape(M, H)
     t = attn.o_proj.transposed  # every projection of the layer shares the layout
     cos, sin = rope_cs
+    blocks = {kind: dict(args) for kind, args in self.row_kernel_blocks}
     q_MxQD, k, v = row_qkv_projection(
         x_MxH, attn.qkv_proj.kernel[...], k, v, cache_index_B, cos.reshape(M, -1),
         sin.reshape(M, -1), num_heads=Q, num_kv_heads=G, norm_H=self.input_layernorm.weight[...],
-        eps=self.input_layernorm.eps, bias_N=bias(attn.qkv_proj), transposed=t)
+        eps=self.input_layernorm.eps, bias_N=bias(attn.qkv_proj), transposed=t,
+        **blocks.get("qkv", {}))
     o_BxSxTxQxD, m_BxSxTxQ, l_BxSxTxQ = decode_attention_kernel.decode_attention_parts(
         q_MxQD.reshape(B, T, Q, D), k, v, mask_Bx1x1xTxL.reshape(B, T, L), cache_index_B + T)
     S = o_BxSxTxQxD.shape[1]
     x_MxH = row_projection(o_BxSxTxQxD.reshape(B, S, T, Q * D), attn.o_proj.kernel[...],
                            attention_stats=(m_BxSxTxQ, l_BxSxTxQ), dtype=dtype, transposed=t,
-                           bias_N=bias(attn.o_proj), residual_N=x_MxH)
+                           bias_N=bias(attn.o_proj), residual_N=x_MxH, **blocks.get("o", {}))
     gu_MxN = row_projection(x_MxH, mlp.gate_up_proj.kernel[...], transposed=t,
                             norm_K=self.post_attention_layernorm.weight[...],
-                            eps=self.post_attention_layernorm.eps, bias_N=bias(mlp.gate_up_proj))
+                            eps=self.post_attention_layernorm.eps, bias_N=bias(mlp.gate_up_proj),
+                            **blocks.get("gate_up", {}))
     x_MxH = row_projection(gu_MxN, mlp.down_proj.kernel[...], gated=True, transposed=t,
-                           bias_N=bias(mlp.down_proj), residual_N=x_MxH)
+                           bias_N=bias(mlp.down_proj), residual_N=x_MxH,
+                           **blocks.get("down", {}))
     return x_MxH.reshape(B, T, H), k, v
 
 
@@ -625,7 +660,7 @@ class Llama(nnx.Module):
                param_dtype=jnp.float32, fused_projections: bool = False,
                attention_scores: AttentionScores | str = AttentionScores.AUTO,
                row_kernels: bool | None = None, row_kernel_rows: int = 1,
-               compact_kernel: bool | None = None,
+               row_kernel_blocks=None, compact_kernel: bool | None = None,
                kernel_layout: str = "in_out"):
     """Args:
       cfg: the architecture.
@@ -651,6 +686,11 @@ class Llama(nnx.Module):
         one timed on a GPU; more take a tree's verify step, a batch of decode tokens or a
         short prefill into tensor-core dots of up to 64 rows (tested, not yet timed:
         ``bench_decode.py --row-kernel-rows``).
+      row_kernel_blocks: launch parameters per row kernel, ``{kind: {arg: value}}`` with
+        kinds :data:`ROW_KERNEL_KINDS` and the args of
+        :func:`~medusa_jax.pallas.row_projection.row_projection` (block_m, block_k,
+        block_n, num_warps, num_stages, mma); None: its defaults
+        (``scripts/bench_row_blocks.py`` times alternatives in a whole step).
       compact_kernel: a speculative step moves the accepted path's K/V into place with
         :func:`~medusa_jax.pallas.compact_cache.compact_cache` (two Pallas kernels for
         every layer) instead of a gather and a scatter per layer and K or V (see
@@ -662,8 +702,9 @@ class Llama(nnx.Module):
         checkpoints load into ``in_out``, :meth:`with_kernel_layout` converts.
 
     Raises:
-      ConfigError: an unknown ``attention_scores`` or ``kernel_layout``, or
-        ``row_kernel_rows`` out of range.
+      ConfigError: an unknown ``attention_scores`` or ``kernel_layout``,
+        ``row_kernel_rows`` out of range, or ``row_kernel_blocks`` naming an unknown kernel
+        or argument.
     """
     self.cfg = cfg
     self.dtype = dtype
@@ -671,6 +712,7 @@ class Llama(nnx.Module):
     self.attention_scores = AttentionScores.parse(attention_scores).resolve()
     self.row_kernels = _cuda_gpu() if row_kernels is None else bool(row_kernels)
     self.row_kernel_rows = _row_kernel_rows(row_kernel_rows)
+    self.row_kernel_blocks = _row_kernel_blocks(row_kernel_blocks)
     self.compact_kernel = _compact_kernel_default() if compact_kernel is None \
         else bool(compact_kernel)
     self.kernel_layout = _kernel_layout(kernel_layout)
@@ -681,6 +723,7 @@ class Llama(nnx.Module):
                                   fused=fused_projections, scores=self.attention_scores,
                                   window=cfg.layer_window(i), row_kernels=self.row_kernels,
                                   row_kernel_rows=self.row_kernel_rows,
+                                  row_kernel_blocks=self.row_kernel_blocks,
                                   transposed=self.kernel_layout == "out_in")
                             for i in range(cfg.num_hidden_layers)])
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, dtype=dtype,
@@ -713,6 +756,7 @@ class Llama(nnx.Module):
                                          attention_scores=self.attention_scores,
                                          row_kernels=self.row_kernels,
                                          row_kernel_rows=self.row_kernel_rows,
+                                         row_kernel_blocks=self.row_kernel_blocks,
                                          compact_kernel=self.compact_kernel,
                                          kernel_layout=self.kernel_layout))
     out_axis = 0 if self.kernel_layout == "out_in" else -1  # the kernels' output dimension
@@ -755,6 +799,12 @@ class Llama(nnx.Module):
       return self
     return self._rebuilt(row_kernels=bool(row_kernels))
 
+  def with_row_kernel_blocks(self, blocks) -> Llama:
+    """The same model (parameters shared) with ``row_kernel_blocks`` set (see ``__init__``)."""
+    if _row_kernel_blocks(blocks) == self.row_kernel_blocks:
+      return self
+    return self._rebuilt(row_kernel_blocks=blocks)
+
   def with_row_kernel_rows(self, rows: int) -> Llama:
     """The same model (parameters shared) with ``row_kernel_rows`` set (see ``__init__``)."""
     if _row_kernel_rows(rows) == self.row_kernel_rows:
@@ -794,7 +844,9 @@ class Llama(nnx.Module):
     what a cached step timing belongs to (``decoding.policy.load_or_measure``)."""
     return {"fused_projections": self.fused_projections,
             "attention_scores": self.attention_scores.value, "row_kernels": self.row_kernels,
-            "row_kernel_rows": self.row_kernel_rows, "compact_kernel": self.compact_kernel,
+            "row_kernel_rows": self.row_kernel_rows,
+            "row_kernel_blocks": {k: dict(v) for k, v in self.row_kernel_blocks},
+            "compact_kernel": self.compact_kernel,
             "kernel_layout": self.kernel_layout}
 
   def _linears(self) -> list[Linear]:
@@ -814,7 +866,8 @@ class Llama(nnx.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.embed_tokens.get_value().dtype,
               fused_projections=self.fused_projections,
               attention_scores=self.attention_scores, row_kernels=self.row_kernels,
-              row_kernel_rows=self.row_kernel_rows, compact_kernel=self.compact_kernel,
+              row_kernel_rows=self.row_kernel_rows, row_kernel_blocks=self.row_kernel_blocks,
+              compact_kernel=self.compact_kernel,
               kernel_layout=self.kernel_layout)
     kw.update(changes)
     new = nnx.eval_shape(lambda: Llama(self.cfg, rngs=nnx.Rngs(0), **kw))

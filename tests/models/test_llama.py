@@ -889,6 +889,41 @@ def test_row_kernels_compute_the_layers_of_a_few_tokens(overrides, layout):
   np.testing.assert_array_equal(np.asarray(pre[1]), np.asarray(pre[0]))
 
 
+def test_row_kernel_blocks_change_the_tiles_not_the_function():
+  """Per-kernel launch parameters reach their kernels (a bad one is refused by its kernel)
+  and leave one token's hidden state and cache as the defaults give them."""
+  fused = _model(seed=49).with_kernel_layout("out_in").fuse_projections()
+  rows = fused.with_row_kernels(True)
+  tuned = rows.with_row_kernel_blocks({"o": {"block_n": 2}, "down": {"block_k": 32,
+                                                                     "num_warps": 2},
+                                       "qkv": {"block_n": 1}, "gate_up": {"block_k": 16}})
+  assert tuned.with_row_kernel_blocks(dict(tuned.row_kernel_blocks)) is tuned
+  assert tuned.static_options()["row_kernel_blocks"]["down"] == {"block_k": 32, "num_warps": 2}
+  assert rows.with_row_kernel_blocks(None) is rows and tuned.fuse_projections() is tuned
+  cfg, L = fused.cfg, 8
+  idx = jnp.asarray([2], jnp.int32)
+  args = (jnp.asarray([[5]], jnp.int32), idx[:, None], KVCache.init(cfg, 1, L), idx,
+          causal_mask(idx, 1, L))
+  fwd = nnx.jit(lambda m, *a: m(*a))
+  want, got = (fwd(m, *args) for m in (rows, tuned))
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ConfigError, match="block_n=3"):
+    fwd(rows.with_row_kernel_blocks({"o": {"block_n": 3}}), *args)
+
+
+@pytest.mark.parametrize("blocks,match", [
+    ({"lm_head": {}}, "unknown kernel 'lm_head'"),
+    ({"o": {"block_x": 4}}, "unknown argument 'block_x'"),
+    ({"o": {"block_n": 0}}, "expected a positive integer, got 0"),
+    ({"o": {"block_n": True}}, "expected a positive integer, got True"),
+    ({"o": {"mma": 1}}, "expected a bool, got 1"),
+])
+def test_row_kernel_blocks_errors(blocks, match):
+  with pytest.raises(ConfigError, match=match):
+    _model(seed=50).with_row_kernel_blocks(blocks)
+
+
 @pytest.mark.parametrize("rows", [0, ROW_KERNEL_MAX_ROWS + 1, 2.0, True])
 def test_row_kernel_rows_out_of_range_is_refused(rows):
   with pytest.raises(ConfigError, match="row_kernel_rows: expected an integer in"):
