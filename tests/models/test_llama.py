@@ -826,9 +826,9 @@ def test_random_hf_llama_loads_and_matches_transformers(tmp_path, rope):
 def test_row_kernels_compute_the_layers_of_a_few_tokens(overrides, layout):
   """With ``row_kernels`` a call of at most ROW_KERNEL_MAX_ROWS tokens runs the row kernels
   (interpreted): the hidden state and the cache of XLA's layers, f32, for a prefill of 6
-  tokens, two decode steps and a 4-node tree (the window, where set, already sliding), and
-  for two rows of 3 tokens, in either kernel layout; a longer call runs XLA's layers; the
-  parameters are shared and the option survives fusing."""
+  tokens and two decode steps (the window, where set, already sliding), and for the plain
+  model a 4-node tree and two rows of 3 tokens, in either kernel layout; a longer call runs
+  XLA's layers; the parameters are shared and the option survives fusing."""
   model = _model(seed=41, **overrides).with_kernel_layout(layout)
   rows = model.with_row_kernels(True).with_row_kernel_rows(ROW_KERNEL_MAX_ROWS)
   assert rows.row_kernels and not rows.layers[0].row_kernels  # unfused: no kernel to run
@@ -858,6 +858,9 @@ def test_row_kernels_compute_the_layers_of_a_few_tokens(overrides, layout):
       h, cache = _fwd(m, jnp.asarray([[t]], jnp.int32), idx[:, None], cache, idx,
                       causal_mask(idx, 1, L))
       hs.append(h)
+    if overrides:  # the plain model takes the tree and the two rows (kernels test the rest)
+      outs.append((hs, (cache,)))
+      continue
     # A tree of 4 nodes after the 8 committed slots: depths 1, 2, 2, 3.
     n = P + 2
     mask = np.zeros((1, 4, L), bool)
