@@ -296,9 +296,9 @@ def row_qkv_projection(x_MxH: Array, w: Array, k_BxLxGxD: Array, v_BxLxGxD: Arra
     num_heads, num_kv_heads: Q and G.
     norm_H: the attention's RMSNorm weight [H]; ``eps`` its epsilon.
     bias_N: the projection's bias (Qwen2), added in f32 before the cast.
-    block_n: column pairs per program; block_m, block_k, num_warps, num_stages, mma,
-      transposed, interpret: as :func:`row_projection` (defaults: block_n half of
-      :func:`default_blocks`', the same weight tile in two accumulators).
+    block_n: column pairs per program (None: half of :func:`default_blocks`'s block_n, the
+      same weight tile in two accumulators; at least 16 with ``mma``); block_m, block_k,
+      num_warps, num_stages, mma, transposed, interpret: as :func:`row_projection`.
 
   Returns:
     q [M, Q * D] (RoPE applied) in the compute dtype, and the written k, v caches.
