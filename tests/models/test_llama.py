@@ -820,8 +820,8 @@ def test_random_hf_llama_loads_and_matches_transformers(tmp_path, rope):
 
 @pytest.mark.parametrize("overrides,layout", [
     (dict(), "out_in"),
-    (dict(qkv_bias=True, o_bias=True, mlp_bias=True, tie_word_embeddings=True), "out_in"),
-    (dict(sliding_window=4), "in_out"),
+    (dict(sliding_window=4, qkv_bias=True, o_bias=True, mlp_bias=True,
+          tie_word_embeddings=True), "in_out"),
 ])
 def test_row_kernels_compute_the_layers_of_a_few_tokens(overrides, layout):
   """With ``row_kernels`` a call of at most ROW_KERNEL_MAX_ROWS tokens runs the row kernels
