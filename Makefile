@@ -30,11 +30,8 @@ fetch: $(BASE)
 demo: fetch
 	$(VENV)/bin/medusa-jax demo $(ARGS)
 
-# worksteal: an idle worker takes tests off the other's queue; whole files per worker
-# (loadfile) left one waiting on the other (fresh clone, 2 cores: 477-511 s of pytest
-# with loadfile, 448 s with worksteal, 2026-12-04).
 test: $(TEST) fetch
-	$(PY) -m pytest -q -n 2 --dist worksteal $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
