@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_decode as bd  # noqa: E402  (scripts/bench_decode.py)
-from bench_gemv_layout import _BLOCK_KEYS, _parse_blocks  # noqa: E402
+from bench_gemv_layout import _blocks_name, _parse_blocks  # noqa: E402
 
 from medusa_jax.decoding.engine import Engine  # noqa: E402
 from medusa_jax.decoding.state import StepConfig  # noqa: E402
@@ -81,7 +81,7 @@ def run(args) -> dict:
       if time.time() - t0 > args.time_budget:
         print("time budget spent: the remaining variants are not timed", flush=True)
         break
-      name = "/".join(str(blocks[k]) for k in _BLOCK_KEYS if k in blocks)
+      name = _blocks_name(blocks)
       try:
         times, tokens = _time(base.with_row_kernel_blocks({kind: blocks}), medusa, cfg,
                               config, args, dtype)

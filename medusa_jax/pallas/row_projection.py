@@ -331,8 +331,9 @@ def row_qkv_projection(x_MxH: Array, w: Array, k_BxLxGxD: Array, v_BxLxGxD: Arra
     raise ConfigError(f"{what}: the cache ({k_BxLxGxD.dtype}, {v_BxLxGxD.dtype}) must hold "
                       f"x's dtype {x_MxH.dtype}")
   if block_n is None:
-    uses_mma = default_blocks(M)["mma"] if mma is None else mma
-    block_n = max(MMA_ROWS if uses_mma else 1, default_blocks(M)["block_n"] // 2)
+    auto = default_blocks(M)
+    uses_mma = auto["mma"] if mma is None else mma
+    block_n = max(MMA_ROWS if uses_mma else 1, auto["block_n"] // 2)
   bm, bk, bn, warps, mma = _blocks(what, M, block_m, block_k, block_n, num_warps, mma)
   if interpret is None:
     interpret = _compat.default_interpret("gpu")
